@@ -1,0 +1,48 @@
+"""`edsr-dist <command>`: one entry point; each command lives in its own module and is imported on use."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from edsr_dist.errors import UserError
+
+# command -> (module, function taking argv and returning an exit code, one-line help)
+COMMANDS = {
+    "train": ("edsr_dist.train", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
+    "launch": ("edsr_dist.dist.launcher", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
+    "rank-table": ("edsr_dist.dist.rank_table", "main", "check or make an Ascend HCCL rank table"),
+    "build-store": ("edsr_dist.data.builder", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
+    "eval": ("edsr_dist.evaluate", "main", "evaluate checkpoints on a store or a folder of HR images"),
+    "sr": ("edsr_dist.infer", "main", "super-resolve images with a checkpoint (tiled, optional self-ensemble)"),
+    "export": ("edsr_dist.weights", "main", "export or import model weights (safetensors, reference/BasicSR names)"),
+    "bench": ("edsr_dist.bench", "main", "measure training throughput, overheads and scaling"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: edsr-dist <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`edsr-dist <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"edsr-dist: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except UserError as exc:
+        print(f"edsr-dist {name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"edsr-dist {name}: interrupted", file=sys.stderr)
+        return 130

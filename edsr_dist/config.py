@@ -1,0 +1,252 @@
+"""All training settings in one typed dataclass.
+
+Resolution order: dataclass defaults (the old TensorFlow 1.15 Ascend script's values)
+-> preset -> YAML file -> command-line overrides (`--field-name value`).
+Unknown keys and values of the wrong type are user errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from edsr_dist.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "npu")
+ENGINES = ("auto", "ddp", "horovod")
+
+
+@dataclass
+class Config:
+    # Model (EDSR, Lim et al. 2017). Defaults: the old script's 32 blocks x 256 filters at x2.
+    scale: int = 2
+    num_blocks: int = 32
+    num_filters: int = 256
+    res_scale: float = 0.1
+
+    # Data. `data` empty means: build (or reuse) the embedded sample store in the cache folder.
+    data: str = ""
+    batch_size: int = 16  # global batch over all workers
+    patch_size: int = 48  # LR patch side; HR patch is scale times it
+    steps_per_epoch: int = 0  # 0 = one pass over the store's training tiles
+
+    # Optimisation: Adam, lr * decay_rate ** (step // decay_step). The old script: x0.9 every 500 steps;
+    # the paper's multistep schedule is the same staircase with x0.5 every 200k steps (preset `paper`).
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    decay_rate: float = 0.9
+    decay_step: int = 500
+    epochs: int = 100
+    seed: int = 0
+
+    # Validation and checkpoints (rank 0 writes).
+    save_every: int = 5  # epochs
+    validate_every: int = 5  # epochs
+    save_every_steps: int = 0  # additionally every N steps (0 = off); for preemptible jobs
+    keep_last: int = 3
+    max_val_images: int = 0  # 0 = all validation images in the store
+    val_tile: int = 0  # LR tile side for validation/inference; 0 = whole image unless it is too large
+    out: str = "runs/edsr"
+    resume: str = ""  # "", "auto" or a checkpoint path
+    samples_png: bool = True  # write bicubic | EDSR | ground truth crops after the final validation
+
+    # Execution.
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    engine: str = "auto"
+    dist_timeout: int = 1800  # seconds; HCCL's own connect/exec timeouts are in the same range
+    num_threads: int = 0  # intra-op CPU threads per worker; 0 = OMP_NUM_THREADS or all cores
+    log_every: int = 10  # steps between `Step nr:` lines
+    max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests and benchmarks
+    tensorboard: bool = True  # write scalars when the tensorboard package is installed
+    progress: bool = True  # tqdm bar on rank 0
+
+    def validate(self) -> "Config":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UserError(msg)
+
+        need(self.scale in (2, 3, 4), f"scale must be 2, 3 or 4, got {self.scale}; pass --scale 2|3|4")
+        need(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
+        need(self.num_filters >= 1, f"num_filters must be >= 1, got {self.num_filters}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.patch_size >= 4, f"patch_size must be >= 4, got {self.patch_size}")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}; pass for example --lr 1e-4")
+        need(0 < self.decay_rate <= 1, f"decay_rate must be in (0, 1], got {self.decay_rate}")
+        need(self.decay_step >= 1, f"decay_step must be >= 1, got {self.decay_step}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
+        need(self.save_every >= 1, f"save_every must be >= 1 epoch, got {self.save_every}")
+        need(self.validate_every >= 1, f"validate_every must be >= 1 epoch, got {self.validate_every}")
+        need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
+        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES)):
+            value = getattr(self, name)
+            need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Presets only name what differs from the defaults.
+PRESETS: dict[str, dict] = {
+    # The old TensorFlow script, as it was configured (the defaults).
+    "tf_seed": {},
+    # Paper model (EDSR, 32x256, res_scale 0.1) with the paper's schedule: halve lr every 200k steps.
+    "paper": {"decay_rate": 0.5, "decay_step": 200_000},
+    # EDSR baseline: 16 blocks x 64 filters, no residual scaling.
+    "baseline": {"num_blocks": 16, "num_filters": 64, "res_scale": 1.0},
+    # The CPU demo on the embedded sample store: small model, short run, under 3 minutes on 2 cores.
+    "sample": {
+        "num_blocks": 8, "num_filters": 32, "res_scale": 1.0, "lr": 5e-4, "batch_size": 16,
+        "patch_size": 32, "epochs": 6, "steps_per_epoch": 50, "decay_rate": 0.5, "decay_step": 150,
+        "save_every": 3, "validate_every": 3, "log_every": 25, "out": "runs/sample",
+    },
+}
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value, kind: type, origin: str):
+    """Convert a YAML or command-line value to the field's type, or explain what is expected."""
+    def bad() -> UserError:
+        return UserError(f"{origin}: {name} expects {kind.__name__}, got {value!r}")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise bad()
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                as_float = float(value.replace("_", ""))
+            except ValueError:
+                raise bad() from None
+            if as_float.is_integer():
+                return int(as_float)
+        raise bad()
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad() from None
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    raise bad()
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def apply_overrides(cfg: Config, values: dict, origin: str) -> Config:
+    types = _field_types()
+    updates = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in types:
+            raise UserError(f"{origin}: unknown setting {key!r}; see `edsr-dist train --help` for the valid names")
+        updates[name] = _coerce(name, value, types[name], origin)
+    return dataclasses.replace(cfg, **updates)
+
+
+def load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of setting: value")
+    return data
+
+
+def build_config(preset: str | None = None, config_file: str | None = None,
+                 overrides: dict | None = None) -> Config:
+    cfg = Config()
+    file_values = load_yaml(config_file) if config_file else {}
+    # A YAML file may name its own preset; the command line wins.
+    preset = preset or file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        cfg = apply_overrides(cfg, PRESETS[preset], f"preset {preset}")
+    if file_values:
+        cfg = apply_overrides(cfg, file_values, f"config file {config_file}")
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, "command line")
+    return cfg.validate()
+
+
+def parse_override_args(args: list[str]) -> dict:
+    """Turn `--field-name value` / `--field-name=value` pairs into a dict (values still strings)."""
+    out: dict[str, str] = {}
+    names = set(field_names())
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"unexpected argument {arg!r}; settings are given as --field-name value")
+        key, eq, value = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if name not in names:
+            raise UserError(f"unknown option --{key}; see `edsr-dist train --help` for the valid names")
+        if not eq:
+            if _field_types()[name] is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
+                value = "true"  # a bare boolean flag switches it on
+            else:
+                if i + 1 == len(args):
+                    raise UserError(f"option --{key} needs a value")
+                i += 1
+                value = args[i]
+        out[name] = value
+        i += 1
+    return out
+
+
+def describe_fields() -> str:
+    """One line per setting, for `--help`."""
+    defaults = Config()
+    lines = []
+    for f in dataclasses.fields(Config):
+        lines.append(f"  --{f.name.replace('_', '-'):<18} {getattr(defaults, f.name)!r}")
+    return "\n".join(lines)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config saved in a checkpoint; tolerant of fields added since."""
+    known = set(field_names())
+    return apply_overrides(Config(), {k: v for k, v in values.items() if k in known}, "checkpoint config")
+
+

@@ -1,0 +1,156 @@
+"""Device selection, autocast dtype per device kind, and dynamic loss scaling for fp16.
+
+auto precision: fp16 with dynamic loss scaling on Ascend NPUs (as Ascend's own recipes train),
+bf16 on GPUs that support it and on CPUs with native bf16 instructions, fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+
+import torch
+
+from edsr_dist.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def import_torch_npu():
+    """torch_npu registers the `npu` device and the `hccl` backend; it is an optional extra."""
+    try:
+        import torch_npu  # noqa: F401  (import registers the device)
+    except ImportError as exc:
+        raise UserError(
+            f"an NPU was requested but torch_npu cannot be imported ({exc}); install the torch-npu build matching "
+            "your CANN version (pip install 'edsr-dist[npu]') and source CANN's set_env.sh, or pass --device cpu"
+        ) from None
+    return torch_npu
+
+
+def _npu_present() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import_torch_npu()
+        return bool(torch.npu.is_available())
+    except Exception:  # a broken CANN install means "no NPU" for auto-selection; asking for npu explains it
+        return False
+
+
+def select_device(requested: str, device_index: int) -> torch.device:
+    """`device_index` is the physical card on this host (DEVICE_ID / local rank)."""
+    if requested == "auto":
+        if _npu_present():
+            requested = "npu"
+        elif torch.cuda.is_available():
+            requested = "cuda"
+        else:
+            requested = "cpu"
+
+    if requested == "npu":
+        import_torch_npu()
+        if not torch.npu.is_available():
+            raise UserError("--device npu: no Ascend NPU is visible (CANN runtime missing or driver not loaded); "
+                            "check `npu-smi info` and source CANN's set_env.sh, or pass --device cpu")
+        count = torch.npu.device_count()
+        if device_index >= count:
+            raise UserError(f"DEVICE_ID {device_index} is out of range: this server has {count} NPUs; fix the rank table")
+        torch.npu.set_device(device_index)
+        return torch.device("npu", device_index)
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible (or this torch is a CPU build); "
+                            "install a CUDA build of torch or pass --device cpu")
+        count = torch.cuda.device_count()
+        if device_index >= count:
+            raise UserError(f"local rank {device_index} has no GPU: this host has {count}; start at most {count} workers per host")
+        torch.cuda.set_device(device_index)
+        return torch.device("cuda", device_index)
+    return torch.device("cpu")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        if requested == "bf16" and device.type == "npu":
+            raise UserError("--precision bf16 is not supported on Ascend 910 NPUs; use --precision fp16 or auto")
+        return requested
+    if device.type == "npu":
+        return "fp16"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """Context manager for the forward pass; fp32 runs with autocast disabled."""
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16: multiply the loss, unscale the gradients, skip steps that overflowed.
+
+    The overflow decision is made by the trainer after reducing the flag over all ranks, so every rank
+    skips the same steps and changes its scale in lockstep (`update` gets the global flag).
+    Disabled (scale 1, never skips) for fp32 and bf16, whose range makes scaling unnecessary.
+    """
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, min_scale: float = 1.0):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.min_scale = min_scale
+        self.good_steps = 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_(self, params) -> torch.Tensor:
+        """Divide gradients by the scale in place; return a 0-d float tensor, 1.0 if any gradient is inf/nan."""
+        grads = [p.grad for p in params if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        found_inf = torch.zeros(1, device=device)
+        if not grads:
+            return found_inf[0]
+        if self.enabled:
+            inv = torch.full((1,), 1.0 / self.scale, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
+        else:
+            norms = torch._foreach_norm(grads)
+            found_inf = (~torch.isfinite(torch.stack(norms).sum())).float().reshape(1)
+        return found_inf[0]
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            self.good_steps = 0
+        else:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale *= self.growth_factor
+                self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"enabled": self.enabled, "scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("enabled") == self.enabled:
+            self.scale = float(state["scale"])
+            self.good_steps = int(state["good_steps"])

@@ -1,0 +1,498 @@
+"""The training loop: one worker, whatever started it (run_1p.sh, the launcher, torchrun, horovodrun, mpirun).
+
+Reading order: `main` -> `Trainer.__init__` (world, engine, data, model, resume) -> `Trainer.fit`
+(`train_step` per batch, `validate` and `save` every few epochs) -> the `Result:` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edsr_dist import __version__
+from edsr_dist.config import Config, build_config, describe_fields, parse_override_args
+from edsr_dist.dist.engine import make_engine, resolve_engine_name
+from edsr_dist.dist.world import World, discover_world
+from edsr_dist.errors import UserError
+from edsr_dist.model import build_model
+from edsr_dist.precision import LossScaler, autocast, resolve_precision, select_device
+
+CHECKPOINT_FORMAT = 1
+# Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
+# more room: the loss scaler legitimately overflows a few times while it finds its scale.
+MAX_BAD_STEPS = {"fp16": 30, "bf16": 5, "fp32": 5}
+
+TRAIN_HELP = """usage: edsr-dist train [--config FILE] [--preset NAME] [--field-name value ...]
+
+Train EDSR. Without --data, the embedded sample store is built (or reused) in the cache folder.
+Every setting below can be given as --field-name value (defaults shown are the old TF script's):
+"""
+
+
+class TrainingDiverged(Exception):
+    """Loss or gradients stayed NaN/inf beyond what loss scaling recovers from."""
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT (preemption): stopped at a step boundary after writing a checkpoint."""
+
+
+def parse_train_args(argv: list[str]) -> Config:
+    argv = list(argv)
+    preset = config_file = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise SystemExit(print(TRAIN_HELP + describe_fields()) or 0)
+        key, eq, value = arg.partition("=")
+        if key in ("--preset", "--config"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UserError(f"option {key} needs a value")
+                i += 1
+                value = argv[i]
+            if key == "--preset":
+                preset = value
+            else:
+                config_file = value
+        else:
+            rest.append(arg)
+        i += 1
+    return build_config(preset=preset, config_file=config_file, overrides=parse_override_args(rest))
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Staircase decay: lr * decay_rate ** (step // decay_step). Derived from the step alone, so resuming
+    can never decay twice."""
+    return cfg.lr * cfg.decay_rate ** (step // cfg.decay_step)
+
+
+def sample_store_path() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edsr-dist"
+    return cache / "sample_store_v1.h5"
+
+
+def set_threads(cfg: Config) -> int:
+    threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+class Prefetcher:
+    """Reads the next batches in a background thread so the step never waits on HDF5 and augmentation."""
+
+    def __init__(self, produce, steps, depth: int = 3):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+
+        def run():
+            try:
+                for step in steps:
+                    if self._stop.is_set():
+                        return
+                    self._queue.put((step, produce(step), None))
+            except BaseException as exc:  # handed to the consumer, raised there
+                self._queue.put((None, None, exc))
+            self._queue.put((None, None, StopIteration()))
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        while True:
+            step, batch, exc = self._queue.get()
+            if isinstance(exc, StopIteration):
+                return
+            if exc is not None:
+                raise exc
+            yield step, batch
+
+    def close(self):
+        self._stop.set()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: World | None = None):
+        self.cfg = cfg
+        self.world = world or discover_world()
+        if cfg.batch_size % self.world.size:
+            raise UserError(f"batch_size {cfg.batch_size} (global) does not divide by the world size {self.world.size}; "
+                            f"pass --batch-size as a multiple of {self.world.size}")
+        self.out = Path(cfg.out)
+        self.device = select_device(cfg.device, self.world.device_index)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.threads = set_threads(cfg)
+        self.engine_name = resolve_engine_name(cfg.engine, self.world)
+        self.engine = make_engine(self.engine_name, self.world, self.device, cfg.dist_timeout)
+        self.is_main = self.world.is_main
+
+        if self.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                probe = self.out / f".write-test-{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as exc:
+                raise UserError(f"output folder {self.out} is not writable ({exc.strerror}); pass --out to a writable folder") from None
+
+        self.store = self._open_store()
+        from edsr_dist.data.sampler import TrainSampler
+
+        self.sampler = TrainSampler(self.store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
+                                    rank=self.world.rank, world_size=self.world.size)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank, before DDP's broadcast makes sure
+        model = build_model(cfg)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = model.to(self.device, memory_format=self.memory_format)
+        self.model = model  # the bare network: validation and checkpoints use it
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon)
+        self.scaler = LossScaler(enabled=self.precision == "fp16")
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.best_psnr: float | None = None
+        self.resumed_from = self._resume(optimizer)
+        self.train_model, self.optimizer = self.engine.wrap(model, optimizer)
+        self.metrics_file = None
+        self.tb = None
+        self._stop_requested = False
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+
+    def _open_store(self):
+        from edsr_dist.data.store import PatchStore
+
+        path = self.cfg.data
+        if not path:
+            sample = sample_store_path()
+            if self.is_main and not sample.exists():
+                from edsr_dist.data.builder import build_sample_store
+
+                sample.parent.mkdir(parents=True, exist_ok=True)
+                build_sample_store(sample)
+            self.engine.barrier()
+            path = str(sample)
+        elif not Path(path).exists():
+            raise UserError(f"store {path} does not exist; build one with `edsr-dist build-store` or omit --data for the sample")
+        return PatchStore(path, self.cfg.scale)
+
+    def _resume(self, optimizer) -> str | None:
+        if not self.cfg.resume:
+            return None
+        from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
+
+        where = self.out if self.cfg.resume == "auto" else Path(self.cfg.resume)
+        path = find_checkpoint(where)
+        if path is None:
+            if self.cfg.resume == "auto":
+                return None  # nothing yet: a fresh start, so the same command line works for the first run too
+            raise UserError(f"no valid checkpoint at {self.cfg.resume}; pass --resume auto or an existing .ckpt file")
+        state = load_checkpoint(path)
+        saved = state["config"]
+        for key in ("scale", "num_blocks", "num_filters"):
+            if saved[key] != getattr(self.cfg, key):
+                raise UserError(f"checkpoint {path} has {key}={saved[key]} but this run has {getattr(self.cfg, key)}; "
+                                f"pass --{key.replace('_', '-')} {saved[key]} or start a new --out")
+        self.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.best_psnr = state.get("best_psnr")
+        if self.step_in_epoch >= self.steps_per_epoch:  # saved at the very end of an epoch
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        torch.set_rng_state(state["rng"]["torch"])
+        return str(path)
+
+    # ---- reporting ------------------------------------------------------------------------------------------
+
+    def log(self, line: str) -> None:
+        if self.is_main:
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def record(self, **entry) -> None:
+        if not self.is_main:
+            return
+        if self.metrics_file is None:
+            self.metrics_file = open(self.out / "metrics.jsonl", "a")
+        self.metrics_file.write(json.dumps(entry) + "\n")
+        self.metrics_file.flush()
+        if self.tb is not None:
+            for key, value in entry.items():
+                if key not in ("type", "step", "epoch") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{entry['type']}/{key}", value, entry.get("step", self.step))
+
+    def _open_tensorboard(self) -> None:
+        if not (self.is_main and self.cfg.tensorboard):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional extra
+            return
+        self.tb = SummaryWriter(str(self.out / "tensorboard"))
+
+    # ---- one step -------------------------------------------------------------------------------------------
+
+    def to_device(self, batch_uint8: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(batch_uint8).to(self.device, non_blocking=True)
+        # NHWC uint8 -> logical NCHW float; permute keeps the NHWC storage, i.e. channels_last, for free.
+        x = x.permute(0, 3, 1, 2).float()
+        return x.contiguous(memory_format=self.memory_format)
+
+    def train_step(self, lr_batch: np.ndarray, hr_batch: np.ndarray) -> tuple[torch.Tensor, bool]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.step)
+        lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
+        with autocast(self.device, self.precision):
+            sr = self.train_model(lr_t)
+        loss = F.l1_loss(sr.float(), hr_t)
+        self.scaler.scale_loss(loss).backward()
+        self.engine.finish_gradients(self.optimizer)
+        bad = self.scaler.unscale_(self.model.parameters()) if self.scaler.enabled else (~torch.isfinite(loss.detach())).float()
+        # One small all-reduce carries both the overflow flag and a pending stop request, so all ranks
+        # skip the same steps and stop at the same step boundary.
+        flags = torch.stack([bad.reshape(()), torch.tensor(float(self._stop_requested), device=bad.device)])
+        flags = self.engine.all_reduce_max(flags).tolist()
+        skipped = flags[0] > 0
+        if not skipped:
+            self.engine.step(self.optimizer)
+        self.scaler.update(skipped)
+        self.optimizer.zero_grad(set_to_none=True)
+        if flags[1] > 0:
+            self._stop_requested = True
+        return loss.detach(), skipped
+
+    # ---- validation -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self, write_samples: bool = False) -> dict:
+        """Each rank takes every world-size-th image; sums are reduced so rank 0 reports the whole set."""
+        from PIL import Image
+
+        from edsr_dist.infer import forward_tiled, receptive_field_radius
+        from edsr_dist.metrics import psnr_rgb, psnr_y, ssim_y, to_uint8
+
+        n = self.store.num_valid if not self.cfg.max_val_images else min(self.cfg.max_val_images, self.store.num_valid)
+        scale = self.cfg.scale
+        pad = receptive_field_radius(self.model)
+        sums = torch.zeros(5, dtype=torch.float64)  # images, psnr_y, ssim_y, psnr_rgb, bicubic psnr_y
+        self.model.eval()
+        for index in range(self.world.rank, n, self.world.size):
+            name, lr, hr = self.store.read_valid(index)
+            lr_t = self.to_device(lr[None])
+            tile = self.cfg.val_tile or _auto_tile(lr.shape, self.cfg.num_filters, self.device)
+            with autocast(self.device, self.precision):
+                sr_t = forward_tiled(self.model, lr_t, tile=tile, pad=pad, scale=scale)
+            sr = to_uint8(sr_t[0].float().permute(1, 2, 0).cpu().numpy())
+            bicubic = np.asarray(Image.fromarray(lr).resize((hr.shape[1], hr.shape[0]), Image.BICUBIC))
+            sums += torch.tensor([1.0, psnr_y(sr, hr, scale), ssim_y(sr, hr, scale), psnr_rgb(sr, hr, scale),
+                                  psnr_y(bicubic, hr, scale)], dtype=torch.float64)
+            if write_samples:
+                self._write_sample(name, bicubic, sr, hr)
+        self.model.train()
+        reduce_device = self.device if self.device.type != "cpu" else torch.device("cpu")
+        sums = self.engine.all_reduce_sum(sums.to(reduce_device)).cpu()
+        count = max(sums[0].item(), 1.0)
+        return {"images": int(sums[0].item()), "psnr_y": sums[1].item() / count, "ssim_y": sums[2].item() / count,
+                "psnr_rgb": sums[3].item() / count, "bicubic_psnr_y": sums[4].item() / count}
+
+    def _write_sample(self, name: str, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> None:
+        """bicubic | EDSR | ground truth, a centre crop of each, side by side."""
+        from PIL import Image
+
+        side = min(256, hr.shape[0], hr.shape[1])
+        top, left = (hr.shape[0] - side) // 2, (hr.shape[1] - side) // 2
+        crops = [img[top:top + side, left:left + side] for img in (bicubic, sr, hr)]
+        gap = np.full((side, 4, 3), 255, np.uint8)
+        row = np.concatenate([crops[0], gap, crops[1], gap, crops[2]], axis=1)
+        folder = self.out / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(row).save(folder / f"{name}_bicubic_edsr_gt.png")
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+
+    def save(self, psnr: float | None = None) -> Path | None:
+        if not self.is_main:
+            return None
+        from edsr_dist.checkpoint import save_checkpoint
+
+        if psnr is not None and (self.best_psnr is None or psnr > self.best_psnr):
+            self.best_psnr = psnr
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "best_psnr": self.best_psnr,
+            "rng": {"torch": torch.get_rng_state()},
+            "config": self.cfg.to_dict(),
+            "meta": {"format_version": CHECKPOINT_FORMAT, "world_size": self.world.size, "engine": self.engine_name,
+                     "precision": self.precision, "package_version": __version__, "time": time.time()},
+        }
+        return save_checkpoint(self.out, state, step=self.step, keep_last=self.cfg.keep_last, psnr=psnr)
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            total_steps = min(total_steps, cfg.max_steps)
+        self._bar = None
+        if self.is_main and cfg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        self._open_tensorboard()
+        self.log(self._banner(total_steps))
+
+        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        report: dict = {}
+        bad_steps = 0
+        try:
+            while self.epoch < cfg.epochs and self.step < total_steps:
+                epoch_loss = torch.zeros((), device=self.device)
+                epoch_steps = 0
+                window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+                batches = Prefetcher(lambda s: self.sampler.batch(self.epoch, s),
+                                     range(self.step_in_epoch, self.steps_per_epoch))
+                try:
+                    for step_in_epoch, (lr_batch, hr_batch) in batches:
+                        loss, skipped = self.train_step(lr_batch, hr_batch)
+                        self.step += 1
+                        self.step_in_epoch = step_in_epoch + 1
+                        if self._bar is not None:
+                            self._bar.update(1)
+                        if skipped:
+                            bad_steps += 1
+                            if bad_steps >= MAX_BAD_STEPS[self.precision]:
+                                raise TrainingDiverged(self.step)
+                        else:
+                            bad_steps = 0
+                            epoch_loss += loss
+                            window_loss += loss
+                            epoch_steps += 1
+                            window_steps += 1
+                        if self.step % cfg.log_every == 0 and window_steps:
+                            elapsed = time.perf_counter() - window_start
+                            mean = window_loss.item() / window_steps
+                            rate = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+                            self.log(f"Step nr: [{self.step}/{total_steps}] - Loss: {mean:.5f} - "
+                                     f"Lr: {learning_rate(cfg, self.step - 1):.3e}")
+                            self.record(type="step", step=self.step, epoch=self.epoch + 1, loss=mean,
+                                        lr=learning_rate(cfg, self.step - 1), images_per_s=rate,
+                                        loss_scale=self.scaler.scale)
+                            window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+                        if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                            self.save()
+                        if self._stop_requested:
+                            raise Interrupted()
+                        if self.step >= total_steps:
+                            break
+                finally:
+                    batches.close()
+                epoch_done = self.step_in_epoch >= self.steps_per_epoch
+                last = self.step >= total_steps or (epoch_done and self.epoch + 1 >= cfg.epochs)
+                number = self.epoch + 1
+                mean_loss = self._mean_over_ranks(epoch_loss, epoch_steps)
+                if epoch_done:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                if number % cfg.validate_every == 0 or last:
+                    report = self.validate(write_samples=last and cfg.samples_png)
+                    self.log(f"Epoch nr: [{number}/{cfg.epochs}] - Loss: {mean_loss:.5f} - "
+                             f"val PSNR: {report['psnr_y']:.3f} - val SSIM: {report['ssim_y']:.4f}")
+                    self.record(type="epoch", step=self.step, epoch=number, loss=mean_loss, **report)
+                else:
+                    self.log(f"Epoch nr: [{number}/{cfg.epochs}] - Loss: {mean_loss:.5f}")
+                    self.record(type="epoch", step=self.step, epoch=number, loss=mean_loss)
+                if number % cfg.save_every == 0 or last:
+                    self.save(psnr=report.get("psnr_y") if number % cfg.validate_every == 0 or last else None)
+        except Interrupted:
+            path = self.save()
+            self.log(f"Interrupted at step {self.step}; checkpoint {path}. Resume with --resume auto.")
+            raise
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+
+        if report:
+            self.log(f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
+                     f"(Y-PSNR, {report['images']} held-out images)")
+            self.record(type="result", step=self.step, **report)
+        return report
+
+    def _mean_over_ranks(self, loss_sum: torch.Tensor, steps: int) -> float:
+        both = torch.stack([loss_sum.detach().double().cpu(), torch.tensor(float(steps), dtype=torch.float64)])
+        both = self.engine.all_reduce_sum(both.to(self.device) if self.device.type != "cpu" else both).cpu()
+        return both[0].item() / max(both[1].item(), 1.0)
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _banner(self, total_steps: int) -> str:
+        w = self.world
+        where = f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "fresh start"
+        return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
+                f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
+                f"{self.precision}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
+                f"{self.steps_per_epoch} steps/epoch, {total_steps} steps; {where}")
+
+    def close(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.store.close()
+        self.engine.shutdown()
+
+    _bar = None
+
+
+def _auto_tile(lr_shape, num_filters: int, device: torch.device) -> int:
+    """Whole image when its feature maps fit comfortably, else 256-px LR tiles."""
+    height, width = lr_shape[:2]
+    feature_bytes = height * width * num_filters * 4 * 4  # a few live fp32 feature maps
+    budget = 8 * 2 ** 30 if device.type != "cpu" else 4 * 2 ** 30
+    return 0 if feature_bytes <= budget else 256
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_train_args(argv)
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    except Interrupted:
+        print(f"edsr-dist train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume auto",
+              file=sys.stderr)
+        return 143
+    except TrainingDiverged as exc:
+        print(f"edsr-dist train: error: loss became NaN/inf for {MAX_BAD_STEPS[trainer.precision]} consecutive steps "
+              f"(at step {exc.args[0]}); the last good checkpoint is kept in {trainer.out / 'checkpoints'}; "
+              f"lower --lr or use --precision fp32", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()
+    return 0

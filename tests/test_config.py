@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+
+from edsr_dist.config import Config, build_config, parse_override_args
+from edsr_dist.errors import UserError
+from edsr_dist.train import learning_rate, parse_train_args
+
+
+def test_defaults_are_the_old_tensorflow_scripts():
+    cfg = Config()
+    assert (cfg.scale, cfg.num_blocks, cfg.num_filters, cfg.res_scale) == (2, 32, 256, 0.1)
+    assert (cfg.batch_size, cfg.patch_size, cfg.lr, cfg.beta1) == (16, 48, 1e-4, 0.9)
+    assert (cfg.decay_rate, cfg.decay_step, cfg.epochs, cfg.save_every) == (0.9, 500, 100, 5)
+
+
+def test_presets_and_overrides_in_order(tmp_path):
+    cfg = build_config(preset="baseline")
+    assert (cfg.num_blocks, cfg.num_filters, cfg.res_scale) == (16, 64, 1.0)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("preset: baseline\nepochs: 7\nlr: 2.0e-4\n")
+    cfg = parse_train_args(["--config", str(yaml_file), "--epochs", "3", "--patch-size=24", "--channels-last", "false"])
+    assert (cfg.num_blocks, cfg.epochs, cfg.lr, cfg.patch_size, cfg.channels_last) == (16, 3, 2e-4, 24, False)
+
+
+def test_paper_schedule_halves_every_200k_steps():
+    cfg = build_config(preset="paper")
+    assert learning_rate(cfg, 199_999) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 200_000) == pytest.approx(5e-5)
+    cfg = Config()
+    assert learning_rate(cfg, 499) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 1000) == pytest.approx(1e-4 * 0.81)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--no-such-thing", "1"], "unknown option --no-such-thing"),
+    (["--epochs", "many"], "epochs expects int"),
+    (["--lr", "-1"], "lr must be positive"),
+    (["--precision", "fp8"], "precision must be one of"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--epochs"], "needs a value"),
+    (["stray"], "unexpected argument"),
+])
+def test_bad_settings_are_one_line_user_errors(args, fragment):
+    with pytest.raises(UserError, match=fragment):
+        parse_train_args(args)
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    with pytest.raises(UserError, match="unknown setting 'learning_rate'"):
+        parse_train_args(["--config", str(bad)])
+    bad.write_text("epochs: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        parse_train_args(["--config", str(bad)])
+
+
+def test_bare_boolean_flag_switches_on():
+    assert parse_override_args(["--progress", "--epochs", "2"]) == {"progress": "true", "epochs": "2"}
+
+
+def test_cli_bad_flag_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "edsr_dist", "train", "--epochs", "zero"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "epochs expects int" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "edsr_dist", "frobnicate"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and "unknown command" in result.stderr
