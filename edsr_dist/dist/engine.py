@@ -1,0 +1,138 @@
+"""The parallelism, in one place: how gradients and statistics cross ranks.
+
+The training loop talks to an `Engine` and never branches on which one it has:
+- `LocalEngine`: one process, nothing to synchronise.
+- `DDPEngine`: torch.distributed + DistributedDataParallel over hccl (Ascend), nccl (CUDA) or gloo (CPU).
+- `HorovodEngine` (edsr_dist/dist/horovod_engine.py): horovod.torch, for jobs started by horovodrun.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from edsr_dist.dist.world import World
+from edsr_dist.errors import UserError
+
+BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+
+
+class Engine:
+    name = "local"
+
+    def __init__(self, world: World, device: torch.device):
+        self.world = world
+        self.device = device
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Return the model to call in training and the optimizer to step; parameters equal on all ranks after it."""
+        return model, optimizer
+
+    def finish_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Block until the averaged gradients are in .grad (before unscaling and the overflow check)."""
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj, src: int = 0):
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+LocalEngine = Engine
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def __init__(self, world: World, device: torch.device, timeout_s: int):
+        super().__init__(world, device)
+        backend = BACKENDS[device.type]
+        # HCCL reads RANK_TABLE_FILE itself when it is set; torch only needs the TCP rendezvous.
+        try:
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{world.master_addr}:{world.master_port}",
+                rank=world.rank,
+                world_size=world.size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                **({"device_id": device} if device.type == "cuda" else {}),
+            )
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"rank {world.rank}: could not join the {backend} process group at "
+                f"{world.master_addr}:{world.master_port} ({first}); check MASTER_ADDR/MASTER_PORT and that every "
+                f"rank was started (raise --dist-timeout for slow starts)"
+            ) from None
+        self.backend = backend
+
+    def wrap(self, model, optimizer):
+        from torch.nn.parallel import DistributedDataParallel
+
+        # broadcast_buffers=False: EDSR has no running buffers; DDP broadcasts parameters from rank 0 at wrap time.
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type in ("cuda", "npu") else None,
+            broadcast_buffers=False,
+            gradient_as_bucket_view=True,
+            bucket_cap_mb=25,
+        )
+        return ddp, optimizer
+
+    def all_reduce_sum(self, tensor):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def broadcast_object(self, obj, src: int = 0):
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.device.type in ("cuda", "npu"):
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_engine_name(requested: str, world: World, env: dict | None = None) -> str:
+    env = os.environ if env is None else env
+    if requested != "auto":
+        return requested
+    started_by_horovod = world.launcher == "horovod" or (
+        world.launcher == "mpi" and any(key.startswith("HOROVOD_") for key in env))
+    return "horovod" if started_by_horovod else "ddp"
+
+
+def make_engine(name: str, world: World, device: torch.device, timeout_s: int) -> Engine:
+    if name == "horovod":
+        from edsr_dist.dist.horovod_engine import HorovodEngine
+
+        return HorovodEngine(world, device)
+    if world.size == 1:
+        return LocalEngine(world, device)
+    return DDPEngine(world, device, timeout_s)
