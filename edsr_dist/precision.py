@@ -80,14 +80,14 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
+def resolve_precision(requested: str, device_type: str) -> str:
     if requested != "auto":
-        if requested == "bf16" and device.type == "npu":
+        if requested == "bf16" and device_type == "npu":
             raise UserError("--precision bf16 is not supported on Ascend 910 NPUs; use --precision fp16 or auto")
         return requested
-    if device.type == "npu":
+    if device_type == "npu":
         return "fp16"
-    if device.type == "cuda":
+    if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 

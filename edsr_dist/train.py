@@ -134,7 +134,7 @@ class Trainer:
                             f"pass --batch-size as a multiple of {self.world.size}")
         self.out = Path(cfg.out)
         self.device = select_device(cfg.device, self.world.device_index)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device.type)
         self.threads = set_threads(cfg)
         self.engine_name = resolve_engine_name(cfg.engine, self.world)
         self.engine = make_engine(self.engine_name, self.world, self.device, cfg.dist_timeout)
