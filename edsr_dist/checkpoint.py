@@ -1,0 +1,319 @@
+"""Checkpoint files: atomic writes, a checksum in every file, retention, and finding the newest good one.
+
+File layout (one file per save, `<out>/checkpoints/step_<step:08d>.ckpt`):
+
+    EDSRCKPT1\\n
+    <sha256 hex of the payload>\\n
+    <payload length in bytes>\\n
+    <payload: torch.save of the state dict>
+
+Next to the step files: `latest` and `best` (one line each, a file name) and `index.json`
+(write order, step and validation PSNR of every kept file). All of them are replaced atomically
+(temporary file in the same folder, fsync, rename, fsync of the folder), so a crash, a kill or a
+full disk never leaves a half-written checkpoint where a resume would pick it up.
+
+Checkpoints are pickles: load only files you trust. Pretrained weights from elsewhere go through
+`edsr_dist.weights.load_pretrained` (weights-only loading or safetensors).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from edsr_dist.errors import UserError
+
+MAGIC = b"EDSRCKPT1"
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+BEST = "best"
+INDEX = "index.json"
+_STEP_FILE = re.compile(r"^step_(\d+)\.ckpt$")
+_TMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
+_HEADER_MAX = 128  # bytes; the three header lines are far shorter
+_CHUNK = 1 << 22
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform/filesystem allows opening a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, parts: list[bytes]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp_files(folder: Path) -> None:
+    """Temporary files of writers that were killed mid-write (SIGKILL, OOM killer, node loss)."""
+    for entry in folder.iterdir():
+        match = _TMP_FILE.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+
+def _write_failure(folder: Path, exc: OSError) -> UserError:
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space there (or lower --keep-last) or pass another --out"
+        what = "the disk is full"
+    elif code == errno.EFBIG:
+        fix = ("raise the file size limit (`ulimit -f unlimited`) or pass an --out on a filesystem "
+               "that allows large files")
+        what = "the file is larger than this process or filesystem allows"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make the folder writable or pass another --out"
+        what = "the folder is not writable"
+    else:
+        fix = "check the folder and the disk, or pass another --out"
+        what = os.strerror(code) if code else str(exc)
+    return UserError(f"cannot write a checkpoint in {folder}: {what} ({exc.strerror or exc}); "
+                     f"earlier checkpoints are intact; {fix}")
+
+
+def _read_index(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / INDEX).read_text())
+        if isinstance(data, dict) and isinstance(data.get("checkpoints"), list):
+            return data
+    except (OSError, ValueError):
+        pass
+    return {"format": 1, "checkpoints": [], "best": None}
+
+
+def _step_of(path: Path) -> int:
+    match = _STEP_FILE.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def save_checkpoint(out_dir: str | Path, state: dict, step: int, keep_last: int, psnr: float | None = None) -> Path:
+    """Write `state` as `<out_dir>/checkpoints/step_<step>.ckpt`, update latest/best/index, prune old files.
+
+    Keeps the `keep_last` most recently written step files plus the one with the best PSNR.
+    A failed write removes its temporary file, keeps every earlier checkpoint and raises UserError.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_failure(folder, exc) from None
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    header = b"%s\n%s\n%d\n" % (MAGIC, hashlib.sha256(payload).hexdigest().encode(), len(payload))
+    name = f"step_{step:08d}.ckpt"
+    path = folder / name
+
+    try:
+        _remove_stale_tmp_files(folder)
+        free = shutil.disk_usage(folder).free
+        if free < len(header) + len(payload) + (1 << 20):
+            # Fail before writing anything rather than fill the disk the other ranks' logs also need.
+            raise OSError(errno.ENOSPC, f"needs {len(payload) / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
+        _atomic_write(path, [header, payload])
+
+        index = _read_index(folder)
+        entries = [e for e in index["checkpoints"] if e.get("file") != name and (folder / e.get("file", "")).is_file()]
+        psnr_value = float(psnr) if psnr is not None and psnr == psnr else None  # nan counts as "not measured"
+        entries.append({"file": name, "step": int(step), "psnr": psnr_value})
+        best = max((e for e in entries if e.get("psnr") is not None), key=lambda e: e["psnr"], default=None)
+
+        # Oldest first: files this index does not know (copied in, older versions) by step, then write order.
+        known = {e["file"] for e in entries}
+        unknown = sorted((p for p in folder.iterdir() if _STEP_FILE.match(p.name) and p.name not in known),
+                         key=_step_of)
+        order = [p.name for p in unknown] + [e["file"] for e in entries]
+        keep = set(order[-keep_last:]) | {name}
+        if best is not None:
+            keep.add(best["file"])
+
+        index = {"format": 1, "checkpoints": [e for e in entries if e["file"] in keep],
+                 "best": best["file"] if best else None}
+        _atomic_write(folder / INDEX, [json.dumps(index, indent=1).encode() + b"\n"])
+        if best is not None:
+            _atomic_write(folder / BEST, [best["file"].encode() + b"\n"])
+        _atomic_write(folder / LATEST, [name.encode() + b"\n"])
+    except OSError as exc:
+        raise _write_failure(folder, exc) from None
+
+    # Pruning comes last: when anything above fails, nothing has been deleted yet.
+    for old in order:
+        if old not in keep:
+            try:
+                (folder / old).unlink()
+            except OSError:
+                pass
+    return path
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+
+def _read_verified(path: Path, keep_payload: bool) -> bytes | None:
+    """Check magic, length and checksum; return the payload when asked. UserError names what is wrong."""
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {path}: {exc.strerror}; check the path and its permissions") from None
+    with f:
+        head = f.read(_HEADER_MAX)
+        lines = head.split(b"\n", 3)
+        if lines[0] != MAGIC:
+            raise UserError(f"{path} is not an edsr-dist checkpoint (no {MAGIC.decode()} header); "
+                            "pass a .ckpt file written by `edsr-dist train` (pretrained .pt/.pth/.safetensors "
+                            "weights are loaded with --pretrained or `edsr-dist export`)")
+        if len(lines) < 4 or not re.fullmatch(rb"[0-9a-f]{64}", lines[1]) or not lines[2].isdigit():
+            raise UserError(f"checkpoint {path} has a damaged header; it is corrupt, use an earlier checkpoint")
+        expected_hash, expected_len = lines[1].decode(), int(lines[2])
+        digest = hashlib.sha256()
+        chunks: list[bytes] = []
+        first = lines[3]
+        got = len(first)
+        digest.update(first)
+        if keep_payload:
+            chunks.append(first)
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            got += len(chunk)
+            digest.update(chunk)
+            if keep_payload:
+                chunks.append(chunk)
+    if got < expected_len:
+        raise UserError(f"checkpoint {path} is truncated ({got} of {expected_len} payload bytes; cut off while "
+                        "being written or copied); use an earlier checkpoint or copy it again")
+    if got > expected_len or digest.hexdigest() != expected_hash:
+        raise UserError(f"checkpoint {path} is corrupt (checksum mismatch); use an earlier checkpoint or copy it again")
+    return b"".join(chunks) if keep_payload else None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise UserError unless `path` is a complete edsr-dist checkpoint with a matching checksum."""
+    _read_verified(Path(path), keep_payload=False)
+
+
+def is_checkpoint_file(path: str | Path) -> bool:
+    """True when the file starts with the checkpoint header (says nothing about its integrity)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC) + 1) == MAGIC + b"\n"
+    except OSError:
+        return False
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Verify and unpickle one checkpoint file (our own format, hence weights_only=False)."""
+    payload = _read_verified(Path(path), keep_payload=True)
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+
+
+def list_checkpoints(path_or_dir: str | Path) -> list[Path]:
+    """All step files of a run folder (or its checkpoints folder), oldest step first."""
+    path = Path(path_or_dir)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    folder = _checkpoint_folder(path)
+    return sorted((p for p in folder.iterdir() if _STEP_FILE.match(p.name) and p.is_file()), key=_step_of)
+
+
+def find_checkpoint(path_or_dir: str | Path) -> Path | None:
+    """A file: itself. A run or checkpoints folder: the newest valid checkpoint, or None.
+
+    `latest` is tried first, then the other step files from the highest step down; every corrupt or
+    truncated file skipped on the way gets one warning line on stderr.
+    """
+    path = Path(path_or_dir)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        return None
+    folder = _checkpoint_folder(path)
+    candidates = list(reversed(list_checkpoints(folder)))
+    try:
+        latest = folder / (folder / LATEST).read_text().strip()
+    except OSError:
+        latest = None
+    if latest is not None and latest.name and latest.is_file():
+        candidates = [latest] + [c for c in candidates if c.name != latest.name]
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+        except UserError as exc:
+            print(f"edsr-dist: warning: skipping {candidate}: {exc}", file=sys.stderr)
+            continue
+        return candidate
+    return None
+
+
+def checkpoint_model(path: str | Path):
+    """(EDSR with the saved weights, its Config) from a checkpoint file or a run folder; model on CPU, eval mode."""
+    from edsr_dist.config import config_from_dict
+    from edsr_dist.model import build_model
+    from edsr_dist.weights import convert_state_dict
+
+    found = find_checkpoint(path)
+    if found is None:
+        raise UserError(f"no valid checkpoint in {path}; pass a .ckpt file or a run folder that has checkpoints/")
+    state = load_checkpoint(found)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"checkpoint {found} has no model weights and config; "
+                        "pass a checkpoint written by `edsr-dist train`")
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(convert_state_dict(state["model"], num_blocks=cfg.num_blocks), strict=True)
+    return model.eval(), cfg

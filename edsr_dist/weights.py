@@ -1,0 +1,323 @@
+"""Weight import and export: our names (= the reference EDSR implementation's), BasicSR's names, safetensors.
+
+Our parameter names: sub_mean, head.0, body.{i}.body.0 / body.{i}.body.2, body.{B}, tail.0.0 (tail.0.2 for x4),
+tail.1, add_mean. BasicSR's EDSR: conv_first, body.{i}.conv1 / conv2, conv_after_body, upsample.0 (upsample.2),
+conv_last, saved as {"params": ..., "params_ema": ...}. BasicSR works on [0, 1] images and multiplies by
+img_range = 255 inside, ours on [0, 255] with the mean shift as fixed 1x1 convs, so the same conv weights compute
+the same function (ours(255 x) = 255 basicsr(x)); BasicSR's mean is not a learned parameter, hence our mean-shift
+layers keep their fixed DIV2K values when loading BasicSR weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edsr_dist.errors import UserError
+from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE
+
+_WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict")  # in order of preference
+_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_BASICSR_BLOCK = re.compile(r"^body\.(\d+)\.conv([12])\.(weight|bias)$")
+_OUR_BLOCK = re.compile(r"^body\.(\d+)\.body\.([02])\.(weight|bias)$")
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(sd: dict) -> dict:
+    if _is_tensor_dict(sd):
+        return sd
+    for key in _WRAPPER_KEYS:
+        inner = sd.get(key) if isinstance(sd, dict) else None
+        if isinstance(inner, dict) and inner:
+            return _unwrap(inner)
+    return sd
+
+
+def _strip(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def _mean_shift_entries(rgb_mean) -> dict:
+    mean = torch.as_tensor(rgb_mean, dtype=torch.float32).reshape(3)
+    eye = torch.eye(3).view(3, 3, 1, 1)
+    return {"sub_mean.weight": eye.clone(), "sub_mean.bias": -RGB_RANGE * mean,
+            "add_mean.weight": eye.clone(), "add_mean.bias": RGB_RANGE * mean}
+
+
+def _count_blocks(keys, pattern: re.Pattern) -> int:
+    indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def convert_state_dict(sd: dict, num_blocks: int | None = None) -> dict:
+    """Any supported layout -> our parameter names (a new dict; tensors are shared, not copied).
+
+    Accepts our/reference names, BasicSR names, {"params": .., "params_ema": ..} wrappers (params_ema
+    preferred), our checkpoint dicts ({"model": ..}) and "module."/"_orig_mod." prefixes.
+    Mean-shift entries missing from the source get the fixed DIV2K values.
+    """
+    sd = {_strip(k): v for k, v in _unwrap(sd).items()}
+    if any(k.startswith("conv_first.") for k in sd):
+        blocks = _count_blocks(sd, _BASICSR_BLOCK)
+        if num_blocks is not None and num_blocks != blocks:
+            raise UserError(f"the BasicSR weights have {blocks} residual blocks but the model has {num_blocks}; "
+                            f"pass --num-blocks {blocks}")
+        converted: dict = {}
+        basicsr_mean = None
+        for key, value in sd.items():
+            if key == "mean":  # a buffer in some BasicSR versions: the data mean in [0, 1]
+                basicsr_mean = value
+                continue
+            block = _BASICSR_BLOCK.match(key)
+            if block:
+                layer = {"1": 0, "2": 2}[block.group(2)]
+                converted[f"body.{block.group(1)}.body.{layer}.{block.group(3)}"] = value
+                continue
+            head, _, leaf = key.rpartition(".")
+            if head == "conv_first":
+                converted[f"head.0.{leaf}"] = value
+            elif head == "conv_after_body":
+                converted[f"body.{blocks}.{leaf}"] = value
+            elif head.startswith("upsample."):
+                converted[f"tail.0.{head.split('.', 1)[1]}.{leaf}"] = value
+            elif head == "conv_last":
+                converted[f"tail.1.{leaf}"] = value
+            else:
+                converted[key] = value  # unknown: reported as unexpected by the strict load
+        mean = basicsr_mean if basicsr_mean is not None and basicsr_mean.numel() == 3 else DIV2K_RGB_MEAN
+        sd = converted
+        for key, value in _mean_shift_entries(mean).items():
+            sd.setdefault(key, value)
+        return sd
+    sd = dict(sd)
+    for key, value in _mean_shift_entries(DIV2K_RGB_MEAN).items():
+        sd.setdefault(key, value)
+    return sd
+
+
+def to_basicsr_state_dict(sd: dict) -> dict:
+    """Our names -> BasicSR's EDSR names (mean-shift layers dropped: BasicSR's mean is not a parameter)."""
+    sd = convert_state_dict(sd)
+    blocks = _count_blocks(sd, _OUR_BLOCK)
+    out: dict = {}
+    for key, value in sd.items():
+        if key.startswith(("sub_mean.", "add_mean.")):
+            continue
+        block = _OUR_BLOCK.match(key)
+        head, _, leaf = key.rpartition(".")
+        if block:
+            out[f"body.{block.group(1)}.conv{1 if block.group(2) == '0' else 2}.{block.group(3)}"] = value
+        elif head == "head.0":
+            out[f"conv_first.{leaf}"] = value
+        elif head == f"body.{blocks}":
+            out[f"conv_after_body.{leaf}"] = value
+        elif head.startswith("tail.0."):
+            out[f"upsample.{head.split('.')[2]}.{leaf}"] = value
+        elif head == "tail.1":
+            out[f"conv_last.{leaf}"] = value
+        else:
+            raise ValueError(f"no BasicSR name for parameter {key!r}")
+    return out
+
+
+def infer_architecture(sd: dict) -> dict:
+    """scale, num_blocks and num_filters read from the tensor shapes (res_scale is not in the weights)."""
+    sd = convert_state_dict(sd)
+    try:
+        num_filters = int(sd["head.0.weight"].shape[0])
+        num_blocks = _count_blocks(sd, _OUR_BLOCK)
+        first_up = int(sd["tail.0.0.weight"].shape[0])
+    except KeyError as exc:
+        raise UserError(f"these weights have no {exc.args[0]} entry, so they are not EDSR weights; "
+                        "pass a file saved from EDSR (reference, BasicSR or edsr-dist)") from None
+    if first_up == 9 * num_filters:
+        scale = 3
+    else:
+        ups = sum(1 for k in sd if re.fullmatch(r"tail\.0\.\d+\.weight", k))
+        scale = 2 ** ups
+    return {"scale": scale, "num_blocks": num_blocks, "num_filters": num_filters}
+
+
+def read_weights_file(path: str | Path) -> tuple[dict, dict]:
+    """(raw state dict, metadata) from .safetensors, .pt/.pth (weights-only unpickling) or our .ckpt."""
+    from edsr_dist.checkpoint import is_checkpoint_file, load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; pass an existing .pt, .pth, .safetensors or .ckpt file")
+    if is_checkpoint_file(path):
+        state = load_checkpoint(path)
+        return state.get("model", {}), {k: str(v) for k, v in state.get("config", {}).items()}
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise UserError(f"reading {path} needs the safetensors package; pip install 'edsr-dist[export]'") from None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise UserError(f"cannot read {path} as safetensors ({exc}); the file is damaged or not safetensors"
+                            ) from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for non-tensor pickles, RuntimeError for damaged zips
+        reason = (str(exc).splitlines() or [""])[0]
+        raise UserError(f"cannot load weights from {path} ({type(exc).__name__}: {reason}); pass a state dict "
+                        "saved with torch.save, a .safetensors file or an edsr-dist .ckpt") from None
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} holds a {type(sd).__name__}, not a state dict; save model.state_dict() instead")
+    return sd, {}
+
+
+def _bare(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _load_converted(model: nn.Module, sd: dict, source: str) -> None:
+    model = _bare(model)
+    blocks = len(model.body) - 1 if isinstance(model, EDSR) else None
+    sd = convert_state_dict(sd, num_blocks=blocks)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = [f"missing {few(missing)}"] if missing else []
+        parts += [f"unexpected {few(unexpected)}"] if unexpected else []
+        raise UserError(f"weights in {source} do not fit this model: {'; '.join(parts)}; "
+                        "check --scale, --num-blocks and --num-filters against the file")
+    for key, value in sd.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise UserError(f"weights in {source} do not fit this model: {key} is {tuple(value.shape)} in the file "
+                            f"but {tuple(expected[key].shape)} in the model; check --scale and --num-filters")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> None:
+    """Load .pt/.pth/.safetensors/.ckpt weights in any supported naming into `model`, strictly."""
+    sd, _ = read_weights_file(path)
+    _load_converted(model, sd, str(path))
+
+
+def model_from_weights(path: str | Path, res_scale: float | None = None) -> tuple[EDSR, dict]:
+    """Build an EDSR whose shape is read from a weights file and load it. Returns (model, architecture).
+
+    res_scale is not stored in plain weights: it comes from the argument, the file's metadata (our exports),
+    or the published convention (0.1 for 256 filters, the paper model; 1.0 otherwise, the baseline).
+    """
+    sd, meta = read_weights_file(path)
+    arch = infer_architecture(sd)
+    if res_scale is None and "res_scale" in meta:
+        res_scale = float(meta["res_scale"])
+    if res_scale is None:
+        res_scale = 0.1 if arch["num_filters"] >= 256 else 1.0
+    arch["res_scale"] = res_scale
+    model = EDSR(**arch)
+    _load_converted(model, sd, str(path))
+    return model.eval(), arch
+
+
+def _architecture_of(model: EDSR) -> dict:
+    return {"scale": model.scale, "num_blocks": len(model.body) - 1, "num_filters": model.head[0].out_channels,
+            "res_scale": model.body[0].res_scale if len(model.body) > 1 else 1.0}
+
+
+def _resolve_source(model_or_checkpoint) -> tuple[dict, dict]:
+    if isinstance(model_or_checkpoint, nn.Module):
+        model = _bare(model_or_checkpoint)
+        meta = _architecture_of(model) if isinstance(model, EDSR) else {}
+        return model.state_dict(), meta
+    from edsr_dist.checkpoint import checkpoint_model
+
+    model, cfg = checkpoint_model(model_or_checkpoint)
+    meta = _architecture_of(model)
+    meta["res_scale"] = cfg.res_scale
+    return model.state_dict(), meta
+
+
+def _atomic_target(out_path: Path) -> Path:
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create folder {out_path.parent} ({exc.strerror}); pass another --out") from None
+    return out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+
+
+def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "reference") -> Path:
+    """Write the model weights (a model, or a checkpoint file/run folder) as safetensors; atomic.
+
+    names="reference" (ours, loads into the reference EDSR code) or "basicsr".
+    The architecture (scale, num_blocks, num_filters, res_scale) goes into the file's metadata.
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("exporting to safetensors needs the safetensors package; "
+                        "pip install 'edsr-dist[export]'") from None
+    sd, meta = _resolve_source(model_or_checkpoint)
+    sd = to_basicsr_state_dict(sd) if names == "basicsr" else sd
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    out_path = Path(out_path)
+    tmp = _atomic_target(out_path)
+    metadata = {"format": "edsr-dist", "names": names, **{k: str(v) for k, v in meta.items()}}
+    try:
+        save_file(sd, str(tmp), metadata=metadata)
+        os.replace(tmp, out_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out_path} ({exc.strerror}); free space or pass another --out") from None
+    return out_path
+
+
+def export_torch(model_or_checkpoint, out_path: str | Path, names: str = "reference") -> Path:
+    """Plain torch.save of the state dict (.pt/.pth); BasicSR names are wrapped as {"params": ...}."""
+    sd, _ = _resolve_source(model_or_checkpoint)
+    sd = {k: v.detach().cpu() for k, v in sd.items()}
+    obj = {"params": to_basicsr_state_dict(sd)} if names == "basicsr" else sd
+    out_path = Path(out_path)
+    tmp = _atomic_target(out_path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, out_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out_path} ({exc.strerror}); free space or pass another --out") from None
+    return out_path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="edsr-dist export",
+        description="Export the weights of a checkpoint: .safetensors (default) or .pt/.pth, with our/reference "
+                    "EDSR names or BasicSR names.")
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt file or a run folder (newest valid checkpoint)")
+    parser.add_argument("--out", required=True, help="output file: FILE.safetensors, FILE.pt or FILE.pth")
+    parser.add_argument("--names", choices=("reference", "basicsr"), default="reference",
+                        help="parameter names: reference (= edsr-dist, the reference EDSR code) or basicsr")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        path = export_safetensors(args.checkpoint, out, names=args.names)
+    elif out.suffix in (".pt", ".pth"):
+        path = export_torch(args.checkpoint, out, names=args.names)
+    else:
+        raise UserError(f"--out {out}: unknown weights format {out.suffix or '(no suffix)'}; "
+                        "use a .safetensors, .pt or .pth file name")
+    print(f"wrote {path}")
+    return 0

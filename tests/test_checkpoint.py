@@ -1,0 +1,160 @@
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from edsr_dist.checkpoint import (checkpoint_model, find_checkpoint, list_checkpoints, load_checkpoint,
+                                  save_checkpoint)
+from edsr_dist.config import Config
+from edsr_dist.errors import UserError
+from edsr_dist.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _state(step, size=16):
+    return {"model": {"w": torch.arange(size, dtype=torch.float32) + step}, "step": step,
+            "rng": {"torch": torch.get_rng_state()}, "config": {"scale": 2}}
+
+
+def test_round_trip_and_pointers(tmp_path):
+    path = save_checkpoint(tmp_path, _state(7), step=7, keep_last=2, psnr=30.5)
+    assert path == tmp_path / "checkpoints" / "step_00000007.ckpt"
+    state = load_checkpoint(path)
+    assert state["step"] == 7 and torch.equal(state["model"]["w"], torch.arange(16.0) + 7)
+    assert torch.equal(state["rng"]["torch"], torch.get_rng_state())
+    folder = tmp_path / "checkpoints"
+    assert (folder / "latest").read_text().strip() == path.name
+    assert (folder / "best").read_text().strip() == path.name
+    index = json.loads((folder / "index.json").read_text())
+    assert index["checkpoints"] == [{"file": path.name, "step": 7, "psnr": 30.5}]
+    assert not [p for p in folder.iterdir() if ".tmp" in p.name]
+    assert find_checkpoint(tmp_path) == path
+    assert find_checkpoint(folder) == path
+    assert find_checkpoint(path) == path
+    assert find_checkpoint(tmp_path / "missing") is None
+
+
+def test_flipped_byte_and_truncation_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path, _state(1, size=4096), step=1, keep_last=3)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(path)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(UserError, match="truncated"):
+        load_checkpoint(path)
+    other = tmp_path / "plain.pt"
+    torch.save({"a": torch.zeros(1)}, other)
+    with pytest.raises(UserError, match="not an edsr-dist checkpoint"):
+        load_checkpoint(other)
+
+
+def test_find_falls_back_to_previous_valid(tmp_path, capsys):
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, _state(step), step=step, keep_last=5)
+    folder = tmp_path / "checkpoints"
+    newest = folder / "step_00000030.ckpt"
+    newest.write_bytes(newest.read_bytes()[:-10])  # truncated
+    middle = folder / "step_00000020.ckpt"
+    data = bytearray(middle.read_bytes())
+    data[-1] ^= 0xFF  # corrupt
+    middle.write_bytes(bytes(data))
+    found = find_checkpoint(tmp_path)
+    assert found == folder / "step_00000010.ckpt"
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2
+    assert "step_00000030.ckpt" in warnings[0] and "truncated" in warnings[0]
+    assert "step_00000020.ckpt" in warnings[1] and "corrupt" in warnings[1]
+    # nothing valid at all -> None
+    (folder / "step_00000010.ckpt").write_bytes(b"EDSRCKPT1\n")
+    assert find_checkpoint(tmp_path) is None
+
+
+def test_latest_pointer_is_preferred_over_higher_steps(tmp_path):
+    # A new run in an old folder: the file written last wins, not the highest step.
+    save_checkpoint(tmp_path, _state(500), step=500, keep_last=5)
+    save_checkpoint(tmp_path, _state(100), step=100, keep_last=5)
+    assert find_checkpoint(tmp_path).name == "step_00000100.ckpt"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000100.ckpt", "step_00000500.ckpt"]
+
+
+def test_retention_keeps_last_k_and_best(tmp_path):
+    psnrs = {1: 30.0, 2: 33.0, 3: 31.0, 4: float("nan"), 5: 32.0, 6: None}
+    for step, value in psnrs.items():
+        save_checkpoint(tmp_path, _state(step), step=step, keep_last=2, psnr=value)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step_00000002.ckpt", "step_00000005.ckpt", "step_00000006.ckpt"]
+    folder = tmp_path / "checkpoints"
+    assert (folder / "best").read_text().strip() == "step_00000002.ckpt"
+    assert (folder / "latest").read_text().strip() == "step_00000006.ckpt"
+    index = json.loads((folder / "index.json").read_text())
+    assert index["best"] == "step_00000002.ckpt"
+    assert {e["file"] for e in index["checkpoints"]} == set(names)
+    # a better one replaces the best, and the old best is pruned once it is outside the last K
+    save_checkpoint(tmp_path, _state(7), step=7, keep_last=2, psnr=34.0)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006.ckpt", "step_00000007.ckpt"]
+    assert (folder / "best").read_text().strip() == "step_00000007.ckpt"
+
+
+def _limit_file_size():
+    # Python itself ignores SIGXFSZ, so writes past the limit fail with EFBIG instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_failed_write_keeps_old_checkpoint(tmp_path):
+    old = save_checkpoint(tmp_path, _state(1), step=1, keep_last=1, psnr=30.0)
+    old_bytes = old.read_bytes()
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from edsr_dist.checkpoint import save_checkpoint
+        from edsr_dist.errors import UserError
+        try:
+            state = {{"model": {{"w": torch.zeros(1_000_000)}}}}
+            save_checkpoint({str(tmp_path)!r}, state, step=2, keep_last=1, psnr=99.0)
+        except UserError as exc:
+            print("USERERROR", exc)
+            sys.exit(3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), preexec_fn=_limit_file_size, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    message = proc.stdout
+    assert "USERERROR" in message and str(tmp_path / "checkpoints") in message
+    assert "ulimit" in message and "intact" in message
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best", "index.json", "latest", "step_00000001.ckpt"]
+    assert old.read_bytes() == old_bytes
+    assert (folder / "latest").read_text().strip() == old.name
+    assert find_checkpoint(tmp_path) == old
+
+
+def test_unwritable_out_is_a_user_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write a checkpoint"):
+        save_checkpoint(blocker, _state(1), step=1, keep_last=1)
+
+
+def test_checkpoint_model_rebuilds_the_network(tmp_path):
+    cfg = Config(scale=3, num_blocks=2, num_filters=8, res_scale=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    state = {"model": model.state_dict(), "config": cfg.to_dict(), "step": 5}
+    save_checkpoint(tmp_path, state, step=5, keep_last=1)
+    rebuilt, rebuilt_cfg = checkpoint_model(tmp_path)
+    assert rebuilt_cfg == cfg
+    x = torch.rand(1, 3, 9, 11) * 255
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    with pytest.raises(UserError, match="no valid checkpoint"):
+        checkpoint_model(tmp_path / "nothing")
