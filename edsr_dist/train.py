@@ -198,12 +198,17 @@ class Trainer:
         from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
 
         where = self.out if self.cfg.resume == "auto" else Path(self.cfg.resume)
-        path = find_checkpoint(where)
+        # Rank 0 chooses (and reports skipped damaged files once); everyone resumes from the same file.
+        path = self.engine.broadcast_object(find_checkpoint(where) if self.is_main else None)
         if path is None:
             if self.cfg.resume == "auto":
                 return None  # nothing yet: a fresh start, so the same command line works for the first run too
             raise UserError(f"no valid checkpoint at {self.cfg.resume}; pass --resume auto or an existing .ckpt file")
-        state = load_checkpoint(path)
+        if self.any_rank(not Path(path).exists()):
+            # Another server without a shared file system: rank 0 sends the state.
+            state = self.engine.broadcast_object(load_checkpoint(path) if self.is_main else None)
+        else:
+            state = load_checkpoint(path)
         saved = state["config"]
         for key in ("scale", "num_blocks", "num_filters"):
             if saved[key] != getattr(self.cfg, key):
@@ -218,6 +223,10 @@ class Trainer:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         torch.set_rng_state(state["rng"]["torch"])
         return str(path)
+
+    def any_rank(self, flag: bool) -> bool:
+        value = torch.tensor([float(flag)], device=self.device)
+        return self.engine.all_reduce_max(value).item() > 0
 
     # ---- reporting ------------------------------------------------------------------------------------------
 

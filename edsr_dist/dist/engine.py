@@ -85,11 +85,10 @@ class DDPEngine(Engine):
     def wrap(self, model, optimizer):
         from torch.nn.parallel import DistributedDataParallel
 
-        # broadcast_buffers=False: EDSR has no running buffers; DDP broadcasts parameters from rank 0 at wrap time.
+        # DDP broadcasts rank 0's parameters at wrap time, so every rank starts from the same weights.
         ddp = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type in ("cuda", "npu") else None,
-            broadcast_buffers=False,
             gradient_as_bucket_view=True,
             bucket_cap_mb=25,
         )

@@ -1,0 +1,530 @@
+"""`edsr-dist launch`: start one worker per device on this machine and supervise them.
+
+Modes (at most one):
+  --rank-table FILE   Ascend style: the workers of this server's entry (matched by a local address,
+                      or --server-id / --server-index); RANK_TABLE_FILE from the environment picks this too.
+  --nproc N           N local workers on devices 0..N-1, rendezvous on 127.0.0.1 (the default, with N=1,
+                      when there is no rank table).
+  --hostfile FILE     GPU clusters: exec `horovodrun -np N -H host:slots,...`; Horovod supervises from there.
+
+The launcher only starts, pins, logs and stops processes; a worker only trains (`python -m edsr_dist train`).
+With --exec the arguments after `--` are the whole worker command (diagnostics and tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from edsr_dist.errors import UserError
+
+DEFAULT_GRACE_S = 10.0
+MULTI_SERVER_PORT = 29500  # every server must agree on the port without talking first, so no random one
+POLL_S = 0.05
+PROG = "edsr-dist launch"
+
+# Variables a stale launch (or an outer launcher) could leave behind that would confuse a worker's World.
+_WORKER_VARS = ("RANK_TABLE_FILE", "RANK_ID", "RANK_SIZE", "DEVICE_ID", "ASCEND_DEVICE_ID", "RANK", "WORLD_SIZE",
+                "LOCAL_RANK", "LOCAL_WORLD_SIZE", "EDSR_DIST_LAUNCHER")
+
+
+@dataclass
+class WorkerSpec:
+    rank: int
+    local_rank: int
+    device_id: int
+    cores: list[int] | None  # None: not pinned
+    env: dict[str, str]  # only what the launcher sets; the rest is inherited
+    argv: list[str]
+    log_path: str
+
+
+@dataclass
+class Plan:
+    workers: list[WorkerSpec]
+    summary: str  # one line for the console
+    unset: list[str] = field(default_factory=list)  # inherited variables removed from the workers' environment
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def local_addresses() -> set[str]:
+    """Every address of this host's interfaces (IPv4 and IPv6), loopback included, and its hostname."""
+    import psutil
+
+    found = {"127.0.0.1", "::1", "localhost", socket.gethostname()}
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family in (socket.AF_INET, socket.AF_INET6):
+                found.add(addr.address.split("%", 1)[0])  # drop an IPv6 zone suffix like fe80::1%eth0
+    return found
+
+
+def select_server(table, server_id: str | None = None, server_index: int | None = None,
+                  addresses: set[str] | None = None) -> int:
+    """Index of this server's entry in the table: explicit index, explicit id, or the one local address match."""
+    ids = [s.server_id for s in table.servers]
+    listed = ", ".join(f"[{i}] {sid}" for i, sid in enumerate(ids))
+    if server_index is not None:
+        if not 0 <= server_index < len(ids):
+            raise UserError(f"--server-index {server_index} is out of range: {table.path} has {len(ids)} server(s) "
+                            f"({listed}); pass 0..{len(ids) - 1}")
+        if server_id is not None and ids[server_index] != server_id:
+            raise UserError(f"--server-index {server_index} is {ids[server_index]}, not --server-id {server_id}; "
+                            "pass only one of them")
+        return server_index
+    if server_id is not None:
+        matches = [i for i, sid in enumerate(ids) if sid == server_id]
+        if not matches:
+            raise UserError(f"--server-id {server_id} is not in {table.path} (servers: {listed}); "
+                            "pass one of those, or --server-index")
+    else:
+        addresses = local_addresses() if addresses is None else addresses
+        matches = [i for i, sid in enumerate(ids) if sid in addresses]
+        if not matches:
+            mine = ", ".join(sorted(a for a in addresses if ":" not in a)[:6])
+            raise UserError(f"this host ({mine}) is not in {table.path} (servers: {listed}); run the launcher on a "
+                            "listed server, pass --server-id/--server-index, or make a table for this host with "
+                            "`edsr-dist rank-table make --devices 0-7 --out FILE`")
+    if len(matches) > 1:
+        raise UserError(f"{table.path} lists this host {len(matches)} times (entries "
+                        f"{', '.join(map(str, matches))}); pass --server-index to say which entry this launcher runs")
+    return matches[0]
+
+
+def core_shares(allowed: list[int], workers: int) -> list[list[int]]:
+    """Contiguous equal shares of the allowed cores, one per worker (taskset style); at least one core each."""
+    allowed = sorted(allowed)
+    if workers <= len(allowed):
+        share = len(allowed) // workers
+        return [allowed[i * share:(i + 1) * share] for i in range(workers)]
+    return [[allowed[i % len(allowed)]] for i in range(workers)]  # more workers than cores: share round-robin
+
+
+def allowed_cores() -> list[int]:
+    """The cores this process may run on (a container or an outer taskset may have narrowed them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def worker_out_dir(train_args: list[str], world_size: int) -> str:
+    """Resolve the workers' configuration here, so bad train arguments fail once, before any worker starts."""
+    from edsr_dist.train import parse_train_args
+
+    cfg = parse_train_args(train_args)
+    if cfg.batch_size % world_size:
+        raise UserError(f"batch_size {cfg.batch_size} (global) does not divide by the {world_size} workers; "
+                        f"pass --batch-size as a multiple of {world_size}")
+    return cfg.out
+
+
+def _format_cores(cores: list[int] | None) -> str:
+    if cores is None:
+        return "any"
+    if cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+    return ",".join(map(str, cores))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _port_from_env() -> int | None:
+    value = os.environ.get("MASTER_PORT", "")
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise UserError(f"MASTER_PORT={value!r} is not a port number; set it to 1..65535 or unset it")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other user error
+        raise UserError(f"{message}; see `{PROG} --help`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, usage=f"{PROG} [options] -- <train arguments>",
+                description="Start and supervise one worker per device. Everything after `--` goes to "
+                            "`edsr-dist train` (or, with --exec, is the whole worker command).")
+    mode = p.add_argument_group("where the workers come from (at most one; default: $RANK_TABLE_FILE, else --nproc 1)")
+    mode.add_argument("--rank-table", metavar="FILE", help="Ascend rank table; start this server's devices")
+    mode.add_argument("--nproc", type=int, metavar="N", help="N local workers on devices 0..N-1")
+    mode.add_argument("--hostfile", metavar="FILE", help="`hostname slots=N` lines; exec horovodrun")
+    p.add_argument("--server-id", metavar="IP", help="this server's server_id in the rank table (default: match a local address)")
+    p.add_argument("--server-index", type=int, metavar="K", help="this server's position in the rank table's server list")
+    p.add_argument("--no-bind", action="store_true", help="do not pin workers to cores")
+    p.add_argument("--master-addr", metavar="A", help="rendezvous host (default: first server, or 127.0.0.1)")
+    p.add_argument("--master-port", type=int, metavar="P",
+                   help=f"rendezvous port (default: $MASTER_PORT, else a free port; {MULTI_SERVER_PORT} for multi-server tables)")
+    p.add_argument("--log-dir", metavar="DIR", help="per-rank logs rank_<id>.log (default: <out>/logs of the train settings)")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="S",
+                   help=f"seconds between SIGTERM and SIGKILL when stopping workers (default {DEFAULT_GRACE_S:g})")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    p.add_argument("--exec", action="store_true", help="the arguments after `--` are the whole worker command")
+    return p
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _worker_argv(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    if args.exec:
+        if not rest:
+            raise UserError("--exec needs the worker command after `--`, like `-- python -c 'print(1)'`")
+        return list(rest)
+    return [sys.executable, "-m", "edsr_dist", "train", *rest]
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    modes = [name for name, value in (("--rank-table", args.rank_table), ("--nproc", args.nproc),
+                                      ("--hostfile", args.hostfile)) if value is not None]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} conflict; pick one way of placing workers")
+    if args.server_id is not None and args.server_index is not None:
+        raise UserError("--server-id and --server-index conflict; pass only one of them")
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: need at least 1 worker")
+    if args.grace < 0:
+        raise UserError(f"--grace {args.grace:g}: must be 0 or more seconds")
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        raise UserError(f"--master-port {args.master_port}: must be 1..65535")
+    if args.hostfile is not None:
+        unused = [flag for flag, value in (("--server-id", args.server_id), ("--server-index", args.server_index),
+                                           ("--master-addr", args.master_addr), ("--master-port", args.master_port),
+                                           ("--log-dir", args.log_dir)) if value is not None]
+        if args.no_bind:
+            unused.append("--no-bind")
+        if unused:
+            raise UserError(f"{', '.join(unused)} not used with --hostfile (horovodrun places, connects and logs the "
+                            "workers); drop them")
+
+
+def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
+    """Workers for this machine: rank, device, cores, environment, command and log file of each."""
+    from edsr_dist.dist.rank_table import load_rank_table
+
+    table_path = args.rank_table
+    if table_path is None and args.nproc is None and os.environ.get("RANK_TABLE_FILE"):
+        table_path = os.environ["RANK_TABLE_FILE"]
+    if table_path is None and (args.server_id is not None or args.server_index is not None):
+        raise UserError("--server-id/--server-index choose an entry of a rank table; pass --rank-table FILE too")
+
+    unset: list[str] = []
+    if table_path is not None:
+        table = load_rank_table(table_path)
+        index = select_server(table, args.server_id, args.server_index)
+        server = table.servers[index]
+        devices = sorted(server.devices, key=lambda d: d.rank_id)
+        placements = [(d.rank_id, d.device_id) for d in devices]
+        world_size = table.rank_size
+        master_addr = args.master_addr or table.servers[0].server_id
+        fixed_port = MULTI_SERVER_PORT if len(table.servers) > 1 else None
+        where = f"server {index} ({server.server_id}) of {table.path}"
+        table_env = {"RANK_TABLE_FILE": table.real_path}
+        if table.is_symlink:
+            print(f"{PROG}: note: {table.path} is a symlink; workers get RANK_TABLE_FILE={table.real_path} "
+                  "(torch_npu refuses symlinks)", file=sys.stderr)
+    else:
+        nproc = args.nproc or 1
+        placements = [(i, i) for i in range(nproc)]
+        world_size = nproc
+        master_addr = args.master_addr or "127.0.0.1"
+        fixed_port = None
+        where = "this machine"
+        table_env = {}
+        unset.append("RANK_TABLE_FILE")  # a stale table would make torch_npu build the wrong communicator
+
+    master_port = args.master_port or _port_from_env() or fixed_port or free_port()
+    default_out = os.path.join("runs", "launch") if args.exec else worker_out_dir(rest, world_size)
+    log_dir = args.log_dir or os.path.join(default_out, "logs")
+    job_id = os.environ.get("JOB_ID") or str(int(time.time()))
+    argv = _worker_argv(args, rest)
+
+    local = len(placements)
+    shares: list[list[int] | None]
+    if args.no_bind or not hasattr(os, "sched_setaffinity"):
+        shares = [None] * local
+        inherited = os.environ.get("OMP_NUM_THREADS")
+        threads = inherited or str(max(1, len(allowed_cores()) // local))
+    else:
+        shares = list(core_shares(allowed_cores(), local))
+        threads = ""
+    workers = []
+    for local_rank, ((rank, device), cores) in enumerate(zip(placements, shares)):
+        env = dict(table_env)
+        env.update({
+            "RANK_ID": str(rank), "RANK_SIZE": str(world_size),
+            "DEVICE_ID": str(device), "ASCEND_DEVICE_ID": str(device),
+            "JOB_ID": job_id,
+            "RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local),
+            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+            "EDSR_DIST_LAUNCHER": "1",
+            "OMP_NUM_THREADS": str(len(cores)) if cores is not None else threads,
+            # Workers write into pipes; unbuffered output keeps logs and the console live.
+            "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"),
+        })
+        workers.append(WorkerSpec(rank, local_rank, device, cores, env, argv,
+                                  os.path.join(log_dir, f"rank_{rank}.log")))
+    ranks = [w.rank for w in workers]
+    rank_text = f"rank {ranks[0]}" if local == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    summary = (f"{local} worker{'s' if local != 1 else ''} on {where}: {rank_text} of {world_size}, devices "
+               f"{','.join(str(w.device_id) for w in workers)}; master {master_addr}:{master_port}; logs in {log_dir}")
+    return Plan(workers, summary, unset)
+
+
+def describe_plan(plan: Plan) -> str:
+    lines = [f"# {plan.summary}"]
+    present = [name for name in plan.unset if name in os.environ]
+    if present:
+        lines.append(f"# unset: {' '.join(present)}")
+    for w in plan.workers:
+        lines.append(f"# rank {w.rank}: device {w.device_id}, local rank {w.local_rank}, cores "
+                     f"{_format_cores(w.cores)}, log {w.log_path}")
+        pin = ["taskset", "-c", _format_cores(w.cores)] if w.cores is not None else []
+        lines.append(" ".join(f"{k}={shlex.quote(v)}" for k, v in w.env.items()) + " " + shlex.join(pin + w.argv))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- supervise
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, proc, pump: threading.Thread):
+        self.spec = spec
+        self.proc = proc
+        self.pump = pump
+
+
+def _pump_output(fd: int, log, echo) -> None:
+    """Copy a worker's output to its log (and, for the first local worker, the console) as it arrives."""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            log.write(chunk)
+            log.flush()
+            if echo is not None:
+                try:
+                    echo.write(chunk)
+                    echo.flush()
+                except (OSError, ValueError):
+                    echo = None  # console gone (closed pipe); keep logging
+    finally:
+        os.close(fd)
+        log.close()
+
+
+def _start(spec: WorkerSpec, unset: list[str], echo) -> _Worker:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in unset and k not in _WORKER_VARS}
+    env.update(spec.env)
+    try:
+        log = open(spec.log_path, "wb")
+    except OSError as exc:
+        raise UserError(f"cannot write {spec.log_path} ({exc.strerror}); pass a writable --log-dir") from None
+    read_fd, write_fd = os.pipe()
+    saved = os.sched_getaffinity(0) if spec.cores is not None else None
+    try:
+        # Pin by narrowing this thread's affinity around the spawn: the child inherits it from its first
+        # instruction (no window before pinning, no preexec_fn in a threaded process); then restore ours.
+        if spec.cores is not None:
+            os.sched_setaffinity(0, spec.cores)
+        try:
+            # Own session and process group: the whole worker tree can be signalled at once, and a
+            # Ctrl-C on the terminal reaches only the launcher, which then stops workers in order.
+            proc = subprocess.Popen(spec.argv, env=env, stdin=subprocess.DEVNULL, stdout=write_fd,
+                                    stderr=write_fd, start_new_session=True)
+        finally:
+            if saved is not None:
+                os.sched_setaffinity(0, saved)
+    except FileNotFoundError:
+        os.close(read_fd)
+        log.close()
+        raise UserError(f"cannot start rank {spec.rank}: command {spec.argv[0]!r} not found; check the worker "
+                        "command (after `--` with --exec)") from None
+    except BaseException:
+        os.close(read_fd)
+        log.close()
+        raise
+    finally:
+        os.close(write_fd)
+    pump = threading.Thread(target=_pump_output, args=(read_fd, log, echo), name=f"rank{spec.rank}-output",
+                            daemon=True)
+    pump.start()
+    return _Worker(spec, proc, pump)
+
+
+def _signal_group(worker: _Worker, sig: int) -> None:
+    try:
+        os.killpg(worker.proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop_all(workers: list[_Worker], grace: float) -> None:
+    """SIGTERM every worker's process group, SIGKILL what is left after `grace` seconds, reap everything."""
+    for w in workers:
+        if w.proc.poll() is None:
+            _signal_group(w, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(w.proc.poll() is None for w in workers):
+        time.sleep(POLL_S)
+    for w in workers:
+        # Also reaches helpers a worker left behind in its group (data loader processes, for example).
+        _signal_group(w, signal.SIGKILL)
+    for w in workers:
+        w.proc.wait()
+    _join_pumps(workers)
+
+
+def _join_pumps(workers: list[_Worker]) -> None:
+    for w in workers:
+        w.pump.join(timeout=2.0)
+
+
+class _StopRequest:
+    """Records SIGINT/SIGTERM/SIGHUP to the launcher; the supervision loop acts on it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _console():
+    return getattr(sys.stdout, "buffer", None)
+
+
+def run_workers(plan: Plan, grace: float = DEFAULT_GRACE_S) -> int:
+    """Start the plan's workers and wait; the first failure stops the rest. Returns the launcher's exit code."""
+    log_dir = os.path.dirname(plan.workers[0].log_path) or "."
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the log folder {log_dir} ({exc.strerror}); pass a writable --log-dir") from None
+    print(f"{PROG}: {plan.summary}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    workers: list[_Worker] = []
+    with _StopRequest() as stop:
+        try:
+            for i, spec in enumerate(plan.workers):
+                if stop.signum is not None:
+                    break
+                workers.append(_start(spec, plan.unset, _console() if i == 0 else None))
+        except BaseException:
+            _stop_all(workers, grace)
+            raise
+        failed: _Worker | None = None
+        while stop.signum is None and failed is None:
+            finished = [(w, w.proc.poll()) for w in workers]
+            bad = [(w, code) for w, code in finished if code not in (None, 0)]
+            if bad:
+                failed = min(bad, key=lambda item: item[0].spec.rank)[0]
+                break
+            if all(code == 0 for _, code in finished):
+                break
+            time.sleep(POLL_S)
+        # A signal during the wait above still lets us stop in order; further ones are absorbed.
+        _stop_all(workers, grace)
+        if failed is None and stop.signum is not None:
+            name = _signal_name(stop.signum)
+            print(f"{PROG}: received {name}; stopped {len(workers)} worker{'s' if len(workers) != 1 else ''}",
+                  file=sys.stderr, flush=True)
+            return 128 + stop.signum
+    if failed is not None:
+        code = failed.proc.returncode
+        spec = failed.spec
+        if code < 0:
+            how, exit_code = f"was killed by signal {_signal_name(-code)}", 128 - code
+        else:
+            how, exit_code = f"exited with code {code}", code
+        print(f"{PROG}: rank {spec.rank} (device {spec.device_id}) {how}; see {spec.log_path}",
+              file=sys.stderr, flush=True)
+        return exit_code
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ horovod
+
+
+def _run_horovod(args: argparse.Namespace, rest: list[str]) -> int:
+    from edsr_dist.dist.hostfile import horovodrun_command, parse_hostfile
+
+    command = horovodrun_command(parse_hostfile(args.hostfile), _worker_argv(args, rest))
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    if shutil.which(command[0]) is None:
+        raise UserError("horovodrun not found on PATH; install horovod (see DESIGN.md section 5) or use "
+                        "--nproc / --rank-table")
+    # Horovod's variables must win in the workers' World, so drop anything a previous launch left.
+    env = {k: v for k, v in os.environ.items() if k not in _WORKER_VARS}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, env)
+    return 0  # not reached
+
+
+def main(argv: list[str]) -> int:
+    own, rest = _split_argv(list(argv))
+    args, unknown = _parser().parse_known_args(own)
+    if unknown:
+        raise UserError(f"unknown launcher option(s) {' '.join(unknown)}; launcher options go before `--`, "
+                        f"train arguments after it, like `{PROG} --nproc 2 -- --preset sample`")
+    _check_flags(args)
+    if args.hostfile is not None:
+        return _run_horovod(args, rest)
+    plan = build_plan(args, rest)
+    if args.dry_run:
+        print(describe_plan(plan))
+        return 0
+    return run_workers(plan, args.grace)

@@ -1,0 +1,461 @@
+"""Ascend HCCL rank tables: read, check and make them (`edsr-dist rank-table check|make`).
+
+Two formats are read (DESIGN.md section 4):
+  * version 1.0: server_list[] -> device[] with explicit rank_id (what Huawei's tools write);
+  * the older group_list[] -> instance_list[] -> devices[] without rank_id (Kubernetes job controllers);
+    ranks there follow the instances ordered by the number at the end of pod_name, then device order.
+
+Choices:
+  * device_id may be 0..15. Most Ascend servers hold 8 cards (0-7), but Atlas A3 nodes expose 16
+    devices, and refusing them would only push people to edit the check out.
+  * The same server_id may appear twice (two pods on one node, or a multi-server rehearsal on one host);
+    the launcher then needs --server-index to know which entry it is.
+  * A symlinked table is accepted: torch_npu refuses symlinks, so the launcher exports the resolved path
+    in RANK_TABLE_FILE, and `check` says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from edsr_dist.errors import UserError
+
+MAX_DEVICE_ID = 15
+HCCN_CONF = "/etc/hccn.conf"
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: int  # physical card on the server
+    device_ip: str  # the card's own NIC address (HCCL traffic)
+    rank_id: int  # global rank
+
+
+@dataclass(frozen=True)
+class Server:
+    server_id: str  # the host's address
+    devices: list[Device]
+
+
+@dataclass(frozen=True)
+class RankTable:
+    path: str
+    servers: list[Server]
+    format: str = "1.0"  # "1.0" or "group_list"
+    real_path: str = ""  # path with symlinks resolved; what RANK_TABLE_FILE must name for torch_npu
+
+    @property
+    def rank_size(self) -> int:
+        return sum(len(s.devices) for s in self.servers)
+
+    @property
+    def is_symlink(self) -> bool:
+        return bool(self.real_path) and os.path.realpath(self.path) != os.path.abspath(self.path)
+
+    def to_v1(self) -> dict:
+        """The table as a version 1.0 document, numbers as strings like Huawei's tools write them."""
+        return {
+            "version": "1.0",
+            "status": "completed",
+            "server_count": str(len(self.servers)),
+            "server_list": [
+                {"server_id": s.server_id,
+                 "device": [{"device_id": str(d.device_id), "device_ip": d.device_ip, "rank_id": str(d.rank_id)}
+                            for d in s.devices]}
+                for s in self.servers
+            ],
+        }
+
+
+class _Problems:
+    """Builds the one-line errors: `<file>: <entry>: <problem>; <fix>`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, where: str, problem: str, fix: str) -> UserError:
+        prefix = f"rank table {self.path}: " + (f"{where}: " if where else "")
+        return UserError(f"{prefix}{problem}; {fix}")
+
+
+def _whole_number(value, name: str, where: str, err: _Problems) -> int:
+    # Huawei's tools write numbers as strings; hand-written tables often use integers.
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        return int(value)
+    raise err(where, f"{name} must be a whole number, got {value!r}", f'write it like "{name}": "0"')
+
+
+def _field(entry: dict, name: str, where: str, err: _Problems, example: str):
+    if not isinstance(entry, dict):
+        raise err(where, f"expected an object, got {type(entry).__name__}", "see rank_table/README.md for the layout")
+    if name not in entry:
+        raise err(where, f"missing field {name!r}", f"add {example}")
+    return entry[name]
+
+
+def _nonempty_list(value, name: str, where: str, err: _Problems, example: str) -> list:
+    if not isinstance(value, list):
+        raise err(where, f"{name} must be a list, got {type(value).__name__}", f"write {example}")
+    if not value:
+        raise err(where, f"{name} is empty", f"list at least one entry, like {example}")
+    return value
+
+
+def _address(value, name: str, where: str, err: _Problems) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise err(where, f"{name} must be a non-empty string, got {value!r}", f'write it like "{name}": "192.168.100.101"')
+    if name == "device_ip":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise err(where, f"device_ip {value!r} is not an IP address",
+                      "use the card's address from /etc/hccn.conf (address_N=) or `hccn_tool -i N -ip -g`") from None
+    return value
+
+
+def _read_json(path: str, err: _Problems) -> dict:
+    if not os.path.exists(path):
+        raise UserError(f"rank table {path} not found; pass the path of an existing table "
+                        f"or make one with `edsr-dist rank-table make --devices 0-7 --out FILE`")
+    if os.path.isdir(path):
+        raise UserError(f"rank table {path} is a directory; pass the JSON file inside it")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"rank table {path} cannot be read ({exc}); check the file and its permissions") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise err("", f"invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})",
+                  "fix the syntax (a trailing comma or a missing quote is the usual cause)") from None
+    if not isinstance(doc, dict):
+        raise err("", f"the top level must be a JSON object, got {type(doc).__name__}",
+                  "see rank_table/README.md for the layout")
+    return doc
+
+
+def _check_status(doc: dict, err: _Problems) -> None:
+    status = _field(doc, "status", "", err, '"status": "completed"')
+    if status != "completed":
+        raise err("", f"status is {status!r}, not 'completed': the table is not ready yet",
+                  "wait for the job controller to finish it, or set \"status\": \"completed\" in a hand-made table")
+
+
+def _parse_devices(raw: list, where: str, err: _Problems, with_rank: bool) -> list[tuple[int, str, int | None, str]]:
+    """(device_id, device_ip, rank_id or None, entry name) per device; checks fields and per-server duplicates."""
+    out = []
+    seen: dict[int, str] = {}
+    for j, entry in enumerate(raw):
+        here = f"{where} device[{j}]"
+        device_id = _whole_number(_field(entry, "device_id", here, err, '"device_id": "0"'), "device_id", here, err)
+        if device_id > MAX_DEVICE_ID:
+            raise err(here, f"device_id {device_id} is out of range 0-{MAX_DEVICE_ID}",
+                      "use the card's number as `npu-smi info` shows it (0-7 on most servers)")
+        if device_id in seen:
+            raise err(here, f"duplicate device_id {device_id} (also {seen[device_id]})",
+                      "each card may appear once per server; remove or renumber one of them")
+        seen[device_id] = f"device[{j}]"
+        device_ip = _address(_field(entry, "device_ip", here, err, '"device_ip": "192.168.100.101"'),
+                             "device_ip", here, err)
+        rank_id = None
+        if with_rank:
+            rank_id = _whole_number(_field(entry, "rank_id", here, err, '"rank_id": "0"'), "rank_id", here, err)
+        out.append((device_id, device_ip, rank_id, here))
+    return out
+
+
+def _parse_v1(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
+    version = _field(doc, "version", "", err, '"version": "1.0"')
+    if str(version) != "1.0":
+        raise err("", f"unsupported version {version!r}", 'write "version": "1.0" (or use the group_list format)')
+    _check_status(doc, err)
+    servers = _nonempty_list(_field(doc, "server_list", "", err, '"server_list": [...]'), "server_list", "", err,
+                             '[{"server_id": "10.0.0.1", "device": [...]}]')
+    count = _whole_number(_field(doc, "server_count", "", err, f'"server_count": "{len(servers)}"'),
+                          "server_count", "", err)
+    if count != len(servers):
+        raise err("", f"server_count is {count} but server_list has {len(servers)} entries",
+                  f'set "server_count": "{len(servers)}" or add the missing servers')
+    parsed = []
+    for i, entry in enumerate(servers):
+        where = f"server_list[{i}]"
+        server_id = _address(_field(entry, "server_id", where, err, '"server_id": "10.0.0.1"'), "server_id", where, err)
+        where = f"server_list[{i}] ({server_id})"
+        raw = _nonempty_list(_field(entry, "device", where, err, '"device": [...]'), "device", where, err,
+                             '[{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}]')
+        parsed.append((server_id, _parse_devices(raw, where, err, with_rank=True), where))
+    return parsed
+
+
+def _parse_group_list(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
+    _check_status(doc, err)
+    groups = _nonempty_list(_field(doc, "group_list", "", err, '"group_list": [...]'), "group_list", "", err,
+                            '[{"instance_list": [...]}]')
+    if "group_count" in doc:
+        count = _whole_number(doc["group_count"], "group_count", "", err)
+        if count != len(groups):
+            raise err("", f"group_count is {count} but group_list has {len(groups)} entries",
+                      f'set "group_count": "{len(groups)}"')
+    instances = []  # (pod number, server_id, devices, entry name)
+    seen_pods: dict[int, str] = {}
+    for g, group in enumerate(groups):
+        gwhere = f"group_list[{g}]"
+        raw_instances = _nonempty_list(_field(group, "instance_list", gwhere, err, '"instance_list": [...]'),
+                                       "instance_list", gwhere, err, '[{"pod_name": "job-0", ...}]')
+        if "instance_count" in group:
+            count = _whole_number(group["instance_count"], "instance_count", gwhere, err)
+            if count != len(raw_instances):
+                raise err(gwhere, f"instance_count is {count} but instance_list has {len(raw_instances)} entries",
+                          f'set "instance_count": "{len(raw_instances)}"')
+        group_devices = 0
+        for i, inst in enumerate(raw_instances):
+            where = f"{gwhere} instance_list[{i}]"
+            pod = _field(inst, "pod_name", where, err, '"pod_name": "job-0"')
+            match = re.search(r"([0-9]+)$", str(pod))
+            if not match:
+                raise err(where, f"pod_name {pod!r} does not end in a number, so its rank order is unknown",
+                          "name pods like job-0, job-1, ... (ranks follow that number)")
+            number = int(match.group(1))
+            if number in seen_pods:
+                raise err(where, f"pod_name {pod!r} has the same number {number} as {seen_pods[number]}",
+                          "give every pod a distinct trailing number")
+            seen_pods[number] = where
+            server_id = _address(_field(inst, "server_id", where, err, '"server_id": "10.0.0.1"'),
+                                 "server_id", where, err)
+            where = f"{where} ({pod}, {server_id})"
+            raw = _nonempty_list(_field(inst, "devices", where, err, '"devices": [...]'), "devices", where, err,
+                                 '[{"device_id": "0", "device_ip": "192.168.100.101"}]')
+            devices = _parse_devices(raw, where, err, with_rank=False)
+            group_devices += len(devices)
+            instances.append((number, server_id, devices, where))
+        if "device_count" in group:
+            count = _whole_number(group["device_count"], "device_count", gwhere, err)
+            if count != group_devices:
+                raise err(gwhere, f"device_count is {count} but its instances list {group_devices} devices",
+                          f'set "device_count": "{group_devices}"')
+    instances.sort(key=lambda item: item[0])
+    parsed = []
+    rank = 0
+    for _, server_id, devices, where in instances:
+        numbered = []
+        for device_id, device_ip, _, here in devices:
+            numbered.append((device_id, device_ip, rank, here))
+            rank += 1
+        parsed.append((server_id, numbered, where))
+    return parsed
+
+
+def _check_ranks(parsed: list, err: _Problems) -> None:
+    owner: dict[int, str] = {}
+    for _, devices, _ in parsed:
+        for _, _, rank, here in devices:
+            if rank in owner:
+                raise err(here, f"duplicate rank_id {rank} (also {owner[rank]})", "give every device its own rank_id")
+            owner[rank] = here
+    total = len(owner)
+    missing = sorted(set(range(total)) - set(owner))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise err("", f"rank_id {shown} missing: {total} devices need ranks 0..{total - 1}",
+                  "number the devices 0..N-1 without gaps")
+    previous_max = -1
+    for _, devices, where in parsed:
+        ranks = [rank for _, _, rank, _ in devices]
+        if min(ranks) < previous_max:
+            bad = next(here for _, _, rank, here in devices if rank < previous_max)
+            raise err(bad, f"rank_id {min(ranks)} is lower than a rank of an earlier server ({previous_max})",
+                      "ranks must follow server order: the first server gets 0..k-1, the next k.., and so on")
+        previous_max = max(ranks)
+
+
+def load_rank_table(path: str) -> RankTable:
+    """Read and check a rank table; any problem is a one-line UserError naming the file and entry."""
+    path = os.fspath(path)
+    err = _Problems(path)
+    doc = _read_json(path, err)
+    if "server_list" in doc:
+        kind, parsed = "1.0", _parse_v1(doc, err)
+    elif "group_list" in doc:
+        kind, parsed = "group_list", _parse_group_list(doc, err)
+    else:
+        raise err("", "neither server_list (version 1.0) nor group_list (older format) found",
+                  "see rank_table/README.md, or make one with `edsr-dist rank-table make`")
+    _check_ranks(parsed, err)
+    servers = [Server(server_id, [Device(d, ip, r) for d, ip, r, _ in devices]) for server_id, devices, _ in parsed]
+    return RankTable(path=path, servers=servers, format=kind, real_path=os.path.realpath(path))
+
+
+# ---------------------------------------------------------------------------------------------- make
+
+
+def parse_device_list(spec: str) -> list[int]:
+    """`0-7`, `0,1,2,3` or `0-3,6` -> sorted distinct device ids."""
+    devices: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
+        if not match:
+            raise UserError(f"--devices {spec!r}: {part!r} is not a device number or range; write it like 0-7 or 0,1,2,3")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else first
+        if last < first:
+            raise UserError(f"--devices {spec!r}: range {part} runs backwards; write it like {last}-{first}")
+        devices.extend(range(first, last + 1))
+    if len(set(devices)) != len(devices):
+        raise UserError(f"--devices {spec!r} names a device twice; list each device once")
+    if max(devices) > MAX_DEVICE_ID:
+        raise UserError(f"--devices {spec!r}: device {max(devices)} is out of range 0-{MAX_DEVICE_ID}; "
+                        "use the numbers `npu-smi info` shows")
+    return sorted(devices)
+
+
+def read_hccn_conf(path: str) -> dict[int, str]:
+    """`address_N=IP` lines of /etc/hccn.conf (written by hccn_tool) -> {N: IP}."""
+    addresses: dict[int, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            match = re.fullmatch(r"\s*address_([0-9]+)\s*=\s*(\S+)\s*", line)
+            if match:
+                addresses[int(match.group(1))] = match.group(2)
+    return addresses
+
+
+def guess_server_ip() -> str:
+    """The address this host uses to reach others (no packet is sent), else a non-loopback IPv4, else 127.0.0.1."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # documentation address: only picks the outgoing interface
+            address = probe.getsockname()[0]
+            if address and not address.startswith("127."):
+                return address
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        for addrs in psutil.net_if_addrs().values():
+            for addr in addrs:
+                if addr.family == socket.AF_INET and not addr.address.startswith("127."):
+                    return addr.address
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+def make_rank_table(devices: list[int], server_ip: str, device_ips: list[str], path: str = "<new>") -> RankTable:
+    if len(device_ips) != len(devices):
+        raise UserError(f"{len(devices)} devices but {len(device_ips)} device IPs; give one --device-ips entry per device")
+    devices_out = [Device(d, ip, rank) for rank, (d, ip) in enumerate(zip(devices, device_ips))]
+    return RankTable(path=path, servers=[Server(server_ip, devices_out)])
+
+
+def _write_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {path}: folder {folder} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=".rank_table.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cmd_make(args: argparse.Namespace) -> int:
+    devices = parse_device_list(args.devices)
+    server_ip = args.server_ip or guess_server_ip()
+    if args.device_ips:
+        # An explicit flag wins over /etc/hccn.conf: it is what the user just typed.
+        device_ips = [ip.strip() for ip in args.device_ips.split(",") if ip.strip()]
+        source = "--device-ips"
+    elif os.path.exists(args.hccn_conf):
+        known = read_hccn_conf(args.hccn_conf)
+        missing = [d for d in devices if d not in known]
+        if missing:
+            raise UserError(f"{args.hccn_conf} has no address_{missing[0]}= line for device {missing[0]}; "
+                            f"set it with `hccn_tool -i {missing[0]} -ip -s address ... netmask ...` or pass --device-ips")
+        device_ips = [known[d] for d in devices]
+        source = args.hccn_conf
+    else:
+        raise UserError(f"no device IPs: {args.hccn_conf} not found; pass --device-ips with one address per device "
+                        f"({len(devices)} needed)")
+    table = make_rank_table(devices, server_ip, device_ips, path=args.out or "<stdout>")
+    text = json.dumps(table.to_v1(), indent=4) + "\n"
+    # Check what we are about to write with the same reader the launcher uses.
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, "rank_table.json")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write(text)
+        try:
+            load_rank_table(probe)
+        except UserError as exc:
+            raise UserError(str(exc).replace(probe, f"new table (device IPs from {source})")) from None
+    if args.out:
+        _write_atomic(args.out, text)
+        print(f"wrote {args.out}: 1 server ({server_ip}), {len(devices)} devices, {len(devices)} ranks", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def format_table(table: RankTable) -> str:
+    rows = [("server", "server_id", "device_id", "device_ip", "rank_id")]
+    for i, server in enumerate(table.servers):
+        for dev in server.devices:
+            rows.append((str(i), server.server_id, str(dev.device_id), dev.device_ip, str(dev.rank_id)))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    n_servers = len(table.servers)
+    lines.append(f"{n_servers} server{'s' if n_servers != 1 else ''}, {table.rank_size} device"
+                 f"{'s' if table.rank_size != 1 else ''}, {table.rank_size} rank{'s' if table.rank_size != 1 else ''}")
+    return "\n".join(lines)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    table = load_rank_table(args.file)
+    print(f"{table.path}: format {table.format}")
+    print(format_table(table))
+    if table.is_symlink:
+        print(f"note: {table.path} is a symlink to {table.real_path}; torch_npu refuses symlinks, so point "
+              f"RANK_TABLE_FILE at the real file (`edsr-dist launch` does this itself)")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other user error
+        raise UserError(f"{message}; see `edsr-dist rank-table --help`")
+
+
+def main(argv: list[str]) -> int:
+    parser = _Parser(prog="edsr-dist rank-table", description="Check or make an Ascend HCCL rank table.")
+    sub = parser.add_subparsers(dest="action", metavar="check|make")
+    check = sub.add_parser("check", help="validate a table and print its servers, devices and ranks")
+    check.add_argument("file", help="rank table JSON (version 1.0 or group_list format)")
+    make = sub.add_parser("make", help="write a version 1.0 table for this server")
+    make.add_argument("--devices", required=True, help="device ids, like 0-7 or 0,1,2,3")
+    make.add_argument("--server-ip", default="", help="this host's address (default: the outgoing interface's)")
+    make.add_argument("--device-ips", default="",
+                      help=f"comma-separated card addresses, one per device (default: address_N= lines of {HCCN_CONF})")
+    make.add_argument("--hccn-conf", default=HCCN_CONF, help=f"where to read card addresses (default {HCCN_CONF})")
+    make.add_argument("--out", default="", help="output file (default: print to stdout)")
+    args = parser.parse_args(argv)
+    if args.action == "check":
+        return _cmd_check(args)
+    if args.action == "make":
+        return _cmd_make(args)
+    raise UserError("choose an action: `edsr-dist rank-table check FILE` or `edsr-dist rank-table make --devices 0-7`")

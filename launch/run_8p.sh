@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One worker per device of this server, from an Ascend rank table.
+#   bash launch/run_8p.sh [train arguments]            table: $RANK_TABLE_FILE, else rank_table/hccl_8p.json
+#   bash launch/run_8p.sh --nproc 2 [train arguments]  N local workers instead (CPU/GPU rehearsal);
+#                                                      with no train arguments: the CPU demo (--preset sample)
+# On a multi-server job run it on every server; each starts the devices of its own entry in the table.
+# Runs in the current directory; PYTHON picks the interpreter (default: python).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
+PY="${PYTHON:-python}"
+
+nproc=""
+case "${1:-}" in
+    --nproc)
+        if [ "$#" -lt 2 ]; then
+            echo "run_8p.sh: --nproc needs a number, like --nproc 2" >&2
+            exit 2
+        fi
+        nproc="$2"
+        shift 2
+        ;;
+    --nproc=*)
+        nproc="${1#--nproc=}"
+        shift
+        ;;
+esac
+
+if [ -n "$nproc" ]; then
+    if [ "$#" -eq 0 ]; then
+        set -- --preset sample
+    fi
+    exec "$PY" -m edsr_dist launch --nproc "$nproc" -- "$@"
+fi
+exec "$PY" -m edsr_dist launch --rank-table "${RANK_TABLE_FILE:-${REPO}/rank_table/hccl_8p.json}" -- "$@"
