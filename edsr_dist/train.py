@@ -79,11 +79,6 @@ def learning_rate(cfg: Config, step: int) -> float:
     return cfg.lr * cfg.decay_rate ** (step // cfg.decay_step)
 
 
-def sample_store_path() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edsr-dist"
-    return cache / "sample_store_v1.h5"
-
-
 def set_threads(cfg: Config) -> int:
     threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -180,14 +175,12 @@ class Trainer:
 
         path = self.cfg.data
         if not path:
-            sample = sample_store_path()
-            if self.is_main and not sample.exists():
-                from edsr_dist.data.builder import build_sample_store
+            from edsr_dist.data.sample import ensure_sample_store
 
-                sample.parent.mkdir(parents=True, exist_ok=True)
-                build_sample_store(sample)
+            # Rank 0 builds (or repairs) the cached sample store while the others wait.
+            path = ensure_sample_store() if self.is_main else None
             self.engine.barrier()
-            path = str(sample)
+            path = path or ensure_sample_store()
         elif not Path(path).exists():
             raise UserError(f"store {path} does not exist; build one with `edsr-dist build-store` or omit --data for the sample")
         return PatchStore(path, self.cfg.scale)

@@ -1,0 +1,6 @@
+"""Training data: the HDF5 patch store (format, builder, reader), the embedded sample store and the sampler.
+
+Modules: ``store`` (format constants, PatchStore reader, verify_store), ``builder`` (``edsr-dist build-store``),
+``sample`` (the store built from scikit-image's bundled photos), ``sampler`` (TrainSampler), ``resize``
+(bicubic downscaling). Nothing is imported here so that importing the package stays cheap.
+"""

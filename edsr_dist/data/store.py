@@ -1,0 +1,329 @@
+"""The HDF5 patch store: format constants, the per-process reader and a full checksum pass.
+
+Format version 1 (docs/STORE.md has the full description)::
+
+    /                 attrs: format_version=1, scales, tile_size, degradation, source, checksum="crc32",
+                             created, builder_version
+    /train/hr         (N, T, T, 3) uint8, one tile per chunk, uncompressed
+    /train/lr_x{s}    (N, T/s, T/s, 3) uint8, LR tile i is exactly the downscale region of HR tile i
+    /train/hr_crc32, /train/lr_x{s}_crc32   (N,) uint32, CRC32 of each tile's bytes (C order)
+    /train/image_index (N,) int32 index into /train/names; /train/tile_origin (N, 2) int32 HR (y, x)
+    /train/names      (M,) str, source image of the tiles
+    /valid/hr/{i:04d}, /valid/lr_x{s}/{i:04d}   whole images, HR cropped to a multiple of lcm(scales)
+    /valid/names, /valid/hr_crc32, /valid/lr_x{s}_crc32
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any, Callable
+
+import numpy as np
+
+from edsr_dist.errors import UserError
+
+FORMAT_VERSION = 1
+CHECKSUM = "crc32"
+REBUILD_HINT = "rebuild it with `edsr-dist build-store`"
+
+# Each training tile is read once per visit at a random position, so a chunk cache only adds a copy: with a
+# cache smaller than one chunk HDF5 reads uncompressed chunks straight into the caller's buffer.
+_CHUNK_CACHE_BYTES = 0
+
+
+def lr_name(scale: int) -> str:
+    return f"lr_x{scale}"
+
+
+def valid_key(index: int) -> str:
+    return f"{index:04d}"
+
+
+def crc32_of(array: np.ndarray) -> int:
+    """CRC32 of an array's bytes in C order (how tiles are laid out in their chunk)."""
+    return zlib.crc32(np.ascontiguousarray(array).data) & 0xFFFFFFFF
+
+
+def _decode(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _open_h5(path: str) -> Any:
+    """Open read-only, turning every way a file can be unreadable into a one-line UserError."""
+    import h5py
+
+    if not os.path.exists(path):
+        raise UserError(f"patch store {path} does not exist; build one with `edsr-dist build-store` (or --sample)")
+    if os.path.isdir(path):
+        raise UserError(
+            f"patch store {path} is a folder, not a file; pass the .h5 file built by `edsr-dist build-store`"
+        )
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise UserError(f"patch store {path} cannot be read ({exc}); check the path and its permissions") from None
+    if not is_hdf5:
+        raise UserError(f"patch store {path} is not an HDF5 file; pass a store built by `edsr-dist build-store`")
+    try:
+        return h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
+    except OSError as exc:
+        # A file cut short (copy interrupted, disk full) fails here: HDF5 compares the end-of-file address.
+        detail = " ".join(str(exc).split())
+        raise UserError(f"patch store {path} is truncated or damaged ({detail}); {REBUILD_HINT}") from None
+
+
+def _read_layout(f: Any, path: str, scales: list[int] | None) -> dict[str, Any]:
+    """Check attributes and datasets (for `scales`, or every scale when None); return the metadata."""
+    attrs = f.attrs
+    if "format_version" not in attrs:
+        raise UserError(f"patch store {path} has no format_version attribute (not an edsr-dist store); {REBUILD_HINT}")
+    version = int(attrs["format_version"])
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"patch store {path} has format_version {version}, this edsr-dist reads version {FORMAT_VERSION}; "
+            f"{REBUILD_HINT}"
+        )
+    for key in ("scales", "tile_size", "checksum"):
+        if key not in attrs:
+            raise UserError(f"patch store {path} lacks the {key!r} attribute; {REBUILD_HINT}")
+    store_scales = [int(s) for s in np.atleast_1d(attrs["scales"])]
+    tile_size = int(attrs["tile_size"])
+    if _decode(attrs["checksum"]) != CHECKSUM:
+        raise UserError(
+            f"patch store {path} uses checksum {_decode(attrs['checksum'])!r}, expected {CHECKSUM!r}; {REBUILD_HINT}"
+        )
+    wanted = store_scales if scales is None else scales
+    for scale in wanted:
+        if scale not in store_scales:
+            have = ", ".join(f"x{s}" for s in store_scales)
+            raise UserError(
+                f"patch store {path} holds scales {have}, not x{scale}; choose one of those scales "
+                f"or build a store with --scales including {scale}"
+            )
+
+    def need(name: str) -> Any:
+        obj = f.get(name)
+        if obj is None:
+            raise UserError(f"patch store {path} is missing dataset /{name}; {REBUILD_HINT}")
+        return obj
+
+    def need_shape(name: str, shape: tuple[int, ...]) -> Any:
+        ds = need(name)
+        if tuple(ds.shape) != shape:
+            raise UserError(
+                f"patch store {path}: /{name} has shape {tuple(ds.shape)}, expected {shape}; {REBUILD_HINT}"
+            )
+        return ds
+
+    hr = need("train/hr")
+    if len(hr.shape) != 4 or tuple(hr.shape[1:]) != (tile_size, tile_size, 3) or hr.dtype != np.uint8:
+        raise UserError(
+            f"patch store {path}: /train/hr is {hr.dtype}{tuple(hr.shape)}, expected uint8 (N, {tile_size}, "
+            f"{tile_size}, 3); {REBUILD_HINT}"
+        )
+    num_tiles = int(hr.shape[0])
+    need_shape("train/hr_crc32", (num_tiles,))
+    need_shape("train/image_index", (num_tiles,))
+    train_names = need("train/names")
+    for scale in wanted:
+        lr_tile = tile_size // scale
+        need_shape(f"train/{lr_name(scale)}", (num_tiles, lr_tile, lr_tile, 3))
+        need_shape(f"train/{lr_name(scale)}_crc32", (num_tiles,))
+    valid_names = [_decode(n) for n in need("valid/names")[()]]
+    num_valid = len(valid_names)
+    need_shape("valid/hr_crc32", (num_valid,))
+    for scale in wanted:
+        need_shape(f"valid/{lr_name(scale)}_crc32", (num_valid,))
+    for index in range(num_valid):
+        hr_img = need(f"valid/hr/{valid_key(index)}")
+        height, width = hr_img.shape[:2]
+        for scale in wanted:
+            need_shape(f"valid/{lr_name(scale)}/{valid_key(index)}", (height // scale, width // scale, 3))
+    return {
+        "scales": store_scales,
+        "tile_size": tile_size,
+        "num_train_tiles": num_tiles,
+        "num_train_images": int(train_names.shape[0]),
+        "valid_names": valid_names,
+        "degradation": _decode(attrs.get("degradation", "")),
+        "source": _decode(attrs.get("source", "")),
+    }
+
+
+def _read_or_fail(path: str, what: str, reader: Callable[[], np.ndarray]) -> np.ndarray:
+    try:
+        return reader()
+    except OSError as exc:
+        detail = " ".join(str(exc).split())
+        raise UserError(
+            f"patch store {path}: reading {what} failed ({detail}); the file is damaged; {REBUILD_HINT}"
+        ) from None
+
+
+def _check_crc(path: str, what: str, data: np.ndarray, expected: int) -> None:
+    actual = crc32_of(data)
+    if actual != expected:
+        raise UserError(
+            f"patch store {path}: checksum mismatch in {what} (stored {expected:08x}, read {actual:08x}); "
+            f"the file is damaged; {REBUILD_HINT}"
+        )
+
+
+class PatchStore:
+    """Reader for one scale of a patch store. Safe to pickle and to use after fork: the HDF5 handle is opened
+    lazily in the process that reads and reopened when the process id changes."""
+
+    def __init__(self, path: str, scale: int) -> None:
+        self.path = os.fspath(path)
+        self.scale = int(scale)
+        with _open_h5(self.path) as f:
+            layout = _read_layout(f, self.path, [self.scale])
+            lr = lr_name(self.scale)
+            # Checksums are small (4 bytes a tile); keep them in memory for every read.
+            self._train_hr_crc = np.asarray(f["train/hr_crc32"][()], dtype=np.uint32)
+            self._train_lr_crc = np.asarray(f[f"train/{lr}_crc32"][()], dtype=np.uint32)
+            self._valid_hr_crc = np.asarray(f["valid/hr_crc32"][()], dtype=np.uint32)
+            self._valid_lr_crc = np.asarray(f[f"valid/{lr}_crc32"][()], dtype=np.uint32)
+        self.scales: list[int] = layout["scales"]
+        self.tile_size: int = layout["tile_size"]
+        self.lr_tile_size: int = self.tile_size // self.scale
+        self.num_train_tiles: int = layout["num_train_tiles"]
+        self.valid_names: list[str] = layout["valid_names"]
+        self.num_valid: int = len(self.valid_names)
+        self.degradation: str = layout["degradation"]
+        self.source: str = layout["source"]
+        self._file: Any = None
+        self._pid: int | None = None
+        self._hr_ds: Any = None
+        self._lr_ds: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"PatchStore({self.path!r}, scale={self.scale}, tiles={self.num_train_tiles}, "
+            f"tile_size={self.tile_size}, valid={self.num_valid})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_file=None, _pid=None, _hr_ds=None, _lr_ds=None)
+        return state
+
+    def _handle(self) -> Any:
+        pid = os.getpid()
+        if self._file is None or self._pid != pid:
+            # A handle inherited through fork shares HDF5 state with the parent: never use it, open a new one.
+            self._file = self._hr_ds = self._lr_ds = None
+            self._file = _open_h5(self.path)
+            self._pid = pid
+            self._hr_ds = self._file["train/hr"]
+            self._lr_ds = self._file[f"train/{lr_name(self.scale)}"]
+        return self._file
+
+    def read_train(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lr, hr) uint8 HWC tiles of training tile `index`, checksums verified."""
+        if not 0 <= index < self.num_train_tiles:
+            raise IndexError(f"training tile {index} out of range 0..{self.num_train_tiles - 1}")
+        self._handle()
+        lr_path = f"/train/{lr_name(self.scale)}"
+        hr = _read_or_fail(self.path, f"/train/hr[{index}]", lambda: self._hr_ds[index])
+        lr = _read_or_fail(self.path, f"{lr_path}[{index}]", lambda: self._lr_ds[index])
+        _check_crc(self.path, f"/train/hr[{index}]", hr, int(self._train_hr_crc[index]))
+        _check_crc(self.path, f"{lr_path}[{index}]", lr, int(self._train_lr_crc[index]))
+        return lr, hr
+
+    def read_valid(self, index: int) -> tuple[str, np.ndarray, np.ndarray]:
+        """(name, lr, hr) of validation image `index`, whole, checksums verified."""
+        if not 0 <= index < self.num_valid:
+            raise IndexError(f"validation image {index} out of range 0..{self.num_valid - 1}")
+        f = self._handle()
+        hr_path = f"/valid/hr/{valid_key(index)}"
+        lr_path = f"/valid/{lr_name(self.scale)}/{valid_key(index)}"
+        hr = _read_or_fail(self.path, hr_path, lambda: f[hr_path][()])
+        lr = _read_or_fail(self.path, lr_path, lambda: f[lr_path][()])
+        _check_crc(self.path, hr_path, hr, int(self._valid_hr_crc[index]))
+        _check_crc(self.path, lr_path, lr, int(self._valid_lr_crc[index]))
+        return self.valid_names[index], lr, hr
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._hr_ds = self._lr_ds = None
+        self._pid = None
+
+    def __enter__(self) -> "PatchStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def store_info(path: str) -> dict[str, Any]:
+    """Attributes and sizes of a store (all scales checked structurally, no checksum pass)."""
+    with _open_h5(os.fspath(path)) as f:
+        layout = _read_layout(f, os.fspath(path), None)
+        layout["attrs"] = {
+            key: (_decode(v) if isinstance(v, (bytes, str)) else np.asarray(v).tolist()) for key, v in f.attrs.items()
+        }
+    return layout
+
+
+def verify_store(path: str, progress: bool = False) -> dict[str, Any]:
+    """Full checksum pass over every tile and validation image of every scale.
+
+    Returns the store's layout plus `checked` (entries verified). Raises UserError naming the damaged
+    entries (the first few and the count) when any checksum differs or a read fails.
+    """
+    from tqdm import tqdm
+
+    path = os.fspath(path)
+    damaged: list[str] = []
+    checked = 0
+    with _open_h5(path) as f:
+        layout = _read_layout(f, path, None)
+        groups = ["hr"] + [lr_name(s) for s in layout["scales"]]
+        total = layout["num_train_tiles"] * len(groups) + len(layout["valid_names"]) * len(groups)
+        with tqdm(total=total, desc="verify", unit="entry", disable=not progress, leave=False) as bar:
+            for group in groups:
+                ds = f[f"train/{group}"]
+                crcs = np.asarray(f[f"train/{group}_crc32"][()], dtype=np.uint32)
+                # Read in blocks of tiles: a full pass is I/O bound, and one call per tile costs more.
+                block = max(1, (64 << 20) // max(1, int(np.prod(ds.shape[1:]))))
+                for start in range(0, ds.shape[0], block):
+                    stop = min(start + block, ds.shape[0])
+                    try:
+                        tiles = ds[start:stop]
+                    except OSError:
+                        tiles = None
+                    for offset in range(stop - start):
+                        index = start + offset
+                        if tiles is None:
+                            try:
+                                tile = ds[index]
+                            except OSError:
+                                damaged.append(f"/train/{group}[{index}] (unreadable)")
+                                continue
+                        else:
+                            tile = tiles[offset]
+                        if crc32_of(tile) != int(crcs[index]):
+                            damaged.append(f"/train/{group}[{index}]")
+                        checked += 1
+                    bar.update(stop - start)
+            for group in groups:
+                crcs = np.asarray(f[f"valid/{group}_crc32"][()], dtype=np.uint32)
+                for index in range(len(layout["valid_names"])):
+                    name = f"/valid/{group}/{valid_key(index)}"
+                    try:
+                        image = f[name][()]
+                    except OSError:
+                        damaged.append(f"{name} (unreadable)")
+                        continue
+                    if crc32_of(image) != int(crcs[index]):
+                        damaged.append(name)
+                    checked += 1
+                    bar.update(1)
+    if damaged:
+        shown = ", ".join(damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        raise UserError(f"patch store {path}: {len(damaged)} damaged entries ({shown}); {REBUILD_HINT}")
+    layout["checked"] = checked
+    return layout
