@@ -107,11 +107,11 @@ PRESETS: dict[str, dict] = {
     "baseline": {"num_blocks": 16, "num_filters": 64, "res_scale": 1.0},
     # The CPU demo on the embedded sample store: small model, short run, under 3 minutes on 2 cores.
     "sample": {
-        "num_blocks": 8, "num_filters": 32, "res_scale": 1.0, "lr": 5e-4, "batch_size": 16,
-        "patch_size": 32, "epochs": 6, "steps_per_epoch": 50, "decay_rate": 0.5, "decay_step": 150,
-        "save_every": 3, "validate_every": 3, "log_every": 25, "out": "runs/sample",
+        "num_blocks": 8, "num_filters": 32, "res_scale": 1.0, "lr": 2e-3, "batch_size": 16,
+        "patch_size": 24, "epochs": 10, "steps_per_epoch": 150, "decay_rate": 0.5, "decay_step": 1000,
+        "save_every": 5, "validate_every": 5, "log_every": 50, "out": "runs/sample",
     },
-}
+}}
 
 
 def _field_types() -> dict[str, type]:
