@@ -111,7 +111,7 @@ PRESETS: dict[str, dict] = {
         "patch_size": 24, "epochs": 10, "steps_per_epoch": 150, "decay_rate": 0.5, "decay_step": 1000,
         "save_every": 5, "validate_every": 5, "log_every": 50, "out": "runs/sample",
     },
-}}
+}
 
 
 def _field_types() -> dict[str, type]:
