@@ -115,9 +115,14 @@ class Prefetcher:
             yield step, batch
 
     def close(self):
+        """Stop and join the reader: a thread left inside HDF5 at interpreter exit can abort the process."""
         self._stop.set()
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
 class Trainer:

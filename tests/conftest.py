@@ -1,0 +1,60 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args, cwd, env=None, timeout=240):
+    """`python -m edsr_dist ARGS` in a subprocess, as a user would run it."""
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "edsr_dist", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def spawn_ranks(command, world_size, cwd, extra_env=None, timeout=240):
+    """Start `world_size` processes with torchrun-style variables (a real Gloo group on localhost)."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, PYTHONPATH=str(REPO), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", **(extra_env or {}))
+        procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return [p.returncode for p in procs], outputs
+
+
+@pytest.fixture(scope="session")
+def sample_store(tmp_path_factory) -> Path:
+    from edsr_dist.data.builder import build_sample_store
+
+    path = tmp_path_factory.mktemp("store") / "sample.h5"
+    build_sample_store(path)
+    return path
+
+
+# A tiny, fast configuration of the sample preset for multi-process tests.
+TINY = ["--preset", "sample", "--num-blocks", "2", "--num-filters", "8", "--batch-size", "4", "--patch-size", "16",
+        "--epochs", "1", "--steps-per-epoch", "20", "--precision", "fp32", "--max-val-images", "2",
+        "--samples-png", "false", "--num-threads", "1", "--progress", "false", "--tensorboard", "false",
+        "--log-every", "5"]
