@@ -467,13 +467,13 @@ class Trainer:
                 f"{self.precision}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
                 f"{self.steps_per_epoch} steps/epoch, {total_steps} steps; {where}")
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         if self.metrics_file is not None:
             self.metrics_file.close()
         if self.tb is not None:
             self.tb.close()
         self.store.close()
-        self.engine.shutdown()
+        self.engine.shutdown(clean)
 
     _bar = None
 
@@ -489,17 +489,21 @@ def _auto_tile(lr_shape, num_filters: int, device: torch.device) -> int:
 def main(argv: list[str]) -> int:
     cfg = parse_train_args(argv)
     trainer = Trainer(cfg)
+    clean = False  # all ranks reached the same point; after an error a peer may be stuck in a collective
     try:
         trainer.fit()
+        clean = True
     except Interrupted:
+        clean = True
         print(f"edsr-dist train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume auto",
               file=sys.stderr)
         return 143
     except TrainingDiverged as exc:
+        clean = True  # every rank saw the same flags and stops at the same step
         print(f"edsr-dist train: error: loss became NaN/inf for {MAX_BAD_STEPS[trainer.precision]} consecutive steps "
               f"(at step {exc.args[0]}); the last good checkpoint is kept in {trainer.out / 'checkpoints'}; "
               f"lower --lr or use --precision fp32", file=sys.stderr)
         return 3
     finally:
-        trainer.close()
+        trainer.close(clean)
     return 0

@@ -50,8 +50,8 @@ class Engine:
     def barrier(self) -> None:
         pass
 
-    def shutdown(self) -> None:
-        pass
+    def shutdown(self, clean: bool = True) -> None:
+        """clean=False after an error: peers may be stuck in a collective, so do not wait for them."""
 
 
 LocalEngine = Engine
@@ -113,8 +113,10 @@ class DDPEngine(Engine):
         else:
             dist.barrier()
 
-    def shutdown(self) -> None:
-        if dist.is_initialized():
+    def shutdown(self, clean: bool = True) -> None:
+        if clean and dist.is_initialized():
+            # Leave together: a rank tearing down its group while a peer still uses it can abort at exit.
+            self.barrier()
             dist.destroy_process_group()
 
 
