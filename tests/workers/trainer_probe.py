@@ -30,7 +30,8 @@ def main() -> None:
         def finish_and_inject(optimizer):
             real_finish(optimizer)
             if rank == 1 and trainer.step + 1 == INJECT_AT_STEP:
-                next(p for p in trainer.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+                grad = next(p for p in trainer.model.parameters() if p.grad is not None).grad
+                grad[(0,) * grad.dim()] = float("inf")
 
         trainer.engine.finish_gradients = finish_and_inject
         real_step = trainer.train_step
@@ -44,12 +45,22 @@ def main() -> None:
             return loss, skipped
 
         trainer.train_step = recording_step
+        real_unscale = trainer.scaler.unscale_
+        local_flags = []
+
+        def recording_unscale(params):
+            found = real_unscale(params)
+            local_flags.append(found.item())
+            return found
+
+        trainer.scaler.unscale_ = recording_unscale
         trainer.fit()
-        observed.update(skipped=skipped_steps, scales=scales,
+        observed.update(skipped=skipped_steps, scales=scales, local_flags=local_flags,
                         params=[p.detach().double().sum().item() for p in trainer.model.parameters()])
     elif mode == "validate":
         observed.update(trainer.validate())
     trainer.close()
+    Path(out).mkdir(parents=True, exist_ok=True)
     Path(out, f"probe_rank{rank}.json").write_text(json.dumps(observed))
 
 
