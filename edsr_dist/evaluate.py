@@ -1,0 +1,351 @@
+"""`edsr-dist eval`: PSNR/SSIM of every checkpoint of a run (or of one checkpoint or weights file) on a patch
+store's validation images or on a folder of HR images (Set5, Set14, B100, Urban100, DIV2K_valid_HR ...).
+
+The numbers are computed exactly as the trainer's validation computes them (same tiling, autocast, memory
+format, uint8 rounding and metrics), so evaluating a checkpoint on the store it was trained with repeats the
+`val PSNR` of its epoch. For a folder of HR images the LR input is made the way `edsr-dist build-store` makes it:
+modcrop to the scale, then `edsr_dist.data.resize.downscale` (bicubic-pil unless --degradation says otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from edsr_dist.errors import UserError
+
+# One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.
+EvalImage = tuple[str, np.ndarray, np.ndarray]
+
+TABLE_COLUMNS = ("checkpoint", "step", "PSNR-Y", "SSIM-Y", "PSNR-RGB")
+# Benchmark downloads keep the ground truth in a subfolder with one of these names (Set5/HR, Urban100/GT ...).
+HR_FOLDER_NAMES = ("hr", "gt", "original")
+CSV_COLUMNS = ("checkpoint", "step", "scale", "images", "psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")
+
+
+@dataclass
+class Candidate:
+    """Something to evaluate: a training checkpoint (step known) or a plain weights file."""
+
+    path: Path
+    is_checkpoint: bool
+
+
+# ---- what to evaluate ---------------------------------------------------------------------------------------
+
+def collect_candidates(path_text: str) -> list[Candidate]:
+    """A folder: its step_*.ckpt files (run folder or its checkpoints/), oldest step first. A file: itself."""
+    from edsr_dist.checkpoint import BEST, LATEST, is_checkpoint_file, list_checkpoints
+
+    path = Path(path_text)
+    if not path.exists():
+        raise UserError(f"--checkpoints {path} does not exist; pass a run folder, its checkpoints/ folder, "
+                        "a .ckpt file or a weights file")
+    if path.is_file():
+        if path.name in (LATEST, BEST) and not is_checkpoint_file(path):
+            path = _follow_pointer(path)
+        return [Candidate(path, is_checkpoint_file(path))]
+    files = list_checkpoints(path)
+    if not files:
+        raise UserError(f"--checkpoints {path} holds no step_*.ckpt files; pass a run folder (with checkpoints/) "
+                        "or one checkpoint file")
+    return [Candidate(p, True) for p in files]
+
+
+def _follow_pointer(pointer: Path) -> Path:
+    """checkpoints/latest and checkpoints/best hold the name of a step file next to them."""
+    try:
+        target = pointer.parent / pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {pointer} ({exc}); pass a step_*.ckpt file or the run folder") from None
+    if not target.name or not target.is_file():
+        raise UserError(f"{pointer} names {target.name!r}, which is not in {pointer.parent}; "
+                        "pass a step_*.ckpt file or the run folder")
+    return target
+
+
+def load_candidate(candidate: Candidate, res_scale: float | None = None):
+    """(model on CPU in eval mode, step or None, checkpoint Config or None); res_scale is for plain weights."""
+    from edsr_dist.checkpoint import _step_of, checkpoint_model, load_checkpoint
+
+    if not candidate.is_checkpoint:
+        from edsr_dist.infer import load_inference_model
+
+        return load_inference_model(str(candidate.path), res_scale=res_scale), None, None
+    model, cfg = checkpoint_model(candidate.path)
+    step = _step_of(candidate.path)
+    if step < 0:  # renamed file: the step is inside
+        step = int(load_checkpoint(candidate.path).get("step", -1))
+    return model, (step if step >= 0 else None), cfg
+
+
+# ---- evaluation images --------------------------------------------------------------------------------------
+
+def store_images(path: str, scale: int, max_images: int = 0) -> Iterator[EvalImage]:
+    """The validation images of a patch store at `scale` (the first `max_images`, 0 = all)."""
+    from edsr_dist.data.store import PatchStore
+
+    store = PatchStore(path, scale)
+    try:
+        count = store.num_valid if not max_images else min(max_images, store.num_valid)
+        if count == 0:
+            raise UserError(f"patch store {path} has no validation images; build it with --valid-hr-dir or "
+                            "--valid-count, or pass a folder of HR PNGs as --data")
+        for index in range(count):
+            yield store.read_valid(index)
+    finally:
+        store.close()
+
+
+def list_hr_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+    if not files:
+        subfolders = [p.name for p in folder.iterdir() if p.is_dir() and p.name.lower() in HR_FOLDER_NAMES]
+        hint = (f"pass {folder / subfolders[0]}" if subfolders
+                else "pass a folder of HR PNG images (e.g. Set5's HR images)")
+        raise UserError(f"--data {folder} holds no .png files; {hint} or a patch store (.h5)")
+    return files
+
+
+def folder_images(folder: str | Path, scale: int, degradation: str = "bicubic-pil",
+                  max_images: int = 0) -> Iterator[EvalImage]:
+    """HR PNGs of a folder, each cropped to a multiple of `scale`, with the LR made as the store builder makes it."""
+    from edsr_dist.data.builder import load_png_rgb
+    from edsr_dist.data.resize import downscale, modcrop
+
+    files = list_hr_images(folder)
+    for path in files[:max_images or None]:
+        hr = np.ascontiguousarray(modcrop(load_png_rgb(path), scale))
+        if min(hr.shape[:2]) < 4 * scale:
+            raise UserError(f"HR image {path} is {hr.shape[1]}x{hr.shape[0]}, too small to evaluate at x{scale}; "
+                            "remove it from the folder")
+        yield path.stem, downscale(hr, scale, degradation), hr
+
+
+# ---- one model on a set of images ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, precision: str = "fp32",
+                   tile: int | None = None, ensemble: bool = False, channels_last: bool = True,
+                   val_tile: int = 0) -> dict:
+    """Mean and per-image PSNR-Y, SSIM-Y, PSNR-RGB (and the bicubic PSNR-Y) of `model` on `images`.
+
+    Mirrors Trainer.validate: NHWC uint8 -> float in the model's memory format, forward_tiled with the receptive
+    field as padding under the training autocast, rounding to uint8, metrics with the scale shaved off.
+    tile None: `val_tile` when set, else the whole image unless it is too large (as validation does).
+    """
+    from PIL import Image as PILImage
+
+    from edsr_dist.infer import forward_tiled, receptive_field_radius, self_ensemble
+    from edsr_dist.metrics import psnr_rgb, psnr_y, ssim_y, to_uint8
+    from edsr_dist.precision import autocast
+    from edsr_dist.train import _auto_tile
+
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).eval()
+    pad = receptive_field_radius(model)
+    num_filters = model.head[0].out_channels  # sizes the automatic tile, as in validation
+    per_image = []
+    for name, lr, hr in images:
+        if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
+            raise UserError(f"image {name}: HR {hr.shape[1]}x{hr.shape[0]} is not x{scale} of LR "
+                            f"{lr.shape[1]}x{lr.shape[0]}; evaluate with a model of the data's scale")
+        side = tile if tile is not None else (val_tile or _auto_tile(lr.shape, num_filters, device))
+        if not (lr.flags.writeable and lr.flags.c_contiguous):  # e.g. np.asarray of a PIL image
+            lr = lr.copy()
+        lr_t = torch.from_numpy(lr[None]).to(device).permute(0, 3, 1, 2).float()
+        lr_t = lr_t.contiguous(memory_format=memory_format)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return forward_tiled(model, x.contiguous(memory_format=memory_format), tile=side, pad=pad, scale=scale)
+
+        try:
+            with autocast(device, precision):
+                sr_t = self_ensemble(run, lr_t) if ensemble else run(lr_t)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise UserError(f"image {name} ({lr.shape[1]}x{lr.shape[0]} LR) does not fit in {device.type} memory "
+                            f"({type(exc).__name__}); pass --tile 256 (or smaller)") from None
+        sr = to_uint8(sr_t[0])
+        bicubic = np.asarray(PILImage.fromarray(lr).resize((hr.shape[1], hr.shape[0]), PILImage.BICUBIC))
+        try:
+            per_image.append({"name": name, "psnr_y": psnr_y(sr, hr, scale), "ssim_y": ssim_y(sr, hr, scale),
+                              "psnr_rgb": psnr_rgb(sr, hr, scale), "bicubic_psnr_y": psnr_y(bicubic, hr, scale)})
+        except ValueError as exc:
+            raise UserError(f"image {name}: {exc}; remove it from the evaluation data") from None
+    if not per_image:
+        raise UserError("no images to evaluate; check --data and --max-images")
+    count = len(per_image)
+    means = {key: sum(entry[key] for entry in per_image) / count
+             for key in ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")}
+    return {"images": count, **means, "per_image": per_image}
+
+
+# ---- output -------------------------------------------------------------------------------------------------
+
+def format_row(cells) -> str:
+    name, step, psnr_y, ssim_y, psnr_rgb = cells
+    return f"{name:<28} {step:>9} {psnr_y:>8} {ssim_y:>8} {psnr_rgb:>9}"
+
+
+def table_row(result: dict) -> str:
+    step = "-" if result["step"] is None else str(result["step"])
+    return format_row((Path(result["checkpoint"]).name, step, f"{result['psnr_y']:.3f}", f"{result['ssim_y']:.4f}",
+                       f"{result['psnr_rgb']:.3f}"))
+
+
+def _write_atomic(path: Path, text: str, flag: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({exc.strerror or exc}); pass {flag} with a writable path") from None
+
+
+def csv_text(results: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in results:
+        writer.writerow([r["checkpoint"], "" if r["step"] is None else r["step"], r["scale"], r["images"],
+                         f"{r['psnr_y']:.6f}", f"{r['ssim_y']:.6f}", f"{r['psnr_rgb']:.6f}",
+                         f"{r['bicubic_psnr_y']:.6f}"])
+    return buffer.getvalue()
+
+
+def default_output_stem(checkpoints: Path, data: Path, ensemble: bool) -> Path:
+    """<checkpoint folder>/eval_<data name>[_self-ensemble]; a run folder's checkpoints/ when it has one."""
+    from edsr_dist.checkpoint import CHECKPOINT_DIR
+
+    if checkpoints.is_file():
+        folder = checkpoints.parent
+    else:
+        folder = checkpoints / CHECKPOINT_DIR if (checkpoints / CHECKPOINT_DIR).is_dir() else checkpoints
+    if data.is_file():
+        name = data.stem
+    else:
+        resolved = data.resolve()
+        name = resolved.name or "data"
+        if name.lower() in HR_FOLDER_NAMES and resolved.parent.name:  # Set5/HR -> Set5_HR
+            name = f"{resolved.parent.name}_{name}"
+    return folder / f"eval_{name}{'_self-ensemble' if ensemble else ''}"
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+
+def _build_parser() -> argparse.ArgumentParser:
+    from edsr_dist.data.resize import DEGRADATIONS
+
+    p = argparse.ArgumentParser(
+        prog="edsr-dist eval",
+        description="Evaluate checkpoints (PSNR-Y, SSIM-Y, PSNR-RGB with the scale shaved off, as in the EDSR paper) "
+                    "on a patch store's validation images or a folder of HR PNGs; prints a table and writes CSV "
+                    "and JSON.")
+    p.add_argument("--checkpoints", required=True, metavar="DIR_OR_FILE",
+                   help="run folder or checkpoints/ folder (every step_*.ckpt, by step), one .ckpt file, "
+                        "or a weights file (.pt/.pth/.safetensors, reference or BasicSR names)")
+    p.add_argument("--data", required=True, metavar="STORE_OR_FOLDER",
+                   help="patch store (.h5; its validation images at the model's scale) or a folder of HR PNGs "
+                        "(LR made by bicubic downscaling after cropping to a multiple of the scale)")
+    p.add_argument("--scale", type=int, default=None,
+                   help="expected model scale; a checkpoint of another scale is an error (default: each model's own)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="LR tile side in pixels, 0 = whole image (default: as validation: val_tile, else whole "
+                        "image unless it is too large)")
+    p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype of the network (default fp32; metrics are always float64)")
+    p.add_argument("--degradation", choices=DEGRADATIONS, default="bicubic-pil",
+                   help="how LR is made from a folder of HR PNGs (default bicubic-pil, as build-store)")
+    p.add_argument("--res-scale", type=float, default=None,
+                   help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
+    p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (0 = all)")
+    p.add_argument("--num-threads", type=int, default=0, metavar="N",
+                   help="CPU threads (0 = torch's default)")
+    p.add_argument("--csv", metavar="FILE", help="CSV output (default: eval_<data>.csv next to the checkpoints)")
+    p.add_argument("--json", metavar="FILE",
+                   help="JSON output with per-image numbers (default: eval_<data>.json next to the checkpoints)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.tile is not None and args.tile < 0:
+        raise UserError(f"--tile must be >= 0, got {args.tile}")
+    if args.max_images < 0:
+        raise UserError(f"--max-images must be >= 0, got {args.max_images}")
+    if args.scale is not None and args.scale < 2:
+        raise UserError(f"--scale must be an integer >= 2, got {args.scale}")
+    if args.num_threads < 0:
+        raise UserError(f"--num-threads must be >= 0, got {args.num_threads}")
+    data = Path(args.data)
+    if not data.exists():
+        raise UserError(f"--data {data} does not exist; pass a patch store (.h5) or a folder of HR PNG images")
+    if data.is_dir():
+        list_hr_images(data)  # fail before loading any model
+
+    candidates = collect_candidates(args.checkpoints)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    from edsr_dist.precision import resolve_precision, select_device
+
+    device = select_device(args.device, 0)
+    precision = resolve_precision(args.precision, device.type)
+    stem = default_output_stem(Path(args.checkpoints), data, args.self_ensemble)
+    csv_path = Path(args.csv) if args.csv else stem.with_suffix(".csv")
+    json_path = Path(args.json) if args.json else stem.with_suffix(".json")
+
+    print(f"edsr-dist eval: {len(candidates)} model(s) on {data} ({'self-ensemble x8, ' if args.self_ensemble else ''}"
+          f"{device}, {precision})", flush=True)
+    print(format_row(TABLE_COLUMNS), flush=True)
+    results: list[dict] = []
+    for candidate in candidates:
+        try:
+            model, step, cfg = load_candidate(candidate, res_scale=args.res_scale)
+        except UserError as exc:
+            if len(candidates) == 1:
+                raise
+            # One damaged file must not cost the evaluation of the others.
+            print(f"edsr-dist eval: warning: skipping {candidate.path}: {exc}", file=sys.stderr, flush=True)
+            continue
+        scale = int(model.scale)
+        if args.scale is not None and scale != args.scale:
+            raise UserError(f"{candidate.path} is a x{scale} model but --scale is {args.scale}; "
+                            f"pass --scale {scale} or the checkpoints of a x{args.scale} run")
+        images = (folder_images(data, scale, args.degradation, args.max_images) if data.is_dir()
+                  else store_images(str(data), scale, args.max_images))
+        start = time.perf_counter()
+        metrics = evaluate_model(model, images, scale, device, precision=precision, tile=args.tile,
+                                 ensemble=args.self_ensemble,
+                                 channels_last=cfg.channels_last if cfg is not None else True,
+                                 val_tile=cfg.val_tile if cfg is not None else 0)
+        result = {"checkpoint": str(candidate.path), "step": step, "scale": scale, **metrics,
+                  "seconds": round(time.perf_counter() - start, 3)}
+        results.append(result)
+        print(table_row(result), flush=True)
+    if not results:
+        raise UserError(f"no readable checkpoint in {args.checkpoints}; every file was damaged (see the warnings)")
+
+    print(f"bicubic baseline: PSNR-Y {results[-1]['bicubic_psnr_y']:.3f} dB on {results[-1]['images']} image(s)")
+    report = {"data": str(data), "self_ensemble": args.self_ensemble, "precision": precision, "device": str(device),
+              "tile": args.tile, "degradation": args.degradation if data.is_dir() else None, "results": results}
+    _write_atomic(csv_path, csv_text(results), "--csv")
+    _write_atomic(json_path, json.dumps(report, indent=1) + "\n", "--json")
+    print(f"wrote {csv_path} and {json_path}")
+    return 0
