@@ -209,7 +209,7 @@ def _read_verified(path: Path, keep_payload: bool) -> bytes | None:
         if lines[0] != MAGIC:
             raise UserError(f"{path} is not an edsr-dist checkpoint (no {MAGIC.decode()} header); "
                             "pass a .ckpt file written by `edsr-dist train` (pretrained .pt/.pth/.safetensors "
-                            "weights are loaded with --pretrained or `edsr-dist export`)")
+                            "weights go to `edsr-dist sr`, `edsr-dist eval` or `edsr-dist export`)")
         if len(lines) < 4 or not re.fullmatch(rb"[0-9a-f]{64}", lines[1]) or not lines[2].isdigit():
             raise UserError(f"checkpoint {path} has a damaged header; it is corrupt, use an earlier checkpoint")
         expected_hash, expected_len = lines[1].decode(), int(lines[2])
@@ -271,6 +271,20 @@ def list_checkpoints(path_or_dir: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _STEP_FILE.match(p.name) and p.is_file()), key=_step_of)
 
 
+def follow_pointer(pointer: Path) -> Path:
+    """checkpoints/latest and checkpoints/best hold the name of a step file next to them; other paths pass through."""
+    if pointer.name not in (LATEST, BEST) or not pointer.is_file() or is_checkpoint_file(pointer):
+        return pointer
+    try:
+        target = pointer.parent / pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {pointer} ({exc}); pass a step_*.ckpt file or the run folder") from None
+    if not target.name or not target.is_file():
+        raise UserError(f"{pointer} names {target.name!r}, which is not in {pointer.parent}; "
+                        "pass a step_*.ckpt file or the run folder")
+    return target
+
+
 def find_checkpoint(path_or_dir: str | Path) -> Path | None:
     """A file: itself. A run or checkpoints folder: the newest valid checkpoint, or None.
 
@@ -279,7 +293,7 @@ def find_checkpoint(path_or_dir: str | Path) -> Path | None:
     """
     path = Path(path_or_dir)
     if path.is_file():
-        return path
+        return follow_pointer(path)
     if not path.is_dir():
         return None
     folder = _checkpoint_folder(path)

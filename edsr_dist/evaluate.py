@@ -47,33 +47,20 @@ class Candidate:
 
 def collect_candidates(path_text: str) -> list[Candidate]:
     """A folder: its step_*.ckpt files (run folder or its checkpoints/), oldest step first. A file: itself."""
-    from edsr_dist.checkpoint import BEST, LATEST, is_checkpoint_file, list_checkpoints
+    from edsr_dist.checkpoint import follow_pointer, is_checkpoint_file, list_checkpoints
 
     path = Path(path_text)
     if not path.exists():
         raise UserError(f"--checkpoints {path} does not exist; pass a run folder, its checkpoints/ folder, "
                         "a .ckpt file or a weights file")
     if path.is_file():
-        if path.name in (LATEST, BEST) and not is_checkpoint_file(path):
-            path = _follow_pointer(path)
+        path = follow_pointer(path)
         return [Candidate(path, is_checkpoint_file(path))]
     files = list_checkpoints(path)
     if not files:
         raise UserError(f"--checkpoints {path} holds no step_*.ckpt files; pass a run folder (with checkpoints/) "
                         "or one checkpoint file")
     return [Candidate(p, True) for p in files]
-
-
-def _follow_pointer(pointer: Path) -> Path:
-    """checkpoints/latest and checkpoints/best hold the name of a step file next to them."""
-    try:
-        target = pointer.parent / pointer.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {pointer} ({exc}); pass a step_*.ckpt file or the run folder") from None
-    if not target.name or not target.is_file():
-        raise UserError(f"{pointer} names {target.name!r}, which is not in {pointer.parent}; "
-                        "pass a step_*.ckpt file or the run folder")
-    return target
 
 
 def load_candidate(candidate: Candidate, res_scale: float | None = None):

@@ -176,12 +176,13 @@ def _write_png(img: np.ndarray, path: Path) -> None:
 
 def load_inference_model(path: str, res_scale: float | None = None) -> nn.Module:
     """A run folder or .ckpt (config inside), or plain weights (.pt/.pth/.safetensors; shape read from them)."""
-    from edsr_dist.checkpoint import checkpoint_model, is_checkpoint_file
+    from edsr_dist.checkpoint import checkpoint_model, follow_pointer, is_checkpoint_file
     from edsr_dist.weights import model_from_weights
 
     p = Path(path)
     if not p.exists():
         raise UserError(f"--checkpoint {p} does not exist; pass a .ckpt file, a run folder or a weights file")
+    p = follow_pointer(p)
     if p.is_dir() or is_checkpoint_file(p):
         model, _ = checkpoint_model(p)
         return model

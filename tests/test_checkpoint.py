@@ -96,6 +96,9 @@ def test_retention_keeps_last_k_and_best(tmp_path):
     folder = tmp_path / "checkpoints"
     assert (folder / "best").read_text().strip() == "step_00000002.ckpt"
     assert (folder / "latest").read_text().strip() == "step_00000006.ckpt"
+    # The pointer files can be passed wherever a checkpoint is expected.
+    assert find_checkpoint(folder / "best") == folder / "step_00000002.ckpt"
+    assert find_checkpoint(folder / "latest") == folder / "step_00000006.ckpt"
     index = json.loads((folder / "index.json").read_text())
     assert index["best"] == "step_00000002.ckpt"
     assert {e["file"] for e in index["checkpoints"]} == set(names)
