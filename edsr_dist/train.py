@@ -11,6 +11,7 @@ import os
 import queue
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from edsr_dist import __version__
 from edsr_dist.config import Config, build_config, describe_fields, parse_override_args
 from edsr_dist.dist.engine import make_engine, resolve_engine_name
+from edsr_dist.dist.launcher import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED
 from edsr_dist.dist.world import World, discover_world
 from edsr_dist.errors import UserError
 from edsr_dist.model import build_model
@@ -141,13 +143,7 @@ class Trainer:
         self.is_main = self.world.is_main
 
         if self.is_main:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                probe = self.out / f".write-test-{os.getpid()}"
-                probe.write_text("")
-                probe.unlink()
-            except OSError as exc:
-                raise UserError(f"output folder {self.out} is not writable ({exc.strerror}); pass --out to a writable folder") from None
+            check_output_folder(self.out)
 
         self.store = self._open_store()
         from edsr_dist.data.sampler import TrainSampler
@@ -220,7 +216,25 @@ class Trainer:
         if self.step_in_epoch >= self.steps_per_epoch:  # saved at the very end of an epoch
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         torch.set_rng_state(state["rng"]["torch"])
+        if self.is_main:
+            self._drop_metrics_after(self.step)
         return str(path)
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """A killed run logged steps past its last checkpoint; the resumed run logs them again."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:  # a line cut short by the kill
+                continue
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
     def any_rank(self, flag: bool) -> bool:
         value = torch.tensor([float(flag)], device=self.device)
@@ -239,7 +253,9 @@ class Trainer:
         if not self.is_main:
             return
         if self.metrics_file is None:
+            self.out.mkdir(parents=True, exist_ok=True)  # created with the first thing to put in it
             self.metrics_file = open(self.out / "metrics.jsonl", "a")
+            self._open_tensorboard()
         self.metrics_file.write(json.dumps(entry) + "\n")
         self.metrics_file.flush()
         if self.tb is not None:
@@ -370,12 +386,12 @@ class Trainer:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=self.step, unit="step", dynamic_ncols=True)
-        self._open_tensorboard()
         self.log(self._banner(total_steps))
 
         previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         report: dict = {}
         bad_steps = 0
+        save_due = False
         try:
             while self.epoch < cfg.epochs and self.step < total_steps:
                 epoch_loss = torch.zeros((), device=self.device)
@@ -411,7 +427,12 @@ class Trainer:
                                         loss_scale=self.scaler.scale)
                             window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
                         if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                            save_due = True
+                        # Not during a run of non-finite steps: the weights may be the ones that blew up, and
+                        # retention would delete the good checkpoints before divergence is declared.
+                        if save_due and not bad_steps:
                             self.save()
+                            save_due = False
                         if self._stop_requested:
                             raise Interrupted()
                         if self.step >= total_steps:
@@ -478,6 +499,23 @@ class Trainer:
     _bar = None
 
 
+def check_output_folder(out: Path) -> None:
+    """Fail early if `out` cannot be (or become) a writable folder, without leaving anything behind: the folder
+    is created with the first file written into it, so a run stopped by bad input writes nothing."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent  # nearest existing ancestor (Path.exists is False below a regular file)
+    if not existing.is_dir():
+        raise UserError(f"output folder {out} cannot be created: {existing} is a file, not a folder; "
+                        "pass --out to a writable folder")
+    try:
+        # A real write, not os.access: as root, access() says yes where the file system still says no.
+        tempfile.TemporaryDirectory(dir=existing, prefix=".edsr-write-test-").cleanup()
+    except OSError as exc:
+        raise UserError(f"output folder {out} is not writable ({exc.strerror or exc}); "
+                        "pass --out to a writable folder") from None
+
+
 def _auto_tile(lr_shape, num_filters: int, device: torch.device) -> int:
     """Whole image when its feature maps fit comfortably, else 256-px LR tiles."""
     height, width = lr_shape[:2]
@@ -486,9 +524,24 @@ def _auto_tile(lr_shape, num_filters: int, device: torch.device) -> int:
     return 0 if feature_bytes <= budget else 256
 
 
+def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -> int:
+    """Another rank died or hung: one line instead of a traceback from deep inside the backend."""
+    from edsr_dist.dist.engine import describe_collective_failure
+
+    message = describe_collective_failure(exc, cfg.dist_timeout)
+    if message is None:
+        raise exc
+    where = f"rank {rank}: " if rank is not None else ""
+    print(f"edsr-dist train: error: {where}{message}", file=sys.stderr, flush=True)
+    return EXIT_COLLECTIVE_FAILED
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_train_args(argv)
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except RuntimeError as exc:  # a collective during set-up (DDP's first broadcast, resume) lost a peer
+        return _collective_failure_exit(exc, cfg, None)
     clean = False  # all ranks reached the same point; after an error a peer may be stuck in a collective
     try:
         trainer.fit()
@@ -497,13 +550,22 @@ def main(argv: list[str]) -> int:
         clean = True
         print(f"edsr-dist train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume auto",
               file=sys.stderr)
-        return 143
+        return EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         clean = True  # every rank saw the same flags and stops at the same step
+        from edsr_dist.checkpoint import find_checkpoint
+
+        if trainer.is_main:
+            last = find_checkpoint(trainer.out)
+            kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint had been written yet"
+        else:
+            kept = f"rank 0 keeps the last good checkpoint in {trainer.out}"
+        fix = "lower --lr" + (" or use --precision fp32" if trainer.precision != "fp32" else "")
         print(f"edsr-dist train: error: loss became NaN/inf for {MAX_BAD_STEPS[trainer.precision]} consecutive steps "
-              f"(at step {exc.args[0]}); the last good checkpoint is kept in {trainer.out / 'checkpoints'}; "
-              f"lower --lr or use --precision fp32", file=sys.stderr)
-        return 3
+              f"(at step {exc.args[0]}); {kept}; {fix}, then --resume auto or start again", file=sys.stderr)
+        return EXIT_DIVERGED
+    except RuntimeError as exc:
+        return _collective_failure_exit(exc, cfg, trainer.world.rank)
     finally:
         trainer.close(clean)
     return 0
