@@ -122,7 +122,8 @@ def _field_types() -> dict[str, type]:
 def _coerce(name: str, value, kind: type, origin: str):
     """Convert a YAML or command-line value to the field's type, or explain what is expected."""
     def bad() -> UserError:
-        return UserError(f"{origin}: {name} expects {kind.__name__}, got {value!r}")
+        hint = {bool: "true or false", int: "a whole number", float: "a number such as 1e-4", str: "text"}[kind]
+        return UserError(f"{origin}: {name} expects {kind.__name__}, got {value!r}; pass {hint}")
 
     if kind is bool:
         if isinstance(value, bool):

@@ -167,7 +167,8 @@ class Trainer:
         self.train_model, self.optimizer = self.engine.wrap(model, optimizer)
         self.metrics_file = None
         self.tb = None
-        self._stop_requested = False
+        self._stop_requested = False  # set by a signal, on this rank, at any moment
+        self._stop_agreed = False  # set in a step, on every rank at once: the only one the loop acts on
 
     # ---- set-up ---------------------------------------------------------------------------------------------
 
@@ -299,8 +300,9 @@ class Trainer:
             self.engine.step(self.optimizer)
         self.scaler.update(skipped)
         self.optimizer.zero_grad(set_to_none=True)
-        if flags[1] > 0:
-            self._stop_requested = True
+        # Never act on the local flag directly: a signal landing between this all-reduce and the loop's check
+        # would stop this rank one step before the others, leaving them waiting in the next step's collectives.
+        self._stop_agreed = flags[1] > 0
         return loss.detach(), skipped
 
     # ---- validation -----------------------------------------------------------------------------------------
@@ -433,7 +435,7 @@ class Trainer:
                         if save_due and not bad_steps:
                             self.save()
                             save_due = False
-                        if self._stop_requested:
+                        if self._stop_agreed:
                             raise Interrupted()
                         if self.step >= total_steps:
                             break
@@ -543,6 +545,7 @@ def main(argv: list[str]) -> int:
     except RuntimeError as exc:  # a collective during set-up (DDP's first broadcast, resume) lost a peer
         return _collective_failure_exit(exc, cfg, None)
     clean = False  # all ranks reached the same point; after an error a peer may be stuck in a collective
+    code = 0
     try:
         trainer.fit()
         clean = True
@@ -550,7 +553,7 @@ def main(argv: list[str]) -> int:
         clean = True
         print(f"edsr-dist train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume auto",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         clean = True  # every rank saw the same flags and stops at the same step
         from edsr_dist.checkpoint import find_checkpoint
@@ -563,9 +566,21 @@ def main(argv: list[str]) -> int:
         fix = "lower --lr" + (" or use --precision fp32" if trainer.precision != "fp32" else "")
         print(f"edsr-dist train: error: loss became NaN/inf for {MAX_BAD_STEPS[trainer.precision]} consecutive steps "
               f"(at step {exc.args[0]}); {kept}; {fix}, then --resume auto or start again", file=sys.stderr)
-        return EXIT_DIVERGED
+        code = EXIT_DIVERGED
     except RuntimeError as exc:
-        return _collective_failure_exit(exc, cfg, trainer.world.rank)
+        code = _collective_failure_exit(exc, cfg, trainer.world.rank)
     finally:
         trainer.close(clean)
-    return 0
+    if trainer.world.distributed:
+        _exit_before_interpreter_teardown(code)
+    return code
+
+
+def _exit_before_interpreter_teardown(code: int) -> None:
+    """End a distributed worker without Python's finalization. The process group's C++ worker threads release
+    the last collectives' tensors a moment after the collective returns; doing so needs the GIL, and a thread
+    that asks for it while the interpreter finalizes is torn down mid-destructor: std::terminate, SIGABRT (seen
+    at exit of workers pinned to one busy core). Everything of ours is closed and flushed by now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -120,6 +120,35 @@ class DDPEngine(Engine):
             dist.destroy_process_group()
 
 
+# How backends word "the peer is gone" and "nobody answered in time" (Gloo, NCCL, HCCL, the TCP store).
+_TIMEOUT_MARKERS = ("timed out", "timeout", "watchdog caught collective")
+_PEER_LOST_MARKERS = ("connection reset", "connection closed", "broken pipe", "socket closed", "connection refused",
+                      "communicator was aborted", "end of file")
+
+
+def describe_collective_failure(exc: BaseException, timeout_s: int) -> str | None:
+    """One line for an error a collective raised because another rank died or stopped responding; None when
+    `exc` is something else (a real bug keeps its traceback)."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    from_backend = isinstance(exc, dist.DistError) or any(name in lowered for name in ("gloo", "nccl", "hccl"))
+    timed_out = any(marker in lowered for marker in _TIMEOUT_MARKERS)
+    peer_lost = any(marker in lowered for marker in _PEER_LOST_MARKERS)
+    if not (from_backend and (timed_out or peer_lost)):
+        return None
+    # "[/path/to/gloo/pair.cc:537] Read error ..." -> "Read error ..."; the source position helps nobody here.
+    detail = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+    detail = detail if len(detail) <= 160 else detail[:157] + "..."
+    if timed_out:
+        return (f"a collective timed out after {timeout_s} s ({detail}); a rank stopped responding (hung, stopped "
+                "or far slower than the others): check the other ranks' logs; raise --dist-timeout if a step, "
+                "validation or checkpoint legitimately takes longer (Ascend: also HCCL_EXEC_TIMEOUT)")
+    return (f"lost the connection to another rank during a collective ({detail}); another rank died or was "
+            "killed: its log says why")
+
+
 def resolve_engine_name(requested: str, world: World, env: dict | None = None) -> str:
     env = os.environ if env is None else env
     if requested != "auto":

@@ -26,7 +26,19 @@ from dataclasses import dataclass, field
 
 from edsr_dist.errors import UserError
 
-DEFAULT_GRACE_S = 10.0
+# Preemption (SIGTERM to the launcher): time for the workers to reach a step boundary and for rank 0 to write
+# its checkpoint before SIGKILL. Below the 30 s that Kubernetes and Slurm give before their own SIGKILL.
+DEFAULT_GRACE_S = 25.0
+# After a worker failed the others cannot finish a step (every step needs every rank) and usually sit in a
+# collective, where a Python SIGTERM handler does not run: a short wait, then SIGKILL.
+FAILURE_GRACE_S = 2.0
+# A hung rank makes every other rank's collective time out at about the same moment: wait this long for them
+# before naming the ranks still running as the ones that stopped responding.
+SETTLE_S = 2.0
+# Exit codes of `edsr-dist train` that the launcher explains (2 is a UserError, see errors.py).
+EXIT_DIVERGED = 3
+EXIT_COLLECTIVE_FAILED = 4
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as if the signal had ended the process
 MULTI_SERVER_PORT = 29500  # every server must agree on the port without talking first, so no random one
 POLL_S = 0.05
 PROG = "edsr-dist launch"
@@ -182,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"rendezvous port (default: $MASTER_PORT, else a free port; {MULTI_SERVER_PORT} for multi-server tables)")
     p.add_argument("--log-dir", metavar="DIR", help="per-rank logs rank_<id>.log (default: <out>/logs of the train settings)")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="S",
-                   help=f"seconds between SIGTERM and SIGKILL when stopping workers (default {DEFAULT_GRACE_S:g})")
+                   help=f"seconds between SIGTERM and SIGKILL when the launcher is stopped (time for rank 0 to write its "
+                        f"checkpoint; default {DEFAULT_GRACE_S:g}); after a worker failure at most {FAILURE_GRACE_S:g}")
     p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
     p.add_argument("--exec", action="store_true", help="the arguments after `--` are the whole worker command")
     return p
@@ -318,13 +331,23 @@ def describe_plan(plan: Plan) -> str:
 
 
 class _Worker:
-    def __init__(self, spec: WorkerSpec, proc, pump: threading.Thread):
+    def __init__(self, spec: WorkerSpec, proc, pump: threading.Thread, last_line: list[str]):
         self.spec = spec
         self.proc = proc
         self.pump = pump
+        self.last_line = last_line  # [the worker's last non-empty output line], filled by its pump
+
+    def own_error(self) -> str:
+        """The worker's own one-line error (`edsr-dist train: error: ...`), if that is how it ended."""
+        self.pump.join(timeout=1.0)  # the line may still be in the pipe
+        line = self.last_line[0]
+        for marker in ("error: ", "interrupted"):
+            if line.startswith("edsr-dist ") and marker in line:
+                return line.split("error: ", 1)[-1] if marker == "error: " else line.split(": ", 1)[-1]
+        return ""
 
 
-def _pump_output(fd: int, log, echo) -> None:
+def _pump_output(fd: int, log, echo, last_line: list[str]) -> None:
     """Copy a worker's output to its log (and, for the first local worker, the console) as it arrives."""
     try:
         while True:
@@ -334,6 +357,9 @@ def _pump_output(fd: int, log, echo) -> None:
                 break
             if not chunk:
                 break
+            lines = [line for line in chunk.decode("utf-8", "replace").splitlines() if line.strip()]
+            if lines:
+                last_line[0] = lines[-1].strip()
             log.write(chunk)
             log.flush()
             if echo is not None:
@@ -382,10 +408,11 @@ def _start(spec: WorkerSpec, unset: list[str], echo) -> _Worker:
         raise
     finally:
         os.close(write_fd)
-    pump = threading.Thread(target=_pump_output, args=(read_fd, log, echo), name=f"rank{spec.rank}-output",
+    last_line = [""]
+    pump = threading.Thread(target=_pump_output, args=(read_fd, log, echo, last_line), name=f"rank{spec.rank}-output",
                             daemon=True)
     pump.start()
-    return _Worker(spec, proc, pump)
+    return _Worker(spec, proc, pump, last_line)
 
 
 def _signal_group(worker: _Worker, sig: int) -> None:
@@ -395,20 +422,79 @@ def _signal_group(worker: _Worker, sig: int) -> None:
         pass
 
 
-def _stop_all(workers: list[_Worker], grace: float) -> None:
-    """SIGTERM every worker's process group, SIGKILL what is left after `grace` seconds, reap everything."""
+def _stop_all(workers: list[_Worker], grace: float) -> list[_Worker]:
+    """SIGTERM every worker's process group, SIGKILL what is left after `grace` seconds, reap everything.
+    Returns the workers that were still running when SIGKILL came."""
     for w in workers:
         if w.proc.poll() is None:
             _signal_group(w, signal.SIGTERM)
+            _signal_group(w, signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs again
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(w.proc.poll() is None for w in workers):
         time.sleep(POLL_S)
+    killed = [w for w in workers if w.proc.poll() is None]
     for w in workers:
         # Also reaches helpers a worker left behind in its group (data loader processes, for example).
         _signal_group(w, signal.SIGKILL)
     for w in workers:
         w.proc.wait()
     _join_pumps(workers)
+    return killed
+
+
+def _root_cause(bad: list[tuple[_Worker, int]]) -> _Worker:
+    """Of the workers found failed in one poll, the likeliest cause: a death by signal, then an error of its
+    own, then a rank that only saw the others fail (collective error) or was interrupted; lowest rank first."""
+    def weight(item: tuple[_Worker, int]) -> tuple[int, int]:
+        worker, code = item
+        if code < 0:
+            order = 0
+        elif code in (EXIT_COLLECTIVE_FAILED, EXIT_INTERRUPTED):
+            order = 2
+        else:
+            order = 1
+        return order, worker.spec.rank
+    return min(bad, key=weight)[0]
+
+
+def _unresponsive(workers: list[_Worker], failed: _Worker) -> list[_Worker]:
+    """After `failed` gave up on a collective: the ranks that neither exited nor failed within SETTLE_S."""
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        running = [w for w in workers if w.proc.poll() is None]
+        if all(_is_stopped(w) for w in running):  # also when none is left: nothing more to wait for
+            break
+        time.sleep(POLL_S)
+    return [w for w in workers if w.proc.poll() is None]
+
+
+def _is_stopped(worker: _Worker) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(worker.proc.pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
+def _describe_failure(failed: _Worker, silent: list[_Worker], stopped: set[int]) -> str:
+    spec, code = failed.spec, failed.proc.returncode
+    own = failed.own_error()
+    if silent:
+        names = ", ".join(f"{w.spec.rank} (device {w.spec.device_id}"
+                          f"{', process stopped' if w.spec.rank in stopped else ''})" for w in silent)
+        # "rank 0: a collective timed out after 10 s (detail); what to do" -> "a collective timed out after 10 s"
+        gist = own.split(": ", 1)[-1].split(" (", 1)[0].split("; ", 1)[0] if own else "a collective failed"
+        return (f"rank{'s' if len(silent) > 1 else ''} {names} stopped responding: rank {spec.rank} gave up waiting "
+                f"for {'them' if len(silent) > 1 else 'it'} in a collective (exit {code}: {gist}); "
+                f"see {silent[0].spec.log_path}")
+    if code < 0:
+        how = f"was killed by signal {_signal_name(-code)}"
+    elif code == EXIT_INTERRUPTED and own:
+        how, own = own, ""  # "interrupted at step N; checkpoint saved, continue with --resume auto"
+    else:
+        how = f"exited with code {code}"
+    return f"rank {spec.rank} (device {spec.device_id}) {how}{': ' + own if own else ''}; see {spec.log_path}"
 
 
 def _join_pumps(workers: list[_Worker]) -> None:
@@ -464,32 +550,43 @@ def run_workers(plan: Plan, grace: float = DEFAULT_GRACE_S) -> int:
             _stop_all(workers, grace)
             raise
         failed: _Worker | None = None
+        silent: list[_Worker] = []
+        stopped: set[int] = set()
         while stop.signum is None and failed is None:
             finished = [(w, w.proc.poll()) for w in workers]
             bad = [(w, code) for w, code in finished if code not in (None, 0)]
             if bad:
-                failed = min(bad, key=lambda item: item[0].spec.rank)[0]
+                failed = _root_cause(bad)
+                if failed.proc.returncode == EXIT_COLLECTIVE_FAILED and "collective" in failed.own_error():
+                    silent = _unresponsive(workers, failed)
+                    stopped = {w.spec.rank for w in silent if _is_stopped(w)}
                 break
             if all(code == 0 for _, code in finished):
                 break
             time.sleep(POLL_S)
         # A signal during the wait above still lets us stop in order; further ones are absorbed.
-        _stop_all(workers, grace)
+        if failed is not None and failed.proc.returncode != EXIT_INTERRUPTED:
+            grace = min(grace, FAILURE_GRACE_S)  # else the workers were signalled directly: rank 0 may be saving
+        killed = _stop_all(workers, grace)
+        if failed is not None and failed.proc.returncode == EXIT_INTERRUPTED:
+            # Every rank stops at the same step; report the lowest one (rank 0 names its checkpoint).
+            failed = min((w for w in workers if w.proc.returncode == EXIT_INTERRUPTED), key=lambda w: w.spec.rank)
         if failed is None and stop.signum is not None:
             name = _signal_name(stop.signum)
-            print(f"{PROG}: received {name}; stopped {len(workers)} worker{'s' if len(workers) != 1 else ''}",
-                  file=sys.stderr, flush=True)
+            line = f"{PROG}: received {name}; stopped {len(workers)} worker{'s' if len(workers) != 1 else ''}; interrupted"
+            first = min(workers, key=lambda w: w.spec.rank) if workers else None
+            if killed:
+                line += (f"; rank{'s' if len(killed) > 1 else ''} {', '.join(str(w.spec.rank) for w in killed)} "
+                         f"did not stop within --grace {grace:g} s and {'were' if len(killed) > 1 else 'was'} "
+                         "killed (raise --grace if rank 0 needs longer to write its checkpoint)")
+            elif first is not None and first.spec.rank == 0 and first.proc.returncode == EXIT_INTERRUPTED:
+                line += "; rank 0 saved a checkpoint at a step boundary: continue with --resume auto"
+            print(line, file=sys.stderr, flush=True)
             return 128 + stop.signum
     if failed is not None:
         code = failed.proc.returncode
-        spec = failed.spec
-        if code < 0:
-            how, exit_code = f"was killed by signal {_signal_name(-code)}", 128 - code
-        else:
-            how, exit_code = f"exited with code {code}", code
-        print(f"{PROG}: rank {spec.rank} (device {spec.device_id}) {how}; see {spec.log_path}",
-              file=sys.stderr, flush=True)
-        return exit_code
+        print(f"{PROG}: {_describe_failure(failed, silent, stopped)}", file=sys.stderr, flush=True)
+        return 128 - code if code < 0 else code
     return 0
 
 
