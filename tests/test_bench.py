@@ -1,0 +1,109 @@
+"""`edsr-dist bench`: a tiny configuration end to end (structure and sanity of the report, not speed),
+the step breakdown arithmetic, and bad flags."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from edsr_dist.bench import PHASES, _step_phases, format_report
+
+TINY_BENCH = ["bench", "--preset", "sample", "--num-blocks", "2", "--num-filters", "8", "--batch-size", "4",
+              "--patch-size", "16", "--steps", "3", "--warmup", "1", "--precision", "fp32", "--threads", "2",
+              "--store-seconds", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(sample_store, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("bench_cwd")
+    result = run_cli(TINY_BENCH + ["--compare-fp32", "--compare-nproc", "2", "--json", "--data", str(sample_store)],
+                     cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout  # one JSON object, nothing else on stdout
+    assert list(cwd.iterdir()) == []  # the bench leaves no run folder behind where it was started
+    return json.loads(lines[0])
+
+
+def test_json_has_the_promised_keys(tiny_report):
+    for key in ("images_per_s", "tflops", "bare_images_per_s", "overhead_ratio", "data_wait_fraction",
+                "allreduce_fraction", "fp32_nchw_images_per_s", "scaling_efficiency", "store_patches_per_s",
+                "settings", "machine", "breakdown_ms", "breakdown_fraction", "checks"):
+        assert key in tiny_report, key
+    machine = tiny_report["machine"]
+    for key in ("cpu_model", "cpus", "torch", "device", "device_name"):
+        assert machine[key], key
+    settings = tiny_report["settings"]
+    assert (settings["preset"], settings["batch_size"], settings["patch_size"], settings["precision"]) == \
+        ("sample", 4, 16, "fp32")
+    assert (settings["num_blocks"], settings["num_filters"], settings["threads"]) == (2, 8, 2)
+
+
+def test_json_figures_are_sane(tiny_report):
+    r = tiny_report
+    for key in ("images_per_s", "tflops", "bare_images_per_s", "fp32_nchw_images_per_s", "store_patches_per_s",
+                "step_time_ms"):
+        assert r[key] > 0, key
+    # Ratios of the same work measured twice: far from 1 only on a badly overloaded machine.
+    assert 0.05 < r["overhead_ratio"] < 20
+    assert 0.05 < r["precision_speedup"] < 20  # fp32 channels_last vs fp32 NCHW
+    assert 0.02 < r["scaling_efficiency"] < 20
+    assert 0 <= r["data_wait_fraction"] <= 1 and 0 <= r["allreduce_fraction"] <= 1
+    assert set(r["breakdown_fraction"]) == set(PHASES)
+    assert sum(r["breakdown_fraction"].values()) == pytest.approx(1.0)
+    # The phases split the timed steps: their mean adds up to the mean step, which is near the median.
+    assert sum(r["breakdown_ms"].values()) == pytest.approx(r["trainer"]["mean_step_s"] * 1e3, rel=1e-6)
+    assert r["breakdown_fraction"]["forward_backward"] > 0.1
+    assert r["tflops"] == pytest.approx(r["images_per_s"] * r["train_flops_per_image"] / 1e12)
+    assert r["trainer"]["world_size"] == 1 and r["trainer"]["threads"] == 2
+    scaling = r["scaling"]
+    assert (scaling["one_worker"]["world_size"], scaling["one_worker"]["threads"]) == (1, 2)
+    assert (scaling["n_workers"]["world_size"], scaling["n_workers"]["threads"]) == (2, 1)
+    assert len(r["trainer"]["step_times_s"]) == 3
+    assert set(r["checks"]) == {"overhead_ratio", "precision_speedup", "scaling_efficiency", "data_wait_fraction"}
+    # One repeat of each measurement: the bare loop, the trainer, fp32 NCHW, and the 2-worker trainer.
+    assert {name: len(values) for name, values in r["repeats_images_per_s"].items()} == \
+        {"bare": 1, "trainer": 1, "fp32_nchw": 1, "workers_2": 1}
+
+
+def test_table_names_every_figure(tiny_report):
+    table = format_report(tiny_report)
+    for text in ("img/s", "TFLOP/s", "trainer (1 worker x 2 thread(s))", "bare loop", "fp32 NCHW",
+                 "2 worker(s) x 1 thread(s)", "store, 1 reader", "data wait", "forward + backward",
+                 "all-reduce wait", "optimizer", "trainer / bare loop"):
+        assert text in table, text
+
+
+def test_step_phases_partition_the_step():
+    # previous step ended at 10.0; queue wait 0.2 of a 0.3 gap; backward ends at 11.5 but the last gradient bucket
+    # was handed to the all-reduce at 11.3: 0.2 of exposed wait.
+    step = {"start": 10.3, "end": 12.0, "data_wait": 0.2, "to_device": 0.05, "finish_first": 11.5, "finish": 0.01,
+            "flags": 0.04, "optimizer": 0.3, "last_bucket": 11.3, "first_bucket": 11.0, "last_reduced": 11.45}
+    phases = _step_phases(10.0, step)
+    assert sum(phases[key] for key in PHASES) == pytest.approx(2.0)
+    assert phases["data_wait"] == pytest.approx(0.2)
+    assert phases["loop_other"] == pytest.approx(0.1)
+    assert phases["forward_backward"] == pytest.approx(1.2 - 0.05 - 0.2)
+    assert phases["allreduce_wait"] == pytest.approx(0.2 + 0.01 + 0.04)
+    assert phases["optimizer"] == pytest.approx(0.3)
+    assert phases["allreduce_in_flight"] == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("flags, mentions", [
+    (["--steps", "0"], "--steps"),
+    (["--warmup", "0"], "--warmup"),
+    (["--repeat", "0"], "--repeat"),
+    (["--no-such-flag"], "--no-such-flag"),
+    (["--precision", "fp64"], "--precision"),
+    (["--compare-nproc", "1"], "--compare-nproc"),
+    (["--batch-size", "4", "--compare-nproc", "3"], "--compare-nproc 3"),
+    (["--preset", "nope"], "nope"),
+    (["--data", "/nonexistent/store.h5"], "/nonexistent/store.h5"),
+])
+def test_bad_flags_exit_2_with_one_line(tmp_path, flags, mentions):
+    result = run_cli(["bench", *flags], cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edsr-dist bench: error:"), result.stderr
+    assert mentions in lines[0]
