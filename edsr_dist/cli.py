@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 from edsr_dist.errors import UserError
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"edsr-dist: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("torch") is None:
+        print("edsr-dist: error: PyTorch is not installed; on CPU run `pip install -r requirements-cpu.txt`, "
+              "on GPUs/NPUs install the torch build for your hardware first", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
     try:
