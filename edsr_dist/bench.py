@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, config_from_dict
-from edsr_dist.errors import UserError
+from edsr_dist.errors import CommandParser, UserError
 
 PROG = "edsr-dist bench"
 DEFAULT_PRESET = "baseline"
@@ -62,13 +62,8 @@ PHASE_LABELS = {
 # ---------------------------------------------------------------------------------------------- arguments
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other user error
-        raise UserError(f"{message}; see `{PROG} --help`")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, allow_abbrev=False,
+    p = CommandParser(prog=PROG, allow_abbrev=False,
                 description="Measure training throughput (images/s, achieved TFLOP/s), a step's breakdown, the "
                             "trainer against a bare PyTorch loop, and optionally fp32 NCHW and multi-worker "
                             "scaling. All figures come from one run.")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edsr_dist.errors import UserError
+from edsr_dist.errors import CommandParser, UserError
 
 # One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.
 EvalImage = tuple[str, np.ndarray, np.ndarray]
@@ -238,7 +238,7 @@ def default_output_stem(checkpoints: Path, data: Path, ensemble: bool) -> Path:
 def _build_parser() -> argparse.ArgumentParser:
     from edsr_dist.data.resize import DEGRADATIONS
 
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="edsr-dist eval",
         description="Evaluate checkpoints (PSNR-Y, SSIM-Y, PSNR-RGB with the scale shaved off, as in the EDSR paper) "
                     "on a patch store's validation images or a folder of HR PNGs; prints a table and writes CSV "

@@ -8,7 +8,6 @@ no output pixel that is kept ever sees the zero padding at a tile's cut edge.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edsr_dist.errors import UserError
+from edsr_dist.errors import CommandParser, UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -193,7 +192,7 @@ def load_inference_model(path: str, res_scale: float | None = None) -> nn.Module
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="edsr-dist sr",
         description="Super-resolve PNG/JPEG images with a trained EDSR; writes <stem>_x<scale>.png into --out.")
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of .png/.jpg images")

@@ -10,7 +10,6 @@ layers keep their fixed DIV2K values when loading BasicSR weights.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edsr_dist.errors import UserError
+from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE
 
 _WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict")  # in order of preference
@@ -302,7 +301,7 @@ def export_torch(model_or_checkpoint, out_path: str | Path, names: str = "refere
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="edsr-dist export",
         description="Export the weights of a checkpoint: .safetensors (default) or .pt/.pth, with our/reference "
                     "EDSR names or BasicSR names.")

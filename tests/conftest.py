@@ -2,8 +2,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +44,24 @@ def spawn_ranks(command, world_size, cwd, extra_env=None, timeout=240):
             if proc.poll() is None:
                 proc.kill()
     return [p.returncode for p in procs], outputs
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    """Largest |a - b| over all tensors of two state dicts, relative to each tensor's largest |a|."""
+    return max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() or 1.0) for k in a)
+
+
+def assert_no_process_left(pids: list[int], within_s: float = 5.0) -> None:
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + within_s
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if alive(pid)], "processes left behind"
 
 
 @pytest.fixture(scope="session")

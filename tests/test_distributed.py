@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, free_port, run_cli, spawn_ranks
+from conftest import REPO, TINY, free_port, max_relative_difference, run_cli, spawn_ranks
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
 
 
@@ -19,12 +19,6 @@ def final_weights(out_dir):
     return load_checkpoint(path)["model"]
 
 
-def max_relative_difference(a: dict, b: dict) -> float:
-    worst = 0.0
-    for name in a:
-        scale = a[name].abs().max().item() or 1.0
-        worst = max(worst, (a[name] - b[name]).abs().max().item() / scale)
-    return worst
 
 
 def test_world_size_invariance_1_vs_2_workers(sample_store, tmp_path):

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, assert_no_process_left
 
 # A run far longer than any test: only a fault (or max-steps) ends it.
 ENDLESS = [*TINY, "--steps-per-epoch", "100000", "--log-every", "5"]
@@ -104,17 +104,6 @@ class Job:
         return self.stderr.strip().splitlines()[-1]
 
 
-def assert_no_process_left(pids: list[int], within_s: float = 5.0) -> None:
-    def alive(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + within_s
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [pid for pid in pids if alive(pid)], "worker processes left behind"
 
 
 @pytest.mark.parametrize("victim", [0, 1], ids=["rank0", "rank1"])

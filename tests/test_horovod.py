@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_cli, spawn_ranks
+from conftest import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.dist.horovod_engine import HorovodEngine, dense_view
 from edsr_dist.dist.world import World
@@ -52,8 +52,6 @@ def adam_steps(checkpoint: dict) -> set[float]:
     return {float(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
 
 
-def max_relative_difference(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() or 1.0) for k in a)
 
 
 def epoch_losses(stdout: str) -> list[float]:

@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, assert_no_process_left
 
 WORKER = r'''
 import json, os, signal, subprocess, sys, time
@@ -97,17 +96,6 @@ def expected_shares(workers: int) -> list[list[int]]:
     return [allowed[i * share:(i + 1) * share] for i in range(workers)]
 
 
-def assert_all_gone(pids: list[int], within_s: float = 5.0) -> None:
-    def alive(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + within_s
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [pid for pid in pids if alive(pid)], "processes left behind"
 
 
 def test_two_workers_env_affinity_and_logs(tmp_path, worker):
@@ -163,7 +151,7 @@ def test_failing_worker_stops_the_others(tmp_path, worker):
     assert errors == [f"edsr-dist launch: rank 1 (device 1) exited with code 3; see {logs / 'rank_1.log'}"]
     rank0 = records(logs / "rank_0.log")
     rank1 = records(logs / "rank_1.log")
-    assert_all_gone([rank0["pid"], rank0["grandchild"], rank1["pid"]])
+    assert_no_process_left([rank0["pid"], rank0["grandchild"], rank1["pid"]])
 
 
 def test_worker_killed_by_signal_is_named(tmp_path, worker):
@@ -173,7 +161,7 @@ def test_worker_killed_by_signal_is_named(tmp_path, worker):
                     sys.executable, str(script), "sigkill", str(shared))
     assert result.returncode == 128 + signal.SIGKILL
     assert "rank 1 (device 1) was killed by signal SIGKILL" in result.stderr
-    assert_all_gone([records(logs / f"rank_{r}.log")["pid"] for r in range(2)])
+    assert_no_process_left([records(logs / f"rank_{r}.log")["pid"] for r in range(2)])
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
@@ -198,7 +186,7 @@ def test_signal_to_launcher_stops_all_workers(tmp_path, worker, sig, code):
             proc.communicate()
     assert proc.returncode == code
     assert f"received {signal.Signals(sig).name}; stopped 2 workers" in stderr
-    assert_all_gone(pids)  # rank 1 ignored SIGTERM: the SIGKILL after --grace got it
+    assert_no_process_left(pids)  # rank 1 ignored SIGTERM: the SIGKILL after --grace got it
 
 
 def cpu_table(tmp_path: Path) -> Path:

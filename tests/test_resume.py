@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, free_port, run_cli, spawn_ranks
+from conftest import REPO, TINY, free_port, max_relative_difference, run_cli, spawn_ranks
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint, verify_checkpoint
 
 STEPS_PER_EPOCH = 10
@@ -77,12 +77,6 @@ def assert_bit_identical(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), f"{name} differs"
 
 
-def max_relative_difference(a: dict, b: dict) -> float:
-    worst = 0.0
-    for name in a:
-        scale = a[name].abs().max().item() or 1.0
-        worst = max(worst, (a[name] - b[name]).abs().max().item() / scale)
-    return worst
 
 
 def start_hooked(args, world_size: int, cwd: Path, **pause) -> list[subprocess.Popen]:

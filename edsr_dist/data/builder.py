@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edsr_dist.errors import UserError
+from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.data.resize import DEGRADATIONS, downscale
 from edsr_dist.data.store import CHECKSUM, FORMAT_VERSION, crc32_of, lr_name, valid_key, verify_store
 
@@ -349,7 +349,7 @@ def _summary_line(summary: dict[str, object], scales: Sequence[int], tile_size: 
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="edsr-dist build-store",
         description="Build an HDF5 patch store from DIV2K-style PNG folders, or the small embedded sample store.",
     )

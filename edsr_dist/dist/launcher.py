@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from edsr_dist.errors import UserError
+from edsr_dist.errors import CommandParser, UserError
 
 # Preemption (SIGTERM to the launcher): time for the workers to reach a step boundary and for rank 0 to write
 # its checkpoint before SIGKILL. Below the 30 s that Kubernetes and Slurm give before their own SIGKILL.
@@ -173,13 +173,8 @@ def _port_from_env() -> int | None:
 # ---------------------------------------------------------------------------------------------- plan
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other user error
-        raise UserError(f"{message}; see `{PROG} --help`")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, usage=f"{PROG} [options] -- <train arguments>",
+    p = CommandParser(prog=PROG, usage=f"{PROG} [options] -- <train arguments>",
                 description="Start and supervise one worker per device. Everything after `--` goes to "
                             "`edsr-dist train` (or, with --exec, is the whole worker command).")
     mode = p.add_argument_group("where the workers come from (at most one; default: $RANK_TABLE_FILE, else --nproc 1)")

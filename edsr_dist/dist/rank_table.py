@@ -26,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from edsr_dist.errors import UserError
+from edsr_dist.errors import CommandParser, UserError
 
 MAX_DEVICE_ID = 15
 HCCN_CONF = "/etc/hccn.conf"
@@ -436,13 +436,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other user error
-        raise UserError(f"{message}; see `edsr-dist rank-table --help`")
-
-
 def main(argv: list[str]) -> int:
-    parser = _Parser(prog="edsr-dist rank-table", description="Check or make an Ascend HCCL rank table.")
+    parser = CommandParser(prog="edsr-dist rank-table", description="Check or make an Ascend HCCL rank table.")
     sub = parser.add_subparsers(dest="action", metavar="check|make")
     check = sub.add_parser("check", help="validate a table and print its servers, devices and ranks")
     check.add_argument("file", help="rank table JSON (version 1.0 or group_list format)")
