@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from edsr_dist import __version__
-from edsr_dist.config import Config, build_config, describe_fields, parse_override_args
+from edsr_dist.config import PRESETS, Config, build_config, describe_fields, parse_override_args
 from edsr_dist.dist.engine import make_engine, resolve_engine_name
 from edsr_dist.dist.launcher import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED
 from edsr_dist.dist.world import World, discover_world
@@ -57,7 +57,8 @@ def parse_train_args(argv: list[str]) -> Config:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            raise SystemExit(print(TRAIN_HELP + describe_fields()) or 0)
+            print(TRAIN_HELP + describe_fields() + f"\n\npresets: {', '.join(PRESETS)} (see edsr_dist/config.py)")
+            raise SystemExit(0)
         key, eq, value = arg.partition("=")
         if key in ("--preset", "--config"):
             if not eq:
