@@ -48,3 +48,18 @@ def test_missing_store_is_a_one_line_error(tmp_path):
     result = run_cli(["train", *TINY, "--data", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "run")], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_resume_drops_records_logged_after_the_checkpoint(sample_store, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--data", str(sample_store), "--out", str(out), "--max-val-images", "1"]
+    assert run_cli([*args, "--max-steps", "10"], cwd=tmp_path).returncode == 0
+    # What a run killed after its step-10 checkpoint leaves behind: a record of a step that will be redone,
+    # and a line cut short by the kill.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"type": "step", "step": 15, "loss": 99.0}) + "\n" + '{"type": "st')
+    result = run_cli([*args, "--max-steps", "20", "--resume", "auto"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["type"] == "step"]
+    assert steps == sorted(set(steps)) and 15 in steps and 99.0 not in [r["loss"] for r in records if r["type"] == "step"]
