@@ -96,8 +96,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-filters", type=int, metavar="F", help="filters (default: the preset's)")
     p.add_argument("--store-seconds", type=float, default=1.0, metavar="S",
                    help="how long to read from the store for its patches/s (default 1)")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="let cuDNN pick convolution algorithms by timing (CUDA; `train` does not do this)")
     # Internal: a rank started by the launcher for --nproc/--compare-nproc; reads DIR/job.json.
     p.add_argument("--worker-report", metavar="DIR", help=argparse.SUPPRESS)
     return p
@@ -472,13 +470,11 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parents[1])
 
 
-def measure_workers(cfg: Config, nproc: int, threads_each: int, warmup: int, steps: int,
-                    cudnn_benchmark: bool = False) -> dict:
+def measure_workers(cfg: Config, nproc: int, threads_each: int, warmup: int, steps: int) -> dict:
     """N ranks started by `edsr-dist launch --nproc N` (pinned to core shares), each timing its own loop."""
     folder = tempfile.mkdtemp(prefix="edsr-bench-workers-")
     worker_cfg = dataclasses.replace(cfg, num_threads=threads_each, out=os.path.join(folder, "out"))
-    Path(folder, "job.json").write_text(json.dumps({"config": worker_cfg.to_dict(), "warmup": warmup, "steps": steps,
-                                                    "cudnn_benchmark": cudnn_benchmark}))
+    Path(folder, "job.json").write_text(json.dumps({"config": worker_cfg.to_dict(), "warmup": warmup, "steps": steps}))
     log_dir = os.path.join(folder, "logs")
     command = [sys.executable, "-m", "edsr_dist", "launch", "--nproc", str(nproc), "--log-dir", log_dir, "--exec", "--",
                sys.executable, "-m", "edsr_dist", "bench", "--worker-report", folder]
@@ -520,10 +516,6 @@ def run_worker(folder: str) -> int:
     """One rank of measure_workers: time the trainer, write <folder>/rank_<r>.json."""
     job = json.loads(Path(folder, "job.json").read_text())
     cfg = config_from_dict(job["config"])
-    if job.get("cudnn_benchmark"):
-        import torch
-
-        torch.backends.cudnn.benchmark = True
     result = measure_trainer(cfg, job["warmup"], job["steps"])  # a UserError here reaches the launcher's log
     target = Path(folder, f"rank_{result['rank']}.json")
     partial = target.with_suffix(".json.part")
@@ -561,16 +553,14 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
         cfg = dataclasses.replace(cfg, precision=precision, device=device.type)
         total_threads = set_threads(cfg)
         cfg = dataclasses.replace(cfg, num_threads=total_threads)
-        if args.cudnn_benchmark:
-            torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # as the trainer does, so the bare loop matches it
 
         store = measure_store(cfg.data, cfg, args.store_seconds)  # also checks the store and the patch size first
 
         def trainer_with(workers: int) -> dict:
             if workers == 1:
                 return measure_trainer(cfg, args.warmup, args.steps, world=World())
-            return measure_workers(cfg, workers, max(1, total_threads // workers), args.warmup, args.steps,
-                                   args.cudnn_benchmark)
+            return measure_workers(cfg, workers, max(1, total_threads // workers), args.warmup, args.steps)
 
         plan = {"bare": lambda: measure_bare(cfg, device, precision, cfg.channels_last, args.warmup, args.steps),
                 "trainer": lambda: trainer_with(args.nproc)}
@@ -635,7 +625,7 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
         "batch_size": cfg.batch_size, "patch_size": cfg.patch_size, "precision": precision,
         "channels_last": cfg.channels_last, "device": str(device), "nproc": args.nproc, "threads": total_threads,
         "threads_per_worker": trainer["threads"], "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat,
-        "compare_nproc": args.compare_nproc, "cudnn_benchmark": args.cudnn_benchmark,
+        "compare_nproc": args.compare_nproc,
         "data": cfg.data, "log_every": cfg.log_every,
     }
     report["machine"] = machine_info(device)

@@ -55,6 +55,4 @@ EOF
 
 run bf16 --precision bf16 --compare-fp32
 run fp16 --precision fp16
-# Whether letting cuDNN time its algorithms would pay off (`train` leaves torch.backends.cudnn.benchmark off).
-run bf16-cudnn-benchmark --precision bf16 --cudnn-benchmark
 echo "gpu_bench: JSON reports in $out/"
