@@ -130,46 +130,28 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
                    val_tile: int = 0) -> dict:
     """Mean and per-image PSNR-Y, SSIM-Y, PSNR-RGB (and the bicubic PSNR-Y) of `model` on `images`.
 
-    Mirrors Trainer.validate: NHWC uint8 -> float in the model's memory format, forward_tiled with the receptive
-    field as padding under the training autocast, rounding to uint8, metrics with the scale shaved off.
-    tile None: `val_tile` when set, else the whole image unless it is too large (as validation does).
+    The same inference (`infer.super_resolve`) and scores (`metrics.score_sr`) as Trainer.validate, in the
+    model's training memory format and autocast. tile None: `val_tile` when set, else automatic (as validation).
     """
-    from PIL import Image as PILImage
-
-    from edsr_dist.infer import forward_tiled, receptive_field_radius, self_ensemble
-    from edsr_dist.metrics import psnr_rgb, psnr_y, ssim_y, to_uint8
-    from edsr_dist.precision import autocast
-    from edsr_dist.train import _auto_tile
+    from edsr_dist.infer import super_resolve
+    from edsr_dist.metrics import score_sr
+    from edsr_dist.precision import DTYPES
 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
-    pad = receptive_field_radius(model)
-    num_filters = model.head[0].out_channels  # sizes the automatic tile, as in validation
+    side = tile if tile is not None else (val_tile or None)
     per_image = []
     for name, lr, hr in images:
         if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
             raise UserError(f"image {name}: HR {hr.shape[1]}x{hr.shape[0]} is not x{scale} of LR "
                             f"{lr.shape[1]}x{lr.shape[0]}; evaluate with a model of the data's scale")
-        side = tile if tile is not None else (val_tile or _auto_tile(lr.shape, num_filters, device))
-        if not (lr.flags.writeable and lr.flags.c_contiguous):  # e.g. np.asarray of a PIL image
-            lr = lr.copy()
-        lr_t = torch.from_numpy(lr[None]).to(device).permute(0, 3, 1, 2).float()
-        lr_t = lr_t.contiguous(memory_format=memory_format)
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return forward_tiled(model, x.contiguous(memory_format=memory_format), tile=side, pad=pad, scale=scale)
-
         try:
-            with autocast(device, precision):
-                sr_t = self_ensemble(run, lr_t) if ensemble else run(lr_t)
+            sr = super_resolve(model, lr, device, tile=side, ensemble=ensemble, dtype=DTYPES[precision])
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise UserError(f"image {name} ({lr.shape[1]}x{lr.shape[0]} LR) does not fit in {device.type} memory "
                             f"({type(exc).__name__}); pass --tile 256 (or smaller)") from None
-        sr = to_uint8(sr_t[0])
-        bicubic = np.asarray(PILImage.fromarray(lr).resize((hr.shape[1], hr.shape[0]), PILImage.BICUBIC))
         try:
-            per_image.append({"name": name, "psnr_y": psnr_y(sr, hr, scale), "ssim_y": ssim_y(sr, hr, scale),
-                              "psnr_rgb": psnr_rgb(sr, hr, scale), "bicubic_psnr_y": psnr_y(bicubic, hr, scale)})
+            per_image.append({"name": name, **score_sr(sr, lr, hr, scale)})
         except ValueError as exc:
             raise UserError(f"image {name}: {exc}; remove it from the evaluation data") from None
     if not per_image:

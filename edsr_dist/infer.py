@@ -97,10 +97,26 @@ def model_scale(model: nn.Module) -> int:
     return int(scale)
 
 
-def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int = 0, pad: int | None = None,
+def auto_tile(lr_shape, num_filters: int, device: torch.device) -> int:
+    """Whole image (0) when its feature maps fit comfortably, else 256-px LR tiles."""
+    height, width = lr_shape[:2]
+    feature_bytes = height * width * num_filters * 4 * 4  # a few live fp32 feature maps
+    budget = 8 * 2 ** 30 if device.type != "cpu" else 4 * 2 ** 30
+    return 0 if feature_bytes <= budget else 256
+
+
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """The layout the model's convolutions were put in (a 3x3 kernel tells channels_last from NCHW)."""
+    kernel = next(p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    return torch.channels_last if not kernel.is_contiguous() else torch.contiguous_format
+
+
+def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int | None = None, pad: int | None = None,
                   ensemble: bool = False, dtype: torch.dtype | None = None) -> np.ndarray:
     """One RGB uint8 (H, W, 3) image -> (sH, sW, 3) uint8. The model must already be on `device`.
 
+    The one inference path: validation, `eval` and `sr` all call it.
+    tile None = the whole image unless it is too large (`auto_tile`), 0 = always whole;
     pad None = the model's receptive-field radius (tiles then match the whole-image result);
     dtype (torch.bfloat16 / torch.float16) runs the network under autocast.
     """
@@ -110,15 +126,19 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"super_resolve takes an RGB uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
     device = torch.device(device)
-    scale = model_scale(model)
+    bare = _bare(model)
+    scale = model_scale(bare)
     if pad is None:
-        pad = receptive_field_radius(model)
+        pad = receptive_field_radius(bare)
+    if tile is None:
+        tile = auto_tile(img.shape, bare.head[0].out_channels, device)
+    memory_format = _memory_format(bare)
     if not (img.flags.writeable and img.flags.c_contiguous):  # e.g. np.asarray of a PIL image
         img = img.copy()
     x = torch.from_numpy(img).to(device).permute(2, 0, 1)[None].float()
 
     def run(t: torch.Tensor) -> torch.Tensor:
-        return forward_tiled(model, t, tile=tile, pad=pad, scale=scale)
+        return forward_tiled(bare, t.contiguous(memory_format=memory_format), tile=tile, pad=pad, scale=scale)
 
     cast = (torch.autocast(device_type=device.type, dtype=dtype)
             if dtype is not None and dtype != torch.float32 else contextlib.nullcontext())
@@ -199,8 +219,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="a .ckpt file, a run folder (newest valid checkpoint) or weights (.pt/.pth/.safetensors)")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--tile", type=int, default=0,
-                        help="LR tile side in pixels, 0 = whole image (tile large images to bound memory)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="LR tile side in pixels, 0 = whole image (default: whole unless the image is too large)")
     parser.add_argument("--tile-pad", type=int, default=None,
                         help="LR context pixels around each tile (default: the receptive field, exact result)")
     parser.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
@@ -210,7 +230,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--res-scale", type=float, default=None,
                         help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
     args = parser.parse_args(argv)
-    if args.tile < 0:
+    if args.tile is not None and args.tile < 0:
         raise UserError(f"--tile must be >= 0, got {args.tile}")
     if args.tile_pad is not None and args.tile_pad < 0:
         raise UserError(f"--tile-pad must be >= 0, got {args.tile_pad}")

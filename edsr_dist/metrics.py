@@ -121,3 +121,17 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
     ssim_map = ((2.0 * mu_x * mu_y + SSIM_C1) * (2.0 * cov + SSIM_C2)) / (
         (mu_x * mu_x + mu_y * mu_y + SSIM_C1) * (var_x + var_y + SSIM_C2))
     return float(ssim_map.mean())
+
+
+def bicubic_upscale(lr: np.ndarray, hr_shape) -> np.ndarray:
+    """The baseline every report compares against: Pillow's bicubic of the LR image to the HR size."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(lr).resize((hr_shape[1], hr_shape[0]), Image.BICUBIC))
+
+
+def score_sr(sr: np.ndarray, lr: np.ndarray, hr: np.ndarray, scale: int) -> dict:
+    """PSNR-Y, SSIM-Y, PSNR-RGB of an SR result and the bicubic baseline's PSNR-Y, `scale` pixels shaved.
+    Validation and `edsr-dist eval` both report these, so their numbers agree."""
+    return {"psnr_y": psnr_y(sr, hr, scale), "ssim_y": ssim_y(sr, hr, scale), "psnr_rgb": psnr_rgb(sr, hr, scale),
+            "bicubic_psnr_y": psnr_y(bicubic_upscale(lr, hr.shape), hr, scale)}

@@ -313,37 +313,30 @@ class Trainer:
     @torch.no_grad()
     def validate(self, write_samples: bool = False) -> dict:
         """Each rank takes every world-size-th image; sums are reduced so rank 0 reports the whole set."""
-        from PIL import Image
-
-        from edsr_dist.infer import forward_tiled, receptive_field_radius
-        from edsr_dist.metrics import psnr_rgb, psnr_y, ssim_y, to_uint8
+        from edsr_dist.infer import super_resolve
+        from edsr_dist.metrics import bicubic_upscale, score_sr
+        from edsr_dist.precision import DTYPES
 
         n = self.store.num_valid if not self.cfg.max_val_images else min(self.cfg.max_val_images, self.store.num_valid)
-        scale = self.cfg.scale
-        pad = receptive_field_radius(self.model)
-        sums = torch.zeros(5, dtype=torch.float64)  # images, psnr_y, ssim_y, psnr_rgb, bicubic psnr_y
+        keys = ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")
+        sums = torch.zeros(1 + len(keys), dtype=torch.float64)  # images, then the sum of each metric
         self.model.eval()
         autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
         for index in range(self.world.rank, n, self.world.size):
             name, lr, hr = self.store.read_valid(index)
-            lr_t = self.to_device(lr[None])
-            tile = self.cfg.val_tile or _auto_tile(lr.shape, self.cfg.num_filters, self.device)
-            with autocast(self.device, self.precision):
-                sr_t = forward_tiled(self.model, lr_t, tile=tile, pad=pad, scale=scale)
-            sr = to_uint8(sr_t[0].float().permute(1, 2, 0).cpu().numpy())
-            bicubic = np.asarray(Image.fromarray(lr).resize((hr.shape[1], hr.shape[0]), Image.BICUBIC))
-            sums += torch.tensor([1.0, psnr_y(sr, hr, scale), ssim_y(sr, hr, scale), psnr_rgb(sr, hr, scale),
-                                  psnr_y(bicubic, hr, scale)], dtype=torch.float64)
+            sr = super_resolve(self.model, lr, self.device, tile=self.cfg.val_tile or None,
+                               dtype=DTYPES[self.precision])
+            scores = score_sr(sr, lr, hr, self.cfg.scale)
+            sums += torch.tensor([1.0, *(scores[key] for key in keys)], dtype=torch.float64)
             if write_samples:
-                self._write_sample(name, bicubic, sr, hr)
+                self._write_sample(name, bicubic_upscale(lr, hr.shape), sr, hr)
         self.model.train()
         torch.backends.cudnn.benchmark = autotune
         # HCCL has no float64 all-reduce; float32 sums of per-image PSNRs still hold about 1e-4 dB.
         reduce_dtype = torch.float32 if self.device.type == "npu" else torch.float64
         sums = self.engine.all_reduce_sum(sums.to(self.device, reduce_dtype)).double().cpu()
         count = max(sums[0].item(), 1.0)
-        return {"images": int(sums[0].item()), "psnr_y": sums[1].item() / count, "ssim_y": sums[2].item() / count,
-                "psnr_rgb": sums[3].item() / count, "bicubic_psnr_y": sums[4].item() / count}
+        return {"images": int(sums[0].item()), **{key: sums[1 + i].item() / count for i, key in enumerate(keys)}}
 
     def _write_sample(self, name: str, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> None:
         """bicubic | EDSR | ground truth, a centre crop of each, side by side."""
@@ -522,14 +515,6 @@ def check_output_folder(out: Path) -> None:
     except OSError as exc:
         raise UserError(f"output folder {out} is not writable ({exc.strerror or exc}); "
                         "pass --out to a writable folder") from None
-
-
-def _auto_tile(lr_shape, num_filters: int, device: torch.device) -> int:
-    """Whole image when its feature maps fit comfortably, else 256-px LR tiles."""
-    height, width = lr_shape[:2]
-    feature_bytes = height * width * num_filters * 4 * 4  # a few live fp32 feature maps
-    budget = 8 * 2 ** 30 if device.type != "cpu" else 4 * 2 ** 30
-    return 0 if feature_bytes <= budget else 256
 
 
 def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -> int:
