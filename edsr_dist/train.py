@@ -170,6 +170,7 @@ class Trainer:
         self.train_model, self.optimizer = self.engine.wrap(model, optimizer)
         self.metrics_file = None
         self.tb = None
+        self._bar = None  # tqdm on rank 0 while fit() runs
         self._stop_requested = False  # set by a signal, on this rank, at any moment
         self._stop_agreed = False  # set in a step, on every rank at once: the only one the loop acts on
 
@@ -382,7 +383,6 @@ class Trainer:
         total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
-        self._bar = None
         if self.is_main and cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -497,7 +497,6 @@ class Trainer:
         self.store.close()
         self.engine.shutdown(clean)
 
-    _bar = None
 
 
 def check_output_folder(out: Path) -> None:

@@ -1,7 +1,7 @@
 """The parallelism, in one place: how gradients and statistics cross ranks.
 
 The training loop talks to an `Engine` and never branches on which one it has:
-- `LocalEngine`: one process, nothing to synchronise.
+- `Engine` itself: one process, nothing to synchronise (the base class is the local engine).
 - `DDPEngine`: torch.distributed + DistributedDataParallel over hccl (Ascend), nccl (CUDA) or gloo (CPU).
 - `HorovodEngine` (edsr_dist/dist/horovod_engine.py): horovod.torch, for jobs started by horovodrun.
 """
@@ -52,9 +52,6 @@ class Engine:
 
     def shutdown(self, clean: bool = True) -> None:
         """clean=False after an error: peers may be stuck in a collective, so do not wait for them."""
-
-
-LocalEngine = Engine
 
 
 class DDPEngine(Engine):
@@ -164,5 +161,5 @@ def make_engine(name: str, world: World, device: torch.device, timeout_s: int) -
 
         return HorovodEngine(world, device)
     if world.size == 1:
-        return LocalEngine(world, device)
+        return Engine(world, device)
     return DDPEngine(world, device, timeout_s)
