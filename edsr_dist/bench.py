@@ -1,8 +1,8 @@
 """`edsr-dist bench`: training throughput, where a step's time goes, and how it compares, all in one run.
 
 What is measured (every figure of a report comes from the same process, machine and settings):
-- trainer: the real `Trainer.fit` loop (patch store, prefetch thread, engine, logging), timed from outside by
-  wrapping `train_step`, `to_device`, the engine's methods and the prefetch queue; median step time after warm-up.
+- trainer: the real `Trainer.fit` loop (patch store, prefetch thread, engine, logging), timed through the trainer's
+  `StepTimer` seam (each step and its named phases); median step time after warm-up.
 - bare loop: the same model, precision, memory format and threads on synthetic tensors in a plain loop
   (no store, no DDP, no logging). trainer / bare is the framework's overhead.
 - --compare-fp32: the bare loop again in fp32 with NCHW tensors.
@@ -32,8 +32,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
 from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, config_from_dict
+from edsr_dist.data.sample import ensure_sample_store
+from edsr_dist.data.sampler import TrainSampler
+from edsr_dist.data.store import PatchStore
+from edsr_dist.dist.world import World
 from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.model import build_model, flops_per_image
+from edsr_dist.precision import autocast, cpu_has_native_bf16, resolve_precision, select_device
+from edsr_dist.train import StepTimer, Trainer, TrainingDiverged, set_threads
 
 PROG = "edsr-dist bench"
 DEFAULT_PRESET = "baseline"
@@ -152,8 +164,6 @@ def bench_config(args: argparse.Namespace) -> Config:
 
 def _synchronizer(device):
     """Waits for queued device work, so that host timestamps mean something; nothing to do on CPU."""
-    import torch
-
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     if device.type == "npu":
@@ -163,8 +173,6 @@ def _synchronizer(device):
 
 def train_flops_per_image(cfg: Config) -> int:
     """Forward + backward FLOPs of one LR patch: backward costs about twice the forward (input and weight grads)."""
-    from edsr_dist.model import flops_per_image
-
     return 3 * flops_per_image(cfg, cfg.patch_size, cfg.patch_size)
 
 
@@ -173,8 +181,6 @@ def _median(values: list[float]) -> float:
 
 
 def _peak_memory(device) -> int | None:
-    import torch
-
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
@@ -192,10 +198,6 @@ def _cpu_model() -> str:
 
 
 def machine_info(device) -> dict:
-    import torch
-
-    from edsr_dist.precision import cpu_has_native_bf16
-
     info = {
         "cpu_model": _cpu_model(),
         "cpus": os.cpu_count(),
@@ -218,93 +220,82 @@ def machine_info(device) -> dict:
 # ------------------------------------------------------------------------------------------- the trainer
 
 
-class _StepClock:
-    """Host timestamps of each trainer step's phases, filled in by wrappers around the trainer's methods."""
+class _StepClock(StepTimer):
+    """Host timestamps of each trainer step and its phases, marked by the trainer itself (see StepTimer)."""
 
-    def __init__(self, sync) -> None:
-        self.sync = sync
+    def __init__(self) -> None:
+        self.sync = lambda: None  # set to the trainer's device synchronizer once it exists
         self.steps: list[dict] = []
         self.current: dict | None = None
-        self.data_wait = 0.0  # queue wait since the last step began
+        self.data_wait = 0.0  # prefetch queue wait since the last step began
 
-    def timed(self, func, key: str):
-        """Wrap `func` so its duration (device work included) adds to the current step's `key`."""
-        def wrapper(*args, **kwargs):
-            step = self.current
-            if step is None:
-                return func(*args, **kwargs)
-            self.sync()
-            start = time.perf_counter()
-            step.setdefault(key + "_first", start)
-            try:
-                return func(*args, **kwargs)
-            finally:
-                self.sync()
-                step[key] = step.get(key, 0.0) + time.perf_counter() - start
+    def begin_step(self) -> None:
+        self.sync()
+        self.current = {"start": time.perf_counter(), "data_wait": self.data_wait}
+        self.data_wait = 0.0
 
-        return wrapper
-
-
-def _instrument(trainer, clock: _StepClock) -> None:
-    """Wrap the trainer's pieces (instance attributes shadow the methods; the training code is unchanged)."""
-    real_step = trainer.train_step
-
-    def timed_step(lr_batch, hr_batch):
-        clock.sync()
-        step = {"start": time.perf_counter(), "data_wait": clock.data_wait}
-        clock.data_wait = 0.0
-        clock.current = step
-        try:
-            loss, skipped = real_step(lr_batch, hr_batch)
-        finally:
-            clock.current = None
-        clock.sync()
+    def end_step(self, skipped: bool) -> None:
+        step, self.current = self.current, None
+        self.sync()
         step["end"] = time.perf_counter()
         step["skipped"] = bool(skipped)
-        clock.steps.append(step)
-        return loss, skipped
+        self.steps.append(step)
 
-    trainer.train_step = timed_step
-    trainer.to_device = clock.timed(trainer.to_device, "to_device")
-    # finish_gradients starts right after loss.backward() returns: its first timestamp ends the backward pass.
-    trainer.engine.finish_gradients = clock.timed(trainer.engine.finish_gradients, "finish")
-    # Inside train_step all_reduce_max carries only the overflow/stop flags.
-    trainer.engine.all_reduce_max = clock.timed(trainer.engine.all_reduce_max, "flags")
-    trainer.engine.step = clock.timed(trainer.engine.step, "optimizer")
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Adds the phase's duration (device work included) to the current step; data_wait falls between steps."""
+        if name == "data_wait":
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.data_wait += time.perf_counter() - start
+            return
+        step = self.current
+        if step is None:
+            yield
+            return
+        self.sync()
+        start = time.perf_counter()
+        step.setdefault(name + "_first", start)
+        try:
+            yield
+        finally:
+            self.sync()
+            step[name] = step.get(name, 0.0) + time.perf_counter() - start
 
-    from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(trainer.train_model, DistributedDataParallel) and trainer.device.type == "cpu":
-        # Host timestamps of bucket hand-over only mean "gradients computed" when kernels run synchronously,
-        # i.e. on CPU. The hook is DDP's default all-reduce (divide by world size, sum), only timed.
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+def _time_gradient_allreduce(ddp_model, clock: _StepClock) -> None:
+    """Record when the last gradient bucket was handed to the all-reduce. Host timestamps of bucket hand-over
+    only mean "gradients computed" when kernels run synchronously, i.e. on CPU. The hook is DDP's default
+    all-reduce (divide by world size, sum), only timed."""
+    def timed_allreduce(state, bucket):
+        step = clock.current
+        launched = time.perf_counter()
+        future = allreduce_hook(state, bucket)
+        if step is None:
+            return future
+        step["last_bucket"] = launched
+        step.setdefault("first_bucket", launched)
 
-        def timed_allreduce(state, bucket):
-            step = clock.current
-            launched = time.perf_counter()
-            future = allreduce_hook(state, bucket)
-            if step is None:
-                return future
-            step["last_bucket"] = launched
-            step.setdefault("first_bucket", launched)
+        def done(fut):
+            step["last_reduced"] = max(step.get("last_reduced", 0.0), time.perf_counter())
+            return fut.value()
 
-            def done(fut):
-                step["last_reduced"] = max(step.get("last_reduced", 0.0), time.perf_counter())
-                return fut.value()
+        return future.then(done)
 
-            return future.then(done)
-
-        trainer.train_model.register_comm_hook(None, timed_allreduce)
+    ddp_model.register_comm_hook(None, timed_allreduce)
 
 
 def _step_phases(previous_end: float, step: dict) -> dict:
     """Split one step (from the end of the previous train_step to the end of this one) into PHASES, seconds."""
-    backward_end = step.get("finish_first", step["end"])
+    # finish_gradients starts right after loss.backward() returns: its first timestamp ends the backward pass.
+    backward_end = step.get("finish_gradients_first", step["end"])
     gap = max(step["start"] - previous_end, 0.0)
     data_wait = min(step["data_wait"], gap)
     exposed = max(backward_end - step["last_bucket"], 0.0) if "last_bucket" in step else 0.0
     to_device = step.get("to_device", 0.0)
-    allreduce = exposed + step.get("finish", 0.0) + step.get("flags", 0.0)
+    allreduce = exposed + step.get("finish_gradients", 0.0) + step.get("overflow_check", 0.0)
     optimizer = step.get("optimizer", 0.0)
     inside = step["end"] - step["start"]
     forward_backward = max(backward_end - step["start"] - to_device - exposed, 0.0)
@@ -322,46 +313,20 @@ def _step_phases(previous_end: float, step: dict) -> dict:
 
 def measure_trainer(cfg: Config, warmup: int, steps: int, world=None) -> dict:
     """Run the real training loop for warmup + steps steps and time it. `world`: None = from the environment."""
-    import torch
-
-    from edsr_dist import train as train_module
-
-    clock_box: list[_StepClock] = []
-
-    class TimedPrefetcher(train_module.Prefetcher):
-        """The trainer's own prefetcher; only the consumer's wait on its queue is timed."""
-
-        def __init__(self, produce, step_range, depth: int = 3):
-            super().__init__(produce, step_range, depth)
-            real_get = self._queue.get
-
-            def timed_get(*args, **kwargs):
-                if args or kwargs:  # close() drains with a timeout: not a training wait
-                    return real_get(*args, **kwargs)
-                start = time.perf_counter()
-                item = real_get()
-                clock_box[0].data_wait += time.perf_counter() - start
-                return item
-
-            self._queue.get = timed_get
-
-    trainer = train_module.Trainer(cfg, world)
+    clock = _StepClock()
+    trainer = Trainer(cfg, world, timer=clock)
     try:
+        clock.sync = _synchronizer(trainer.device)
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)  # the bare loop may have run in this process
-        clock = _StepClock(_synchronizer(trainer.device))
-        clock_box.append(clock)
-        _instrument(trainer, clock)
-        real_prefetcher = train_module.Prefetcher
-        train_module.Prefetcher = TimedPrefetcher
+        if isinstance(trainer.train_model, DistributedDataParallel) and trainer.device.type == "cpu":
+            _time_gradient_allreduce(trainer.train_model, clock)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the loop's report lines would spoil --json
                 trainer.fit()
-        except train_module.TrainingDiverged:
+        except TrainingDiverged:
             raise UserError(f"the loss became NaN/inf in {trainer.precision} within {warmup + steps} steps; "
                             "bench with --precision bf16 or fp32") from None
-        finally:
-            train_module.Prefetcher = real_prefetcher
         if len(clock.steps) < warmup + steps:
             raise RuntimeError(f"the trainer ran {len(clock.steps)} steps, expected {warmup + steps}")
         timed = clock.steps[warmup:warmup + steps]
@@ -395,12 +360,6 @@ def measure_trainer(cfg: Config, warmup: int, steps: int, world=None) -> dict:
 
 def measure_bare(cfg: Config, device, precision: str, channels_last: bool, warmup: int, steps: int) -> dict:
     """Plain PyTorch: the same model and optimizer on synthetic tensors already on the device."""
-    import torch
-    import torch.nn.functional as F
-
-    from edsr_dist.model import build_model
-    from edsr_dist.precision import autocast
-
     sync = _synchronizer(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
@@ -443,9 +402,6 @@ def measure_bare(cfg: Config, device, precision: str, channels_last: bool, warmu
 
 def measure_store(path: str, cfg: Config, seconds: float) -> dict:
     """Patches/s of one reader (this process, one thread): TrainSampler.batch in a loop, as the prefetcher calls it."""
-    from edsr_dist.data.sampler import TrainSampler
-    from edsr_dist.data.store import PatchStore
-
     store = PatchStore(path, cfg.scale)
     try:
         sampler = TrainSampler(store, cfg.batch_size, cfg.patch_size, cfg.seed, steps_per_epoch=0)
@@ -536,13 +492,6 @@ def _check(value: float | None, key: str) -> dict | None:
 
 
 def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
-    import torch
-
-    from edsr_dist.data.sample import ensure_sample_store
-    from edsr_dist.dist.world import World
-    from edsr_dist.precision import resolve_precision, select_device
-    from edsr_dist.train import set_threads
-
     load_before = os.getloadavg()
     scratch = tempfile.mkdtemp(prefix="edsr-bench-")
     try:

@@ -1,11 +1,13 @@
 """The training loop: one worker, whatever started it (run_1p.sh, the launcher, torchrun, horovodrun, mpirun).
 
 Reading order: `main` -> `Trainer.__init__` (world, engine, data, model, resume) -> `Trainer.fit`
-(`train_step` per batch, `validate` and `save` every few epochs) -> the `Result:` line.
+(`_train_epoch`: `train_step` per batch; `_end_epoch`: validation and checkpoint, each when its `should_*`
+says so) -> the `Result:` line. `state_dict`/`load_state_dict` are what checkpoints hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -88,12 +90,35 @@ def set_threads(cfg: Config) -> int:
     return threads
 
 
+class StepTimer:
+    """The measuring seam: the trainer marks each step and its named phases here, and this default records
+    nothing. `edsr-dist bench` and tests pass a subclass that does.
+
+    Phases, in the order a step meets them: data_wait (the loop waiting for the prefetch thread, between
+    steps), to_device, finish_gradients (starts as soon as backward returns), overflow_check (the all-reduce
+    of the overflow and stop flags), optimizer.
+    """
+
+    def begin_step(self) -> None:
+        pass
+
+    def end_step(self, skipped: bool) -> None:
+        pass
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        return _NO_PHASE
+
+
+_NO_PHASE = contextlib.nullcontext()
+
+
 class Prefetcher:
     """Reads the next batches in a background thread so the step never waits on HDF5 and augmentation."""
 
-    def __init__(self, produce, steps, depth: int = 3):
+    def __init__(self, produce, steps, timer: StepTimer, depth: int = 3):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._timer = timer
 
         def run():
             try:
@@ -110,7 +135,8 @@ class Prefetcher:
 
     def __iter__(self):
         while True:
-            step, batch, exc = self._queue.get()
+            with self._timer.phase("data_wait"):
+                step, batch, exc = self._queue.get()
             if isinstance(exc, StopIteration):
                 return
             if exc is not None:
@@ -128,10 +154,24 @@ class Prefetcher:
         self._thread.join()
 
 
+class LossMeter:
+    """Sum of the losses of the steps that were not skipped, kept on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.steps += 1
+
+
 class Trainer:
-    def __init__(self, cfg: Config, world: World | None = None):
+    def __init__(self, cfg: Config, world: World | None = None, timer: StepTimer | None = None):
         self.cfg = cfg
         self.world = world or discover_world()
+        self.timer = timer or StepTimer()
         if cfg.batch_size % self.world.size:
             raise UserError(f"batch_size {cfg.batch_size} (global) does not divide by the world size {self.world.size}; "
                             f"pass --batch-size as a multiple of {self.world.size}")
@@ -154,25 +194,56 @@ class Trainer:
         self.sampler = TrainSampler(self.store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
                                     rank=self.world.rank, world_size=self.world.size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, before DDP's broadcast makes sure
-        model = build_model(cfg)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = model.to(self.device, memory_format=self.memory_format)
-        self.model = model  # the bare network: validation and checkpoints use it
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon)
+        self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)  # the bare network
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                          eps=cfg.epsilon)
         self.scaler = LossScaler(enabled=self.precision == "fp16")
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
         self.best_psnr: float | None = None
-        self.resumed_from = self._resume(optimizer)
-        self.train_model, self.optimizer = self.engine.wrap(model, optimizer)
+        self.resumed_from = self._resume()
+        # After resume: Horovod's optimizer wrapper broadcasts the loaded state from rank 0.
+        self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer)
         self.metrics_file = None
         self.tb = None
         self._bar = None  # tqdm on rank 0 while fit() runs
+        self._bad_steps = 0  # consecutive skipped (non-finite) steps
+        self._save_due = False  # a step-cadence checkpoint waiting for a finite step
         self._stop_requested = False  # set by a signal, on this rank, at any moment
         self._stop_agreed = False  # set in a step, on every rank at once: the only one the loop acts on
+
+    # ---- state ----------------------------------------------------------------------------------------------
+
+    def _stateful(self) -> dict:
+        """The parts with their own state_dict/load_state_dict; a new one (an EMA of the weights) is one more entry."""
+        return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler}
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly; what `save` writes and `_resume` reads."""
+        return {
+            **{name: part.state_dict() for name, part in self._stateful().items()},
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "best_psnr": self.best_psnr,
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in self._stateful().items():
+            part.load_state_dict(state[name])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.best_psnr = state.get("best_psnr")
+        if self.step_in_epoch >= self.steps_per_epoch:  # saved at the very end of an epoch
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        torch.set_rng_state(state["rng"]["torch"])
 
     # ---- set-up ---------------------------------------------------------------------------------------------
 
@@ -191,7 +262,7 @@ class Trainer:
             raise UserError(f"store {path} does not exist; build one with `edsr-dist build-store` or omit --data for the sample")
         return PatchStore(path, self.cfg.scale)
 
-    def _resume(self, optimizer) -> str | None:
+    def _resume(self) -> str | None:
         if not self.cfg.resume:
             return None
         from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
@@ -213,14 +284,7 @@ class Trainer:
             if saved[key] != getattr(self.cfg, key):
                 raise UserError(f"checkpoint {path} has {key}={saved[key]} but this run has {getattr(self.cfg, key)}; "
                                 f"pass --{key.replace('_', '-')} {saved[key]} or start a new --out")
-        self.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.best_psnr = state.get("best_psnr")
-        if self.step_in_epoch >= self.steps_per_epoch:  # saved at the very end of an epoch
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        torch.set_rng_state(state["rng"]["torch"])
+        self.load_state_dict(state)
         if self.is_main:
             self._drop_metrics_after(self.step)
         return str(path)
@@ -277,6 +341,26 @@ class Trainer:
             return
         self.tb = SummaryWriter(str(self.out / "tensorboard"))
 
+    def _log_window(self, window: LossMeter) -> None:
+        mean = window.sum.item() / window.steps
+        rate = window.steps * self.cfg.batch_size / max(time.perf_counter() - window.start, 1e-9)
+        lr = learning_rate(self.cfg, self.step - 1)
+        self.log(f"Step nr: [{self.step}/{self.total_steps}] - Loss: {mean:.5f} - Lr: {lr:.3e}")
+        self.record(type="step", step=self.step, epoch=self.epoch + 1, loss=mean, lr=lr, images_per_s=rate,
+                    loss_scale=self.scaler.scale)
+
+    def _log_epoch(self, number: int, mean_loss: float, report: dict) -> None:
+        line = f"Epoch nr: [{number}/{self.cfg.epochs}] - Loss: {mean_loss:.5f}"
+        if report:
+            line += f" - val PSNR: {report['psnr_y']:.3f} - val SSIM: {report['ssim_y']:.4f}"
+        self.log(line)
+        self.record(type="epoch", step=self.step, epoch=number, loss=mean_loss, **report)
+
+    def _log_result(self, report: dict) -> None:
+        self.log(f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
+                 f"(Y-PSNR, {report['images']} held-out images)")
+        self.record(type="result", step=self.step, **report)
+
     # ---- one step -------------------------------------------------------------------------------------------
 
     def to_device(self, batch_uint8: np.ndarray) -> torch.Tensor:
@@ -286,27 +370,35 @@ class Trainer:
         return x.contiguous(memory_format=self.memory_format)
 
     def train_step(self, lr_batch: np.ndarray, hr_batch: np.ndarray) -> tuple[torch.Tensor, bool]:
+        timer = self.timer
+        timer.begin_step()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step)
-        lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
+        with timer.phase("to_device"):
+            lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
         with autocast(self.device, self.precision):
             sr = self.train_model(lr_t)
         loss = F.l1_loss(sr.float(), hr_t)
         self.scaler.scale_loss(loss).backward()
-        self.engine.finish_gradients(self.optimizer)
+        with timer.phase("finish_gradients"):
+            self.engine.finish_gradients(self.optimizer)
         bad = self.scaler.unscale_(self.model.parameters()) if self.scaler.enabled else (~torch.isfinite(loss.detach())).float()
         # One small all-reduce carries both the overflow flag and a pending stop request, so all ranks
         # skip the same steps and stop at the same step boundary.
         flags = torch.stack([bad.reshape(()), torch.tensor(float(self._stop_requested), device=bad.device)])
-        flags = self.engine.all_reduce_max(flags).tolist()
+        with timer.phase("overflow_check"):
+            flags = self.engine.all_reduce_max(flags)
+        flags = flags.tolist()
         skipped = flags[0] > 0
         if not skipped:
-            self.engine.step(self.optimizer)
+            with timer.phase("optimizer"):
+                self.engine.step(self.optimizer)
         self.scaler.update(skipped)
         self.optimizer.zero_grad(set_to_none=True)
         # Never act on the local flag directly: a signal landing between this all-reduce and the loop's check
         # would stop this rank one step before the others, leaving them waiting in the next step's collectives.
         self._stop_agreed = flags[1] > 0
+        timer.end_step(skipped)
         return loss.detach(), skipped
 
     # ---- validation -----------------------------------------------------------------------------------------
@@ -362,132 +454,137 @@ class Trainer:
         if psnr is not None and (self.best_psnr is None or psnr > self.best_psnr):
             self.best_psnr = psnr
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "best_psnr": self.best_psnr,
-            "rng": {"torch": torch.get_rng_state()},
+            **self.state_dict(),
             "config": self.cfg.to_dict(),
             "meta": {"format_version": CHECKPOINT_FORMAT, "world_size": self.world.size, "engine": self.engine_name,
                      "precision": self.precision, "package_version": __version__, "time": time.time()},
         }
         return save_checkpoint(self.out, state, step=self.step, keep_last=self.cfg.keep_last, psnr=psnr)
 
+    # ---- cadences: each concern decides when it is due ------------------------------------------------------
+
+    def should_log(self, window: LossMeter) -> bool:
+        return self.step % self.cfg.log_every == 0 and window.steps > 0
+
+    def should_save_step(self) -> bool:
+        """A step-cadence checkpoint, held back during a run of non-finite steps: the weights may be the ones that
+        blew up, and retention would delete the good checkpoints before divergence is declared."""
+        if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
+            self._save_due = True
+        return self._save_due and not self._bad_steps
+
+    def should_validate(self, epoch_number: int, last: bool) -> bool:
+        return epoch_number % self.cfg.validate_every == 0 or last
+
+    def should_save_epoch(self, epoch_number: int, last: bool) -> bool:
+        return epoch_number % self.cfg.save_every == 0 or last
+
+    def _count_bad_step(self, skipped: bool) -> None:
+        self._bad_steps = self._bad_steps + 1 if skipped else 0
+        if self._bad_steps >= MAX_BAD_STEPS[self.precision]:
+            raise TrainingDiverged(self.step)
+
     # ---- the loop -------------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        cfg = self.cfg
-        total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps:
-            total_steps = min(total_steps, cfg.max_steps)
-        if self.is_main and cfg.progress and sys.stderr.isatty():
+        self.log(self._banner())
+        report: dict = {}
+        with self._progress_bar(), self._stop_on_signals():
+            try:
+                while self.epoch < self.cfg.epochs and self.step < self.total_steps:
+                    epoch_loss = self._train_epoch()
+                    report = self._end_epoch(epoch_loss) or report
+            except Interrupted:
+                path = self.save()
+                self.log(f"Interrupted at step {self.step}; checkpoint {path}. Resume with --resume auto.")
+                raise
+        if report:
+            self._log_result(report)
+        return report
+
+    def _train_epoch(self) -> LossMeter:
+        """Steps from step_in_epoch to the end of the epoch (or of the run); returns the epoch's losses."""
+        epoch_loss, window = LossMeter(self.device), LossMeter(self.device)
+        batches = Prefetcher(lambda s: self.sampler.batch(self.epoch, s),
+                             range(self.step_in_epoch, self.steps_per_epoch), self.timer)
+        try:
+            for step_in_epoch, (lr_batch, hr_batch) in batches:
+                loss, skipped = self.train_step(lr_batch, hr_batch)
+                self.step += 1
+                self.step_in_epoch = step_in_epoch + 1
+                if self._bar is not None:
+                    self._bar.update(1)
+                self._count_bad_step(skipped)
+                if not skipped:
+                    epoch_loss.add(loss)
+                    window.add(loss)
+                if self.should_log(window):
+                    self._log_window(window)
+                    window = LossMeter(self.device)
+                if self.should_save_step():
+                    self.save()
+                    self._save_due = False
+                if self._stop_agreed:
+                    raise Interrupted()
+                if self.step >= self.total_steps:
+                    break
+        finally:
+            batches.close()
+        return epoch_loss
+
+    def _end_epoch(self, epoch_loss: LossMeter) -> dict:
+        """Close the epoch (or the run, cut short by max_steps): loss, validation, checkpoint as their cadences say."""
+        epoch_done = self.step_in_epoch >= self.steps_per_epoch
+        last = self.step >= self.total_steps or (epoch_done and self.epoch + 1 >= self.cfg.epochs)
+        number = self.epoch + 1
+        mean_loss = self._mean_over_ranks(epoch_loss)
+        if epoch_done:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        validated = self.should_validate(number, last)
+        report = self.validate(write_samples=last and self.cfg.samples_png) if validated else {}
+        self._log_epoch(number, mean_loss, report)
+        if self.should_save_epoch(number, last):
+            self.save(psnr=report.get("psnr_y"))
+        return report
+
+    def _mean_over_ranks(self, meter: LossMeter) -> float:
+        both = torch.stack([meter.sum.detach().float(), torch.tensor(float(meter.steps), device=meter.sum.device)])
+        both = self.engine.all_reduce_sum(both).cpu()
+        return both[0].item() / max(both[1].item(), 1.0)
+
+    @contextlib.contextmanager
+    def _progress_bar(self):
+        if self.is_main and self.cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=self.step, unit="step", dynamic_ncols=True)
-        self.log(self._banner(total_steps))
-
-        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        report: dict = {}
-        bad_steps = 0
-        save_due = False
+            self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         try:
-            while self.epoch < cfg.epochs and self.step < total_steps:
-                epoch_loss = torch.zeros((), device=self.device)
-                epoch_steps = 0
-                window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
-                batches = Prefetcher(lambda s: self.sampler.batch(self.epoch, s),
-                                     range(self.step_in_epoch, self.steps_per_epoch))
-                try:
-                    for step_in_epoch, (lr_batch, hr_batch) in batches:
-                        loss, skipped = self.train_step(lr_batch, hr_batch)
-                        self.step += 1
-                        self.step_in_epoch = step_in_epoch + 1
-                        if self._bar is not None:
-                            self._bar.update(1)
-                        if skipped:
-                            bad_steps += 1
-                            if bad_steps >= MAX_BAD_STEPS[self.precision]:
-                                raise TrainingDiverged(self.step)
-                        else:
-                            bad_steps = 0
-                            epoch_loss += loss
-                            window_loss += loss
-                            epoch_steps += 1
-                            window_steps += 1
-                        if self.step % cfg.log_every == 0 and window_steps:
-                            elapsed = time.perf_counter() - window_start
-                            mean = window_loss.item() / window_steps
-                            rate = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-                            self.log(f"Step nr: [{self.step}/{total_steps}] - Loss: {mean:.5f} - "
-                                     f"Lr: {learning_rate(cfg, self.step - 1):.3e}")
-                            self.record(type="step", step=self.step, epoch=self.epoch + 1, loss=mean,
-                                        lr=learning_rate(cfg, self.step - 1), images_per_s=rate,
-                                        loss_scale=self.scaler.scale)
-                            window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
-                        if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
-                            save_due = True
-                        # Not during a run of non-finite steps: the weights may be the ones that blew up, and
-                        # retention would delete the good checkpoints before divergence is declared.
-                        if save_due and not bad_steps:
-                            self.save()
-                            save_due = False
-                        if self._stop_agreed:
-                            raise Interrupted()
-                        if self.step >= total_steps:
-                            break
-                finally:
-                    batches.close()
-                epoch_done = self.step_in_epoch >= self.steps_per_epoch
-                last = self.step >= total_steps or (epoch_done and self.epoch + 1 >= cfg.epochs)
-                number = self.epoch + 1
-                mean_loss = self._mean_over_ranks(epoch_loss, epoch_steps)
-                if epoch_done:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                if number % cfg.validate_every == 0 or last:
-                    report = self.validate(write_samples=last and cfg.samples_png)
-                    self.log(f"Epoch nr: [{number}/{cfg.epochs}] - Loss: {mean_loss:.5f} - "
-                             f"val PSNR: {report['psnr_y']:.3f} - val SSIM: {report['ssim_y']:.4f}")
-                    self.record(type="epoch", step=self.step, epoch=number, loss=mean_loss, **report)
-                else:
-                    self.log(f"Epoch nr: [{number}/{cfg.epochs}] - Loss: {mean_loss:.5f}")
-                    self.record(type="epoch", step=self.step, epoch=number, loss=mean_loss)
-                if number % cfg.save_every == 0 or last:
-                    self.save(psnr=report.get("psnr_y") if number % cfg.validate_every == 0 or last else None)
-        except Interrupted:
-            path = self.save()
-            self.log(f"Interrupted at step {self.step}; checkpoint {path}. Resume with --resume auto.")
-            raise
+            yield
         finally:
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
             if self._bar is not None:
                 self._bar.close()
             self._bar = None
 
-        if report:
-            self.log(f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
-                     f"(Y-PSNR, {report['images']} held-out images)")
-            self.record(type="result", step=self.step, **report)
-        return report
-
-    def _mean_over_ranks(self, loss_sum: torch.Tensor, steps: int) -> float:
-        both = torch.stack([loss_sum.detach().float(), torch.tensor(float(steps), device=loss_sum.device)])
-        both = self.engine.all_reduce_sum(both).cpu()
-        return both[0].item() / max(both[1].item(), 1.0)
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM/SIGINT only ask for a stop; the next step's all-reduce makes every rank agree on it."""
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
 
-    def _banner(self, total_steps: int) -> str:
+    def _banner(self) -> str:
         w = self.world
         where = f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "fresh start"
         return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
                 f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
                 f"{self.precision}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
-                f"{self.steps_per_epoch} steps/epoch, {total_steps} steps; {where}")
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps; {where}")
 
     def close(self, clean: bool = True) -> None:
         if self.metrics_file is not None:
@@ -496,7 +593,6 @@ class Trainer:
             self.tb.close()
         self.store.close()
         self.engine.shutdown(clean)
-
 
 
 def check_output_folder(out: Path) -> None:

@@ -7,55 +7,54 @@ Modes:
   validate  validation only, on the seed's initial weights.
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from edsr_dist.train import Trainer, parse_train_args
+from edsr_dist.train import StepTimer, Trainer, parse_train_args
 
 INJECT_AT_STEP = 3
+
+
+class OverflowProbe(StepTimer):
+    """Through the trainer's phase seam: after the gradients are final on rank 1 at INJECT_AT_STEP, puts an inf
+    into one of them; records each step's local overflow, whether the step was skipped, and the loss scale."""
+
+    def __init__(self):
+        self.trainer = None
+        self.local_flags, self.skipped, self.scales = [], [], []
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        yield
+        if name != "finish_gradients":
+            return
+        trainer = self.trainer
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        if trainer.world.rank == 1 and trainer.step + 1 == INJECT_AT_STEP:
+            grads[0][(0,) * grads[0].dim()] = float("inf")
+        self.local_flags.append(float(not all(torch.isfinite(g).all() for g in grads)))
+
+    def end_step(self, skipped):
+        if skipped:
+            self.skipped.append(self.trainer.step + 1)
+        self.scales.append(self.trainer.scaler.scale)
 
 
 def main() -> None:
     mode, out, *train_args = sys.argv[1:]
     cfg = parse_train_args(train_args + ["--out", out])
-    trainer = Trainer(cfg)
+    probe = OverflowProbe()
+    trainer = Trainer(cfg, timer=probe)
+    probe.trainer = trainer
     rank = trainer.world.rank
     observed: dict = {"rank": rank}
     if mode == "overflow":
-        real_finish = trainer.engine.finish_gradients
-
-        def finish_and_inject(optimizer):
-            real_finish(optimizer)
-            if rank == 1 and trainer.step + 1 == INJECT_AT_STEP:
-                grad = next(p for p in trainer.model.parameters() if p.grad is not None).grad
-                grad[(0,) * grad.dim()] = float("inf")
-
-        trainer.engine.finish_gradients = finish_and_inject
-        real_step = trainer.train_step
-        skipped_steps, scales = [], []
-
-        def recording_step(lr_batch, hr_batch):
-            loss, skipped = real_step(lr_batch, hr_batch)
-            if skipped:
-                skipped_steps.append(trainer.step + 1)
-            scales.append(trainer.scaler.scale)
-            return loss, skipped
-
-        trainer.train_step = recording_step
-        real_unscale = trainer.scaler.unscale_
-        local_flags = []
-
-        def recording_unscale(params):
-            found = real_unscale(params)
-            local_flags.append(found.item())
-            return found
-
-        trainer.scaler.unscale_ = recording_unscale
         trainer.fit()
-        observed.update(skipped=skipped_steps, scales=scales, local_flags=local_flags,
+        observed.update(skipped=probe.skipped, scales=probe.scales, local_flags=probe.local_flags,
                         params=[p.detach().double().sum().item() for p in trainer.model.parameters()])
     elif mode == "validate":
         observed.update(trainer.validate())
