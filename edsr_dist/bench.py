@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, config_from_dict
+from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, check_batch_divides, config_from_dict
 from edsr_dist.data.sample import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
@@ -152,10 +152,9 @@ def bench_config(args: argparse.Namespace) -> Config:
     if args.threads:
         overrides["num_threads"] = args.threads
     cfg = build_config(preset=args.preset, overrides=overrides)
-    for flag, workers in (("--nproc", args.nproc), ("--compare-nproc", args.compare_nproc)):
-        if workers and cfg.batch_size % workers:
-            raise UserError(f"batch size {cfg.batch_size} does not divide by {flag} {workers}; pass --batch-size "
-                            f"as a multiple of {workers}")
+    for workers in (args.nproc, args.compare_nproc):
+        if workers:
+            check_batch_divides(cfg.batch_size, workers)
     return cfg
 
 

@@ -312,22 +312,3 @@ def find_checkpoint(path_or_dir: str | Path) -> Path | None:
             continue
         return candidate
     return None
-
-
-def checkpoint_model(path: str | Path):
-    """(EDSR with the saved weights, its Config) from a checkpoint file or a run folder; model on CPU, eval mode."""
-    from edsr_dist.config import config_from_dict
-    from edsr_dist.model import build_model
-    from edsr_dist.weights import convert_state_dict
-
-    found = find_checkpoint(path)
-    if found is None:
-        raise UserError(f"no valid checkpoint in {path}; pass a .ckpt file or a run folder that has checkpoints/")
-    state = load_checkpoint(found)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"checkpoint {found} has no model weights and config; "
-                        "pass a checkpoint written by `edsr-dist train`")
-    cfg = config_from_dict(state["config"])
-    model = build_model(cfg)
-    model.load_state_dict(convert_state_dict(state["model"], num_blocks=cfg.num_blocks), strict=True)
-    return model.eval(), cfg

@@ -13,7 +13,7 @@ COMMANDS = {
     "train": ("edsr_dist.train", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
     "launch": ("edsr_dist.dist.launcher", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
     "rank-table": ("edsr_dist.dist.rank_table", "main", "check or make an Ascend HCCL rank table"),
-    "build-store": ("edsr_dist.data.builder", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
+    "build-store": ("edsr_dist.data.build_store", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
     "eval": ("edsr_dist.evaluate", "main", "evaluate checkpoints on a store or a folder of HR images"),
     "sr": ("edsr_dist.infer", "main", "super-resolve images with a checkpoint (tiled, optional self-ensemble)"),
     "export": ("edsr_dist.weights", "main", "export or import model weights (safetensors, reference/BasicSR names)"),

@@ -69,7 +69,8 @@ class Config:
     tensorboard: bool = True  # write scalars when the tensorboard package is installed
     progress: bool = True  # tqdm bar on rank 0
 
-    def validate(self) -> "Config":
+    def check(self) -> "Config":
+        """Each setting within its range; returns self."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise UserError(msg)
@@ -207,7 +208,7 @@ def build_config(preset: str | None = None, config_file: str | None = None,
         cfg = apply_overrides(cfg, file_values, f"config file {config_file}")
     if overrides:
         cfg = apply_overrides(cfg, overrides, "command line")
-    return cfg.validate()
+    return cfg.check()
 
 
 def parse_override_args(args: list[str]) -> dict:
@@ -251,3 +252,46 @@ def config_from_dict(values: dict) -> Config:
     return apply_overrides(Config(), {k: v for k, v in values.items() if k in known}, "checkpoint config")
 
 
+
+
+TRAIN_HELP = """usage: edsr-dist train [--config FILE] [--preset NAME] [--field-name value ...]
+
+Train EDSR. Without --data, the embedded sample store is built (or reused) in the cache folder.
+Every setting below can be given as --field-name value (defaults shown are the old TF script's):
+"""
+
+
+def parse_train_args(argv: list[str]) -> Config:
+    """`edsr-dist train` arguments -> Config; the worker and the launcher (which checks them before starting
+    anyone) both call this."""
+    argv = list(argv)
+    preset = config_file = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(TRAIN_HELP + describe_fields() + f"\n\npresets: {', '.join(PRESETS)} (see edsr_dist/config.py)")
+            raise SystemExit(0)
+        key, eq, value = arg.partition("=")
+        if key in ("--preset", "--config"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UserError(f"option {key} needs a value")
+                i += 1
+                value = argv[i]
+            if key == "--preset":
+                preset = value
+            else:
+                config_file = value
+        else:
+            rest.append(arg)
+        i += 1
+    return build_config(preset=preset, config_file=config_file, overrides=parse_override_args(rest))
+
+
+def check_batch_divides(batch_size: int, workers: int) -> None:
+    """The global batch is split evenly over the workers (launcher, trainer, sampler and bench all ask here)."""
+    if batch_size % workers:
+        raise UserError(f"batch_size {batch_size} (global) does not divide by the {workers} workers; pass "
+                        f"--batch-size as a multiple of {workers}, e.g. {max(1, round(batch_size / workers)) * workers}")

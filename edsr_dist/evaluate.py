@@ -24,7 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from edsr_dist.checkpoint import (CHECKPOINT_DIR, _step_of, follow_pointer, is_checkpoint_file, list_checkpoints,
+                                  load_checkpoint)
+from edsr_dist.data.builder import load_png_rgb
+from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
+from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.infer import load_inference_model, super_resolve
+from edsr_dist.metrics import score_sr
+from edsr_dist.precision import DTYPES, resolve_precision, select_device
+from edsr_dist.weights import checkpoint_model
 
 # One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.
 EvalImage = tuple[str, np.ndarray, np.ndarray]
@@ -47,8 +56,6 @@ class Candidate:
 
 def collect_candidates(path_text: str) -> list[Candidate]:
     """A folder: its step_*.ckpt files (run folder or its checkpoints/), oldest step first. A file: itself."""
-    from edsr_dist.checkpoint import follow_pointer, is_checkpoint_file, list_checkpoints
-
     path = Path(path_text)
     if not path.exists():
         raise UserError(f"--checkpoints {path} does not exist; pass a run folder, its checkpoints/ folder, "
@@ -65,11 +72,7 @@ def collect_candidates(path_text: str) -> list[Candidate]:
 
 def load_candidate(candidate: Candidate, res_scale: float | None = None):
     """(model on CPU in eval mode, step or None, checkpoint Config or None); res_scale is for plain weights."""
-    from edsr_dist.checkpoint import _step_of, checkpoint_model, load_checkpoint
-
     if not candidate.is_checkpoint:
-        from edsr_dist.infer import load_inference_model
-
         return load_inference_model(str(candidate.path), res_scale=res_scale), None, None
     model, cfg = checkpoint_model(candidate.path)
     step = _step_of(candidate.path)
@@ -82,8 +85,6 @@ def load_candidate(candidate: Candidate, res_scale: float | None = None):
 
 def store_images(path: str, scale: int, max_images: int = 0) -> Iterator[EvalImage]:
     """The validation images of a patch store at `scale` (the first `max_images`, 0 = all)."""
-    from edsr_dist.data.store import PatchStore
-
     store = PatchStore(path, scale)
     try:
         count = store.num_valid if not max_images else min(max_images, store.num_valid)
@@ -110,9 +111,6 @@ def list_hr_images(folder: str | Path) -> list[Path]:
 def folder_images(folder: str | Path, scale: int, degradation: str = "bicubic-pil",
                   max_images: int = 0) -> Iterator[EvalImage]:
     """HR PNGs of a folder, each cropped to a multiple of `scale`, with the LR made as the store builder makes it."""
-    from edsr_dist.data.builder import load_png_rgb
-    from edsr_dist.data.resize import downscale, modcrop
-
     files = list_hr_images(folder)
     for path in files[:max_images or None]:
         hr = np.ascontiguousarray(modcrop(load_png_rgb(path), scale))
@@ -133,10 +131,6 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
     The same inference (`infer.super_resolve`) and scores (`metrics.score_sr`) as Trainer.validate, in the
     model's training memory format and autocast. tile None: `val_tile` when set, else automatic (as validation).
     """
-    from edsr_dist.infer import super_resolve
-    from edsr_dist.metrics import score_sr
-    from edsr_dist.precision import DTYPES
-
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     side = tile if tile is not None else (val_tile or None)
@@ -199,8 +193,6 @@ def csv_text(results: list[dict]) -> str:
 
 def default_output_stem(checkpoints: Path, data: Path, ensemble: bool) -> Path:
     """<checkpoint folder>/eval_<data name>[_self-ensemble]; a run folder's checkpoints/ when it has one."""
-    from edsr_dist.checkpoint import CHECKPOINT_DIR
-
     if checkpoints.is_file():
         folder = checkpoints.parent
     else:
@@ -218,8 +210,6 @@ def default_output_stem(checkpoints: Path, data: Path, ensemble: bool) -> Path:
 # ---- the command --------------------------------------------------------------------------------------------
 
 def _build_parser() -> argparse.ArgumentParser:
-    from edsr_dist.data.resize import DEGRADATIONS
-
     p = CommandParser(
         prog="edsr-dist eval",
         description="Evaluate checkpoints (PSNR-Y, SSIM-Y, PSNR-RGB with the scale shaved off, as in the EDSR paper) "
@@ -272,7 +262,6 @@ def main(argv: list[str]) -> int:
     candidates = collect_candidates(args.checkpoints)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    from edsr_dist.precision import resolve_precision, select_device
 
     device = select_device(args.device, 0)
     precision = resolve_precision(args.precision, device.type)

@@ -17,9 +17,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from edsr_dist.checkpoint import follow_pointer, is_checkpoint_file
 from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.metrics import to_uint8
+from edsr_dist.precision import DTYPES, select_device
+from edsr_dist.weights import checkpoint_model, model_from_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -120,8 +125,6 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
     pad None = the model's receptive-field radius (tiles then match the whole-image result);
     dtype (torch.bfloat16 / torch.float16) runs the network under autocast.
     """
-    from edsr_dist.metrics import to_uint8
-
     img = np.asarray(lr_uint8_hwc)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"super_resolve takes an RGB uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
@@ -150,8 +153,6 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
 # ---- the `sr` command -------------------------------------------------------------------------------------
 
 def _pick_device(name: str) -> torch.device:
-    from edsr_dist.precision import select_device
-
     return select_device(name, 0)
 
 
@@ -172,8 +173,6 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))
@@ -182,8 +181,6 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _write_png(img: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         Image.fromarray(img).save(tmp, format="PNG")
@@ -195,9 +192,6 @@ def _write_png(img: np.ndarray, path: Path) -> None:
 
 def load_inference_model(path: str, res_scale: float | None = None) -> nn.Module:
     """A run folder or .ckpt (config inside), or plain weights (.pt/.pth/.safetensors; shape read from them)."""
-    from edsr_dist.checkpoint import checkpoint_model, follow_pointer, is_checkpoint_file
-    from edsr_dist.weights import model_from_weights
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"--checkpoint {p} does not exist; pass a .ckpt file, a run folder or a weights file")
@@ -251,8 +245,6 @@ def main(argv: list[str]) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output folder {out_dir} ({exc.strerror}); pass another --out") from None
-
-    from edsr_dist.precision import DTYPES
 
     dtype = DTYPES[args.precision]
     for src, dst in targets.items():

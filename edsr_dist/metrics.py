@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image
+from scipy.ndimage import correlate1d
 
 PIXEL_MAX = 255.0
 SSIM_SIGMA = 1.5
@@ -100,8 +102,6 @@ def _filter_valid(image: np.ndarray) -> np.ndarray:
 
     scipy (a scikit-image dependency) filters in C; the border mode is irrelevant after the crop.
     """
-    from scipy.ndimage import correlate1d
-
     taps = _gaussian_taps()
     out = correlate1d(image, taps, axis=0, mode="reflect")
     out = correlate1d(out, taps, axis=1, mode="reflect")
@@ -125,8 +125,6 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
 
 def bicubic_upscale(lr: np.ndarray, hr_shape) -> np.ndarray:
     """The baseline every report compares against: Pillow's bicubic of the LR image to the HR size."""
-    from PIL import Image
-
     return np.asarray(Image.fromarray(lr).resize((hr_shape[1], hr_shape[0]), Image.BICUBIC))
 
 

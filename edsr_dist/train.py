@@ -21,27 +21,29 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from PIL import Image
 
 from edsr_dist import __version__
-from edsr_dist.config import PRESETS, Config, build_config, describe_fields, parse_override_args
-from edsr_dist.dist.engine import make_engine, resolve_engine_name
-from edsr_dist.dist.launcher import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED
+from edsr_dist.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from edsr_dist.config import Config, check_batch_divides, parse_train_args
+from edsr_dist.data.sample import ensure_sample_store
+from edsr_dist.data.sampler import TrainSampler
+from edsr_dist.data.store import PatchStore
+from edsr_dist.dist.engine import describe_collective_failure
+from edsr_dist.dist.engine_factory import make_engine, resolve_engine_name
 from edsr_dist.dist.world import World, discover_world
-from edsr_dist.errors import UserError
+from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, UserError
+from edsr_dist.infer import super_resolve
+from edsr_dist.metrics import bicubic_upscale, score_sr
 from edsr_dist.model import build_model
-from edsr_dist.precision import LossScaler, autocast, resolve_precision, select_device
+from edsr_dist.precision import DTYPES, LossScaler, autocast, resolve_precision, select_device
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
 # more room: the loss scaler legitimately overflows a few times while it finds its scale.
 MAX_BAD_STEPS = {"fp16": 30, "bf16": 5, "fp32": 5}
-
-TRAIN_HELP = """usage: edsr-dist train [--config FILE] [--preset NAME] [--field-name value ...]
-
-Train EDSR. Without --data, the embedded sample store is built (or reused) in the cache folder.
-Every setting below can be given as --field-name value (defaults shown are the old TF script's):
-"""
-
 
 class TrainingDiverged(Exception):
     """Loss or gradients stayed NaN/inf beyond what loss scaling recovers from."""
@@ -49,33 +51,6 @@ class TrainingDiverged(Exception):
 
 class Interrupted(Exception):
     """SIGTERM/SIGINT (preemption): stopped at a step boundary after writing a checkpoint."""
-
-
-def parse_train_args(argv: list[str]) -> Config:
-    argv = list(argv)
-    preset = config_file = None
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(TRAIN_HELP + describe_fields() + f"\n\npresets: {', '.join(PRESETS)} (see edsr_dist/config.py)")
-            raise SystemExit(0)
-        key, eq, value = arg.partition("=")
-        if key in ("--preset", "--config"):
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise UserError(f"option {key} needs a value")
-                i += 1
-                value = argv[i]
-            if key == "--preset":
-                preset = value
-            else:
-                config_file = value
-        else:
-            rest.append(arg)
-        i += 1
-    return build_config(preset=preset, config_file=config_file, overrides=parse_override_args(rest))
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -172,9 +147,7 @@ class Trainer:
         self.cfg = cfg
         self.world = world or discover_world()
         self.timer = timer or StepTimer()
-        if cfg.batch_size % self.world.size:
-            raise UserError(f"batch_size {cfg.batch_size} (global) does not divide by the world size {self.world.size}; "
-                            f"pass --batch-size as a multiple of {self.world.size}")
+        check_batch_divides(cfg.batch_size, self.world.size)
         self.out = Path(cfg.out)
         self.device = select_device(cfg.device, self.world.device_index)
         self.precision = resolve_precision(cfg.precision, self.device.type)
@@ -189,8 +162,6 @@ class Trainer:
             check_output_folder(self.out)
 
         self.store = self._open_store()
-        from edsr_dist.data.sampler import TrainSampler
-
         self.sampler = TrainSampler(self.store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
                                     rank=self.world.rank, world_size=self.world.size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -248,12 +219,8 @@ class Trainer:
     # ---- set-up ---------------------------------------------------------------------------------------------
 
     def _open_store(self):
-        from edsr_dist.data.store import PatchStore
-
         path = self.cfg.data
         if not path:
-            from edsr_dist.data.sample import ensure_sample_store
-
             # Rank 0 builds (or repairs) the cached sample store while the others wait.
             path = ensure_sample_store() if self.is_main else None
             self.engine.barrier()
@@ -265,8 +232,6 @@ class Trainer:
     def _resume(self) -> str | None:
         if not self.cfg.resume:
             return None
-        from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
-
         where = self.out if self.cfg.resume == "auto" else Path(self.cfg.resume)
         # Rank 0 chooses (and reports skipped damaged files once); everyone resumes from the same file.
         path = self.engine.broadcast_object(find_checkpoint(where) if self.is_main else None)
@@ -406,10 +371,6 @@ class Trainer:
     @torch.no_grad()
     def validate(self, write_samples: bool = False) -> dict:
         """Each rank takes every world-size-th image; sums are reduced so rank 0 reports the whole set."""
-        from edsr_dist.infer import super_resolve
-        from edsr_dist.metrics import bicubic_upscale, score_sr
-        from edsr_dist.precision import DTYPES
-
         n = self.store.num_valid if not self.cfg.max_val_images else min(self.cfg.max_val_images, self.store.num_valid)
         keys = ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")
         sums = torch.zeros(1 + len(keys), dtype=torch.float64)  # images, then the sum of each metric
@@ -433,8 +394,6 @@ class Trainer:
 
     def _write_sample(self, name: str, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> None:
         """bicubic | EDSR | ground truth, a centre crop of each, side by side."""
-        from PIL import Image
-
         side = min(256, hr.shape[0], hr.shape[1])
         top, left = (hr.shape[0] - side) // 2, (hr.shape[1] - side) // 2
         crops = [img[top:top + side, left:left + side] for img in (bicubic, sr, hr)]
@@ -449,8 +408,6 @@ class Trainer:
     def save(self, psnr: float | None = None) -> Path | None:
         if not self.is_main:
             return None
-        from edsr_dist.checkpoint import save_checkpoint
-
         if psnr is not None and (self.best_psnr is None or psnr > self.best_psnr):
             self.best_psnr = psnr
         state = {
@@ -555,8 +512,6 @@ class Trainer:
     @contextlib.contextmanager
     def _progress_bar(self):
         if self.is_main and self.cfg.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         try:
             yield
@@ -614,8 +569,6 @@ def check_output_folder(out: Path) -> None:
 
 def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -> int:
     """Another rank died or hung: one line instead of a traceback from deep inside the backend."""
-    from edsr_dist.dist.engine import describe_collective_failure
-
     message = describe_collective_failure(exc, cfg.dist_timeout)
     if message is None:
         raise exc
@@ -642,8 +595,6 @@ def main(argv: list[str]) -> int:
         code = EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         clean = True  # every rank saw the same flags and stops at the same step
-        from edsr_dist.checkpoint import find_checkpoint
-
         if trainer.is_main:
             last = find_checkpoint(trainer.out)
             kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint had been written yet"

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edsr_dist.checkpoint import find_checkpoint, is_checkpoint_file, load_checkpoint
+from edsr_dist.config import config_from_dict
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE
+from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE, build_model
 
 _WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict")  # in order of preference
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
@@ -153,8 +155,6 @@ def infer_architecture(sd: dict) -> dict:
 
 def read_weights_file(path: str | Path) -> tuple[dict, dict]:
     """(raw state dict, metadata) from .safetensors, .pt/.pth (weights-only unpickling) or our .ckpt."""
-    from edsr_dist.checkpoint import is_checkpoint_file, load_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass an existing .pt, .pth, .safetensors or .ckpt file")
@@ -232,6 +232,21 @@ def model_from_weights(path: str | Path, res_scale: float | None = None) -> tupl
     return model.eval(), arch
 
 
+def checkpoint_model(path: str | Path):
+    """(EDSR with the saved weights, its Config) from a checkpoint file or a run folder; model on CPU, eval mode."""
+    found = find_checkpoint(path)
+    if found is None:
+        raise UserError(f"no valid checkpoint in {path}; pass a .ckpt file or a run folder that has checkpoints/")
+    state = load_checkpoint(found)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"checkpoint {found} has no model weights and config; "
+                        "pass a checkpoint written by `edsr-dist train`")
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(convert_state_dict(state["model"], num_blocks=cfg.num_blocks), strict=True)
+    return model.eval(), cfg
+
+
 def _architecture_of(model: EDSR) -> dict:
     return {"scale": model.scale, "num_blocks": len(model.body) - 1, "num_filters": model.head[0].out_channels,
             "res_scale": model.body[0].res_scale if len(model.body) > 1 else 1.0}
@@ -242,8 +257,6 @@ def _resolve_source(model_or_checkpoint) -> tuple[dict, dict]:
         model = _bare(model_or_checkpoint)
         meta = _architecture_of(model) if isinstance(model, EDSR) else {}
         return model.state_dict(), meta
-    from edsr_dist.checkpoint import checkpoint_model
-
     model, cfg = checkpoint_model(model_or_checkpoint)
     meta = _architecture_of(model)
     meta["res_scale"] = cfg.res_scale

@@ -66,10 +66,10 @@ def assert_no_process_left(pids: list[int], within_s: float = 5.0) -> None:
 
 @pytest.fixture(scope="session")
 def sample_store(tmp_path_factory) -> Path:
-    from edsr_dist.data.builder import build_sample_store
+    from edsr_dist.data.sample import build_sample_store
 
     path = tmp_path_factory.mktemp("store") / "sample.h5"
-    build_sample_store(path)
+    build_sample_store(str(path))
     return path
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from edsr_dist.checkpoint import (checkpoint_model, find_checkpoint, list_checkpoints, load_checkpoint,
-                                  save_checkpoint)
+from edsr_dist.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from edsr_dist.config import Config
 from edsr_dist.errors import UserError
 from edsr_dist.model import build_model
+from edsr_dist.weights import checkpoint_model
 
 REPO = Path(__file__).resolve().parents[1]
 

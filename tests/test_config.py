@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from edsr_dist.config import Config, build_config, parse_override_args
+from edsr_dist.config import Config, build_config, parse_override_args, parse_train_args
 from edsr_dist.errors import UserError
-from edsr_dist.train import learning_rate, parse_train_args
+from edsr_dist.train import learning_rate
 
 
 def test_defaults_are_the_old_tensorflow_scripts():

@@ -147,7 +147,7 @@ def test_bad_settings(block_store: Path) -> None:
         sampler(block_store, scale=2, patch=TILE // 2 + 1)
     with pytest.raises(UserError, match="patch larger than tile"):
         sampler(block_store, scale=4, patch=13)
-    with pytest.raises(UserError, match="not divisible by the 3 workers"):
+    with pytest.raises(UserError, match="does not divide by the 3 workers"):
         sampler(block_store, batch=8, world=3)
     with pytest.raises(UserError, match="outside a world"):
         sampler(block_store, rank=2, world=2)

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from edsr_dist.cli import main as cli_main
-from edsr_dist.data.builder import main as build_main
+from edsr_dist.data.build_store import main as build_main
 from edsr_dist.data.resize import matlab_style_bicubic_downscale, pil_bicubic_downscale
 from edsr_dist.data.sample import SAMPLE_SCENES, build_sample_store, sample_split
 from edsr_dist.data.store import PatchStore, crc32_of, store_info, verify_store

@@ -1,6 +1,6 @@
 import pytest
 
-from edsr_dist.dist.engine import resolve_engine_name
+from edsr_dist.dist.engine_factory import resolve_engine_name
 from edsr_dist.dist.world import World, discover_world
 from edsr_dist.errors import UserError
 

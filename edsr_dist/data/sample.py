@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import skimage.data
 
+from edsr_dist.data.builder import SourceImage, write_store
+from edsr_dist.data.store import FORMAT_VERSION, store_info
 from edsr_dist.errors import UserError
 
 SAMPLE_TILE_SIZE = 144  # divisible by 2, 3 and 4
@@ -51,10 +54,6 @@ def sample_split() -> tuple[list[str], list[str]]:
 def load_sample_image(name: str) -> np.ndarray:
     """One of scikit-image's bundled photos as uint8 HWC RGB."""
     try:
-        import skimage.data
-    except ImportError:
-        raise UserError("the sample store needs scikit-image; install it with `pip install scikit-image`") from None
-    try:
         if name in ("motorcycle_left", "motorcycle_right"):
             left, right, _ = skimage.data.stereo_motorcycle()
             image = left if name == "motorcycle_left" else right
@@ -84,10 +83,6 @@ def build_sample_store(
     progress: bool = False,
 ) -> dict[str, object]:
     """Build the sample store at `out` (atomically). Returns the builder's summary."""
-    import skimage
-
-    from edsr_dist.data.builder import SourceImage, write_store
-
     def source(name: str) -> SourceImage:
         image = load_sample_image(name)
         return SourceImage(name, (image.shape[0], image.shape[1]), lambda: image)
@@ -108,8 +103,6 @@ def build_sample_store(
 
 def default_sample_store_path() -> str:
     """Where the sample store is cached: $EDSR_DIST_CACHE, else $XDG_CACHE_HOME/edsr-dist, else ~/.cache/edsr-dist."""
-    from edsr_dist.data.store import FORMAT_VERSION
-
     root = os.environ.get("EDSR_DIST_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "edsr-dist"
     )
@@ -122,8 +115,6 @@ def ensure_sample_store(path: str | None = None) -> str:
 
     Safe when several processes call it at once: each writes its own temporary file and renames it into place.
     """
-    from edsr_dist.data.store import store_info
-
     path = path or default_sample_store_path()
     if os.path.exists(path):
         try:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from edsr_dist.config import check_batch_divides
 from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import UserError
 
@@ -40,11 +41,7 @@ class TrainSampler:
             )
         if batch_size < 1:
             raise UserError(f"batch_size {batch_size} must be at least 1")
-        if batch_size % world_size:
-            raise UserError(
-                f"batch_size {batch_size} (global) is not divisible by the {world_size} workers; use a multiple of "
-                f"{world_size}, e.g. {max(1, round(batch_size / world_size)) * world_size}"
-            )
+        check_batch_divides(batch_size, world_size)
         if patch_size < 1:
             raise UserError(f"patch_size {patch_size} must be at least 1")
         if patch_size * store.scale > store.tile_size:

@@ -19,7 +19,9 @@ import os
 import zlib
 from typing import Any, Callable
 
+import h5py
 import numpy as np
+from tqdm import tqdm
 
 from edsr_dist.errors import UserError
 
@@ -51,8 +53,6 @@ def _decode(value: Any) -> str:
 
 def _open_h5(path: str) -> Any:
     """Open read-only, turning every way a file can be unreadable into a one-line UserError."""
-    import h5py
-
     if not os.path.exists(path):
         raise UserError(f"patch store {path} does not exist; build one with `edsr-dist build-store` (or --sample)")
     if os.path.isdir(path):
@@ -274,8 +274,6 @@ def verify_store(path: str, progress: bool = False) -> dict[str, Any]:
     Returns the store's layout plus `checked` (entries verified). Raises UserError naming the damaged
     entries (the first few and the count) when any checksum differs or a read fails.
     """
-    from tqdm import tqdm
-
     path = os.fspath(path)
     damaged: list[str] = []
     checked = 0

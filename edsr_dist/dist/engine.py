@@ -4,16 +4,17 @@ The training loop talks to an `Engine` and never branches on which one it has:
 - `Engine` itself: one process, nothing to synchronise (the base class is the local engine).
 - `DDPEngine`: torch.distributed + DistributedDataParallel over hccl (Ascend), nccl (CUDA) or gloo (CPU).
 - `HorovodEngine` (edsr_dist/dist/horovod_engine.py): horovod.torch, for jobs started by horovodrun.
+Which one a run gets is decided in edsr_dist/dist/engine_factory.py.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from edsr_dist.dist.world import World
 from edsr_dist.errors import UserError
@@ -80,8 +81,6 @@ class DDPEngine(Engine):
         self.backend = backend
 
     def wrap(self, model, optimizer):
-        from torch.nn.parallel import DistributedDataParallel
-
         # DDP broadcasts rank 0's parameters at wrap time, so every rank starts from the same weights.
         ddp = DistributedDataParallel(
             model,
@@ -144,22 +143,3 @@ def describe_collective_failure(exc: BaseException, timeout_s: int) -> str | Non
                 "validation or checkpoint legitimately takes longer (Ascend: also HCCL_EXEC_TIMEOUT)")
     return (f"lost the connection to another rank during a collective ({detail}); another rank died or was "
             "killed: its log says why")
-
-
-def resolve_engine_name(requested: str, world: World, env: dict | None = None) -> str:
-    env = os.environ if env is None else env
-    if requested != "auto":
-        return requested
-    started_by_horovod = world.launcher == "horovod" or (
-        world.launcher == "mpi" and any(key.startswith("HOROVOD_") for key in env))
-    return "horovod" if started_by_horovod else "ddp"
-
-
-def make_engine(name: str, world: World, device: torch.device, timeout_s: int) -> Engine:
-    if name == "horovod":
-        from edsr_dist.dist.horovod_engine import HorovodEngine
-
-        return HorovodEngine(world, device)
-    if world.size == 1:
-        return Engine(world, device)
-    return DDPEngine(world, device, timeout_s)

@@ -19,12 +19,18 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
-from edsr_dist.errors import CommandParser, UserError
+import psutil
+
+from edsr_dist.config import check_batch_divides, parse_train_args
+from edsr_dist.dist.hostfile import horovodrun_command, parse_hostfile
+from edsr_dist.dist.rank_table import load_rank_table
+from edsr_dist.errors import CommandParser, EXIT_COLLECTIVE_FAILED, EXIT_INTERRUPTED, UserError
 
 # Preemption (SIGTERM to the launcher): time for the workers to reach a step boundary and for rank 0 to write
 # its checkpoint before SIGKILL. Below the 30 s that Kubernetes and Slurm give before their own SIGKILL.
@@ -35,10 +41,6 @@ FAILURE_GRACE_S = 2.0
 # A hung rank makes every other rank's collective time out at about the same moment: wait this long for them
 # before naming the ranks still running as the ones that stopped responding.
 SETTLE_S = 2.0
-# Exit codes of `edsr-dist train` that the launcher explains (2 is a UserError, see errors.py).
-EXIT_DIVERGED = 3
-EXIT_COLLECTIVE_FAILED = 4
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as if the signal had ended the process
 MULTI_SERVER_PORT = 29500  # every server must agree on the port without talking first, so no random one
 POLL_S = 0.05
 PROG = "edsr-dist launch"
@@ -71,8 +73,6 @@ class Plan:
 
 def local_addresses() -> set[str]:
     """Every address of this host's interfaces (IPv4 and IPv6), loopback included, and its hostname."""
-    import psutil
-
     found = {"127.0.0.1", "::1", "localhost", socket.gethostname()}
     for addrs in psutil.net_if_addrs().values():
         for addr in addrs:
@@ -137,12 +137,8 @@ def free_port() -> int:
 
 def worker_out_dir(train_args: list[str], world_size: int) -> str:
     """Resolve the workers' configuration here, so bad train arguments fail once, before any worker starts."""
-    from edsr_dist.train import parse_train_args
-
     cfg = parse_train_args(train_args)
-    if cfg.batch_size % world_size:
-        raise UserError(f"batch_size {cfg.batch_size} (global) does not divide by the {world_size} workers; "
-                        f"pass --batch-size as a multiple of {world_size}")
+    check_batch_divides(cfg.batch_size, world_size)
     return cfg.out
 
 
@@ -237,8 +233,6 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
     """Workers for this machine: rank, device, cores, environment, command and log file of each."""
-    from edsr_dist.dist.rank_table import load_rank_table
-
     table_path = args.rank_table
     if table_path is None and args.nproc is None and os.environ.get("RANK_TABLE_FILE"):
         table_path = os.environ["RANK_TABLE_FILE"]
@@ -369,8 +363,6 @@ def _pump_output(fd: int, log, echo, last_line: list[str]) -> None:
 
 
 def _start(spec: WorkerSpec, unset: list[str], echo) -> _Worker:
-    import subprocess
-
     env = {k: v for k, v in os.environ.items() if k not in unset and k not in _WORKER_VARS}
     env.update(spec.env)
     try:
@@ -464,8 +456,6 @@ def _unresponsive(workers: list[_Worker], failed: _Worker) -> list[_Worker]:
 
 
 def _is_stopped(worker: _Worker) -> bool:
-    import psutil
-
     try:
         return psutil.Process(worker.proc.pid).status() == psutil.STATUS_STOPPED
     except psutil.Error:
@@ -589,8 +579,6 @@ def run_workers(plan: Plan, grace: float = DEFAULT_GRACE_S) -> int:
 
 
 def _run_horovod(args: argparse.Namespace, rest: list[str]) -> int:
-    from edsr_dist.dist.hostfile import horovodrun_command, parse_hostfile
-
     command = horovodrun_command(parse_hostfile(args.hostfile), _worker_argv(args, rest))
     if args.dry_run:
         print(shlex.join(command))

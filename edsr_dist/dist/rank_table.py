@@ -26,6 +26,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import psutil
+
 from edsr_dist.errors import CommandParser, UserError
 
 MAX_DEVICE_ID = 15
@@ -342,8 +344,6 @@ def guess_server_ip() -> str:
     except OSError:
         pass
     try:
-        import psutil
-
         for addrs in psutil.net_if_addrs().values():
             for addr in addrs:
                 if addr.family == socket.AF_INET and not addr.address.startswith("127."):

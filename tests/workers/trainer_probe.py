@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from edsr_dist.train import StepTimer, Trainer, parse_train_args
+from edsr_dist.config import parse_train_args
+from edsr_dist.train import StepTimer, Trainer
 
 INJECT_AT_STEP = 3
 
