@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from edsr_dist.atomic import atomic_write_text
 from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, check_batch_divides, config_from_dict
 from edsr_dist.data.sample import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
@@ -44,7 +45,7 @@ from edsr_dist.data.store import PatchStore
 from edsr_dist.dist.world import World
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.model import build_model, flops_per_image
-from edsr_dist.precision import autocast, cpu_has_native_bf16, resolve_precision, select_device
+from edsr_dist.precision import autocast, cpu_has_native_bf16, resolve_device_and_precision
 from edsr_dist.train import StepTimer, Trainer, TrainingDiverged, set_threads
 
 PROG = "edsr-dist bench"
@@ -472,10 +473,7 @@ def run_worker(folder: str) -> int:
     job = json.loads(Path(folder, "job.json").read_text())
     cfg = config_from_dict(job["config"])
     result = measure_trainer(cfg, job["warmup"], job["steps"])  # a UserError here reaches the launcher's log
-    target = Path(folder, f"rank_{result['rank']}.json")
-    partial = target.with_suffix(".json.part")
-    partial.write_text(json.dumps(result))
-    os.replace(partial, target)  # the parent never reads half a file
+    atomic_write_text(Path(folder, f"rank_{result['rank']}.json"), json.dumps(result))  # never read half-written
     return 0
 
 
@@ -495,8 +493,7 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
     scratch = tempfile.mkdtemp(prefix="edsr-bench-")
     try:
         cfg = dataclasses.replace(cfg, out=os.path.join(scratch, "out"), data=cfg.data or ensure_sample_store())
-        device = select_device(cfg.device, 0)
-        precision = resolve_precision(cfg.precision, device.type)
+        device, precision = resolve_device_and_precision(cfg.device, cfg.precision)
         # Children and the bare loops use the resolved choices, so every figure describes the same thing.
         cfg = dataclasses.replace(cfg, precision=precision, device=device.type)
         total_threads = set_threads(cfg)

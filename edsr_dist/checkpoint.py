@@ -9,7 +9,7 @@ File layout (one file per save, `<out>/checkpoints/step_<step:08d>.ckpt`):
 
 Next to the step files: `latest` and `best` (one line each, a file name) and `index.json`
 (write order, step and validation PSNR of every kept file). All of them are replaced atomically
-(temporary file in the same folder, fsync, rename, fsync of the folder), so a crash, a kill or a
+(edsr_dist/atomic.py: temporary file in the same folder, fsync, rename, fsync of the folder), so a crash, a kill or a
 full disk never leaves a half-written checkpoint where a resume would pick it up.
 
 Checkpoints are pickles: load only files you trust. Pretrained weights from elsewhere go through
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from edsr_dist.atomic import atomic_write_bytes
 from edsr_dist.errors import UserError
 
 MAGIC = b"EDSRCKPT1"
@@ -44,38 +45,6 @@ _CHUNK = 1 << 22
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform/filesystem allows opening a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, parts: list[bytes]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -159,7 +128,7 @@ def save_checkpoint(out_dir: str | Path, state: dict, step: int, keep_last: int,
         if free < len(header) + len(payload) + (1 << 20):
             # Fail before writing anything rather than fill the disk the other ranks' logs also need.
             raise OSError(errno.ENOSPC, f"needs {len(payload) / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
-        _atomic_write(path, [header, payload])
+        atomic_write_bytes(path, header, payload)
 
         index = _read_index(folder)
         entries = [e for e in index["checkpoints"] if e.get("file") != name and (folder / e.get("file", "")).is_file()]
@@ -178,10 +147,10 @@ def save_checkpoint(out_dir: str | Path, state: dict, step: int, keep_last: int,
 
         index = {"format": 1, "checkpoints": [e for e in entries if e["file"] in keep],
                  "best": best["file"] if best else None}
-        _atomic_write(folder / INDEX, [json.dumps(index, indent=1).encode() + b"\n"])
+        atomic_write_bytes(folder / INDEX, json.dumps(index, indent=1).encode() + b"\n")
         if best is not None:
-            _atomic_write(folder / BEST, [best["file"].encode() + b"\n"])
-        _atomic_write(folder / LATEST, [name.encode() + b"\n"])
+            atomic_write_bytes(folder / BEST, best["file"].encode() + b"\n")
+        atomic_write_bytes(folder / LATEST, name.encode() + b"\n")
     except OSError as exc:
         raise _write_failure(folder, exc) from None
 

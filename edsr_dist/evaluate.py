@@ -13,7 +13,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,15 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from edsr_dist.atomic import atomic_write_text
 from edsr_dist.checkpoint import (CHECKPOINT_DIR, _step_of, follow_pointer, is_checkpoint_file, list_checkpoints,
                                   load_checkpoint)
+from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.builder import load_png_rgb
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.infer import load_inference_model, super_resolve
 from edsr_dist.metrics import score_sr
-from edsr_dist.precision import DTYPES, resolve_precision, select_device
+from edsr_dist.precision import resolve_device_and_precision
 from edsr_dist.weights import checkpoint_model
 
 # One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.
@@ -140,7 +141,7 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
             raise UserError(f"image {name}: HR {hr.shape[1]}x{hr.shape[0]} is not x{scale} of LR "
                             f"{lr.shape[1]}x{lr.shape[0]}; evaluate with a model of the data's scale")
         try:
-            sr = super_resolve(model, lr, device, tile=side, ensemble=ensemble, dtype=DTYPES[precision])
+            sr = super_resolve(model, lr, device, tile=side, ensemble=ensemble, precision=precision)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise UserError(f"image {name} ({lr.shape[1]}x{lr.shape[0]} LR) does not fit in {device.type} memory "
                             f"({type(exc).__name__}); pass --tile 256 (or smaller)") from None
@@ -169,14 +170,11 @@ def table_row(result: dict) -> str:
                        f"{result['psnr_rgb']:.3f}"))
 
 
-def _write_atomic(path: Path, text: str, flag: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _write_report(path: Path, text: str, flag: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({exc.strerror or exc}); pass {flag} with a writable path") from None
 
 
@@ -227,9 +225,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="LR tile side in pixels, 0 = whole image (default: as validation: val_tile, else whole "
                         "image unless it is too large)")
     p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="autocast dtype of the network (default fp32; metrics are always float64)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="autocast dtype of the network (default fp32; auto: as training would choose; metrics are "
+                        "always float64)")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="bicubic-pil",
                    help="how LR is made from a folder of HR PNGs (default bicubic-pil, as build-store)")
     p.add_argument("--res-scale", type=float, default=None,
@@ -263,8 +262,7 @@ def main(argv: list[str]) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
-    device = select_device(args.device, 0)
-    precision = resolve_precision(args.precision, device.type)
+    device, precision = resolve_device_and_precision(args.device, args.precision)
     stem = default_output_stem(Path(args.checkpoints), data, args.self_ensemble)
     csv_path = Path(args.csv) if args.csv else stem.with_suffix(".csv")
     json_path = Path(args.json) if args.json else stem.with_suffix(".json")
@@ -303,7 +301,7 @@ def main(argv: list[str]) -> int:
     print(f"bicubic baseline: PSNR-Y {results[-1]['bicubic_psnr_y']:.3f} dB on {results[-1]['images']} image(s)")
     report = {"data": str(data), "self_ensemble": args.self_ensemble, "precision": precision, "device": str(device),
               "tile": args.tile, "degradation": args.degradation if data.is_dir() else None, "results": results}
-    _write_atomic(csv_path, csv_text(results), "--csv")
-    _write_atomic(json_path, json.dumps(report, indent=1) + "\n", "--json")
+    _write_report(csv_path, csv_text(results), "--csv")
+    _write_report(json_path, json.dumps(report, indent=1) + "\n", "--json")
     print(f"wrote {csv_path} and {json_path}")
     return 0

@@ -8,8 +8,6 @@ no output pixel that is kept ever sees the zero padding at a tile's cut edge.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,17 +18,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from edsr_dist.atomic import atomic_path
 from edsr_dist.checkpoint import follow_pointer, is_checkpoint_file
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.metrics import to_uint8
-from edsr_dist.precision import DTYPES, select_device
+from edsr_dist.config import DEVICES, PRECISIONS
+from edsr_dist.model import bare_model
+from edsr_dist.precision import autocast, resolve_device_and_precision
 from edsr_dist.weights import checkpoint_model, model_from_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def _bare(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 def receptive_field_radius(model: nn.Module) -> int:
@@ -41,7 +38,7 @@ def receptive_field_radius(model: nn.Module) -> int:
     widens the interval by (k-1)/2 * dilation at its own resolution, a PixelShuffle(f) maps it back
     to the f-times coarser grid by floor division.
     """
-    layers = [m for m in _bare(model).modules() if isinstance(m, (nn.Conv2d, nn.PixelShuffle))]
+    layers = [m for m in bare_model(model).modules() if isinstance(m, (nn.Conv2d, nn.PixelShuffle))]
     factor = 1
     for layer in layers:
         if isinstance(layer, nn.PixelShuffle):
@@ -96,7 +93,7 @@ def self_ensemble(model_fn: Callable[[torch.Tensor], torch.Tensor], lr: torch.Te
 
 
 def model_scale(model: nn.Module) -> int:
-    scale = getattr(_bare(model), "scale", None)
+    scale = getattr(bare_model(model), "scale", None)
     if scale is None:
         raise ValueError("the model has no `scale` attribute; pass an EDSR")
     return int(scale)
@@ -117,19 +114,19 @@ def _memory_format(model: nn.Module) -> torch.memory_format:
 
 
 def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int | None = None, pad: int | None = None,
-                  ensemble: bool = False, dtype: torch.dtype | None = None) -> np.ndarray:
+                  ensemble: bool = False, precision: str = "fp32") -> np.ndarray:
     """One RGB uint8 (H, W, 3) image -> (sH, sW, 3) uint8. The model must already be on `device`.
 
     The one inference path: validation, `eval` and `sr` all call it.
     tile None = the whole image unless it is too large (`auto_tile`), 0 = always whole;
     pad None = the model's receptive-field radius (tiles then match the whole-image result);
-    dtype (torch.bfloat16 / torch.float16) runs the network under autocast.
+    precision (fp32, bf16, fp16; resolved, not auto) is the network's autocast, as in training.
     """
     img = np.asarray(lr_uint8_hwc)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"super_resolve takes an RGB uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
     device = torch.device(device)
-    bare = _bare(model)
+    bare = bare_model(model)
     scale = model_scale(bare)
     if pad is None:
         pad = receptive_field_radius(bare)
@@ -143,18 +140,12 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
     def run(t: torch.Tensor) -> torch.Tensor:
         return forward_tiled(bare, t.contiguous(memory_format=memory_format), tile=tile, pad=pad, scale=scale)
 
-    cast = (torch.autocast(device_type=device.type, dtype=dtype)
-            if dtype is not None and dtype != torch.float32 else contextlib.nullcontext())
-    with torch.inference_mode(), cast:
+    with torch.inference_mode(), autocast(device, precision):
         sr = self_ensemble(run, x) if ensemble else run(x)
     return to_uint8(sr[0])
 
 
 # ---- the `sr` command -------------------------------------------------------------------------------------
-
-def _pick_device(name: str) -> torch.device:
-    return select_device(name, 0)
-
 
 def _collect_inputs(inputs: list[str]) -> list[Path]:
     files: list[Path] = []
@@ -181,12 +172,10 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _write_png(img: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({exc.strerror or exc}); free space or pass another --out") from None
 
 
@@ -218,9 +207,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tile-pad", type=int, default=None,
                         help="LR context pixels around each tile (default: the receptive field, exact result)")
     parser.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="autocast dtype of the network (fp32 = none)")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="autocast dtype of the network (default fp32 = none; auto: as training would choose)")
     parser.add_argument("--res-scale", type=float, default=None,
                         help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
     args = parser.parse_args(argv)
@@ -230,7 +219,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--tile-pad must be >= 0, got {args.tile_pad}")
 
     files = _collect_inputs(args.inputs)
-    device = _pick_device(args.device)
+    device, precision = resolve_device_and_precision(args.device, args.precision)
     model = load_inference_model(args.checkpoint, res_scale=args.res_scale).to(device).eval()
     scale = model_scale(model)
     out_dir = Path(args.out)
@@ -246,13 +235,12 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         raise UserError(f"cannot create output folder {out_dir} ({exc.strerror}); pass another --out") from None
 
-    dtype = DTYPES[args.precision]
     for src, dst in targets.items():
         lr = _read_rgb(src)
         start = time.perf_counter()
         try:
             sr = super_resolve(model, lr, device, tile=args.tile, pad=args.tile_pad,
-                               ensemble=args.self_ensemble, dtype=dtype)
+                               ensemble=args.self_ensemble, precision=precision)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
             if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and "out of memory" not in str(exc).lower():
                 raise

@@ -82,6 +82,11 @@ def build_model(cfg) -> EDSR:
     return EDSR(scale=cfg.scale, num_blocks=cfg.num_blocks, num_filters=cfg.num_filters, res_scale=cfg.res_scale)
 
 
+def bare_model(model: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel (or similar) wrapper; the model itself when unwrapped."""
+    return getattr(model, "module", model)
+
+
 def count_trainable_parameters(model: nn.Module) -> int:
     """Parameters without the fixed mean-shift layers, as published counts are given."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -92,6 +92,13 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def resolve_device_and_precision(device: str, precision: str, device_index: int = 0) -> tuple[torch.device, str]:
+    """The one place where the --device and --precision choices (config.DEVICES, config.PRECISIONS) become a
+    device and a concrete precision: train, eval, sr and bench all call it."""
+    chosen = select_device(device, device_index)
+    return chosen, resolve_precision(precision, chosen.type)
+
+
 def autocast(device: torch.device, precision: str):
     """Context manager for the forward pass; fp32 runs with autocast disabled."""
     if precision == "fp32":

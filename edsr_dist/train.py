@@ -26,6 +26,7 @@ from tqdm import tqdm
 from PIL import Image
 
 from edsr_dist import __version__
+from edsr_dist.atomic import atomic_write_text
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from edsr_dist.config import Config, check_batch_divides, parse_train_args
 from edsr_dist.data.sample import ensure_sample_store
@@ -38,7 +39,7 @@ from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRU
 from edsr_dist.infer import super_resolve
 from edsr_dist.metrics import bicubic_upscale, score_sr
 from edsr_dist.model import build_model
-from edsr_dist.precision import DTYPES, LossScaler, autocast, resolve_precision, select_device
+from edsr_dist.precision import LossScaler, autocast, resolve_device_and_precision
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
@@ -149,8 +150,8 @@ class Trainer:
         self.timer = timer or StepTimer()
         check_batch_divides(cfg.batch_size, self.world.size)
         self.out = Path(cfg.out)
-        self.device = select_device(cfg.device, self.world.device_index)
-        self.precision = resolve_precision(cfg.precision, self.device.type)
+        self.device, self.precision = resolve_device_and_precision(cfg.device, cfg.precision,
+                                                                   self.world.device_index)
         # Training shapes never change, so cuDNN's autotuner pays off; validation turns it off (every image differs).
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
         self.threads = set_threads(cfg)
@@ -266,9 +267,7 @@ class Trainer:
                     kept.append(line)
             except ValueError:  # a line cut short by the kill
                 continue
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def any_rank(self, flag: bool) -> bool:
         value = torch.tensor([float(flag)], device=self.device)
@@ -379,7 +378,7 @@ class Trainer:
         for index in range(self.world.rank, n, self.world.size):
             name, lr, hr = self.store.read_valid(index)
             sr = super_resolve(self.model, lr, self.device, tile=self.cfg.val_tile or None,
-                               dtype=DTYPES[self.precision])
+                               precision=self.precision)
             scores = score_sr(sr, lr, hr, self.cfg.scale)
             sums += torch.tensor([1.0, *(scores[key] for key in keys)], dtype=torch.float64)
             if write_samples:

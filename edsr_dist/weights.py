@@ -10,17 +10,17 @@ layers keep their fixed DIV2K values when loading BasicSR weights.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from edsr_dist.atomic import atomic_path
 from edsr_dist.checkpoint import find_checkpoint, is_checkpoint_file, load_checkpoint
 from edsr_dist.config import config_from_dict
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE, build_model
+from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE, bare_model, build_model
 
 _WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict")  # in order of preference
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
@@ -183,12 +183,8 @@ def read_weights_file(path: str | Path) -> tuple[dict, dict]:
     return sd, {}
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def _load_converted(model: nn.Module, sd: dict, source: str) -> None:
-    model = _bare(model)
+    model = bare_model(model)
     blocks = len(model.body) - 1 if isinstance(model, EDSR) else None
     sd = convert_state_dict(sd, num_blocks=blocks)
     expected = model.state_dict()
@@ -254,7 +250,7 @@ def _architecture_of(model: EDSR) -> dict:
 
 def _resolve_source(model_or_checkpoint) -> tuple[dict, dict]:
     if isinstance(model_or_checkpoint, nn.Module):
-        model = _bare(model_or_checkpoint)
+        model = bare_model(model_or_checkpoint)
         meta = _architecture_of(model) if isinstance(model, EDSR) else {}
         return model.state_dict(), meta
     model, cfg = checkpoint_model(model_or_checkpoint)
@@ -263,12 +259,11 @@ def _resolve_source(model_or_checkpoint) -> tuple[dict, dict]:
     return model.state_dict(), meta
 
 
-def _atomic_target(out_path: Path) -> Path:
+def _make_parent(out_path: Path) -> None:
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create folder {out_path.parent} ({exc.strerror}); pass another --out") from None
-    return out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
 
 
 def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "reference") -> Path:
@@ -286,13 +281,12 @@ def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "
     sd = to_basicsr_state_dict(sd) if names == "basicsr" else sd
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     out_path = Path(out_path)
-    tmp = _atomic_target(out_path)
+    _make_parent(out_path)
     metadata = {"format": "edsr-dist", "names": names, **{k: str(v) for k, v in meta.items()}}
     try:
-        save_file(sd, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)
+        with atomic_path(out_path) as tmp:
+            save_file(sd, str(tmp), metadata=metadata)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {out_path} ({exc.strerror}); free space or pass another --out") from None
     return out_path
 
@@ -303,12 +297,11 @@ def export_torch(model_or_checkpoint, out_path: str | Path, names: str = "refere
     sd = {k: v.detach().cpu() for k, v in sd.items()}
     obj = {"params": to_basicsr_state_dict(sd)} if names == "basicsr" else sd
     out_path = Path(out_path)
-    tmp = _atomic_target(out_path)
+    _make_parent(out_path)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out_path)
+        with atomic_path(out_path) as tmp:
+            torch.save(obj, tmp)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {out_path} ({exc.strerror}); free space or pass another --out") from None
     return out_path
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edsr_dist"
 # Lowest first. Modules in one layer do not import each other.
 LAYERS = [
     ["edsr_dist", "edsr_dist.errors"],
-    ["edsr_dist.config", "edsr_dist.fsutil"],
+    ["edsr_dist.config", "edsr_dist.atomic"],
     ["edsr_dist.model", "edsr_dist.precision", "edsr_dist.metrics", "edsr_dist.data", "edsr_dist.data.resize",
      "edsr_dist.data.store", "edsr_dist.dist", "edsr_dist.dist.world", "edsr_dist.dist.hostfile",
      "edsr_dist.dist.rank_table", "edsr_dist.checkpoint"],

@@ -102,7 +102,7 @@ def test_super_resolve():
     assert np.abs(tiled.astype(int) - out).max() <= 1  # only float rounding at .5 boundaries
     ens = super_resolve(model, img, "cpu", tile=6, ensemble=True)
     assert ens.shape == out.shape
-    bf16 = super_resolve(model, img, torch.device("cpu"), dtype=torch.bfloat16)
+    bf16 = super_resolve(model, img, torch.device("cpu"), precision="bf16")
     assert bf16.shape == out.shape and np.abs(bf16.astype(int) - out).mean() < 4
     with pytest.raises(ValueError):
         super_resolve(model, img[..., 0], "cpu")

@@ -31,7 +31,7 @@ import edsr_dist.checkpoint as checkpoint
 
 pause_after = int(os.environ.get("PAUSE_AFTER_SAVE_STEP", "0"))
 pause_mid_write = int(os.environ.get("PAUSE_MID_WRITE_STEP", "0"))
-real_save, real_write = checkpoint.save_checkpoint, checkpoint._atomic_write
+real_save, real_write = checkpoint.save_checkpoint, checkpoint.atomic_write_bytes
 
 def save(out_dir, state, step, keep_last, psnr=None):
     path = real_save(out_dir, state, step, keep_last, psnr)
@@ -39,7 +39,7 @@ def save(out_dir, state, step, keep_last, psnr=None):
         time.sleep(600)  # the test SIGKILLs us here
     return path
 
-def write(path, parts):
+def write(path, *parts):
     if path.name == f"step_{pause_mid_write:08d}.ckpt":
         data = b"".join(parts)
         # Half of the file under the temporary name the real writer uses, then wait for the kill.
@@ -48,9 +48,9 @@ def write(path, parts):
             f.flush()
             os.fsync(f.fileno())
         time.sleep(600)
-    real_write(path, parts)
+    real_write(path, *parts)
 
-checkpoint.save_checkpoint, checkpoint._atomic_write = save, write
+checkpoint.save_checkpoint, checkpoint.atomic_write_bytes = save, write
 from edsr_dist.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -6,7 +6,7 @@ bottom edges are dropped (an image smaller than one tile gives none). LR tiles a
 image, so LR tile i covers exactly the region of HR tile i. Validation images are stored whole, HR cropped
 (bottom/right) to a multiple of lcm(scales) so that every LR size is exact.
 
-The file is written to `<out>.tmp-<pid>` and renamed over `<out>` only when complete.
+The file is written to a temporary file and renamed over `<out>` only when complete (edsr_dist/atomic.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from edsr_dist import __version__
+from edsr_dist.atomic import atomic_path
 from edsr_dist.data.resize import downscale
 from edsr_dist.data.store import CHECKSUM, FORMAT_VERSION, crc32_of, lr_name, valid_key
 from edsr_dist.errors import UserError
@@ -196,7 +197,7 @@ def write_store(
     resize_method: str = "bicubic-pil",
     progress: bool = False,
 ) -> dict[str, object]:
-    """Write a complete store atomically (temp file + os.replace). Returns a summary of what was written."""
+    """Write a complete store atomically (edsr_dist/atomic.py). Returns a summary of what was written."""
     out = os.fspath(out)
     scales = sorted(int(s) for s in scales)
     check_tile_size(tile_size, scales)
@@ -212,89 +213,87 @@ def write_store(
             )
 
     started = time.monotonic()
-    tmp = f"{out}.tmp-{os.getpid()}"
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["scales"] = np.asarray(scales, dtype=np.int64)
-            f.attrs["tile_size"] = tile_size
-            f.attrs["degradation"] = degradation
-            f.attrs["source"] = source
-            f.attrs["checksum"] = CHECKSUM
-            f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            f.attrs["builder_version"] = f"edsr-dist {__version__}"
+        with atomic_path(out) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["scales"] = np.asarray(scales, dtype=np.int64)
+                f.attrs["tile_size"] = tile_size
+                f.attrs["degradation"] = degradation
+                f.attrs["source"] = source
+                f.attrs["checksum"] = CHECKSUM
+                f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                f.attrs["builder_version"] = f"edsr-dist {__version__}"
 
-            text = h5py.string_dtype("utf-8")
-            train_group = f.create_group("train")
-            train_group.create_dataset("names", data=np.asarray([img.name for img in train], dtype=object), dtype=text)
-            side = {0: tile_size}
-            side.update({s: tile_size // s for s in scales})
-            groups = {0: "hr"}
-            groups.update({s: lr_name(s) for s in scales})
-            tile_ds = {}
-            for key, name in groups.items():
-                shape = (num_tiles, side[key], side[key], 3)
-                # One tile per chunk (a read touches exactly one chunk); maxshape lets an empty store be chunked too.
-                tile_ds[key] = train_group.create_dataset(
-                    name, shape=shape, dtype=np.uint8, chunks=(1,) + shape[1:], maxshape=(None,) + shape[1:]
-                )
-            tile_crc = {key: np.zeros(num_tiles, dtype=np.uint32) for key in groups}
-            image_index = np.zeros(num_tiles, dtype=np.int32)
-            tile_origin = np.zeros((num_tiles, 2), dtype=np.int32)
-
-            bar = tqdm(total=len(train) + len(valid), desc="build-store", unit="img", disable=not progress)
-            cursor = 0
-            for number, (img, (rows, cols)) in enumerate(zip(train, grid)):
-                count = rows * cols
-                if count:
-                    hr = _loaded_hr(img)
-                    stop = cursor + count
-                    for key in groups:
-                        image = hr if key == 0 else img.load_lr(key, hr, resize_method)
-                        tiles = _tiles(image, side[key], rows, cols)
-                        tile_ds[key][cursor:stop] = tiles
-                        tile_crc[key][cursor:stop] = [crc32_of(t) for t in tiles]
-                    image_index[cursor:stop] = number
-                    ys, xs = np.meshgrid(np.arange(rows) * tile_size, np.arange(cols) * tile_size, indexing="ij")
-                    tile_origin[cursor:stop] = np.stack([ys.ravel(), xs.ravel()], axis=1)
-                    cursor = stop
-                bar.update(1)
-            for key, name in groups.items():
-                train_group.create_dataset(f"{name}_crc32", data=tile_crc[key])
-            train_group.create_dataset("image_index", data=image_index)
-            train_group.create_dataset("tile_origin", data=tile_origin)
-
-            valid_group = f.create_group("valid")
-            valid_group.create_dataset("names", data=np.asarray([img.name for img in valid], dtype=object), dtype=text)
-            valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
-            for key, name in groups.items():
-                valid_group.create_group(name)
-            for index, img in enumerate(valid):
-                hr = _loaded_hr(img)
-                height = hr.shape[0] - hr.shape[0] % multiple
-                width = hr.shape[1] - hr.shape[1] % multiple
-                hr_cropped = np.ascontiguousarray(hr[:height, :width])
+                text = h5py.string_dtype("utf-8")
+                train_group = f.create_group("train")
+                train_group.create_dataset("names", data=np.asarray([img.name for img in train], dtype=object),
+                                           dtype=text)
+                side = {0: tile_size}
+                side.update({s: tile_size // s for s in scales})
+                groups = {0: "hr"}
+                groups.update({s: lr_name(s) for s in scales})
+                tile_ds = {}
                 for key, name in groups.items():
-                    if key == 0:
-                        image = hr_cropped
-                    elif img.lr_files is None:
-                        image = img.load_lr(key, hr_cropped, resize_method)
-                    else:
-                        # The official LR covers the uncropped HR; its top-left part matches the crop exactly.
-                        full_lr = img.load_lr(key, hr, resize_method)
-                        image = np.ascontiguousarray(full_lr[: height // key, : width // key])
-                    valid_group[name].create_dataset(valid_key(index), data=image)
-                    valid_crc[key][index] = crc32_of(image)
-                bar.update(1)
-            bar.close()
-            for key, name in groups.items():
-                valid_group.create_dataset(f"{name}_crc32", data=valid_crc[key])
-        os.replace(tmp, out)
+                    shape = (num_tiles, side[key], side[key], 3)
+                    # One tile per chunk (a read touches exactly one chunk); maxshape lets an empty store be
+                    # chunked too.
+                    tile_ds[key] = train_group.create_dataset(
+                        name, shape=shape, dtype=np.uint8, chunks=(1,) + shape[1:], maxshape=(None,) + shape[1:]
+                    )
+                tile_crc = {key: np.zeros(num_tiles, dtype=np.uint32) for key in groups}
+                image_index = np.zeros(num_tiles, dtype=np.int32)
+                tile_origin = np.zeros((num_tiles, 2), dtype=np.int32)
+
+                bar = tqdm(total=len(train) + len(valid), desc="build-store", unit="img", disable=not progress)
+                cursor = 0
+                for number, (img, (rows, cols)) in enumerate(zip(train, grid)):
+                    count = rows * cols
+                    if count:
+                        hr = _loaded_hr(img)
+                        stop = cursor + count
+                        for key in groups:
+                            image = hr if key == 0 else img.load_lr(key, hr, resize_method)
+                            tiles = _tiles(image, side[key], rows, cols)
+                            tile_ds[key][cursor:stop] = tiles
+                            tile_crc[key][cursor:stop] = [crc32_of(t) for t in tiles]
+                        image_index[cursor:stop] = number
+                        ys, xs = np.meshgrid(np.arange(rows) * tile_size, np.arange(cols) * tile_size, indexing="ij")
+                        tile_origin[cursor:stop] = np.stack([ys.ravel(), xs.ravel()], axis=1)
+                        cursor = stop
+                    bar.update(1)
+                for key, name in groups.items():
+                    train_group.create_dataset(f"{name}_crc32", data=tile_crc[key])
+                train_group.create_dataset("image_index", data=image_index)
+                train_group.create_dataset("tile_origin", data=tile_origin)
+
+                valid_group = f.create_group("valid")
+                valid_group.create_dataset("names", data=np.asarray([img.name for img in valid], dtype=object),
+                                           dtype=text)
+                valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
+                for key, name in groups.items():
+                    valid_group.create_group(name)
+                for index, img in enumerate(valid):
+                    hr = _loaded_hr(img)
+                    height = hr.shape[0] - hr.shape[0] % multiple
+                    width = hr.shape[1] - hr.shape[1] % multiple
+                    hr_cropped = np.ascontiguousarray(hr[:height, :width])
+                    for key, name in groups.items():
+                        if key == 0:
+                            image = hr_cropped
+                        elif img.lr_files is None:
+                            image = img.load_lr(key, hr_cropped, resize_method)
+                        else:
+                            # The official LR covers the uncropped HR; its top-left part matches the crop exactly.
+                            full_lr = img.load_lr(key, hr, resize_method)
+                            image = np.ascontiguousarray(full_lr[: height // key, : width // key])
+                        valid_group[name].create_dataset(valid_key(index), data=image)
+                        valid_crc[key][index] = crc32_of(image)
+                    bar.update(1)
+                bar.close()
+                for key, name in groups.items():
+                    valid_group.create_dataset(f"{name}_crc32", data=valid_crc[key])
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(exc, OSError):
             raise UserError(
                 f"writing store {out} failed ({exc}); check free space and permissions of its folder"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from edsr_dist.atomic import atomic_write_text
 from edsr_dist.errors import CommandParser, UserError
 
 MAX_DEVICE_ID = 15
@@ -360,20 +361,11 @@ def make_rank_table(devices: list[int], server_ip: str, device_ips: list[str], p
     return RankTable(path=path, servers=[Server(server_ip, devices_out)])
 
 
-def _write_atomic(path: str, text: str) -> None:
+def _write_table(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"--out {path}: folder {folder} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=".rank_table.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def _cmd_make(args: argparse.Namespace) -> int:
@@ -406,7 +398,7 @@ def _cmd_make(args: argparse.Namespace) -> int:
         except UserError as exc:
             raise UserError(str(exc).replace(probe, f"new table (device IPs from {source})")) from None
     if args.out:
-        _write_atomic(args.out, text)
+        _write_table(args.out, text)
         print(f"wrote {args.out}: 1 server ({server_ip}), {len(devices)} devices, {len(devices)} ranks", file=sys.stderr)
     else:
         sys.stdout.write(text)
