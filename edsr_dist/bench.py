@@ -51,7 +51,7 @@ from edsr_dist.train import StepTimer, Trainer, TrainingDiverged, set_threads
 PROG = "edsr-dist bench"
 DEFAULT_PRESET = "baseline"
 
-# Targets of issue 6, set for a 2-core CPU with native bf16; the ratios are meaningful on any machine.
+# Targets (BENCHMARKS.md), set for a 2-core CPU with native bf16; the ratios are meaningful on any machine.
 TARGETS = {
     "overhead_ratio": (">=", 0.9),
     "precision_speedup": (">=", 4.0),

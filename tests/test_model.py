@@ -4,7 +4,7 @@ import torch
 from edsr_dist.config import build_config
 from edsr_dist.model import EDSR, build_model, count_trainable_parameters, flops_per_image
 
-# Published parameter counts (without the fixed mean-shift layers), DESIGN.md section 7.
+# Published parameter counts of EDSR (Lim et al. 2017, baseline and paper models), without the fixed mean-shift layers.
 PUBLISHED = {
     ("baseline", 2): 1_369_859, ("baseline", 3): 1_554_499, ("baseline", 4): 1_517_571,
     ("paper", 2): 40_729_603, ("paper", 3): 43_680_003, ("paper", 4): 43_089_923,

@@ -584,7 +584,7 @@ def _run_horovod(args: argparse.Namespace, rest: list[str]) -> int:
         print(shlex.join(command))
         return 0
     if shutil.which(command[0]) is None:
-        raise UserError("horovodrun not found on PATH; install horovod (see DESIGN.md section 5) or use "
+        raise UserError("horovodrun not found on PATH; install horovod (bash scripts/install_horovod.sh) or use "
                         "--nproc / --rank-table")
     # Horovod's variables must win in the workers' World, so drop anything a previous launch left.
     env = {k: v for k, v in os.environ.items() if k not in _WORKER_VARS}

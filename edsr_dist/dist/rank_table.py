@@ -1,6 +1,6 @@
 """Ascend HCCL rank tables: read, check and make them (`edsr-dist rank-table check|make`).
 
-Two formats are read (DESIGN.md section 4):
+Two formats are read:
   * version 1.0: server_list[] -> device[] with explicit rank_id (what Huawei's tools write);
   * the older group_list[] -> instance_list[] -> devices[] without rank_id (Kubernetes job controllers);
     ranks there follow the instances ordered by the number at the end of pod_name, then device order.

@@ -1,6 +1,7 @@
 """Who am I in the job? Read from the environment of whatever started this process.
 
-Order (DESIGN.md section 3): this project's launcher, torchrun, horovodrun, Open MPI, a single process.
+Order: this project's launcher, torchrun, horovodrun, Open MPI, a single process (the variables of each:
+docs/ARCHITECTURE.md, "Environment contract").
 Only this module knows those variable names; everything else uses `World`.
 """
 
