@@ -8,8 +8,6 @@ import os
 import pickle
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -24,7 +22,6 @@ from edsr_dist.data.sample import SAMPLE_SCENES, build_sample_store, sample_spli
 from edsr_dist.data.store import PatchStore, crc32_of, store_info, verify_store
 from edsr_dist.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
 TILE = 24  # divisible by 2, 3 and 4
 SCALES = (2, 3, 4)
 
@@ -172,20 +169,6 @@ def test_sample_store_builds_offline_with_a_scene_split(tmp_path: Path, monkeypa
         for tile in expected_tiles(hr_valid, 144):
             assert hashlib.sha1(np.ascontiguousarray(tile).tobytes()).digest() not in train_hashes
 
-
-def test_cli_and_data_tools_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "s.h5"
-    script = REPO / "data_tools" / "build_store.py"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, str(script), "--sample", "--out", str(out)], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "validation images" in done.stdout and out.is_file()
-    assert cli_main(["build-store", "--verify", str(out)]) == 0
-    assert "OK" in capsys.readouterr().out
-    assert cli_main(["build-store", "--hr-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.h5")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "does not exist" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------------- damaged files

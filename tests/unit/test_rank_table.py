@@ -2,49 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from edsr_dist.dist.rank_table import Device, load_rank_table, parse_device_list
 from edsr_dist.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def v1(servers: list[tuple[str, list[int]]], numbers_as=str) -> dict:
-    """A valid version 1.0 table: servers as (server_id, device ids); ranks numbered in server order."""
-    doc = {"version": "1.0", "status": "completed", "server_count": numbers_as(len(servers)), "server_list": []}
-    rank = 0
-    for s, (server_id, device_ids) in enumerate(servers):
-        devices = []
-        for d in device_ids:
-            devices.append({"device_id": numbers_as(d), "device_ip": f"192.168.{100 + d}.{101 + s}",
-                            "rank_id": numbers_as(rank)})
-            rank += 1
-        doc["server_list"].append({"server_id": server_id, "device": devices})
-    return doc
-
-
-def write(tmp_path: Path, doc, name: str = "table.json") -> Path:
-    path = tmp_path / name
-    path.write_text(doc if isinstance(doc, str) else json.dumps(doc, indent=2))
-    return path
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "edsr_dist", *args], capture_output=True, text=True,
-                          timeout=60, cwd=cwd or REPO, env=env)
+from helpers import REPO, v1, write_table
 
 
 @pytest.mark.parametrize("numbers_as", [str, int])
 def test_v1_two_servers(tmp_path, numbers_as):
-    table = load_rank_table(write(tmp_path, v1([("10.0.0.1", [0, 1]), ("10.0.0.2", [0, 1])], numbers_as)))
+    table = load_rank_table(write_table(tmp_path, v1([("10.0.0.1", [0, 1]), ("10.0.0.2", [0, 1])], numbers_as)))
     assert table.format == "1.0"
     assert [s.server_id for s in table.servers] == ["10.0.0.1", "10.0.0.2"]
     assert table.servers[1].devices[0] == Device(device_id=0, device_ip="192.168.100.102", rank_id=2)
@@ -77,7 +44,7 @@ def old_format() -> dict:
 
 
 def test_old_format_ranks_follow_pod_number(tmp_path):
-    table = load_rank_table(write(tmp_path, old_format()))
+    table = load_rank_table(write_table(tmp_path, old_format()))
     assert table.format == "group_list"
     assert [s.server_id for s in table.servers] == ["10.0.0.1", "10.0.0.2"]  # pod 9 before pod 10 (numeric)
     assert [[d.rank_id for d in s.devices] for s in table.servers] == [[0, 1], [2, 3]]
@@ -173,7 +140,7 @@ def _old_variant(case: str) -> dict:
 
 @pytest.mark.parametrize("case,doc,message", INVALID, ids=[case for case, _, _ in INVALID])
 def test_invalid_tables(tmp_path, case, doc, message):
-    path = write(tmp_path, _old_variant(case) if doc is None else doc)
+    path = write_table(tmp_path, _old_variant(case) if doc is None else doc)
     with pytest.raises(UserError, match=message) as info:
         load_rank_table(path)
     text = str(info.value)
@@ -188,69 +155,6 @@ def test_missing_file_and_directory(tmp_path):
     with pytest.raises(UserError, match="is a directory"):
         load_rank_table(tmp_path)
 
-
-def test_symlink_is_resolved(tmp_path):
-    real = write(tmp_path, v1([("10.0.0.1", [0])]), "real.json")
-    link = tmp_path / "link.json"
-    link.symlink_to(real)
-    table = load_rank_table(link)
-    assert table.is_symlink and table.real_path == os.path.realpath(real)
-    result = run_cli("rank-table", "check", str(link))
-    assert result.returncode == 0
-    assert "symlink" in result.stdout
-
-
-def test_check_prints_table_and_summary():
-    result = run_cli("rank-table", "check", "rank_table/hccl_16p_2server.json")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "2 servers, 16 devices, 16 ranks"
-    assert any(line.split()[:5] == ["1", "10.0.0.2", "7", "192.168.107.102", "15"] for line in lines)
-
-
-def test_check_bad_table_is_one_line_exit_2(tmp_path):
-    path = write(tmp_path, _mutate(lambda d: _set(d, ["server_count"], "3")))
-    result = run_cli("rank-table", "check", str(path))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "server_count is 3" in result.stderr
-
-
-def test_make_with_flags_round_trips(tmp_path):
-    out = tmp_path / "made.json"
-    result = run_cli("rank-table", "make", "--devices", "0-1,3", "--server-ip", "10.0.0.7",
-                     "--device-ips", "192.168.100.107,192.168.101.107,192.168.103.107",
-                     "--hccn-conf", str(tmp_path / "absent.conf"), "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(out.read_text())
-    assert doc["version"] == "1.0" and doc["server_count"] == "1"
-    assert doc["server_list"][0]["device"][2] == {"device_id": "3", "device_ip": "192.168.103.107", "rank_id": "2"}
-    check = run_cli("rank-table", "check", str(out))
-    assert check.returncode == 0 and check.stdout.strip().endswith("1 server, 3 devices, 3 ranks")
-
-
-def test_make_reads_hccn_conf(tmp_path):
-    conf = tmp_path / "hccn.conf"
-    conf.write_text("address_0=192.168.100.101\nnetmask_0=255.255.255.0\naddress_1=192.168.101.101\n")
-    result = run_cli("rank-table", "make", "--devices", "0,1", "--server-ip", "10.0.0.1", "--hccn-conf", str(conf))
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout)
-    assert [d["device_ip"] for d in doc["server_list"][0]["device"]] == ["192.168.100.101", "192.168.101.101"]
-    missing = run_cli("rank-table", "make", "--devices", "0-2", "--hccn-conf", str(conf))
-    assert missing.returncode == 2 and "no address_2= line" in missing.stderr
-
-
-def test_make_without_device_ips_fails_cleanly(tmp_path):
-    out = tmp_path / "made.json"
-    result = run_cli("rank-table", "make", "--devices", "0-7", "--hccn-conf", str(tmp_path / "absent.conf"),
-                     "--out", str(out))
-    assert result.returncode == 2
-    assert "--device-ips" in result.stderr and "Traceback" not in result.stderr
-    assert not out.exists()
-    wrong = run_cli("rank-table", "make", "--devices", "0-1", "--device-ips", "192.168.100.101",
-                    "--hccn-conf", str(tmp_path / "absent.conf"))
-    assert wrong.returncode == 2 and "2 devices but 1 device IPs" in wrong.stderr
 
 
 @pytest.mark.parametrize("spec,expected", [("0-7", list(range(8))), ("0,2,4", [0, 2, 4]), ("4-5,0", [0, 4, 5])])

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_no_process_left
+from helpers import REPO, assert_no_process_left
+
 
 WORKER = r'''
 import json, os, signal, subprocess, sys, time

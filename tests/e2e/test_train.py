@@ -4,8 +4,8 @@ import json
 
 from PIL import Image
 
-from conftest import TINY, run_cli
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
+from helpers import TINY, run_cli
 
 
 def test_short_training_run_reduces_the_loss_and_writes_everything(sample_store, tmp_path):

@@ -13,11 +13,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
-from edsr_dist.dist.horovod_engine import HorovodEngine, dense_view
-from edsr_dist.dist.world import World
-from edsr_dist.errors import UserError
+from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 
 STEPS = 24  # per epoch; global batch 4 (TINY), so 2 samples per rank with 2 workers
 
@@ -57,8 +54,6 @@ def adam_steps(checkpoint: dict) -> set[float]:
     return {float(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
 
 
-
-
 def epoch_losses(stdout: str) -> list[float]:
     return [float(line.split("Loss: ")[1].split()[0]) for line in stdout.splitlines() if "Epoch nr:" in line]
 
@@ -73,29 +68,6 @@ def two_workers(horovodrun, sample_store, tmp_path_factory):
                          cwd=root, extra=["--output-filename", str(root / "ranks")])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, out, root / "ranks"
-
-
-# ------------------------------------------------------------------------------------- without horovod
-
-
-def test_dense_view_makes_channels_last_contiguous_in_place():
-    weight = torch.randn(8, 3, 3, 3).contiguous(memory_format=torch.channels_last)
-    view, inverse = dense_view(weight)
-    assert view.is_contiguous() and view.data_ptr() == weight.data_ptr()
-    view.mul_(2)  # what an in-place collective does
-    restored = view.permute(inverse)
-    assert restored.shape == weight.shape and restored.stride() == weight.stride()
-    assert torch.equal(restored, weight)
-    plain = torch.randn(4, 5)
-    assert dense_view(plain) == (plain, None)
-    one_by_one = torch.randn(3, 3, 1, 1).contiguous(memory_format=torch.channels_last)  # tied strides
-    assert dense_view(one_by_one)[0].is_contiguous()
-
-
-def test_missing_horovod_is_a_user_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "horovod.torch", None)  # makes `import horovod.torch` fail
-    with pytest.raises(UserError, match="bash scripts/install_horovod.sh"):
-        HorovodEngine(World(), torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------- horovodrun

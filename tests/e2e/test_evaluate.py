@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, run_cli
 from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import UserError
 from edsr_dist.evaluate import main as eval_main
+from helpers import TINY, run_cli
 
 VAL_IMAGES = 2
 

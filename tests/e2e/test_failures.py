@@ -22,7 +22,8 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_no_process_left
+from helpers import REPO, TINY, assert_no_process_left
+
 
 # A run far longer than any test: only a fault (or max-steps) ends it.
 ENDLESS = [*TINY, "--steps-per-epoch", "100000", "--log-every", "5"]

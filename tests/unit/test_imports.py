@@ -7,7 +7,7 @@ import ast
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "edsr_dist"
+PACKAGE = Path(__file__).resolve().parents[2] / "edsr_dist"
 
 # Lowest first. Modules in one layer do not import each other.
 LAYERS = [

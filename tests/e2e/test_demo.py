@@ -5,7 +5,8 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
+
 
 
 def test_run_1p_with_no_arguments_is_the_cpu_demo(tmp_path):

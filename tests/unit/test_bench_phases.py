@@ -1,0 +1,21 @@
+"""bench's step breakdown arithmetic."""
+
+import pytest
+
+from edsr_dist.bench import PHASES, _step_phases
+
+
+def test_step_phases_partition_the_step():
+    # previous step ended at 10.0; queue wait 0.2 of a 0.3 gap; backward ends at 11.5 but the last gradient bucket
+    # was handed to the all-reduce at 11.3: 0.2 of exposed wait.
+    step = {"start": 10.3, "end": 12.0, "data_wait": 0.2, "to_device": 0.05, "finish_gradients_first": 11.5,
+            "finish_gradients": 0.01, "overflow_check": 0.04, "optimizer": 0.3, "last_bucket": 11.3,
+            "first_bucket": 11.0, "last_reduced": 11.45}
+    phases = _step_phases(10.0, step)
+    assert sum(phases[key] for key in PHASES) == pytest.approx(2.0)
+    assert phases["data_wait"] == pytest.approx(0.2)
+    assert phases["loop_other"] == pytest.approx(0.1)
+    assert phases["forward_backward"] == pytest.approx(1.2 - 0.05 - 0.2)
+    assert phases["allreduce_wait"] == pytest.approx(0.2 + 0.01 + 0.04)
+    assert phases["optimizer"] == pytest.approx(0.3)
+    assert phases["allreduce_in_flight"] == pytest.approx(0.45)
