@@ -46,7 +46,8 @@ from edsr_dist.dist.world import World
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.model import build_model, flops_per_image
 from edsr_dist.precision import autocast, cpu_has_native_bf16, resolve_device_and_precision
-from edsr_dist.train import StepTimer, Trainer, TrainingDiverged, set_threads
+from edsr_dist.step_timer import StepTimer
+from edsr_dist.train import Trainer, TrainingDiverged, set_threads
 
 PROG = "edsr-dist bench"
 DEFAULT_PRESET = "baseline"
@@ -153,9 +154,9 @@ def bench_config(args: argparse.Namespace) -> Config:
     if args.threads:
         overrides["num_threads"] = args.threads
     cfg = build_config(preset=args.preset, overrides=overrides)
-    for workers in (args.nproc, args.compare_nproc):
+    for flag, workers in (("--nproc", args.nproc), ("--compare-nproc", args.compare_nproc)):
         if workers:
-            check_batch_divides(cfg.batch_size, workers)
+            check_batch_divides(cfg.batch_size, workers, flag)
     return cfg
 
 

@@ -290,8 +290,10 @@ def parse_train_args(argv: list[str]) -> Config:
     return build_config(preset=preset, config_file=config_file, overrides=parse_override_args(rest))
 
 
-def check_batch_divides(batch_size: int, workers: int) -> None:
-    """The global batch is split evenly over the workers (launcher, trainer, sampler and bench all ask here)."""
+def check_batch_divides(batch_size: int, workers: int, flag: str = "") -> None:
+    """The global batch is split evenly over the workers (launcher, trainer, sampler and bench all ask here);
+    `flag` names the option that set the number of workers, when one did."""
     if batch_size % workers:
-        raise UserError(f"batch_size {batch_size} (global) does not divide by the {workers} workers; pass "
+        of = f" of {flag} {workers}" if flag else ""
+        raise UserError(f"batch_size {batch_size} (global) does not divide by the {workers} workers{of}; pass "
                         f"--batch-size as a multiple of {workers}, e.g. {max(1, round(batch_size / workers)) * workers}")

@@ -10,25 +10,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from PIL import Image
+from tqdm import tqdm
 
 from edsr_dist import __version__
 from edsr_dist.atomic import atomic_write_text
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from edsr_dist.config import Config, check_batch_divides, parse_train_args
+from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sample import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
@@ -40,11 +38,13 @@ from edsr_dist.infer import super_resolve
 from edsr_dist.metrics import bicubic_upscale, score_sr
 from edsr_dist.model import build_model
 from edsr_dist.precision import LossScaler, autocast, resolve_device_and_precision
+from edsr_dist.step_timer import StepTimer
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
 # more room: the loss scaler legitimately overflows a few times while it finds its scale.
 MAX_BAD_STEPS = {"fp16": 30, "bf16": 5, "fp32": 5}
+
 
 class TrainingDiverged(Exception):
     """Loss or gradients stayed NaN/inf beyond what loss scaling recovers from."""
@@ -64,70 +64,6 @@ def set_threads(cfg: Config) -> int:
     threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     return threads
-
-
-class StepTimer:
-    """The measuring seam: the trainer marks each step and its named phases here, and this default records
-    nothing. `edsr-dist bench` and tests pass a subclass that does.
-
-    Phases, in the order a step meets them: data_wait (the loop waiting for the prefetch thread, between
-    steps), to_device, finish_gradients (starts as soon as backward returns), overflow_check (the all-reduce
-    of the overflow and stop flags), optimizer.
-    """
-
-    def begin_step(self) -> None:
-        pass
-
-    def end_step(self, skipped: bool) -> None:
-        pass
-
-    def phase(self, name: str) -> contextlib.AbstractContextManager:
-        return _NO_PHASE
-
-
-_NO_PHASE = contextlib.nullcontext()
-
-
-class Prefetcher:
-    """Reads the next batches in a background thread so the step never waits on HDF5 and augmentation."""
-
-    def __init__(self, produce, steps, timer: StepTimer, depth: int = 3):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._timer = timer
-
-        def run():
-            try:
-                for step in steps:
-                    if self._stop.is_set():
-                        return
-                    self._queue.put((step, produce(step), None))
-            except BaseException as exc:  # handed to the consumer, raised there
-                self._queue.put((None, None, exc))
-            self._queue.put((None, None, StopIteration()))
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def __iter__(self):
-        while True:
-            with self._timer.phase("data_wait"):
-                step, batch, exc = self._queue.get()
-            if isinstance(exc, StopIteration):
-                return
-            if exc is not None:
-                raise exc
-            yield step, batch
-
-    def close(self):
-        """Stop and join the reader: a thread left inside HDF5 at interpreter exit can abort the process."""
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self._thread.join()
 
 
 class LossMeter:
