@@ -19,6 +19,7 @@ from torch import nn
 
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE
+from edsr_dist.safe_load import load_tensors
 
 _WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict")  # in order of preference
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
@@ -152,7 +153,7 @@ def infer_architecture(sd: dict) -> dict:
 
 
 def read_weights_file(path: str | Path) -> tuple[dict, dict]:
-    """(raw state dict, metadata) from .safetensors, .pt/.pth (weights-only unpickling) or our .ckpt."""
+    """(raw state dict, metadata) from .safetensors, .pt/.pth or our .ckpt; pickles are read weights-only."""
     from edsr_dist.checkpoint import is_checkpoint_file, load_checkpoint
 
     path = Path(path)
@@ -172,12 +173,7 @@ def read_weights_file(path: str | Path) -> tuple[dict, dict]:
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise UserError(f"cannot read {path} as safetensors ({exc}); the file is damaged or not safetensors"
                             ) from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for non-tensor pickles, RuntimeError for damaged zips
-        reason = (str(exc).splitlines() or [""])[0]
-        raise UserError(f"cannot load weights from {path} ({type(exc).__name__}: {reason}); pass a state dict "
-                        "saved with torch.save, a .safetensors file or an edsr-dist .ckpt") from None
+    sd = load_tensors(path, path, "weights file")
     if not isinstance(sd, dict):
         raise UserError(f"{path} holds a {type(sd).__name__}, not a state dict; save model.state_dict() instead")
     return sd, {}
