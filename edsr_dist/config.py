@@ -55,6 +55,7 @@ class Config:
     val_tile: int = 0  # LR tile side for validation/inference; 0 = whole image unless it is too large
     out: str = "runs/edsr"
     resume: str = ""  # "", "auto" or a checkpoint path
+    overwrite: bool = False  # a new run in an --out that holds one: move the old run aside (never deleted)
     samples_png: bool = True  # write bicubic | EDSR | ground truth crops after the final validation
 
     # Execution.

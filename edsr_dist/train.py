@@ -28,6 +28,7 @@ from edsr_dist.dist.world import World, discover_world
 from edsr_dist.errors import UserError
 from edsr_dist.model import build_model
 from edsr_dist.precision import LossScaler, autocast, resolve_precision, select_device
+from edsr_dist.run_folder import check_nothing_to_resume, claim_run_folder, recorded_result
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
@@ -147,6 +148,7 @@ class Trainer:
 
         if self.is_main:
             check_output_folder(self.out)
+            claim_run_folder(self.out, cfg.resume, cfg.overwrite)
 
         self.store = self._open_store()
         from edsr_dist.data.sampler import TrainSampler
@@ -201,6 +203,9 @@ class Trainer:
         path = self.engine.broadcast_object(find_checkpoint(where) if self.is_main else None)
         if path is None:
             if self.cfg.resume == "auto":
+                if self.is_main:
+                    check_nothing_to_resume(self.out)
+                    self._drop_metrics_after(0)  # records of an attempt stopped before its first checkpoint
                 return None  # nothing yet: a fresh start, so the same command line works for the first run too
             raise UserError(f"no valid checkpoint at {self.cfg.resume}; pass --resume auto or an existing .ckpt file")
         if self.any_rank(not Path(path).exists()):
@@ -383,6 +388,8 @@ class Trainer:
         total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
+        if self.resumed_from and not (self.epoch < cfg.epochs and self.step < total_steps):
+            return self._report_finished(total_steps)
         if self.is_main and cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -468,9 +475,19 @@ class Trainer:
             self._bar = None
 
         if report:
-            self.log(f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
-                     f"(Y-PSNR, {report['images']} held-out images)")
+            self.log(result_line(report))
             self.record(type="result", step=self.step, **report)
+        return report
+
+    def _report_finished(self, total_steps: int) -> dict:
+        """Resuming a run that already reached its last step: say so and repeat its Result line."""
+        self.log(self._banner(total_steps))
+        self.log(f"The run is already complete (step {self.step} of {total_steps}); nothing to train.")
+        report = self.engine.broadcast_object(recorded_result(self.out, self.step) if self.is_main else None)
+        if report is None:  # stopped after its last checkpoint, before writing the result
+            report = self.validate()
+            self.record(type="result", step=self.step, **report)
+        self.log(result_line(report))
         return report
 
     def _mean_over_ranks(self, loss_sum: torch.Tensor, steps: int) -> float:
@@ -497,6 +514,11 @@ class Trainer:
         self.store.close()
         self.engine.shutdown(clean)
 
+
+
+def result_line(report: dict) -> str:
+    return (f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
+            f"(Y-PSNR, {report['images']} held-out images)")
 
 
 def check_output_folder(out: Path) -> None:

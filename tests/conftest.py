@@ -78,3 +78,14 @@ TINY = ["--preset", "sample", "--num-blocks", "2", "--num-filters", "8", "--batc
         "--epochs", "1", "--steps-per-epoch", "20", "--precision", "fp32", "--max-val-images", "2",
         "--samples-png", "false", "--num-threads", "1", "--progress", "false", "--tensorboard", "false",
         "--log-every", "5"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, sample_store) -> Path:
+    """A finished real 10-step TINY run (one checkpoint, step 10) for tests that read it; copy it before changing it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run_cli(["train", *TINY, "--data", str(sample_store), "--out", str(out), "--steps-per-epoch", "10"],
+                     cwd=out.parent)
+    assert result.returncode == 0, result.stderr
+    assert (out / "checkpoints" / "step_00000010.ckpt").is_file()
+    return out

@@ -42,17 +42,6 @@ def _one_line(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, sample_store) -> Path:
-    """A real 10-step run (checkpoint at step 10), shared by the tests below; each copies it before use."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    args = [*TINY, "--data", str(sample_store), "--out", str(out), "--steps-per-epoch", "10"]
-    result = run_cli(["train", *args], cwd=out.parent)
-    assert result.returncode == 0, result.stderr
-    assert (out / "checkpoints" / "step_00000010.ckpt").is_file()
-    return out
-
-
 @pytest.fixture
 def crafted(tmp_path, trained_run):
     """(a copy of the run whose newest checkpoint, step 20, would run a shell command, that file, the marker)."""

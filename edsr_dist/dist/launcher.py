@@ -146,6 +146,16 @@ def worker_out_dir(train_args: list[str], world_size: int) -> str:
     return cfg.out
 
 
+def _claim_out_folder(train_args: list[str]) -> None:
+    """The one-run-per-folder rule, before this launcher opens its logs in --out (only where rank 0 runs: one
+    decision per job)."""
+    from edsr_dist.run_folder import claim_run_folder
+    from edsr_dist.train import parse_train_args
+
+    cfg = parse_train_args(train_args)
+    claim_run_folder(cfg.out, cfg.resume, cfg.overwrite)
+
+
 def _format_cores(cores: list[int] | None) -> str:
     if cores is None:
         return "any"
@@ -619,4 +629,6 @@ def main(argv: list[str]) -> int:
     if args.dry_run:
         print(describe_plan(plan))
         return 0
+    if not args.exec and plan.workers[0].rank == 0:
+        _claim_out_folder(rest)
     return run_workers(plan, args.grace)
