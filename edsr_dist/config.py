@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from edsr_dist.errors import UserError
+from edsr_dist.errors import UserError, did_you_mean
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
@@ -173,7 +173,8 @@ def apply_overrides(cfg: Config, values: dict, origin: str) -> Config:
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in types:
-            raise UserError(f"{origin}: unknown setting {key!r}; see `edsr-dist train --help` for the valid names")
+            raise UserError(f"{origin}: unknown setting {key!r}{did_you_mean(name, types)}; "
+                            "see `edsr-dist train --help` for the valid names")
         updates[name] = _coerce(name, value, types[name], origin)
     return dataclasses.replace(cfg, **updates)
 
@@ -223,7 +224,9 @@ def parse_override_args(args: list[str]) -> dict:
         key, eq, value = arg[2:].partition("=")
         name = key.replace("-", "_")
         if name not in names:
-            raise UserError(f"unknown option --{key}; see `edsr-dist train --help` for the valid names")
+            flags = [f"--{n.replace('_', '-')}" for n in names]
+            raise UserError(f"unknown option --{key}{did_you_mean('--' + key, flags)}; "
+                            "see `edsr-dist train --help` for the valid names")
         if not eq:
             if _field_types()[name] is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
                 value = "true"  # a bare boolean flag switches it on
@@ -243,6 +246,18 @@ def describe_fields() -> str:
     lines = []
     for f in dataclasses.fields(Config):
         lines.append(f"  --{f.name.replace('_', '-'):<18} {getattr(defaults, f.name)!r}")
+    return "\n".join(lines)
+
+
+def format_config(cfg: Config, preset: str | None = None) -> str:
+    """The resolved settings as YAML that `--config` reads back; what differs from the defaults is marked."""
+    defaults = Config()
+    sets = ", ".join(f"{k}={v!r}" for k, v in PRESETS.get(preset or "", {}).items()) or "nothing"
+    lines = [f"# preset {preset} sets: {sets}"] if preset else []
+    for f in dataclasses.fields(Config):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        line = yaml.safe_dump({f.name: value}, default_flow_style=False).strip()
+        lines.append(line if value == default else f"{line:<28} # default {default!r}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from edsr_dist import __version__
-from edsr_dist.config import PRESETS, Config, build_config, describe_fields, parse_override_args
+from edsr_dist.config import PRESETS, Config, build_config, describe_fields, format_config, parse_override_args
 from edsr_dist.dist.engine import make_engine, resolve_engine_name
 from edsr_dist.dist.launcher import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED
 from edsr_dist.dist.world import World, discover_world
@@ -53,13 +53,19 @@ class Interrupted(Exception):
 def parse_train_args(argv: list[str]) -> Config:
     argv = list(argv)
     preset = config_file = None
+    print_config = False
     rest: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(TRAIN_HELP + describe_fields() + f"\n\npresets: {', '.join(PRESETS)} (see edsr_dist/config.py)")
+            print(TRAIN_HELP + describe_fields() + f"\n\npresets: {', '.join(PRESETS)} (see edsr_dist/config.py); "
+                  "--print-config prints the settings a command line resolves to (`--preset NAME --print-config`)")
             raise SystemExit(0)
+        if arg == "--print-config":
+            print_config = True
+            i += 1
+            continue
         key, eq, value = arg.partition("=")
         if key in ("--preset", "--config"):
             if not eq:
@@ -74,7 +80,11 @@ def parse_train_args(argv: list[str]) -> Config:
         else:
             rest.append(arg)
         i += 1
-    return build_config(preset=preset, config_file=config_file, overrides=parse_override_args(rest))
+    cfg = build_config(preset=preset, config_file=config_file, overrides=parse_override_args(rest))
+    if print_config:
+        print(format_config(cfg, preset))
+        raise SystemExit(0)
+    return cfg
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -187,6 +197,8 @@ class Trainer:
 
             # Rank 0 builds (or repairs) the cached sample store while the others wait.
             path = ensure_sample_store() if self.is_main else None
+            if self.is_main:
+                print(f"sample store: {path} (cached; EDSR_DIST_CACHE sets the folder)", flush=True)
             self.engine.barrier()
             path = path or ensure_sample_store()
         elif not Path(path).exists():

@@ -273,6 +273,11 @@ def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "
     metadata = {"format": "edsr-dist", "names": names, **{k: str(v) for k, v in meta.items()}}
     try:
         save_file(sd, str(tmp), metadata=metadata)
+        # safetensors' save_file leaves the file owner-only (0600, seen with safetensors 0.8.0); give it what any
+        # new file gets (0644 under umask 022), like torch.save's .pt/.pth, so that others can read a shared export.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out_path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
