@@ -188,6 +188,9 @@ def load_yaml(path: str) -> dict:
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
+        if isinstance(exc, yaml.constructor.ConstructorError):  # a tag such as !!python/object: never a setting
+            raise UserError(f"config file {path} has a YAML tag{where} that is not plain data ({exc.problem}); "
+                            "settings are numbers, text and true/false: remove the tag") from None
         raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of setting: value")

@@ -173,3 +173,14 @@ def test_resume_from_a_crafted_file_is_refused(crafted, sample_store):
     assert result.returncode == 2
     assert REFUSAL in _one_line(result.stderr)
     assert not marker.exists() and _files(run) == before
+
+
+def test_a_yaml_config_cannot_run_code(tmp_path):
+    marker = tmp_path / "marker"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"epochs: 3\nseed: !!python/object/apply:os.system ['touch {marker}']\n")
+    result = run_cli(["train", "--config", str(config), "--out", str(tmp_path / "run")], cwd=tmp_path)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert f"config file {config} has a YAML tag at line 2 that is not plain data" in line
+    assert not marker.exists() and not (tmp_path / "run").exists()
