@@ -184,3 +184,14 @@ def test_a_yaml_config_cannot_run_code(tmp_path):
     line = _one_line(result.stderr)
     assert f"config file {config} has a YAML tag at line 2 that is not plain data" in line
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_the_package_reads_pickles_in_one_place_only():
+    """Every torch.load of the package is the weights-only one in safe_load.py; nothing unpickles otherwise."""
+    calls = {}
+    for path in (REPO / "edsr_dist").rglob("*.py"):
+        text = path.read_text()
+        for needle in ("torch.load(", "pickle.load", "weights_only=False", "yaml.load(", "allow_pickle=True"):
+            if needle in text:
+                calls.setdefault(needle, []).append(path.relative_to(REPO).as_posix())
+    assert calls == {"torch.load(": ["edsr_dist/safe_load.py"]}
