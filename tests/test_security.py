@@ -17,7 +17,10 @@ from edsr_dist.checkpoint import (checkpoint_model, find_checkpoint, follow_poin
                                   save_checkpoint, verify_checkpoint)
 from edsr_dist.errors import UserError
 
-OLD_CHECKPOINT = REPO / "tests" / "data" / "step_00000003_v0a0567e.ckpt"  # written by commit 0a0567e's trainer
+# Written by commit 0a0567e's trainer (`git archive 0a0567e`, then in that tree: `edsr-dist build-store --sample
+# --out sample.h5` and `edsr-dist train --preset sample --data sample.h5 --out run --num-blocks 1 --num-filters 4
+# --batch-size 2 --patch-size 8 --epochs 1 --steps-per-epoch 3 --precision fp32 --max-val-images 1`).
+OLD_CHECKPOINT = REPO / "tests" / "data" / "step_00000003_v0a0567e.ckpt"
 REFUSAL = "contains objects a checkpoint never holds (a reference to posix.system)"
 
 
