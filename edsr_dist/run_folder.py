@@ -49,7 +49,8 @@ def _continues(out: Path, resume: str) -> bool:
 def claim_run_folder(out: str | Path, resume: str, overwrite: bool) -> Path | None:
     """Apply the rule before anything is written into `out`; returns where an old run was moved, if one was.
 
-    Called once per job: by rank 0 of `edsr-dist train`, and by the launcher before it opens the logs there.
+    Called by rank 0 of `edsr-dist train` and, before that, by the launcher before it opens its logs in `out`
+    (the worker then finds only those logs there).
     """
     out = Path(out)
     found = previous_run(out) if out.is_dir() else None
