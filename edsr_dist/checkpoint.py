@@ -12,8 +12,8 @@ Next to the step files: `latest` and `best` (one line each, a file name) and `in
 (edsr_dist/atomic.py: temporary file in the same folder, fsync, rename, fsync of the folder), so a crash, a kill or a
 full disk never leaves a half-written checkpoint where a resume would pick it up.
 
-Checkpoints are pickles: load only files you trust. Pretrained weights from elsewhere go through
-`edsr_dist.weights.load_pretrained` (weights-only loading or safetensors).
+The payload is read with weights_only unpickling (`edsr_dist.safe_load`): tensors, containers, numbers and
+strings only, so a crafted file is refused before anything in it runs, checksum or not.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 
 from edsr_dist.atomic import atomic_write_bytes
 from edsr_dist.errors import UserError
+from edsr_dist.safe_load import load_tensors
 
 MAGIC = b"EDSRCKPT1"
 CHECKPOINT_DIR = "checkpoints"
@@ -166,8 +167,8 @@ def save_checkpoint(out_dir: str | Path, state: dict, step: int, keep_last: int,
 
 # ---- reading ----------------------------------------------------------------------------------------------
 
-def _read_verified(path: Path, keep_payload: bool) -> bytes | None:
-    """Check magic, length and checksum; return the payload when asked. UserError names what is wrong."""
+def _read_verified(path: Path) -> bytes:
+    """Check magic, length and checksum; return the payload. UserError names what is wrong."""
     try:
         f = open(path, "rb")
     except OSError as exc:
@@ -183,31 +184,29 @@ def _read_verified(path: Path, keep_payload: bool) -> bytes | None:
             raise UserError(f"checkpoint {path} has a damaged header; it is corrupt, use an earlier checkpoint")
         expected_hash, expected_len = lines[1].decode(), int(lines[2])
         digest = hashlib.sha256()
-        chunks: list[bytes] = []
         first = lines[3]
+        chunks = [first]
         got = len(first)
         digest.update(first)
-        if keep_payload:
-            chunks.append(first)
         while True:
             chunk = f.read(_CHUNK)
             if not chunk:
                 break
             got += len(chunk)
             digest.update(chunk)
-            if keep_payload:
-                chunks.append(chunk)
+            chunks.append(chunk)
     if got < expected_len:
         raise UserError(f"checkpoint {path} is truncated ({got} of {expected_len} payload bytes; cut off while "
                         "being written or copied); use an earlier checkpoint or copy it again")
     if got > expected_len or digest.hexdigest() != expected_hash:
         raise UserError(f"checkpoint {path} is corrupt (checksum mismatch); use an earlier checkpoint or copy it again")
-    return b"".join(chunks) if keep_payload else None
+    return b"".join(chunks)
 
 
 def verify_checkpoint(path: str | Path) -> None:
-    """Raise UserError unless `path` is a complete edsr-dist checkpoint with a matching checksum."""
-    _read_verified(Path(path), keep_payload=False)
+    """Raise UserError unless `path` is a complete edsr-dist checkpoint with a matching checksum whose
+    contents load without running code (checked on the meta device: no tensor data is read)."""
+    load_tensors(_read_verified(Path(path)), path, "checkpoint", map_location="meta")
 
 
 def is_checkpoint_file(path: str | Path) -> bool:
@@ -220,9 +219,12 @@ def is_checkpoint_file(path: str | Path) -> bool:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Verify and unpickle one checkpoint file (our own format, hence weights_only=False)."""
-    payload = _read_verified(Path(path), keep_payload=True)
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    """Verify one checkpoint file and load it weights-only; a file that would need code to load is refused."""
+    state = load_tensors(_read_verified(Path(path)), path, "checkpoint", map_location)
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a training state; "
+                        "pass a checkpoint written by `edsr-dist train`")
+    return state
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -245,11 +247,13 @@ def follow_pointer(pointer: Path) -> Path:
     if pointer.name not in (LATEST, BEST) or not pointer.is_file() or is_checkpoint_file(pointer):
         return pointer
     try:
-        target = pointer.parent / pointer.read_text().strip()
+        name = pointer.read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {pointer} ({exc}); pass a step_*.ckpt file or the run folder") from None
-    if not target.name or not target.is_file():
-        raise UserError(f"{pointer} names {target.name!r}, which is not in {pointer.parent}; "
+    target = pointer.parent / name
+    # A bare file name only: a copied-in pointer must not lead a resume to files outside this folder.
+    if Path(name).name != name or not target.is_file():
+        raise UserError(f"{pointer} names {name!r}, which is not a file in {pointer.parent}; "
                         "pass a step_*.ckpt file or the run folder")
     return target
 
@@ -257,8 +261,8 @@ def follow_pointer(pointer: Path) -> Path:
 def find_checkpoint(path_or_dir: str | Path) -> Path | None:
     """A file: itself. A run or checkpoints folder: the newest valid checkpoint, or None.
 
-    `latest` is tried first, then the other step files from the highest step down; every corrupt or
-    truncated file skipped on the way gets one warning line on stderr.
+    `latest` is tried first, then the other step files from the highest step down; every corrupt, truncated
+    or unsafe file (one that would run code when loaded) skipped on the way gets one warning line on stderr.
     """
     path = Path(path_or_dir)
     if path.is_file():
@@ -268,10 +272,10 @@ def find_checkpoint(path_or_dir: str | Path) -> Path | None:
     folder = _checkpoint_folder(path)
     candidates = list(reversed(list_checkpoints(folder)))
     try:
-        latest = folder / (folder / LATEST).read_text().strip()
-    except OSError:
+        latest = follow_pointer(folder / LATEST) if (folder / LATEST).is_file() else None
+    except UserError:
         latest = None
-    if latest is not None and latest.name and latest.is_file():
+    if latest is not None:
         candidates = [latest] + [c for c in candidates if c.name != latest.name]
     for candidate in candidates:
         try:

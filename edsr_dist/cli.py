@@ -6,7 +6,8 @@ import importlib
 import importlib.util
 import sys
 
-from edsr_dist.errors import UserError
+from edsr_dist import __version__
+from edsr_dist.errors import UserError, did_you_mean
 
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
@@ -19,10 +20,12 @@ COMMANDS = {
     "export": ("edsr_dist.weights", "main", "export or import model weights (safetensors, reference/BasicSR names)"),
     "bench": ("edsr_dist.bench", "main", "measure training throughput, overheads and scaling"),
 }
+# Commands that only read and write text files: usable on a login node without torch.
+WITHOUT_TORCH = {"rank-table"}
 
 
 def usage() -> str:
-    lines = ["usage: edsr-dist <command> [options]", "", "commands:"]
+    lines = ["usage: edsr-dist <command> [options]   (edsr-dist --version)", "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines += ["", "`edsr-dist <command> --help` for the options of one command."]
     return "\n".join(lines)
@@ -30,14 +33,21 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"edsr-dist {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"edsr-dist: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"edsr-dist: unknown command {name!r}{did_you_mean(name, COMMANDS)}; choose one of "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if importlib.util.find_spec("torch") is None:
+    if name not in WITHOUT_TORCH and importlib.util.find_spec("torch") is None:
         print("edsr-dist: error: PyTorch is not installed; on CPU run `pip install -r requirements-cpu.txt`, "
               "on GPUs/NPUs install the torch build for your hardware first", file=sys.stderr)
         return 2

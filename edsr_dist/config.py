@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from edsr_dist.errors import UserError
+from edsr_dist.errors import UserError, did_you_mean
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
@@ -55,6 +55,7 @@ class Config:
     val_tile: int = 0  # LR tile side for validation/inference; 0 = whole image unless it is too large
     out: str = "runs/edsr"
     resume: str = ""  # "", "auto" or a checkpoint path
+    overwrite: bool = False  # a new run in an --out that holds one: move the old run aside (never deleted)
     samples_png: bool = True  # write bicubic | EDSR | ground truth crops after the final validation
 
     # Execution.
@@ -173,7 +174,8 @@ def apply_overrides(cfg: Config, values: dict, origin: str) -> Config:
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in types:
-            raise UserError(f"{origin}: unknown setting {key!r}; see `edsr-dist train --help` for the valid names")
+            raise UserError(f"{origin}: unknown setting {key!r}{did_you_mean(name, types)}; "
+                            "see `edsr-dist train --help` for the valid names")
         updates[name] = _coerce(name, value, types[name], origin)
     return dataclasses.replace(cfg, **updates)
 
@@ -187,6 +189,9 @@ def load_yaml(path: str) -> dict:
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
+        if isinstance(exc, yaml.constructor.ConstructorError):  # a tag such as !!python/object: never a setting
+            raise UserError(f"config file {path} has a YAML tag{where} that is not plain data ({exc.problem}); "
+                            "settings are numbers, text and true/false: remove the tag") from None
         raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of setting: value")
@@ -223,7 +228,9 @@ def parse_override_args(args: list[str]) -> dict:
         key, eq, value = arg[2:].partition("=")
         name = key.replace("-", "_")
         if name not in names:
-            raise UserError(f"unknown option --{key}; see `edsr-dist train --help` for the valid names")
+            flags = [f"--{n.replace('_', '-')}" for n in names]
+            raise UserError(f"unknown option --{key}{did_you_mean('--' + key, flags)}; "
+                            "see `edsr-dist train --help` for the valid names")
         if not eq:
             if _field_types()[name] is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
                 value = "true"  # a bare boolean flag switches it on
@@ -243,6 +250,18 @@ def describe_fields() -> str:
     lines = []
     for f in dataclasses.fields(Config):
         lines.append(f"  --{f.name.replace('_', '-'):<18} {getattr(defaults, f.name)!r}")
+    return "\n".join(lines)
+
+
+def format_config(cfg: Config, preset: str | None = None) -> str:
+    """The resolved settings as YAML that `--config` reads back; what differs from the defaults is marked."""
+    defaults = Config()
+    sets = ", ".join(f"{k}={v!r}" for k, v in PRESETS.get(preset or "", {}).items()) or "nothing"
+    lines = [f"# preset {preset} sets: {sets}"] if preset else []
+    for f in dataclasses.fields(Config):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        line = yaml.safe_dump({f.name: value}, default_flow_style=False).strip()
+        lines.append(line if value == default else f"{line:<28} # default {default!r}")
     return "\n".join(lines)
 
 
@@ -266,13 +285,19 @@ def parse_train_args(argv: list[str]) -> Config:
     anyone) both call this."""
     argv = list(argv)
     preset = config_file = None
+    print_config = False
     rest: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(TRAIN_HELP + describe_fields() + f"\n\npresets: {', '.join(PRESETS)} (see edsr_dist/config.py)")
+            print(TRAIN_HELP + describe_fields() + f"\n\npresets: {', '.join(PRESETS)} (see edsr_dist/config.py); "
+                  "--print-config prints the settings a command line resolves to (`--preset NAME --print-config`)")
             raise SystemExit(0)
+        if arg == "--print-config":
+            print_config = True
+            i += 1
+            continue
         key, eq, value = arg.partition("=")
         if key in ("--preset", "--config"):
             if not eq:
@@ -287,7 +312,11 @@ def parse_train_args(argv: list[str]) -> Config:
         else:
             rest.append(arg)
         i += 1
-    return build_config(preset=preset, config_file=config_file, overrides=parse_override_args(rest))
+    cfg = build_config(preset=preset, config_file=config_file, overrides=parse_override_args(rest))
+    if print_config:
+        print(format_config(cfg, preset))
+        raise SystemExit(0)
+    return cfg
 
 
 def check_batch_divides(batch_size: int, workers: int, flag: str = "") -> None:

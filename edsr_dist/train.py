@@ -39,6 +39,7 @@ from edsr_dist.metrics import bicubic_upscale, score_sr
 from edsr_dist.model import build_model
 from edsr_dist.precision import LossScaler, autocast, resolve_device_and_precision
 from edsr_dist.step_timer import StepTimer
+from edsr_dist.run_folder import check_nothing_to_resume, claim_run_folder, recorded_result
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
@@ -97,6 +98,7 @@ class Trainer:
 
         if self.is_main:
             check_output_folder(self.out)
+            claim_run_folder(self.out, cfg.resume, cfg.overwrite)
 
         self.store = self._open_store()
         self.sampler = TrainSampler(self.store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
@@ -160,6 +162,8 @@ class Trainer:
         if not path:
             # Rank 0 builds (or repairs) the cached sample store while the others wait.
             path = ensure_sample_store() if self.is_main else None
+            if self.is_main:
+                print(f"sample store: {path} (cached; EDSR_DIST_CACHE sets the folder)", flush=True)
             self.engine.barrier()
             path = path or ensure_sample_store()
         elif not Path(path).exists():
@@ -174,6 +178,9 @@ class Trainer:
         path = self.engine.broadcast_object(find_checkpoint(where) if self.is_main else None)
         if path is None:
             if self.cfg.resume == "auto":
+                if self.is_main:
+                    check_nothing_to_resume(self.out)
+                    self._drop_metrics_after(0)  # records of an attempt stopped before its first checkpoint
                 return None  # nothing yet: a fresh start, so the same command line works for the first run too
             raise UserError(f"no valid checkpoint at {self.cfg.resume}; pass --resume auto or an existing .ckpt file")
         if self.any_rank(not Path(path).exists()):
@@ -257,8 +264,7 @@ class Trainer:
         self.record(type="epoch", step=self.step, epoch=number, loss=mean_loss, **report)
 
     def _log_result(self, report: dict) -> None:
-        self.log(f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
-                 f"(Y-PSNR, {report['images']} held-out images)")
+        self.log(result_line(report))
         self.record(type="result", step=self.step, **report)
 
     # ---- one step -------------------------------------------------------------------------------------------
@@ -379,6 +385,8 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        if self.resumed_from and not (self.epoch < self.cfg.epochs and self.step < self.total_steps):
+            return self._report_finished()
         self.log(self._banner())
         report: dict = {}
         with self._progress_bar(), self._stop_on_signals():
@@ -465,6 +473,17 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _report_finished(self) -> dict:
+        """Resuming a run that already reached its last step: say so and repeat its Result line."""
+        self.log(self._banner())
+        self.log(f"The run is already complete (step {self.step} of {self.total_steps}); nothing to train.")
+        report = self.engine.broadcast_object(recorded_result(self.out, self.step) if self.is_main else None)
+        if report is None:  # stopped after its last checkpoint, before writing the result
+            report = self.validate()
+            self.record(type="result", step=self.step, **report)
+        self.log(result_line(report))
+        return report
+
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
 
@@ -483,6 +502,11 @@ class Trainer:
             self.tb.close()
         self.store.close()
         self.engine.shutdown(clean)
+
+
+def result_line(report: dict) -> str:
+    return (f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
+            f"(Y-PSNR, {report['images']} held-out images)")
 
 
 def check_output_folder(out: Path) -> None:

@@ -10,6 +10,7 @@ layers keep their fixed DIV2K values when loading BasicSR weights.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from edsr_dist.checkpoint import find_checkpoint, is_checkpoint_file, load_check
 from edsr_dist.config import config_from_dict
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE, bare_model, build_model
+from edsr_dist.safe_load import load_tensors
 
 _WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict")  # in order of preference
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
@@ -154,7 +156,7 @@ def infer_architecture(sd: dict) -> dict:
 
 
 def read_weights_file(path: str | Path) -> tuple[dict, dict]:
-    """(raw state dict, metadata) from .safetensors, .pt/.pth (weights-only unpickling) or our .ckpt."""
+    """(raw state dict, metadata) from .safetensors, .pt/.pth or our .ckpt; pickles are read weights-only."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass an existing .pt, .pth, .safetensors or .ckpt file")
@@ -172,12 +174,7 @@ def read_weights_file(path: str | Path) -> tuple[dict, dict]:
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise UserError(f"cannot read {path} as safetensors ({exc}); the file is damaged or not safetensors"
                             ) from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for non-tensor pickles, RuntimeError for damaged zips
-        reason = (str(exc).splitlines() or [""])[0]
-        raise UserError(f"cannot load weights from {path} ({type(exc).__name__}: {reason}); pass a state dict "
-                        "saved with torch.save, a .safetensors file or an edsr-dist .ckpt") from None
+    sd = load_tensors(path, path, "weights file")
     if not isinstance(sd, dict):
         raise UserError(f"{path} holds a {type(sd).__name__}, not a state dict; save model.state_dict() instead")
     return sd, {}
@@ -286,6 +283,11 @@ def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "
     try:
         with atomic_path(out_path) as tmp:
             save_file(sd, str(tmp), metadata=metadata)
+            # safetensors' save_file leaves the file owner-only (0600, seen with safetensors 0.8.0); give it what any
+            # new file gets (0644 under umask 022), like torch.save's .pt/.pth, so that others can read a shared export.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
     except OSError as exc:
         raise UserError(f"cannot write {out_path} ({exc.strerror}); free space or pass another --out") from None
     return out_path

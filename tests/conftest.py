@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from edsr_dist.data.sample import build_sample_store
+from helpers import TINY, run_cli
 
 E2E = Path(__file__).resolve().parent / "e2e"
 
@@ -21,3 +22,14 @@ def sample_store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("store") / "sample.h5"
     build_sample_store(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, sample_store) -> Path:
+    """A finished real 10-step TINY run (one checkpoint, step 10) for tests that read it; copy it before changing it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run_cli(["train", *TINY, "--data", str(sample_store), "--out", str(out), "--steps-per-epoch", "10"],
+                     cwd=out.parent)
+    assert result.returncode == 0, result.stderr
+    assert (out / "checkpoints" / "step_00000010.ckpt").is_file()
+    return out

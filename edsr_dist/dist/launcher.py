@@ -31,6 +31,7 @@ from edsr_dist.config import check_batch_divides, parse_train_args
 from edsr_dist.dist.hostfile import horovodrun_command, parse_hostfile
 from edsr_dist.dist.rank_table import load_rank_table
 from edsr_dist.errors import CommandParser, EXIT_COLLECTIVE_FAILED, EXIT_INTERRUPTED, UserError
+from edsr_dist.run_folder import claim_run_folder
 
 # Preemption (SIGTERM to the launcher): time for the workers to reach a step boundary and for rank 0 to write
 # its checkpoint before SIGKILL. Below the 30 s that Kubernetes and Slurm give before their own SIGKILL.
@@ -140,6 +141,13 @@ def worker_out_dir(train_args: list[str], world_size: int) -> str:
     cfg = parse_train_args(train_args)
     check_batch_divides(cfg.batch_size, world_size)
     return cfg.out
+
+
+def _claim_out_folder(train_args: list[str]) -> None:
+    """The one-run-per-folder rule, before this launcher opens its logs in --out (only where rank 0 runs: one
+    decision per job)."""
+    cfg = parse_train_args(train_args)
+    claim_run_folder(cfg.out, cfg.resume, cfg.overwrite)
 
 
 def _format_cores(cores: list[int] | None) -> str:
@@ -607,4 +615,6 @@ def main(argv: list[str]) -> int:
     if args.dry_run:
         print(describe_plan(plan))
         return 0
+    if not args.exec and plan.workers[0].rank == 0:
+        _claim_out_folder(rest)
     return run_workers(plan, args.grace)

@@ -369,6 +369,8 @@ def _write_table(path: str, text: str) -> None:
 
 
 def _cmd_make(args: argparse.Namespace) -> int:
+    if args.out and os.path.exists(args.out) and not args.force:
+        raise UserError(f"--out {args.out} already exists; pass --force to replace it, or another --out")
     devices = parse_device_list(args.devices)
     server_ip = args.server_ip or guess_server_ip()
     if args.device_ips:
@@ -440,6 +442,7 @@ def main(argv: list[str]) -> int:
                       help=f"comma-separated card addresses, one per device (default: address_N= lines of {HCCN_CONF})")
     make.add_argument("--hccn-conf", default=HCCN_CONF, help=f"where to read card addresses (default {HCCN_CONF})")
     make.add_argument("--out", default="", help="output file (default: print to stdout)")
+    make.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     if args.action == "check":
         return _cmd_check(args)
