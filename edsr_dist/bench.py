@@ -398,11 +398,12 @@ def measure_bare(cfg: Config, device, precision: str, channels_last: bool, warmu
     import torch
     import torch.nn.functional as F
 
+    from edsr_dist.dist.npu import memory_format as device_memory_format
     from edsr_dist.model import build_model
     from edsr_dist.precision import autocast
 
     sync = _synchronizer(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = device_memory_format(device, channels_last)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon)

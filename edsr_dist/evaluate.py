@@ -137,8 +137,9 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
     from edsr_dist.metrics import score_sr
     from edsr_dist.precision import DTYPES
 
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format).eval()
+    from edsr_dist.dist.npu import memory_format
+
+    model = model.to(device, memory_format=memory_format(device, channels_last)).eval()
     side = tile if tile is not None else (val_tile or None)
     per_image = []
     for name, lr, hr in images:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from edsr_dist import __version__
 from edsr_dist.config import PRESETS, Config, build_config, describe_fields, parse_override_args
 from edsr_dist.dist.engine import make_engine, resolve_engine_name
+from edsr_dist.dist import npu
 from edsr_dist.dist.launcher import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED
 from edsr_dist.dist.world import World, discover_world
 from edsr_dist.errors import UserError
@@ -136,7 +137,7 @@ class Trainer:
             raise UserError(f"batch_size {cfg.batch_size} (global) does not divide by the world size {self.world.size}; "
                             f"pass --batch-size as a multiple of {self.world.size}")
         self.out = Path(cfg.out)
-        self.device = select_device(cfg.device, self.world.device_index)
+        self.device = select_device(cfg.device, self.world.device_index, self.world.physical_device)
         self.precision = resolve_precision(cfg.precision, self.device.type)
         # Training shapes never change, so cuDNN's autotuner pays off; validation turns it off (every image differs).
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
@@ -157,7 +158,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, before DDP's broadcast makes sure
         model = build_model(cfg)
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = npu.memory_format(self.device, cfg.channels_last)
         model = model.to(self.device, memory_format=self.memory_format)
         self.model = model  # the bare network: validation and checkpoints use it
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon)
@@ -289,6 +290,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step)
         lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
+        npu.clear_overflow_flag(self.device)
         with autocast(self.device, self.precision):
             sr = self.train_model(lr_t)
         loss = F.l1_loss(sr.float(), hr_t)
@@ -484,9 +486,12 @@ class Trainer:
     def _banner(self, total_steps: int) -> str:
         w = self.world
         where = f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "fresh start"
+        layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
+        if self.device.type == "npu" and self.cfg.channels_last:
+            layout += " (NPU tensors are contiguous only; channels_last ignored)"
         return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
                 f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
-                f"{self.precision}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
+                f"{self.precision}, {layout}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
                 f"{self.steps_per_epoch} steps/epoch, {total_steps} steps; {where}")
 
     def close(self, clean: bool = True) -> None:
