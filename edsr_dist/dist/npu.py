@@ -77,7 +77,7 @@ def memory_format(device: torch.device, channels_last: bool) -> torch.memory_for
 
 
 def bf16_supported() -> bool:
-    return bool(torch.npu.is_bf16_supported())
+    return bool(import_torch_npu().npu.is_bf16_supported())
 
 
 def saturation_mode(device: torch.device) -> bool:

@@ -41,11 +41,16 @@ class NPUTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, elem: torch.Tensor, index: int):
+        # Every tensor lives on npu:0: autograd gives a Python-registered device one queue (index 0) only, and each
+        # fake process is one card anyway. `set_device` still checks the logical index the code asks for.
         out = torch.Tensor._make_wrapper_subclass(
             cls, elem.size(), strides=elem.stride(), storage_offset=elem.storage_offset(), dtype=elem.dtype,
-            device=torch.device("npu", index), requires_grad=elem.requires_grad)
+            device=torch.device("npu", 0), requires_grad=elem.requires_grad)
         out.elem = elem
         return out
+
+    def tolist(self):
+        return self.elem.tolist()
 
     def __repr__(self):
         return f"NPUTensor(npu:{self.device.index}, {self.elem!r})"
@@ -119,7 +124,7 @@ def _non_finite_check_and_unscale(grads, found_inf, inv_scale):
     else:
         if _utils._flag_is_set():
             found_inf.elem.fill_(1.0)
-        torch._foreach_mul_(inner, inv_scale.elem)
+        torch._foreach_mul_(inner, inv_scale.elem.reshape(()))
     return None
 
 
