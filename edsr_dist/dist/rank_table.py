@@ -322,6 +322,8 @@ def load_rank_table(path: str) -> RankTable:
     path = os.fspath(path)
     err = _Problems(path)
     doc = _read_json(path, err)
+    if doc.get("status", "completed") != "completed":  # Kubernetes' first version holds nothing else yet
+        _check_status(doc, err)
     if "server_list" in doc:
         kind, parsed = "1.0", _parse_v1(doc, err)
     elif "group_list" in doc:
