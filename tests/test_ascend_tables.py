@@ -170,3 +170,74 @@ def test_a_table_that_stays_initializing_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "was still not 'completed' after --wait-table 0.3 s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---- real tables from public repositories (tests/data/rank_tables/SOURCES.md) ------------------------------
+
+REAL = REPO / "tests" / "data" / "rank_tables"
+# file: (servers, ranks)
+REAL_TABLES = {
+    "v1_1server_1p_waveglow.json": (1, 1),
+    "v1_1server_8p_jasper.json": (1, 8),
+    "v1_2server_16p_gnmt.json": (2, 16),
+    "group_cloud_1instance_8p_tacotron2.json": (1, 8),
+    "group_cloud_2instance_16p_bert.json": (2, 16),
+    "group_lab_2p_edvr.json": (1, 2),
+    "group_lab_2server_16p_widedeep.json": (2, 16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_TABLES))
+def test_real_tables_pass_check(name):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "edsr_dist", "rank-table", "check", str(REAL / name)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    servers, ranks = REAL_TABLES[name]
+    assert result.returncode == 0, result.stderr
+    assert f"{servers} server{'s' if servers > 1 else ''}, {ranks} device" in result.stdout
+
+
+def test_a_real_table_hccl_refuses_is_refused():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "edsr_dist", "rank-table", "check",
+                             str(REAL / "refused_duplicate_device_ip_widedeep.json")],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "duplicate device_ip 192.1.2.8" in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(REAL_TABLES))
+def test_real_tables_dry_run(tmp_path, name):
+    path = REAL / name
+    table = load_rank_table(path)
+    last = len(table.servers) - 1
+    result = launch_dry_run(["--rank-table", str(path), "--server-index", str(last), "--log-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    envs = worker_envs(result.stdout)
+    server = table.servers[last]
+    assert [int(e["RANK_ID"]) for e in envs] == sorted(d.rank_id for d in server.devices)
+    assert [e["DEVICE_ID"] for e in envs] == [str(d.device_id) for d in sorted(server.devices, key=lambda d: d.rank_id)]
+    assert all(e["ASCEND_DEVICE_ID"] == e["DEVICE_ID"] for e in envs)  # all cards visible: logical = physical
+    assert all(e["RANK_SIZE"] == str(table.rank_size) and e["HCCL_CONNECT_TIMEOUT"] == "600" for e in envs)
+    exported = envs[0]["RANK_TABLE_FILE"]
+    if table.format == "1.0":
+        assert exported == str(path)
+    else:
+        assert exported == str(tmp_path / "rank_table_v1.json")
+    if len(table.servers) > 1:
+        assert all(e["HCCL_IF_IP"] == server.server_id for e in envs)
+    else:
+        assert "HCCL_IF_IP" not in envs[0]
+
+
+def test_written_v1_copy_has_hccls_ranks_and_is_a_regular_file(tmp_path):
+    from edsr_dist.dist.rank_table import write_v1
+
+    table = load_rank_table(REAL / "group_cloud_2instance_16p_bert.json")
+    target = tmp_path / "rank_table_v1.json"
+    write_v1(table, str(target))
+    assert target.is_file() and not target.is_symlink()
+    again = load_rank_table(target)
+    assert again.format == "1.0"
+    assert [(s.server_id, [(d.device_id, d.rank_id) for d in s.devices]) for s in again.servers] == \
+        [(s.server_id, [(d.device_id, d.rank_id) for d in s.devices]) for s in table.servers]

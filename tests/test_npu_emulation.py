@@ -109,14 +109,16 @@ print("float32 ok")
 
 @pytest.fixture(scope="module")
 def two_npu_run(tmp_path_factory):
-    """run_8p.sh on a 2-device rank table under the fake NPU, fp16 on a 910A: rank 1 overflows in its 2nd step,
-    and every fp16 op of validation overflows (a stale flag for the step after it)."""
+    """run_8p.sh on a 2-device group_list table under the fake NPU, fp16 on a 910A: rank 1 overflows in its 2nd
+    step, and every fp16 op of validation overflows (a stale flag for the step after it). The fake HCCL takes only
+    a version 1.0 RANK_TABLE_FILE whose rank matches the card, so the launcher's v1.0 copy is checked too."""
     tmp = tmp_path_factory.mktemp("npu2")
     table = tmp / "rank_table.json"
-    table.write_text(json.dumps({"version": "1.0", "status": "completed", "server_count": "1", "server_list": [
-        {"server_id": "127.0.0.1", "device": [
-            {"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"},
-            {"device_id": "1", "device_ip": "192.168.101.101", "rank_id": "1"}]}]}))
+    table.write_text(json.dumps({"status": "completed", "group_count": "1", "group_list": [
+        {"group_name": "job", "device_count": "2", "instance_count": "1", "instance_list": [
+            {"pod_name": "npu2p", "server_id": "127.0.0.1", "devices": [
+                {"device_id": "1", "device_ip": "192.168.101.101"},
+                {"device_id": "0", "device_ip": "192.168.100.101"}]}]}]}))
     out = tmp / "out"
     env = fake_env(RANK_TABLE_FILE=str(table), FAKE_NPU_SOC="Ascend910A", FAKE_NPU_OVERFLOW_STEPS="1:2",
                    FAKE_NPU_INFERENCE_OVERFLOW="1")

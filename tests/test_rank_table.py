@@ -141,7 +141,7 @@ INVALID = [
     ("bool_number", _mutate(lambda d: _set(d, ["server_list", 0, "device", 0, "device_id"], True)),
      "device_id must be a whole number"),
     ("device_range", _mutate(lambda d: _set(d, ["server_list", 0, "device", 1, "device_id"], "16")),
-     "device_id 16 is out of range 0-15"),
+     "device_id 16 is out of range 0-7"),
     ("duplicate_device", _mutate(lambda d: _set(d, ["server_list", 1, "device", 1, "device_id"], "0")),
      r"server_list\[1\] \(10.0.0.2\) device\[1\]: duplicate device_id 0 \(also device\[0\]\)"),
     ("duplicate_rank", _mutate(lambda d: _set(d, ["server_list", 1, "device", 1, "rank_id"], "1")),

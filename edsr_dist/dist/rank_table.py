@@ -10,8 +10,9 @@ Two formats are read, with the rules of HCCL's own parsers (CANN HCCL sources; d
     ("lab" mode) each instance carries its rank_id. Cloud mode allows device ids 0-7 only.
 
 Choices:
-  * device_id may be 0..15 in version 1.0 tables: HCCL allows ids above 7 on 910B and A3 (16-device) chips,
-    which only the hardware knows; 0-7 elsewhere.
+  * device_id above 7: HCCL accepts 8-15 only on 910B / A3 chips (GetSingleDevice in
+    topoinfo_ranktableConcise.cc). The chip is the hardware's to say: allowed when this host has more than 8
+    device nodes (/dev/davinci8 ...) or when `check --chip 910b` says so; 0-7 otherwise.
   * A symlinked table is accepted: torch_npu refuses symlinks, so the launcher exports the resolved path
     in RANK_TABLE_FILE, and `check` says so.
 """
@@ -31,8 +32,8 @@ from dataclasses import dataclass
 
 from edsr_dist.errors import CommandParser, UserError
 
-MAX_DEVICE_ID = 15
-MAX_CLOUD_DEVICE_ID = 7  # HCCL_AISERVER_DEVICE_NUM - 1 in topoinfo_ranktableStandard.cc GetCloudDevList
+MAX_DEVICE_ID = 15  # MAX_MODULE_DEVICE_NUM - 1: 910B / A3 chips
+MAX_DEVICE_ID_910 = 7  # HCCL_AISERVER_DEVICE_NUM - 1: 910 (A) chips, and every group_list "cloud" table
 HCCN_CONF = "/etc/hccn.conf"
 
 
@@ -174,7 +175,9 @@ def _parse_devices(raw: list, where: str, err: _Problems, with_rank: bool,
         seen[device_id] = f"device[{j}]"
         device_ip = entry.get("device_ip", "")
         if device_ip != "":
-            device_ip = _address(device_ip, "device_ip", here, err)
+            # HCCL splits the field on commas (one address per NIC of the card).
+            for address in str(device_ip).split(","):
+                _address(address, "device_ip", here, err)
         rank_id = None
         if with_rank:
             rank_id = _whole_number(_field(entry, "rank_id", here, err, '"rank_id": "0"'), "rank_id", here, err)
@@ -182,7 +185,7 @@ def _parse_devices(raw: list, where: str, err: _Problems, with_rank: bool,
     return out
 
 
-def _parse_v1(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
+def _parse_v1(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
     version = _field(doc, "version", "", err, '"version": "1.0"')
     if str(version) == "1.2":
         raise err("", "version 1.2 (Atlas A3 super-pod) tables are not supported",
@@ -208,11 +211,11 @@ def _parse_v1(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[int, str,
         where = f"server_list[{i}] ({server_id})"
         raw = _nonempty_list(_field(entry, "device", where, err, '"device": [...]'), "device", where, err,
                              '[{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}]')
-        parsed.append((server_id, _parse_devices(raw, where, err, with_rank=True), where))
+        parsed.append((server_id, _parse_devices(raw, where, err, with_rank=True, max_id=max_id), where))
     return parsed
 
 
-def _parse_group_list(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
+def _parse_group_list(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
     _check_status(doc, err)
     groups = _nonempty_list(_field(doc, "group_list", "", err, '"group_list": [...]'), "group_list", "", err,
                             '[{"instance_list": [...]}]')
@@ -251,7 +254,7 @@ def _parse_group_list(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[i
                 where = f"{where} ({pod}, {server_id})"
             raw = _nonempty_list(_field(inst, "devices", where, err, '"devices": [...]'), "devices", where, err,
                                  '[{"device_id": "0", "device_ip": "192.168.100.101"}]')
-            devices = _parse_devices(raw, where, err, with_rank=False, max_id=MAX_DEVICE_ID if lab else MAX_CLOUD_DEVICE_ID)
+            devices = _parse_devices(raw, where, err, with_rank=False, max_id=max_id if lab else MAX_DEVICE_ID_910)
             if lab and len(devices) != 1:
                 raise err(where, f"a lab-mode instance lists {len(devices)} devices",
                           "list one device per instance, each with its rank_id")
@@ -279,19 +282,21 @@ def _parse_group_list(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[i
 
 
 def _check_device_ips(parsed: list, err: _Problems) -> None:
-    """More than one server: every device needs its own device_ip (HCCL checks uniqueness and needs it to connect)."""
-    if len(parsed) < 2:
-        return
+    """HCCL (GetSingleDeviceIp): device_ip may be left out on a single server only; every address it lists is
+    unique in the whole table (CheckUniqueAndInsertPool)."""
     owner: dict[str, str] = {}
     for _, devices, _ in parsed:
         for _, ip, _, here in devices:
             if not ip:
-                raise err(here, "missing device_ip in a multi-server table",
-                          "add the card's address from /etc/hccn.conf (address_N=) or `hccn_tool -i N -ip -g`")
-            if ip in owner:
-                raise err(here, f"duplicate device_ip {ip} (also {owner[ip]})",
-                          "HCCL refuses a table with two cards on one address; use each card's own address")
-            owner[ip] = here
+                if len(parsed) > 1:
+                    raise err(here, "missing device_ip in a multi-server table",
+                              "add the card's address from /etc/hccn.conf (address_N=) or `hccn_tool -i N -ip -g`")
+                continue
+            for address in ip.split(","):
+                if address in owner:
+                    raise err(here, f"duplicate device_ip {address} (also {owner[address]})",
+                              "HCCL refuses a table with two cards on one address; use each card's own address")
+                owner[address] = here
 
 
 def _check_ranks(parsed: list, err: _Problems) -> None:
@@ -317,17 +322,26 @@ def _check_ranks(parsed: list, err: _Problems) -> None:
         previous_max = max(ranks)
 
 
-def load_rank_table(path: str) -> RankTable:
-    """Read and check a rank table; any problem is a one-line UserError naming the file and entry."""
+def host_has_16_devices() -> bool:
+    """910B / A3 servers expose device nodes above davinci7."""
+    import glob
+
+    return any(re.fullmatch(r"/dev/davinci([89]|1[0-5])", p) for p in glob.glob("/dev/davinci[0-9]*"))
+
+
+def load_rank_table(path: str, sixteen_devices: bool | None = None) -> RankTable:
+    """Read and check a rank table; any problem is a one-line UserError naming the file and entry.
+    sixteen_devices: the chips take device ids 8-15 (910B / A3); None = ask this host."""
     path = os.fspath(path)
+    max_id = MAX_DEVICE_ID if (host_has_16_devices() if sixteen_devices is None else sixteen_devices) else MAX_DEVICE_ID_910
     err = _Problems(path)
     doc = _read_json(path, err)
     if doc.get("status", "completed") != "completed":  # Kubernetes' first version holds nothing else yet
         _check_status(doc, err)
     if "server_list" in doc:
-        kind, parsed = "1.0", _parse_v1(doc, err)
+        kind, parsed = "1.0", _parse_v1(doc, err, max_id)
     elif "group_list" in doc:
-        kind, parsed = "group_list", _parse_group_list(doc, err)
+        kind, parsed = "group_list", _parse_group_list(doc, err, max_id)
     else:
         raise err("", "neither server_list (version 1.0) nor group_list (older format) found",
                   "see rank_table/README.md, or make one with `edsr-dist rank-table make`")
@@ -495,7 +509,7 @@ def format_table(table: RankTable) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    table = load_rank_table(args.file)
+    table = load_rank_table(args.file, sixteen_devices={"910b": True, "910": False}.get(args.chip))
     print(f"{table.path}: format {table.format}")
     print(format_table(table))
     if table.is_symlink:
@@ -509,6 +523,8 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", metavar="check|make")
     check = sub.add_parser("check", help="validate a table and print its servers, devices and ranks")
     check.add_argument("file", help="rank table JSON (version 1.0 or group_list format)")
+    check.add_argument("--chip", choices=("auto", "910", "910b"), default="auto",
+                       help="the servers' chip: 910b (also A3) allows device ids 8-15 (default: this host's)")
     make = sub.add_parser("make", help="write a version 1.0 table for this server")
     make.add_argument("--devices", required=True, help="device ids, like 0-7 or 0,1,2,3")
     make.add_argument("--server-ip", default="", help="this host's address (default: the outgoing interface's)")
