@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edsr_dist.dist.rank_table import load_rank_table, wait_for_rank_table
+from edsr_dist.dist.rank_table import load_rank_table
 from edsr_dist.dist.world import discover_world
 from edsr_dist.errors import UserError
 
@@ -153,6 +153,8 @@ def test_checker_agrees_with_hccl(tmp_path):
 # ---- item 8: Kubernetes tables that are not complete yet -----------------------------------------------------
 
 def test_wait_for_a_table_that_completes_later(tmp_path):
+    from edsr_dist.dist.rank_table import wait_for_rank_table
+
     doc = v1([("10.0.0.1", [(0, "192.168.0.1")])])
     path = write(tmp_path, {"status": "initializing"})
 
@@ -241,3 +243,29 @@ def test_written_v1_copy_has_hccls_ranks_and_is_a_regular_file(tmp_path):
     assert again.format == "1.0"
     assert [(s.server_id, [(d.device_id, d.rank_id) for d in s.devices]) for s in again.servers] == \
         [(s.server_id, [(d.device_id, d.rank_id) for d in s.devices]) for s in table.servers]
+
+
+# ---- item 7: torch_npu's watchdog must outlast HCCL_EXEC_TIMEOUT ------------------------------------------
+
+def test_watchdog_timeout_stays_above_hccl_exec_timeout():
+    from edsr_dist.dist.npu import watchdog_timeout
+
+    assert watchdog_timeout(1800, {}) == (2436, watchdog_timeout(1800, {})[1])  # HCCL's default exec timeout 1836
+    assert "not above HCCL_EXEC_TIMEOUT 1836" in watchdog_timeout(1800, {})[1]
+    assert watchdog_timeout(3600, {"HCCL_EXEC_TIMEOUT": "3600"})[0] == 4200
+    assert watchdog_timeout(4200, {"HCCL_EXEC_TIMEOUT": "3600"}) == (4200, "")
+    assert watchdog_timeout(60, {"HCCL_EXEC_TIMEOUT": "0"}) == (60, "")
+
+
+# ---- item 10: installs never pull a torch-npu that mismatches the installed torch ---------------------------
+
+def test_no_extra_pulls_an_unpinned_torch_npu():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = list(project.get("dependencies", []))
+    for extra in project.get("optional-dependencies", {}).values():
+        requirements += extra
+    npu = [r for r in requirements if r.replace("_", "-").lower().startswith("torch-npu")]
+    # torch-npu pins torch==<its version> (its setup.py): only an exact pair would be safe, and that is the user's.
+    assert npu == [], f"torch-npu in the package requirements: {npu}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,12 @@ class DDPEngine(Engine):
     def __init__(self, world: World, device: torch.device, timeout_s: int):
         super().__init__(world, device)
         backend = BACKENDS[device.type]
+        if backend == "hccl":
+            from edsr_dist.dist.npu import watchdog_timeout
+
+            timeout_s, note = watchdog_timeout(timeout_s)
+            if note and world.is_main:
+                print(f"edsr-dist train: note: {note}", file=sys.stderr, flush=True)
         # HCCL reads RANK_TABLE_FILE itself when it is set; torch only needs the TCP rendezvous.
         try:
             dist.init_process_group(

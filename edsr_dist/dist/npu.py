@@ -21,6 +21,10 @@ from edsr_dist.errors import UserError
 # torch_npu ProcessGroupHCCL.cpp (createHCCLCommEx) warns when a rank table is used with a lower connect timeout.
 MIN_HCCL_CONNECT_TIMEOUT_S = 300
 DEFAULT_HCCL_CONNECT_TIMEOUT_S = 600
+# torch_npu ProcessGroupHCCL.cpp: defaultExecTimeout (line 77) applies when HCCL_EXEC_TIMEOUT is unset, and the
+# watchdog (init_process_group's timeout) must be above it (lines 1251-1258) or HCCL's own error and plog are lost.
+DEFAULT_HCCL_EXEC_TIMEOUT_S = 1836
+WATCHDOG_MARGIN_S = 600
 
 
 def import_torch_npu():
@@ -92,6 +96,20 @@ def clear_overflow_flag(device: torch.device) -> None:
     reports the flag, so an overflow from earlier work (fp16 validation) would be charged to this step."""
     if saturation_mode(device):
         import_torch_npu().npu.utils.clear_npu_overflow_flag()
+
+
+def watchdog_timeout(dist_timeout_s: int, env: dict | None = None) -> tuple[int, str]:
+    """The collective timeout for an HCCL process group: --dist-timeout, raised above HCCL_EXEC_TIMEOUT when it is
+    not, so that HCCL reports a stuck collective (with its plog) before torch_npu's watchdog kills the process.
+    Returns (seconds, a note for the log or "")."""
+    env = os.environ if env is None else env
+    raw = env.get("HCCL_EXEC_TIMEOUT", "")
+    exec_s = int(raw) if raw.strip().isdigit() else DEFAULT_HCCL_EXEC_TIMEOUT_S
+    if exec_s == 0 or dist_timeout_s > exec_s:  # 0: HCCL never times out; the watchdog is the only bound
+        return dist_timeout_s, ""
+    raised = exec_s + WATCHDOG_MARGIN_S
+    return raised, (f"--dist-timeout {dist_timeout_s} s is not above HCCL_EXEC_TIMEOUT {exec_s} s; using {raised} s "
+                    "so that HCCL reports a stuck collective before torch_npu's watchdog ends the process")
 
 
 def hccl_env(server_id: str, multi_server: bool, env: dict | None = None) -> dict[str, str]:

@@ -10,8 +10,8 @@ real torch_npu and HCCL enforce (read from Ascend/pytorch at 9e73e70), so code t
   and no BAND/BOR/BXOR (ProcessGroupHCCL.cpp:94-97, 159-162).
 * `set_device` takes a logical index below the number of visible devices (ASCEND_RT_VISIBLE_DEVICES).
 * On 910A-class chips (FAKE_NPU_SOC, default Ascend910A) fp16 overflow saturates to +-65504 and raises a global
-  float-status flag; `_amp_foreach_non_finite_check_and_unscale_` reports that flag, as op-plugin's NPU kernel
-  does, and only `torch_npu.npu.utils.clear_npu_overflow_flag()` clears it.
+  float-status flag; `_amp_foreach_non_finite_check_and_unscale_` reports that flag and clears it when set, as
+  op-plugin's NPU kernel does; otherwise only `torch_npu.npu.utils.clear_npu_overflow_flag()` clears it.
 * RANK_TABLE_FILE, when set, must be a readable regular file (csrc/distributed/HCCLUtils.cpp checkFilePathReadable)
   holding a version 1.0 table with this rank.
 
@@ -116,14 +116,17 @@ def _run(func, args, kwargs):
 
 
 def _non_finite_check_and_unscale(grads, found_inf, inv_scale):
-    """op-plugin's NPU kernel: in saturation mode the answer is the float-status flag, not isfinite."""
+    """op-plugin's acl_op::_amp_foreach_non_finite_check_and_unscale_ (AmpForeachNonFiniteCheckAndUnscaleKernelNpu.cpp):
+    in saturation mode the answer is the float-status flag, cleared when it was set; no unscaling after an overflow."""
     _utils._count_check()
     inner = [g.elem for g in grads]
     if _utils.is_support_inf_nan():
         torch._amp_foreach_non_finite_check_and_unscale_(inner, found_inf.elem, inv_scale.elem)
+        return None
+    if _utils._flag_is_set():
+        _utils.clear_npu_overflow_flag()
+        found_inf.elem.add_(1)
     else:
-        if _utils._flag_is_set():
-            found_inf.elem.fill_(1.0)
         torch._foreach_mul_(inner, inv_scale.elem.reshape(()))
     return None
 
