@@ -114,6 +114,7 @@ def test_dry_run_shows_physical_and_logical_devices_and_hccl_defaults(tmp_path):
     assert all(e["HCCL_CONNECT_TIMEOUT"] == "600" and e["HCCL_IF_IP"] == "127.0.0.1" for e in envs)
     assert all(e["RANK_TABLE_FILE"] == str(path) for e in envs)
     assert "# rank 0: device 4 (logical 0)" in result.stdout
+    assert "# passed through to every worker: ASCEND_RT_VISIBLE_DEVICES=4,5,6,7 HCCL_EXEC_TIMEOUT=1800" in result.stdout
 
 
 def test_user_hccl_settings_win(tmp_path):

@@ -332,6 +332,9 @@ def describe_plan(plan: Plan) -> str:
     present = [name for name in plan.unset if name in os.environ]
     if present:
         lines.append(f"# unset: {' '.join(present)}")
+    inherited = sorted(k for k in os.environ if k.startswith(("HCCL_", "ASCEND_RT_")) and k not in plan.workers[0].env)
+    if inherited:
+        lines.append("# passed through to every worker: " + " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in inherited))
     if plan.v1_table is not None:
         lines.append(f"# {plan.v1_table.path} is a group_list table: workers get a version 1.0 copy written to "
                      f"{plan.workers[0].env['RANK_TABLE_FILE']}")

@@ -66,7 +66,7 @@ def logical_device(physical: int, env: dict | None = None) -> int:
         return physical
     if physical not in visible:
         source = ("ASCEND_RT_VISIBLE_DEVICES=" + ",".join(map(str, visible))
-                  if (env or os.environ).get("ASCEND_RT_VISIBLE_DEVICES") else
+                  if (os.environ if env is None else env).get("ASCEND_RT_VISIBLE_DEVICES") else
                   "the visible cards (/dev/davinci" + ",".join(map(str, visible)) + ")")
         raise UserError(f"device {physical} (physical id from the rank table) is not among {source}; give the "
                         "container that card or fix the rank table")
