@@ -58,6 +58,26 @@ print(select_device("npu", world.device_index, world.physical_device))
     assert "npu:1" in result.stdout
 
 
+def test_the_fake_enforces_visible_devices_and_saturation():
+    """The fake's own rules, which the tests above rely on."""
+    code = """
+import torch, torch_npu
+try:
+    torch.npu.set_device(5)
+    print("physical id accepted")
+except RuntimeError as exc:
+    print("refused:", exc)
+x = torch.full((2,), 60000.0).to("npu:0").half()
+print("sum", (x + x).float().cpu().tolist(), "flag", torch_npu.npu.utils.get_npu_overflow_flag())
+torch_npu.npu.utils.clear_npu_overflow_flag()
+print("cleared", torch_npu.npu.utils.get_npu_overflow_flag())
+"""
+    result = run_py(code, ASCEND_RT_VISIBLE_DEVICES="4,5,6,7")
+    assert "refused: Invalid device ID 5: 4 visible devices" in result.stdout, result.stderr[-2000:]
+    assert "sum [65504.0, 65504.0] flag True" in result.stdout
+    assert "cleared False" in result.stdout
+
+
 def test_bf16_follows_the_chip():
     code = """
 from edsr_dist.errors import UserError

@@ -20,7 +20,6 @@ Test knobs (environment): FAKE_NPU_COUNT physical cards (default 8); FAKE_NPU_SO
 FAKE_NPU_INFERENCE_OVERFLOW=1 makes every fp16 op under inference mode (validation) overflow.
 """
 
-import datetime
 import json
 import os
 
