@@ -42,6 +42,7 @@ from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config,
 from edsr_dist.data.sample import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
+from edsr_dist.dist.npu import memory_format as device_memory_format
 from edsr_dist.dist.world import World
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.model import build_model, flops_per_image
@@ -362,7 +363,7 @@ def measure_trainer(cfg: Config, warmup: int, steps: int, world=None) -> dict:
 def measure_bare(cfg: Config, device, precision: str, channels_last: bool, warmup: int, steps: int) -> dict:
     """Plain PyTorch: the same model and optimizer on synthetic tensors already on the device."""
     sync = _synchronizer(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = device_memory_format(device, channels_last)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon)

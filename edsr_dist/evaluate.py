@@ -30,6 +30,7 @@ from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.builder import load_png_rgb
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore
+from edsr_dist.dist.npu import memory_format
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.infer import load_inference_model, super_resolve
 from edsr_dist.metrics import score_sr
@@ -132,8 +133,7 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
     The same inference (`infer.super_resolve`) and scores (`metrics.score_sr`) as Trainer.validate, in the
     model's training memory format and autocast. tile None: `val_tile` when set, else automatic (as validation).
     """
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format).eval()
+    model = model.to(device, memory_format=memory_format(device, channels_last)).eval()
     side = tile if tile is not None else (val_tile or None)
     per_image = []
     for name, lr, hr in images:

@@ -11,35 +11,25 @@ from functools import lru_cache
 
 import torch
 
+from edsr_dist.dist import npu
 from edsr_dist.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def import_torch_npu():
-    """torch_npu registers the `npu` device and the `hccl` backend; it is an optional extra."""
-    try:
-        import torch_npu  # noqa: F401  (import registers the device)
-    except ImportError as exc:
-        raise UserError(
-            f"an NPU was requested but torch_npu cannot be imported ({exc}); install the torch-npu build matching "
-            "your CANN version (pip install 'edsr-dist[npu]') and source CANN's set_env.sh, or pass --device cpu"
-        ) from None
-    return torch_npu
 
 
 def _npu_present() -> bool:
     if importlib.util.find_spec("torch_npu") is None:
         return False
     try:
-        import_torch_npu()
+        npu.import_torch_npu()
         return bool(torch.npu.is_available())
     except Exception:  # a broken CANN install means "no NPU" for auto-selection; asking for npu explains it
         return False
 
 
-def select_device(requested: str, device_index: int) -> torch.device:
-    """`device_index` is the physical card on this host (DEVICE_ID / local rank)."""
+def select_device(requested: str, device_index: int, physical: int | None = None) -> torch.device:
+    """`device_index` is the logical index on this host (local rank; on Ascend the position of the rank table's
+    physical card among the visible ones); `physical`, when known, is the card's own number, for messages."""
     if requested == "auto":
         if _npu_present():
             requested = "npu"
@@ -49,13 +39,15 @@ def select_device(requested: str, device_index: int) -> torch.device:
             requested = "cpu"
 
     if requested == "npu":
-        import_torch_npu()
+        npu.import_torch_npu()
         if not torch.npu.is_available():
             raise UserError("--device npu: no Ascend NPU is visible (CANN runtime missing or driver not loaded); "
                             "check `npu-smi info` and source CANN's set_env.sh, or pass --device cpu")
         count = torch.npu.device_count()
         if device_index >= count:
-            raise UserError(f"DEVICE_ID {device_index} is out of range: this server has {count} NPUs; fix the rank table")
+            card = f"card {physical} (logical {device_index})" if physical is not None else f"device {device_index}"
+            raise UserError(f"{card} is not visible: this process sees {count} NPUs; check ASCEND_RT_VISIBLE_DEVICES "
+                            "and the cards given to the container, or fix the rank table")
         torch.npu.set_device(device_index)
         return torch.device("npu", device_index)
     if requested == "cuda":
@@ -82,8 +74,9 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_precision(requested: str, device_type: str) -> str:
     if requested != "auto":
-        if requested == "bf16" and device_type == "npu":
-            raise UserError("--precision bf16 is not supported on Ascend 910 NPUs; use --precision fp16 or auto")
+        if requested == "bf16" and device_type == "npu" and not npu.bf16_supported():
+            raise UserError("--precision bf16 needs an Ascend 910B or newer (torch.npu.is_bf16_supported() is False "
+                            "here); use --precision fp16 or auto")
         return requested
     if device_type == "npu":
         return "fp16"
@@ -92,10 +85,11 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def resolve_device_and_precision(device: str, precision: str, device_index: int = 0) -> tuple[torch.device, str]:
+def resolve_device_and_precision(device: str, precision: str, device_index: int = 0,
+                                 physical_device: int | None = None) -> tuple[torch.device, str]:
     """The one place where the --device and --precision choices (config.DEVICES, config.PRECISIONS) become a
     device and a concrete precision: train, eval, sr and bench all call it."""
-    chosen = select_device(device, device_index)
+    chosen = select_device(device, device_index, physical_device)
     return chosen, resolve_precision(precision, chosen.type)
 
 

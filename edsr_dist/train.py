@@ -30,6 +30,7 @@ from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sample import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
+from edsr_dist.dist import npu
 from edsr_dist.dist.engine import describe_collective_failure
 from edsr_dist.dist.engine_factory import make_engine, resolve_engine_name
 from edsr_dist.dist.world import World, discover_world
@@ -88,7 +89,7 @@ class Trainer:
         check_batch_divides(cfg.batch_size, self.world.size)
         self.out = Path(cfg.out)
         self.device, self.precision = resolve_device_and_precision(cfg.device, cfg.precision,
-                                                                   self.world.device_index)
+                                                                   self.world.device_index, self.world.physical_device)
         # Training shapes never change, so cuDNN's autotuner pays off; validation turns it off (every image differs).
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
         self.threads = set_threads(cfg)
@@ -109,7 +110,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, before DDP's broadcast makes sure
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = npu.memory_format(self.device, cfg.channels_last)
         self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)  # the bare network
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                           eps=cfg.epsilon)
@@ -282,6 +283,7 @@ class Trainer:
             group["lr"] = learning_rate(self.cfg, self.step)
         with timer.phase("to_device"):
             lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
+        npu.clear_overflow_flag(self.device)
         with autocast(self.device, self.precision):
             sr = self.train_model(lr_t)
         loss = F.l1_loss(sr.float(), hr_t)
@@ -490,9 +492,12 @@ class Trainer:
     def _banner(self) -> str:
         w = self.world
         where = f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "fresh start"
+        layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
+        if self.device.type == "npu" and self.cfg.channels_last:
+            layout += " (NPU tensors are contiguous only; channels_last ignored)"
         return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
                 f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
-                f"{self.precision}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
+                f"{self.precision}, {layout}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
                 f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps; {where}")
 
     def close(self, clean: bool = True) -> None:

@@ -10,12 +10,14 @@ Which one a run gets is decided in edsr_dist/dist/engine_factory.py.
 from __future__ import annotations
 
 import datetime
+import sys
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from edsr_dist.dist.ascend_env import watchdog_timeout
 from edsr_dist.dist.world import World
 from edsr_dist.errors import UserError
 
@@ -61,6 +63,10 @@ class DDPEngine(Engine):
     def __init__(self, world: World, device: torch.device, timeout_s: int):
         super().__init__(world, device)
         backend = BACKENDS[device.type]
+        if backend == "hccl":
+            timeout_s, note = watchdog_timeout(timeout_s)
+            if note and world.is_main:
+                print(f"edsr-dist train: note: {note}", file=sys.stderr, flush=True)
         # HCCL reads RANK_TABLE_FILE itself when it is set; torch only needs the TCP rendezvous.
         try:
             dist.init_process_group(

@@ -29,7 +29,8 @@ import psutil
 
 from edsr_dist.config import check_batch_divides, parse_train_args
 from edsr_dist.dist.hostfile import horovodrun_command, parse_hostfile
-from edsr_dist.dist.rank_table import load_rank_table
+from edsr_dist.dist import ascend_env
+from edsr_dist.dist.rank_table import wait_for_rank_table, write_v1
 from edsr_dist.errors import CommandParser, EXIT_COLLECTIVE_FAILED, EXIT_INTERRUPTED, UserError
 from edsr_dist.run_folder import claim_run_folder
 
@@ -42,8 +43,10 @@ FAILURE_GRACE_S = 2.0
 # A hung rank makes every other rank's collective time out at about the same moment: wait this long for them
 # before naming the ranks still running as the ones that stopped responding.
 SETTLE_S = 2.0
+V1_TABLE_NAME = "rank_table_v1.json"
 MULTI_SERVER_PORT = 29500  # every server must agree on the port without talking first, so no random one
 POLL_S = 0.05
+DEFAULT_WAIT_TABLE_S = 300.0  # mindxdl's rank_table.sh polls 60 x 5 s for "completed"
 PROG = "edsr-dist launch"
 
 # Variables a stale launch (or an outer launcher) could leave behind that would confuse a worker's World.
@@ -67,6 +70,7 @@ class Plan:
     workers: list[WorkerSpec]
     summary: str  # one line for the console
     unset: list[str] = field(default_factory=list)  # inherited variables removed from the workers' environment
+    v1_table: object = None  # a group_list RankTable to write as version 1.0 at RANK_TABLE_FILE before starting
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -187,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--hostfile", metavar="FILE", help="`hostname slots=N` lines; exec horovodrun")
     p.add_argument("--server-id", metavar="IP", help="this server's server_id in the rank table (default: match a local address)")
     p.add_argument("--server-index", type=int, metavar="K", help="this server's position in the rank table's server list")
+    p.add_argument("--wait-table", type=float, default=DEFAULT_WAIT_TABLE_S, metavar="S",
+                   help="wait up to S seconds for a rank table whose status is not yet 'completed' (Kubernetes "
+                        f"writes 'initializing' first; default {DEFAULT_WAIT_TABLE_S:g})")
     p.add_argument("--no-bind", action="store_true", help="do not pin workers to cores")
     p.add_argument("--master-addr", metavar="A", help="rendezvous host (default: first server, or 127.0.0.1)")
     p.add_argument("--master-port", type=int, metavar="P",
@@ -224,6 +231,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError("--server-id and --server-index conflict; pass only one of them")
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: need at least 1 worker")
+    if args.wait_table < 0:
+        raise UserError(f"--wait-table {args.wait_table:g}: must be 0 or more seconds")
     if args.grace < 0:
         raise UserError(f"--grace {args.grace:g}: must be 0 or more seconds")
     if args.master_port is not None and not 1 <= args.master_port <= 65535:
@@ -249,7 +258,7 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
 
     unset: list[str] = []
     if table_path is not None:
-        table = load_rank_table(table_path)
+        table = wait_for_rank_table(table_path, args.wait_table)
         index = select_server(table, args.server_id, args.server_index)
         server = table.servers[index]
         devices = sorted(server.devices, key=lambda d: d.rank_id)
@@ -258,7 +267,8 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
         master_addr = args.master_addr or table.servers[0].server_id
         fixed_port = MULTI_SERVER_PORT if len(table.servers) > 1 else None
         where = f"server {index} ({server.server_id}) of {table.path}"
-        table_env = {"RANK_TABLE_FILE": table.real_path}
+        table_env = ascend_env.hccl_env(server.server_id, multi_server=len(table.servers) > 1)
+        table_env["RANK_TABLE_FILE"] = table.real_path
         if table.is_symlink:
             print(f"{PROG}: note: {table.path} is a symlink; workers get RANK_TABLE_FILE={table.real_path} "
                   "(torch_npu refuses symlinks)", file=sys.stderr)
@@ -275,6 +285,12 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
     master_port = args.master_port or _port_from_env() or fixed_port or free_port()
     default_out = os.path.join("runs", "launch") if args.exec else worker_out_dir(rest, world_size)
     log_dir = args.log_dir or os.path.join(default_out, "logs")
+    v1_table = None
+    if table_path is not None and table.format != "1.0":
+        # HCCL matches group_list ranks by pod identity, which torch_npu's numeric identity never meets: export a
+        # version 1.0 copy (same ranks, HCCL's order), written when the workers start.
+        v1_table = table
+        table_env["RANK_TABLE_FILE"] = os.path.abspath(os.path.join(log_dir, V1_TABLE_NAME))
     job_id = os.environ.get("JOB_ID") or str(int(time.time()))
     argv = _worker_argv(args, rest)
 
@@ -290,9 +306,11 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
     workers = []
     for local_rank, ((rank, device), cores) in enumerate(zip(placements, shares)):
         env = dict(table_env)
+        # DEVICE_ID is the card's own number (as in the table); ASCEND_DEVICE_ID the logical index set_device takes.
+        logical = ascend_env.logical_device(device) if table_path is not None else device
         env.update({
             "RANK_ID": str(rank), "RANK_SIZE": str(world_size),
-            "DEVICE_ID": str(device), "ASCEND_DEVICE_ID": str(device),
+            "DEVICE_ID": str(device), "ASCEND_DEVICE_ID": str(logical),
             "JOB_ID": job_id,
             "RANK": str(rank), "WORLD_SIZE": str(world_size),
             "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local),
@@ -308,7 +326,7 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
     rank_text = f"rank {ranks[0]}" if local == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     summary = (f"{local} worker{'s' if local != 1 else ''} on {where}: {rank_text} of {world_size}, devices "
                f"{','.join(str(w.device_id) for w in workers)}; master {master_addr}:{master_port}; logs in {log_dir}")
-    return Plan(workers, summary, unset)
+    return Plan(workers, summary, unset, v1_table)
 
 
 def describe_plan(plan: Plan) -> str:
@@ -316,8 +334,15 @@ def describe_plan(plan: Plan) -> str:
     present = [name for name in plan.unset if name in os.environ]
     if present:
         lines.append(f"# unset: {' '.join(present)}")
+    inherited = sorted(k for k in os.environ if k.startswith(("HCCL_", "ASCEND_RT_")) and k not in plan.workers[0].env)
+    if inherited:
+        lines.append("# passed through to every worker: " + " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in inherited))
+    if plan.v1_table is not None:
+        lines.append(f"# {plan.v1_table.path} is a group_list table: workers get a version 1.0 copy written to "
+                     f"{plan.workers[0].env['RANK_TABLE_FILE']}")
     for w in plan.workers:
-        lines.append(f"# rank {w.rank}: device {w.device_id}, local rank {w.local_rank}, cores "
+        logical = w.env.get("ASCEND_DEVICE_ID", str(w.device_id))
+        lines.append(f"# rank {w.rank}: device {w.device_id} (logical {logical}), local rank {w.local_rank}, cores "
                      f"{_format_cores(w.cores)}, log {w.log_path}")
         pin = ["taskset", "-c", _format_cores(w.cores)] if w.cores is not None else []
         lines.append(" ".join(f"{k}={shlex.quote(v)}" for k, v in w.env.items()) + " " + shlex.join(pin + w.argv))
@@ -530,6 +555,8 @@ def run_workers(plan: Plan, grace: float = DEFAULT_GRACE_S) -> int:
         os.makedirs(log_dir, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the log folder {log_dir} ({exc.strerror}); pass a writable --log-dir") from None
+    if plan.v1_table is not None:
+        write_v1(plan.v1_table, plan.workers[0].env["RANK_TABLE_FILE"])
     print(f"{PROG}: {plan.summary}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     workers: list[_Worker] = []

@@ -1,15 +1,18 @@
 """Ascend HCCL rank tables: read, check and make them (`edsr-dist rank-table check|make`).
 
-Two formats are read:
-  * version 1.0: server_list[] -> device[] with explicit rank_id (what Huawei's tools write);
-  * the older group_list[] -> instance_list[] -> devices[] without rank_id (Kubernetes job controllers);
-    ranks there follow the instances ordered by the number at the end of pod_name, then device order.
+Two formats are read, with the rules of HCCL's own parsers (CANN HCCL sources; docs/ASCEND.md cites them):
+  * version 1.0: server_list[] -> device[] with explicit rank_id (what Huawei's tools write;
+    topoinfo_ranktableConcise.cc): server_id and device_ip unique, server_count optional, device_ip optional
+    on a single server;
+  * the older group_list[] -> instance_list[] -> devices[] (Kubernetes job controllers;
+    topoinfo_ranktableStandard.cc). Without "deploy_mode" ("cloud" mode) HCCL numbers ranks by server_id
+    (string order, std::map), then device_id, and pod names need only be unique; with "deploy_mode"
+    ("lab" mode) each instance carries its rank_id. Cloud mode allows device ids 0-7 only.
 
 Choices:
-  * device_id may be 0..15. Most Ascend servers hold 8 cards (0-7), but Atlas A3 nodes expose 16
-    devices, and refusing them would only push people to edit the check out.
-  * The same server_id may appear twice (two pods on one node, or a multi-server rehearsal on one host);
-    the launcher then needs --server-index to know which entry it is.
+  * device_id above 7: HCCL accepts 8-15 only on 910B / A3 chips (GetSingleDevice in
+    topoinfo_ranktableConcise.cc). The chip is the hardware's to say: allowed when this host has more than 8
+    device nodes (/dev/davinci8 ...) or when `check --chip 910b` says so; 0-7 otherwise.
   * A symlinked table is accepted: torch_npu refuses symlinks, so the launcher exports the resolved path
     in RANK_TABLE_FILE, and `check` says so.
 """
@@ -17,6 +20,7 @@ Choices:
 from __future__ import annotations
 
 import argparse
+import glob
 import ipaddress
 import json
 import os
@@ -24,6 +28,7 @@ import re
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -31,7 +36,8 @@ import psutil
 from edsr_dist.atomic import atomic_write_text
 from edsr_dist.errors import CommandParser, UserError
 
-MAX_DEVICE_ID = 15
+MAX_DEVICE_ID = 15  # MAX_MODULE_DEVICE_NUM - 1: 910B / A3 chips
+MAX_DEVICE_ID_910 = 7  # HCCL_AISERVER_DEVICE_NUM - 1: 910 (A) chips, and every group_list "cloud" table
 HCCN_CONF = "/etc/hccn.conf"
 
 
@@ -155,22 +161,27 @@ def _check_status(doc: dict, err: _Problems) -> None:
                   "wait for the job controller to finish it, or set \"status\": \"completed\" in a hand-made table")
 
 
-def _parse_devices(raw: list, where: str, err: _Problems, with_rank: bool) -> list[tuple[int, str, int | None, str]]:
-    """(device_id, device_ip, rank_id or None, entry name) per device; checks fields and per-server duplicates."""
+def _parse_devices(raw: list, where: str, err: _Problems, with_rank: bool,
+                   max_id: int = MAX_DEVICE_ID) -> list[tuple[int, str, int | None, str]]:
+    """(device_id, device_ip or "", rank_id or None, entry name) per device; checks fields and per-server
+    duplicates. A missing device_ip is allowed here; `_check_device_ips` requires it on multi-server tables."""
     out = []
     seen: dict[int, str] = {}
     for j, entry in enumerate(raw):
         here = f"{where} device[{j}]"
         device_id = _whole_number(_field(entry, "device_id", here, err, '"device_id": "0"'), "device_id", here, err)
-        if device_id > MAX_DEVICE_ID:
-            raise err(here, f"device_id {device_id} is out of range 0-{MAX_DEVICE_ID}",
+        if device_id > max_id:
+            raise err(here, f"device_id {device_id} is out of range 0-{max_id}",
                       "use the card's number as `npu-smi info` shows it (0-7 on most servers)")
         if device_id in seen:
             raise err(here, f"duplicate device_id {device_id} (also {seen[device_id]})",
                       "each card may appear once per server; remove or renumber one of them")
         seen[device_id] = f"device[{j}]"
-        device_ip = _address(_field(entry, "device_ip", here, err, '"device_ip": "192.168.100.101"'),
-                             "device_ip", here, err)
+        device_ip = entry.get("device_ip", "")
+        if device_ip != "":
+            # HCCL splits the field on commas (one address per NIC of the card).
+            for address in str(device_ip).split(","):
+                _address(address, "device_ip", here, err)
         rank_id = None
         if with_rank:
             rank_id = _whole_number(_field(entry, "rank_id", here, err, '"rank_id": "0"'), "rank_id", here, err)
@@ -178,30 +189,37 @@ def _parse_devices(raw: list, where: str, err: _Problems, with_rank: bool) -> li
     return out
 
 
-def _parse_v1(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
+def _parse_v1(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
     version = _field(doc, "version", "", err, '"version": "1.0"')
+    if str(version) == "1.2":
+        raise err("", "version 1.2 (Atlas A3 super-pod) tables are not supported",
+                  "write a version 1.0 table for the servers of this job (`edsr-dist rank-table make`)")
     if str(version) != "1.0":
         raise err("", f"unsupported version {version!r}", 'write "version": "1.0" (or use the group_list format)')
     _check_status(doc, err)
     servers = _nonempty_list(_field(doc, "server_list", "", err, '"server_list": [...]'), "server_list", "", err,
                              '[{"server_id": "10.0.0.1", "device": [...]}]')
-    count = _whole_number(_field(doc, "server_count", "", err, f'"server_count": "{len(servers)}"'),
-                          "server_count", "", err)
+    count = _whole_number(doc.get("server_count", len(servers)), "server_count", "", err)  # optional for HCCL
     if count != len(servers):
         raise err("", f"server_count is {count} but server_list has {len(servers)} entries",
                   f'set "server_count": "{len(servers)}" or add the missing servers')
     parsed = []
+    seen_servers: dict[str, str] = {}
     for i, entry in enumerate(servers):
         where = f"server_list[{i}]"
         server_id = _address(_field(entry, "server_id", where, err, '"server_id": "10.0.0.1"'), "server_id", where, err)
+        if server_id in seen_servers:
+            raise err(where, f"duplicate server_id {server_id} (also {seen_servers[server_id]})",
+                      "HCCL refuses a table listing a server twice; merge the two entries into one")
+        seen_servers[server_id] = where
         where = f"server_list[{i}] ({server_id})"
         raw = _nonempty_list(_field(entry, "device", where, err, '"device": [...]'), "device", where, err,
                              '[{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}]')
-        parsed.append((server_id, _parse_devices(raw, where, err, with_rank=True), where))
+        parsed.append((server_id, _parse_devices(raw, where, err, with_rank=True, max_id=max_id), where))
     return parsed
 
 
-def _parse_group_list(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
+def _parse_group_list(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
     _check_status(doc, err)
     groups = _nonempty_list(_field(doc, "group_list", "", err, '"group_list": [...]'), "group_list", "", err,
                             '[{"instance_list": [...]}]')
@@ -210,8 +228,9 @@ def _parse_group_list(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[i
         if count != len(groups):
             raise err("", f"group_count is {count} but group_list has {len(groups)} entries",
                       f'set "group_count": "{len(groups)}"')
-    instances = []  # (pod number, server_id, devices, entry name)
-    seen_pods: dict[int, str] = {}
+    lab = "deploy_mode" in doc  # HCCL's GetDeployMode: the key's presence alone selects lab mode
+    by_server: dict[str, list[tuple[int, str, int | None, str]]] = {}
+    seen_pods: dict[str, str] = {}
     for g, group in enumerate(groups):
         gwhere = f"group_list[{g}]"
         raw_instances = _nonempty_list(_field(group, "instance_list", gwhere, err, '"instance_list": [...]'),
@@ -224,39 +243,64 @@ def _parse_group_list(doc: dict, err: _Problems) -> list[tuple[str, list[tuple[i
         group_devices = 0
         for i, inst in enumerate(raw_instances):
             where = f"{gwhere} instance_list[{i}]"
-            pod = _field(inst, "pod_name", where, err, '"pod_name": "job-0"')
-            match = re.search(r"([0-9]+)$", str(pod))
-            if not match:
-                raise err(where, f"pod_name {pod!r} does not end in a number, so its rank order is unknown",
-                          "name pods like job-0, job-1, ... (ranks follow that number)")
-            number = int(match.group(1))
-            if number in seen_pods:
-                raise err(where, f"pod_name {pod!r} has the same number {number} as {seen_pods[number]}",
-                          "give every pod a distinct trailing number")
-            seen_pods[number] = where
             server_id = _address(_field(inst, "server_id", where, err, '"server_id": "10.0.0.1"'),
                                  "server_id", where, err)
-            where = f"{where} ({pod}, {server_id})"
+            rank = None
+            if lab:
+                rank = _whole_number(_field(inst, "rank_id", where, err, '"rank_id": "0"'), "rank_id", where, err)
+                where = f"{where} (rank {rank}, {server_id})"
+            else:
+                pod = str(_field(inst, "pod_name", where, err, '"pod_name": "job-0"'))
+                if pod in seen_pods:
+                    raise err(where, f"duplicate pod_name {pod!r} (also {seen_pods[pod]})",
+                              "give every instance its own pod_name")
+                seen_pods[pod] = where
+                where = f"{where} ({pod}, {server_id})"
             raw = _nonempty_list(_field(inst, "devices", where, err, '"devices": [...]'), "devices", where, err,
                                  '[{"device_id": "0", "device_ip": "192.168.100.101"}]')
-            devices = _parse_devices(raw, where, err, with_rank=False)
+            devices = _parse_devices(raw, where, err, with_rank=False, max_id=max_id if lab else MAX_DEVICE_ID_910)
+            if lab and len(devices) != 1:
+                raise err(where, f"a lab-mode instance lists {len(devices)} devices",
+                          "list one device per instance, each with its rank_id")
             group_devices += len(devices)
-            instances.append((number, server_id, devices, where))
+            by_server.setdefault(server_id, []).extend((d, ip, rank, here) for d, ip, _, here in devices)
         if "device_count" in group:
             count = _whole_number(group["device_count"], "device_count", gwhere, err)
             if count != group_devices:
                 raise err(gwhere, f"device_count is {count} but its instances list {group_devices} devices",
                           f'set "device_count": "{group_devices}"')
-    instances.sort(key=lambda item: item[0])
+    if lab:
+        servers = sorted(by_server.items(), key=lambda item: min(rank for _, _, rank, _ in item[1]))
+        return [(server_id, sorted(devices, key=lambda d: d[2]), f"server {server_id}") for server_id, devices in servers]
+    # Cloud mode: HCCL's GetSortClouldRankList walks a std::map keyed by server_id (string order) and each server's
+    # devices by device_id, numbering ranks 0.. in that order.
     parsed = []
     rank = 0
-    for _, server_id, devices, where in instances:
+    for server_id in sorted(by_server):
         numbered = []
-        for device_id, device_ip, _, here in devices:
+        for device_id, device_ip, _, here in sorted(by_server[server_id], key=lambda d: d[0]):
             numbered.append((device_id, device_ip, rank, here))
             rank += 1
-        parsed.append((server_id, numbered, where))
+        parsed.append((server_id, numbered, f"server {server_id}"))
     return parsed
+
+
+def _check_device_ips(parsed: list, err: _Problems) -> None:
+    """HCCL (GetSingleDeviceIp): device_ip may be left out on a single server only; every address it lists is
+    unique in the whole table (CheckUniqueAndInsertPool)."""
+    owner: dict[str, str] = {}
+    for _, devices, _ in parsed:
+        for _, ip, _, here in devices:
+            if not ip:
+                if len(parsed) > 1:
+                    raise err(here, "missing device_ip in a multi-server table",
+                              "add the card's address from /etc/hccn.conf (address_N=) or `hccn_tool -i N -ip -g`")
+                continue
+            for address in ip.split(","):
+                if address in owner:
+                    raise err(here, f"duplicate device_ip {address} (also {owner[address]})",
+                              "HCCL refuses a table with two cards on one address; use each card's own address")
+                owner[address] = here
 
 
 def _check_ranks(parsed: list, err: _Problems) -> None:
@@ -282,21 +326,58 @@ def _check_ranks(parsed: list, err: _Problems) -> None:
         previous_max = max(ranks)
 
 
-def load_rank_table(path: str) -> RankTable:
-    """Read and check a rank table; any problem is a one-line UserError naming the file and entry."""
+def host_has_16_devices() -> bool:
+    """910B / A3 servers expose device nodes above davinci7."""
+    return any(re.fullmatch(r"/dev/davinci([89]|1[0-5])", p) for p in glob.glob("/dev/davinci[0-9]*"))
+
+
+def load_rank_table(path: str, sixteen_devices: bool | None = None) -> RankTable:
+    """Read and check a rank table; any problem is a one-line UserError naming the file and entry.
+    sixteen_devices: the chips take device ids 8-15 (910B / A3); None = ask this host."""
     path = os.fspath(path)
+    max_id = MAX_DEVICE_ID if (host_has_16_devices() if sixteen_devices is None else sixteen_devices) else MAX_DEVICE_ID_910
     err = _Problems(path)
     doc = _read_json(path, err)
+    if doc.get("status", "completed") != "completed":  # Kubernetes' first version holds nothing else yet
+        _check_status(doc, err)
     if "server_list" in doc:
-        kind, parsed = "1.0", _parse_v1(doc, err)
+        kind, parsed = "1.0", _parse_v1(doc, err, max_id)
     elif "group_list" in doc:
-        kind, parsed = "group_list", _parse_group_list(doc, err)
+        kind, parsed = "group_list", _parse_group_list(doc, err, max_id)
     else:
         raise err("", "neither server_list (version 1.0) nor group_list (older format) found",
                   "see rank_table/README.md, or make one with `edsr-dist rank-table make`")
     _check_ranks(parsed, err)
+    _check_device_ips(parsed, err)
     servers = [Server(server_id, [Device(d, ip, r) for d, ip, r, _ in devices]) for server_id, devices, _ in parsed]
     return RankTable(path=path, servers=servers, format=kind, real_path=os.path.realpath(path))
+
+
+def wait_for_rank_table(path: str, timeout_s: float, poll_s: float = 1.0) -> RankTable:
+    """Kubernetes writes the table as {"status": "initializing"} and completes it seconds later (mindxdl's
+    rank_table.sh polls for "completed"): read it until its status is "completed" or `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return load_rank_table(path)
+        except UserError as exc:
+            if "not ready yet" not in str(exc) or time.monotonic() >= deadline:
+                if "not ready yet" in str(exc):
+                    raise UserError(f"rank table {path} was still not 'completed' after --wait-table {timeout_s:g} s; "
+                                    "check the job controller (or the hand-made table's \"status\")") from None
+                raise
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+def write_v1(table: RankTable, path: str) -> None:
+    """The table as a version 1.0 regular file (torch_npu refuses symlinks), written whole or not at all."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {folder} for the version 1.0 rank table ({exc.strerror}); "
+                        "pass a writable --log-dir") from None
+    atomic_write_text(path, json.dumps(table.to_v1(), indent=4) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- make
@@ -421,7 +502,7 @@ def format_table(table: RankTable) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    table = load_rank_table(args.file)
+    table = load_rank_table(args.file, sixteen_devices={"910b": True, "910": False}.get(args.chip))
     print(f"{table.path}: format {table.format}")
     print(format_table(table))
     if table.is_symlink:
@@ -435,6 +516,8 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", metavar="check|make")
     check = sub.add_parser("check", help="validate a table and print its servers, devices and ranks")
     check.add_argument("file", help="rank table JSON (version 1.0 or group_list format)")
+    check.add_argument("--chip", choices=("auto", "910", "910b"), default="auto",
+                       help="the servers' chip: 910b (also A3) allows device ids 8-15 (default: this host's)")
     make = sub.add_parser("make", help="write a version 1.0 table for this server")
     make.add_argument("--devices", required=True, help="device ids, like 0-7 or 0,1,2,3")
     make.add_argument("--server-ip", default="", help="this host's address (default: the outgoing interface's)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from edsr_dist.dist.ascend_env import logical_device
 from edsr_dist.errors import UserError
 
 
@@ -19,10 +20,11 @@ class World:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
-    device_index: int = 0  # physical device on this host (DEVICE_ID on Ascend, LOCAL_RANK elsewhere)
+    device_index: int = 0  # logical device on this host (what set_device takes; LOCAL_RANK outside Ascend)
     launcher: str = "single"  # edsr-dist | torchrun | horovod | mpi | single
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    physical_device: int | None = None  # Ascend: the card's own number (rank table, DEVICE_ID), for messages
 
     @property
     def is_main(self) -> bool:
@@ -49,17 +51,27 @@ def _check(world: World) -> World:
     return world
 
 
+# Variables only another launcher sets: their presence means RANK_ID/RANK_SIZE are leftovers (ModelZoo scripts and
+# Kubernetes images export those globally) and must not override that launcher's own.
+_OTHER_LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK")
+
+
 def discover_world(env: dict | None = None) -> World:
     env = dict(os.environ if env is None else env)
     addr = env.get("MASTER_ADDR", "127.0.0.1")
     port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else 29500
 
-    if env.get("EDSR_DIST_LAUNCHER") == "1" or ("RANK_ID" in env and "RANK_SIZE" in env):
+    ascend_style = "RANK_ID" in env and "RANK_SIZE" in env and not any(name in env for name in _OTHER_LAUNCHERS)
+    if env.get("EDSR_DIST_LAUNCHER") == "1" or ascend_style:
         size = _int(env, "RANK_SIZE")
         local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
-        device = _int(env, "DEVICE_ID") if "DEVICE_ID" in env else local_rank
+        physical = _int(env, "DEVICE_ID") if "DEVICE_ID" in env else local_rank
+        # Our launcher computes the logical index itself (and prints it in --dry-run); other Ascend-style
+        # scripts give only the physical DEVICE_ID.
+        logical = _int(env, "ASCEND_DEVICE_ID") if "ASCEND_DEVICE_ID" in env else logical_device(physical, env)
         local_size = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else size
-        return _check(World(_int(env, "RANK_ID"), size, local_rank, local_size, device, "edsr-dist", addr, port))
+        return _check(World(_int(env, "RANK_ID"), size, local_rank, local_size, logical, "edsr-dist", addr, port,
+                            physical))
 
     if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
         local_rank = _int(env, "LOCAL_RANK")

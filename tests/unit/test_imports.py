@@ -11,10 +11,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "edsr_dist"
 
 # Lowest first. Modules in one layer do not import each other.
 LAYERS = [
-    ["edsr_dist", "edsr_dist.errors"],
-    ["edsr_dist.config", "edsr_dist.atomic", "edsr_dist.step_timer", "edsr_dist.safe_load"],
+    ["edsr_dist", "edsr_dist.dist", "edsr_dist.errors"],
+    ["edsr_dist.config", "edsr_dist.atomic", "edsr_dist.step_timer", "edsr_dist.safe_load", "edsr_dist.dist.npu",
+     "edsr_dist.dist.ascend_env"],
     ["edsr_dist.model", "edsr_dist.precision", "edsr_dist.metrics", "edsr_dist.data", "edsr_dist.data.resize",
-     "edsr_dist.data.store", "edsr_dist.dist", "edsr_dist.dist.world", "edsr_dist.dist.hostfile",
+     "edsr_dist.data.store", "edsr_dist.dist.world", "edsr_dist.dist.hostfile",
      "edsr_dist.dist.rank_table", "edsr_dist.checkpoint"],
     ["edsr_dist.data.builder", "edsr_dist.data.sampler", "edsr_dist.data.prefetch", "edsr_dist.dist.engine", "edsr_dist.weights",
      "edsr_dist.run_folder"],

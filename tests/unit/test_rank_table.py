@@ -26,7 +26,7 @@ def test_shipped_examples_are_valid():
 
 
 def old_format() -> dict:
-    # Instances listed out of order: ranks must follow the number at the end of pod_name, not list order.
+    # Instances listed out of order: HCCL numbers ranks by server_id (string order), then device_id.
     return {
         "status": "completed", "group_count": "1",
         "group_list": [{
@@ -43,7 +43,7 @@ def old_format() -> dict:
     }
 
 
-def test_old_format_ranks_follow_pod_number(tmp_path):
+def test_old_format_ranks_follow_server_then_device(tmp_path):
     table = load_rank_table(write_table(tmp_path, old_format()))
     assert table.format == "group_list"
     assert [s.server_id for s in table.servers] == ["10.0.0.1", "10.0.0.2"]  # pod 9 before pod 10 (numeric)
@@ -86,7 +86,6 @@ INVALID = [
     ("no_status", _mutate(lambda d: _drop(d, ["status"])), "missing field 'status'"),
     ("no_version", _mutate(lambda d: _drop(d, ["version"])), "missing field 'version'"),
     ("bad_version", _mutate(lambda d: _set(d, ["version"], "2.0")), "unsupported version '2.0'"),
-    ("no_server_count", _mutate(lambda d: _drop(d, ["server_count"])), "missing field 'server_count'"),
     ("server_count", _mutate(lambda d: _set(d, ["server_count"], "3")), "server_count is 3 but server_list has 2"),
     ("empty_servers", _mutate(lambda d: (_set(d, ["server_list"], []), _set(d, ["server_count"], "0"))),
      "server_list is empty"),
@@ -95,7 +94,7 @@ INVALID = [
     ("no_server_id", _mutate(lambda d: _drop(d, ["server_list", 0, "server_id"])),
      r"server_list\[0\]: missing field 'server_id'"),
     ("no_device_ip", _mutate(lambda d: _drop(d, ["server_list", 1, "device", 0, "device_ip"])),
-     r"server_list\[1\] \(10.0.0.2\) device\[0\]: missing field 'device_ip'"),
+     r"server_list\[1\] \(10.0.0.2\) device\[0\]: missing device_ip in a multi-server table"),
     ("bad_device_ip", _mutate(lambda d: _set(d, ["server_list", 0, "device", 1, "device_ip"], "card1")),
      "device_ip 'card1' is not an IP address"),
     ("no_rank", _mutate(lambda d: _drop(d, ["server_list", 0, "device", 1, "rank_id"])),
@@ -109,7 +108,7 @@ INVALID = [
     ("bool_number", _mutate(lambda d: _set(d, ["server_list", 0, "device", 0, "device_id"], True)),
      "device_id must be a whole number"),
     ("device_range", _mutate(lambda d: _set(d, ["server_list", 0, "device", 1, "device_id"], "16")),
-     "device_id 16 is out of range 0-15"),
+     "device_id 16 is out of range 0-7"),
     ("duplicate_device", _mutate(lambda d: _set(d, ["server_list", 1, "device", 1, "device_id"], "0")),
      r"server_list\[1\] \(10.0.0.2\) device\[1\]: duplicate device_id 0 \(also device\[0\]\)"),
     ("duplicate_rank", _mutate(lambda d: _set(d, ["server_list", 1, "device", 1, "rank_id"], "1")),
@@ -117,8 +116,7 @@ INVALID = [
     ("missing_rank", _mutate(lambda d: _set(d, ["server_list", 1, "device", 1, "rank_id"], "7")),
      "rank_id 3 missing: 4 devices need ranks 0..3"),
     ("rank_order", _mutate(_swap_ranks), "ranks must follow server order"),
-    ("old_no_pod_number", None, "does not end in a number"),
-    ("old_same_pod_number", None, "same number 9"),
+    ("old_same_pod_name", None, "duplicate pod_name"),
     ("old_device_count", None, "device_count is 5 but its instances list 4 devices"),
     ("old_not_ready", None, "not ready yet"),
 ]
@@ -127,10 +125,8 @@ INVALID = [
 def _old_variant(case: str) -> dict:
     doc = old_format()
     instances = doc["group_list"][0]["instance_list"]
-    if case == "old_no_pod_number":
-        instances[0]["pod_name"] = "edsr-job-a"
-    elif case == "old_same_pod_number":
-        instances[0]["pod_name"] = "other-9"
+    if case == "old_same_pod_name":
+        instances[0]["pod_name"] = instances[1]["pod_name"]
     elif case == "old_device_count":
         doc["group_list"][0]["device_count"] = "5"
     elif case == "old_not_ready":

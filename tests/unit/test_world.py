@@ -11,7 +11,7 @@ from edsr_dist.errors import UserError
       "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29688",
       # torchrun-style variables are set too by our launcher; the Ascend ones win.
       "RANK": "9", "WORLD_SIZE": "16"},
-     World(9, 16, 1, 8, 1, "edsr-dist", "10.0.0.1", 29688)),
+     World(9, 16, 1, 8, 1, "edsr-dist", "10.0.0.1", 29688, physical_device=1)),
     ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234"},
      World(3, 4, 1, 2, 1, "torchrun", "h", 1234)),
     ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2",

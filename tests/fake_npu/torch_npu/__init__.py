@@ -1,0 +1,250 @@
+"""A fake torch_npu for CPU-only tests: the `npu` device and the `hccl` backend, emulated on the CPU.
+
+Never installed with the package: tests that want it put tests/fake_npu on PYTHONPATH. It enforces what the
+real torch_npu and HCCL enforce (read from Ascend/pytorch at 9e73e70), so code that breaks those rules fails here:
+
+* NPU tensors are contiguous only: `empty` refuses other memory formats (torch_npu
+  csrc/aten/common/TensorFactories.cpp:192-196) and `.to()` refuses any but contiguous/preserve
+  (csrc/aten/common/ToKernelNpu.cpp:69-73).
+* HCCL all-reduce takes int8/16/32/64, fp16, fp32, bf16 only (csrc/distributed/ProcessGroupHCCL.cpp:170-185)
+  and no BAND/BOR/BXOR (ProcessGroupHCCL.cpp:94-97, 159-162).
+* `set_device` takes a logical index below the number of visible devices (ASCEND_RT_VISIBLE_DEVICES).
+* On 910A-class chips (FAKE_NPU_SOC, default Ascend910A) fp16 overflow saturates to +-65504 and raises a global
+  float-status flag; `_amp_foreach_non_finite_check_and_unscale_` reports that flag and clears it when set, as
+  op-plugin's NPU kernel does; otherwise only `torch_npu.npu.utils.clear_npu_overflow_flag()` clears it.
+* RANK_TABLE_FILE, when set, must be a readable regular file (csrc/distributed/HCCLUtils.cpp checkFilePathReadable)
+  holding a version 1.0 table with this rank.
+
+Test knobs (environment): FAKE_NPU_COUNT physical cards (default 8); FAKE_NPU_SOC; FAKE_NPU_OVERFLOW_STEPS
+"rank:n,..." raises the flag during the n-th overflow check (the n-th fp16 step) of that rank;
+FAKE_NPU_INFERENCE_OVERFLOW=1 makes every fp16 op under inference mode (validation) overflow.
+"""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.utils.backend_registration as _registration
+from torch.futures import Future
+from torch.utils._pytree import tree_leaves, tree_map
+
+from torch_npu import npu
+from torch_npu.npu import utils as _utils
+
+FP16_MAX = 65504.0
+
+
+class NPUTensor(torch.Tensor):
+    """An `npu` tensor whose data is a CPU tensor (`elem`)."""
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor, index: int):
+        # Every tensor lives on npu:0: autograd gives a Python-registered device one queue (index 0) only, and each
+        # fake process is one card anyway. `set_device` still checks the logical index the code asks for.
+        out = torch.Tensor._make_wrapper_subclass(
+            cls, elem.size(), strides=elem.stride(), storage_offset=elem.storage_offset(), dtype=elem.dtype,
+            device=torch.device("npu", 0), requires_grad=elem.requires_grad)
+        out.elem = elem
+        return out
+
+    def tolist(self):
+        return self.elem.tolist()
+
+    def __repr__(self):
+        return f"NPUTensor(npu:{self.device.index}, {self.elem!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return _run(func, args, kwargs or {})
+
+
+def _index_of(args, kwargs) -> int:
+    for leaf in tree_leaves((args, kwargs)):
+        if isinstance(leaf, NPUTensor):
+            return leaf.device.index
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type == "npu":
+        return torch.device(device).index if torch.device(device).index is not None else npu.current_device()
+    return npu.current_device()
+
+
+def _check_memory_format(func, kwargs) -> None:
+    fmt = kwargs.get("memory_format")
+    if func in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default):
+        if fmt not in (None, torch.contiguous_format, torch.preserve_format):
+            raise RuntimeError("Only c10::MemoryFormat::Contiguous is supported for creating a npu tensor")
+    if func is torch.ops.aten._to_copy.default:
+        if fmt not in (None, torch.contiguous_format, torch.preserve_format):
+            raise RuntimeError("Only contiguous_format or preserve_format is supported.")
+
+
+def _saturate(out):
+    """910A saturation mode: fp16 results beyond the range become +-65504 and raise the float-status flag."""
+    if _utils.is_support_inf_nan():
+        return out
+    inference_overflow = os.environ.get("FAKE_NPU_INFERENCE_OVERFLOW") == "1" and torch.is_inference_mode_enabled()
+    for t in tree_leaves(out):
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float16 and t.numel():
+            bad = ~torch.isfinite(t) | (t.abs() > FP16_MAX)
+            if bool(bad.any()) or inference_overflow:
+                _utils._raise_flag()
+                t.nan_to_num_(nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+    return out
+
+
+def _run(func, args, kwargs):
+    if func is torch.ops.aten.record_stream.default:
+        return None
+    index = _index_of(args, kwargs)
+    _check_memory_format(func, kwargs)
+    if func is torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default:
+        return _non_finite_check_and_unscale(*args)
+    unwrap = lambda t: t.elem if isinstance(t, NPUTensor) else t  # noqa: E731
+    kwargs = dict(kwargs)
+    device = kwargs.get("device")
+    to_npu = device is not None and torch.device(device).type == "npu"
+    if to_npu:
+        kwargs["device"] = torch.device("cpu")
+    out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+    from_cpu = device is not None and not to_npu  # e.g. .to("cpu")
+    if from_cpu:
+        return out
+    out = _saturate(out)
+    return tree_map(lambda t: NPUTensor(t, index) if type(t) is torch.Tensor else t, out)
+
+
+def _non_finite_check_and_unscale(grads, found_inf, inv_scale):
+    """op-plugin's acl_op::_amp_foreach_non_finite_check_and_unscale_ (AmpForeachNonFiniteCheckAndUnscaleKernelNpu.cpp):
+    in saturation mode the answer is the float-status flag, cleared when it was set; no unscaling after an overflow."""
+    _utils._count_check()
+    inner = [g.elem for g in grads]
+    if _utils.is_support_inf_nan():
+        torch._amp_foreach_non_finite_check_and_unscale_(inner, found_inf.elem, inv_scale.elem)
+        return None
+    if _utils._flag_is_set():
+        _utils.clear_npu_overflow_flag()
+        found_inf.elem.add_(1)
+    else:
+        torch._foreach_mul_(inner, inv_scale.elem.reshape(()))
+    return None
+
+
+def _empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    if memory_format not in (None, torch.contiguous_format):
+        raise RuntimeError("Only c10::MemoryFormat::Contiguous is supported for creating a npu tensor")
+    index = device.index if device is not None and device.index is not None else npu.current_device()
+    return NPUTensor(torch.empty(size, dtype=dtype), index)
+
+
+def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memory=None):
+    index = device.index if device is not None and device.index is not None else npu.current_device()
+    return NPUTensor(torch.empty_strided(size, stride, dtype=dtype), index)
+
+
+def _copy_from(src, dst, non_blocking=False):
+    """Copies that bypass Python dispatch (torch.tensor(..., device=npu) fills its result this way)."""
+    dst.elem.copy_(src.elem if isinstance(src, NPUTensor) else src)
+    return dst
+
+
+def _conv2d_autocast(*args, **kwargs):
+    """torch_npu registers fp16/bf16 autocast kernels for convolutions; the one EDSR needs, in Python."""
+    dtype = torch.get_autocast_dtype("npu")
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    below = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastPrivateUse1)
+    with torch._C._ExcludeDispatchKeyGuard(below):
+        return torch.ops.aten.conv2d.default(*tree_map(cast, args), **kwargs)
+
+
+# ---- HCCL, as a process group over Gloo -------------------------------------------------------------------
+
+_ALLREDUCE_DTYPES = {torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32, torch.bfloat16}
+_UNSUPPORTED_OPS = {dist.ReduceOp.BAND: "BAND", dist.ReduceOp.BOR: "BOR", dist.ReduceOp.BXOR: "BXOR"}
+
+
+class _Done(dist._Work):
+    def __init__(self, result):
+        super().__init__()
+        self._future = Future()
+        self._future.set_result(result)
+
+    def wait(self, timeout=None):
+        return True
+
+    def get_future(self):
+        return self._future
+
+
+def _cpu(tensors):
+    for t in tensors:
+        if not isinstance(t, NPUTensor):
+            raise RuntimeError(f"HCCL: tensors must be on the npu device, got {t.device}")
+    return [t.elem for t in tensors]
+
+
+class FakeHCCL(dist.ProcessGroup):
+    def __init__(self, store, rank, size, timeout):
+        super().__init__(rank, size)
+        _check_rank_table(rank)
+        self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("fake-hccl", store), rank, size, timeout)
+
+    def getBackendName(self):
+        return "hccl"
+
+    def allreduce(self, tensors, opts=None):
+        opts = opts if opts is not None else dist.AllreduceOptions()
+        for t in tensors:
+            if t.dtype not in _ALLREDUCE_DTYPES:
+                raise RuntimeError(f"HCCL allreduce: Unsupported data type {t.dtype}")
+        if opts.reduceOp in _UNSUPPORTED_OPS:
+            raise RuntimeError(f"Cannot use ReduceOp.{_UNSUPPORTED_OPS[opts.reduceOp]} with HCCL")
+        self._gloo.allreduce(_cpu(tensors), opts).wait()
+        return _Done(tensors)
+
+    def broadcast(self, tensors, opts=None):
+        self._gloo.broadcast(_cpu(tensors), opts if opts is not None else dist.BroadcastOptions()).wait()
+        return _Done(tensors)
+
+    def allgather(self, output_lists, inputs, opts=None):
+        self._gloo.allgather([_cpu(out) for out in output_lists], _cpu(inputs)).wait()
+        return _Done(output_lists)
+
+    def barrier(self, opts=None):
+        self._gloo.barrier().wait()
+        return _Done([])
+
+
+def _check_rank_table(rank: int) -> None:
+    """What torch_npu + HCCL need from RANK_TABLE_FILE (ProcessGroupHCCL.cpp:2764-2768, HCCLUtils.cpp:26)."""
+    path = os.environ.get("RANK_TABLE_FILE")
+    if not path:
+        return
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise RuntimeError(f"fake HCCL: RANK_TABLE_FILE {path} is not a regular file (torch_npu refuses symlinks)")
+    with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+    if "server_list" not in table or str(table.get("version")) != "1.0":
+        raise RuntimeError(f"fake HCCL: RANK_TABLE_FILE {path} is not a version 1.0 table: ranks matched by pod "
+                           "identity would hang")
+    ranks = {int(d["rank_id"]): int(d["device_id"]) for s in table["server_list"] for d in s["device"]}
+    physical = npu._physical(npu.current_device())
+    if ranks.get(rank) != physical:
+        raise RuntimeError(f"fake HCCL: ranktable config devId[{ranks.get(rank)}], but local devId[{physical}]")
+
+
+def _install() -> None:
+    _registration._setup_privateuseone_for_python_backend(rename="npu", backend_module=npu)
+    factories = torch.library.Library("aten", "IMPL")
+    factories.impl("empty.memory_format", _empty, "PrivateUse1")
+    factories.impl("empty_strided", _empty_strided, "PrivateUse1")
+    factories.impl("_copy_from", _copy_from, "PrivateUse1")
+    factories.impl("conv2d", _conv2d_autocast, "AutocastPrivateUse1")
+    autocast = torch.library.Library("_", "IMPL", "AutocastPrivateUse1")
+    autocast.fallback(torch.library.fallthrough_kernel)
+    _install.libraries = (factories, autocast)  # keep the registrations alive
+    dist.Backend.register_backend("hccl", lambda store, rank, size, timeout: FakeHCCL(store, rank, size, timeout),
+                                  devices=["npu"])
+
+
+_install()
