@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from edsr_dist.errors import UserError
+from edsr_dist.protocols import PROTOCOLS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
@@ -53,6 +54,8 @@ class Config:
     keep_last: int = 3
     max_val_images: int = 0  # 0 = all validation images in the store
     val_tile: int = 0  # LR tile side for validation/inference; 0 = whole image unless it is too large
+    val_benchmark: str = ""  # a benchmark set folder (Set5/, B100/ ...) to validate on instead of the store's images
+    val_protocol: str = "paper"  # how val_benchmark is scored: paper | rgb | edsr-div2k (as `edsr-dist eval`)
     out: str = "runs/edsr"
     resume: str = ""  # "", "auto" or a checkpoint path
     samples_png: bool = True  # write bicubic | EDSR | ground truth crops after the final validation
@@ -88,7 +91,8 @@ class Config:
         need(self.validate_every >= 1, f"validate_every must be >= 1 epoch, got {self.validate_every}")
         need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
-        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES)):
+        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
+                              ("val_protocol", tuple(PROTOCOLS))):
             value = getattr(self, name)
             need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         return self

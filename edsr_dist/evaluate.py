@@ -1,5 +1,6 @@
 """`edsr-dist eval`: PSNR/SSIM of every checkpoint of a run (or of one checkpoint or weights file) on a patch
-store's validation images or on a folder of HR images (Set5, Set14, B100, Urban100, DIV2K_valid_HR ...).
+store's validation images or on a folder of HR images (--data), or of several models on the standard benchmark
+sets under a named protocol (--benchmarks; edsr_dist/benchmark_eval.py).
 
 The numbers are computed exactly as the trainer's validation computes them (same tiling, autocast, memory
 format, uint8 rounding and metrics), so evaluating a checkpoint on the store it was trained with repeats the
@@ -219,18 +220,30 @@ def default_output_stem(checkpoints: Path, data: Path, ensemble: bool) -> Path:
 
 def _build_parser() -> argparse.ArgumentParser:
     from edsr_dist.data.resize import DEGRADATIONS
+    from edsr_dist.protocols import PROTOCOLS
 
     p = CommandParser(
         prog="edsr-dist eval",
         description="Evaluate checkpoints (PSNR-Y, SSIM-Y, PSNR-RGB with the scale shaved off, as in the EDSR paper) "
                     "on a patch store's validation images or a folder of HR PNGs; prints a table and writes CSV "
                     "and JSON.")
-    p.add_argument("--checkpoints", required=True, metavar="DIR_OR_FILE",
-                   help="run folder or checkpoints/ folder (every step_*.ckpt, by step), one .ckpt file, "
-                        "or a weights file (.pt/.pth/.safetensors, reference or BasicSR names)")
-    p.add_argument("--data", required=True, metavar="STORE_OR_FOLDER",
+    p.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR_OR_FILE",
+                   help="with --data: one run folder or checkpoints/ folder (every step_*.ckpt, by step), .ckpt file "
+                        "or weights file (.pt/.pth/.safetensors, reference or BasicSR names); with --benchmarks: "
+                        "any number of them (a run folder means its newest valid checkpoint), each at its own scale")
+    p.add_argument("--data", metavar="STORE_OR_FOLDER",
                    help="patch store (.h5; its validation images at the model's scale) or a folder of HR PNGs "
                         "(LR made by bicubic downscaling after cropping to a multiple of the scale)")
+    p.add_argument("--benchmarks", metavar="ROOT",
+                   help="folder of benchmark sets (Set5/, Set14/, B100/, Urban100/, Manga109/, DIV2K/ in the "
+                        "EDSR-PyTorch HR/ + LR_bicubic/X<s>/ layout, BasicSR's GTmod12/ + LRbicx<s>/, or bare HR "
+                        "PNGs); prints one paper-style table (see docs/EVALUATION.md)")
+    p.add_argument("--sets", metavar="A,B,...", help="with --benchmarks: only these sets (default: all found)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper",
+                   help="with --benchmarks: paper (Y, border = scale; the EDSR paper), rgb (RGB, border = scale; "
+                        "BasicSR's model zoo), edsr-div2k (RGB, border = scale + 6; EDSR-PyTorch on DIV2K)")
+    p.add_argument("--dist-timeout", type=int, default=1800, metavar="S",
+                   help="with --benchmarks under torchrun/the launcher: collective timeout in seconds")
     p.add_argument("--scale", type=int, default=None,
                    help="expected model scale; a checkpoint of another scale is an error (default: each model's own)")
     p.add_argument("--tile", type=int, default=None,
@@ -249,7 +262,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="CPU threads (0 = torch's default)")
     p.add_argument("--csv", metavar="FILE", help="CSV output (default: eval_<data>.csv next to the checkpoints)")
     p.add_argument("--json", metavar="FILE",
-                   help="JSON output with per-image numbers (default: eval_<data>.json next to the checkpoints)")
+                   help="JSON output; with --data per-image numbers (default: eval_<data>.json next to the "
+                        "checkpoints), with --benchmarks the protocol and one result per model and set (default: none)")
     return p
 
 
@@ -263,6 +277,21 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--scale must be an integer >= 2, got {args.scale}")
     if args.num_threads < 0:
         raise UserError(f"--num-threads must be >= 0, got {args.num_threads}")
+    if (args.data is None) == (args.benchmarks is None):
+        raise UserError("pass exactly one of --data (a store or one folder of HR images) and --benchmarks (a folder "
+                        "of benchmark sets)")
+    if args.benchmarks is not None:
+        from edsr_dist.benchmark_eval import run
+
+        data_only = [flag for flag, used in (("--csv", args.csv), ("--max-images", args.max_images),
+                                             ("--degradation", args.degradation != "bicubic-pil")) if used]
+        if data_only:
+            raise UserError(f"{', '.join(data_only)} only apply to --data; drop them with --benchmarks")
+
+        return run(args)
+    if len(args.checkpoints) != 1:
+        raise UserError("--data takes one --checkpoints value; use --benchmarks to score several models")
+    args.checkpoints = args.checkpoints[0]
     data = Path(args.data)
     if not data.exists():
         raise UserError(f"--data {data} does not exist; pass a patch store (.h5) or a folder of HR PNG images")

@@ -314,30 +314,28 @@ class Trainer:
     @torch.no_grad()
     def validate(self, write_samples: bool = False) -> dict:
         """Each rank takes every world-size-th image; sums are reduced so rank 0 reports the whole set."""
+        from edsr_dist.benchmarks import score_shards, validation_source
         from edsr_dist.infer import super_resolve
-        from edsr_dist.metrics import bicubic_upscale, score_sr
+        from edsr_dist.metrics import bicubic_upscale
         from edsr_dist.precision import DTYPES
 
-        n = self.store.num_valid if not self.cfg.max_val_images else min(self.cfg.max_val_images, self.store.num_valid)
-        keys = ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")
-        sums = torch.zeros(1 + len(keys), dtype=torch.float64)  # images, then the sum of each metric
-        self.model.eval()
-        autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
-        for index in range(self.world.rank, n, self.world.size):
-            name, lr, hr = self.store.read_valid(index)
+        source = validation_source(self.cfg, self.store)  # the store's images, or cfg.val_benchmark's
+
+        def score_one(index: int) -> dict:
+            name, lr, hr = source.load(index)
             sr = super_resolve(self.model, lr, self.device, tile=self.cfg.val_tile or None,
                                dtype=DTYPES[self.precision])
-            scores = score_sr(sr, lr, hr, self.cfg.scale)
-            sums += torch.tensor([1.0, *(scores[key] for key in keys)], dtype=torch.float64)
             if write_samples:
                 self._write_sample(name, bicubic_upscale(lr, hr.shape), sr, hr)
+            return source.score(sr, lr, hr)
+
+        self.model.eval()
+        autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+        report = score_shards(source.count, self.world.rank, self.world.size, score_one, source.keys,
+                              self.engine.all_reduce_sum, self.device)
         self.model.train()
         torch.backends.cudnn.benchmark = autotune
-        # HCCL has no float64 all-reduce; float32 sums of per-image PSNRs still hold about 1e-4 dB.
-        reduce_dtype = torch.float32 if self.device.type == "npu" else torch.float64
-        sums = self.engine.all_reduce_sum(sums.to(self.device, reduce_dtype)).double().cpu()
-        count = max(sums[0].item(), 1.0)
-        return {"images": int(sums[0].item()), **{key: sums[1 + i].item() / count for i, key in enumerate(keys)}}
+        return {**report, **source.labels}
 
     def _write_sample(self, name: str, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> None:
         """bicubic | EDSR | ground truth, a centre crop of each, side by side."""
