@@ -90,6 +90,9 @@ class Config:
         need(self.save_every >= 1, f"save_every must be >= 1 epoch, got {self.save_every}")
         need(self.validate_every >= 1, f"validate_every must be >= 1 epoch, got {self.validate_every}")
         need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        need(not self.val_benchmark or Path(self.val_benchmark).is_dir(),
+             f"val_benchmark {self.val_benchmark} is not a folder; pass one benchmark set's folder "
+             "(such as benchmark/Set5) or leave it empty to validate on the store")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
                               ("val_protocol", tuple(PROTOCOLS))):
