@@ -80,9 +80,12 @@ def evaluate_set(loaded: LoadedModel, benchmark: BenchmarkSet, protocol: Protoco
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise UserError(f"{benchmark.name}/{name} ({lr.shape[1]}x{lr.shape[0]} LR) does not fit in {device.type} "
                             f"memory ({type(exc).__name__}); pass --tile 256 (or smaller)") from None
-        scores = protocol_scores(protocol, sr, lr, hr, scale)
-        if plus is not None:
-            scores.update(zip(ENSEMBLE_KEYS, (protocol.psnr(plus, hr, scale), protocol.ssim(plus, hr, scale))))
+        try:
+            scores = protocol_scores(protocol, sr, lr, hr, scale)
+            if plus is not None:
+                scores.update(zip(ENSEMBLE_KEYS, (protocol.psnr(plus, hr, scale), protocol.ssim(plus, hr, scale))))
+        except ValueError as exc:  # too small for the border and the SSIM window
+            raise UserError(f"{benchmark.name}/{name}: {exc}; remove the image from the set") from None
         return scores
 
     bar = None
@@ -165,6 +168,9 @@ def run(args) -> int:
         if wrong:
             raise UserError(f"{wrong[0].path} is a x{wrong[0].scale} model but --scale is {args.scale}; "
                             "drop --scale to score each model at its own scale")
+    for loaded in models:
+        for benchmark in sets:
+            benchmark.check(loaded.scale)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     world = discover_world()

@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from edsr_dist.data.builder import load_png_rgb
 from edsr_dist.data.resize import matlab_style_bicubic_downscale, matlab_style_bicubic_upscale, modcrop
@@ -69,10 +70,38 @@ class BenchmarkSet:
         folder = self.lr_folder(scale)
         return f"files in {folder}" if folder is not None else MATLAB_BICUBIC
 
+    def check(self, scale: int) -> None:
+        """Every given LR file exists and has the size its HR needs, read from the PNG headers only; run on every
+        rank before any image is scored, so a bad file stops all ranks alike instead of one of them mid-set."""
+        for hr_path in self.hr_files:
+            lr_path = self.lr_path(hr_path, scale)
+            if lr_path is not None:
+                _check_lr_size(lr_path, hr_path, _image_size(hr_path), scale)
+
     def load(self, index: int, scale: int) -> tuple[str, np.ndarray, np.ndarray]:
         """(name, LR, HR) of image `index`, uint8 HWC RGB, HR modcropped."""
         hr_path = self.hr_files[index]
         return hr_path.stem, *load_pair(hr_path, self.lr_path(hr_path, scale), scale)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file's header."""
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read image {path} ({exc}); replace or remove the file") from None
+
+
+def _check_lr_size(lr_path: Path, hr_path: Path, hr_size: tuple[int, int], scale: int) -> None:
+    if not lr_path.is_file():
+        raise UserError(f"LR image {lr_path} for {hr_path} is missing; add it, or remove the LR folder to make LR "
+                        "from HR with MATLAB-style bicubic")
+    want = (hr_size[0] // scale, hr_size[1] // scale)
+    size = _image_size(lr_path)
+    if size != want:
+        raise UserError(f"LR image {lr_path} is {size[1]}x{size[0]} but its HR {hr_path.name} needs "
+                        f"{want[1]}x{want[0]} at x{scale}; replace it with the HR image downscaled by {scale}")
 
 
 def load_pair(hr_path: Path, lr_path: Path | None, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,17 +110,10 @@ def load_pair(hr_path: Path, lr_path: Path | None, scale: int) -> tuple[np.ndarr
     if min(hr.shape[:2]) // scale < 4:
         raise UserError(f"HR image {hr_path} is {hr.shape[1]}x{hr.shape[0]}, too small to evaluate at x{scale}; "
                         "remove it from the set")
-    want = (hr.shape[0] // scale, hr.shape[1] // scale)
     if lr_path is None:
         return matlab_style_bicubic_downscale(hr, scale), hr
-    if not lr_path.is_file():
-        raise UserError(f"LR image {lr_path} for {hr_path} is missing; add it, or remove the LR folder to make LR "
-                        "from HR with MATLAB-style bicubic")
-    lr = load_png_rgb(lr_path)
-    if lr.shape[:2] != want:
-        raise UserError(f"LR image {lr_path} is {lr.shape[1]}x{lr.shape[0]} but its HR {hr_path.name} needs "
-                        f"{want[1]}x{want[0]} at x{scale}; replace it with the HR image downscaled by {scale}")
-    return lr, hr
+    _check_lr_size(lr_path, hr_path, hr.shape[:2], scale)
+    return load_png_rgb(lr_path), hr
 
 
 def _pngs(folder: Path) -> tuple[Path, ...]:
