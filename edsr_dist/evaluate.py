@@ -225,8 +225,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="edsr-dist eval",
         description="Evaluate checkpoints (PSNR-Y, SSIM-Y, PSNR-RGB with the scale shaved off, as in the EDSR paper) "
-                    "on a patch store's validation images or a folder of HR PNGs; prints a table and writes CSV "
-                    "and JSON.")
+                    "on a patch store's validation images or a folder of HR PNGs (--data; prints a table, writes CSV "
+                    "and JSON), or several models on the standard benchmark sets under a named protocol "
+                    "(--benchmarks; one paper-style table, optional JSON).")
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR_OR_FILE",
                    help="with --data: one run folder or checkpoints/ folder (every step_*.ckpt, by step), .ckpt file "
                         "or weights file (.pt/.pth/.safetensors, reference or BasicSR names); with --benchmarks: "
