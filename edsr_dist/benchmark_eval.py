@@ -171,6 +171,9 @@ def run(args) -> int:
     for loaded in models:
         for benchmark in sets:
             benchmark.check(loaded.scale)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist; create it or "
+                        "pass another path")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     world = discover_world()
