@@ -18,6 +18,8 @@ from edsr_dist.benchmark_eval import format_table
 from edsr_dist.benchmarks import find_sets
 from edsr_dist.data.resize import matlab_style_bicubic_upscale
 from edsr_dist.data.skimage_benchmarks import write_benchmarks
+from edsr_dist.errors import UserError
+from edsr_dist.evaluate import main as eval_main
 from edsr_dist.infer import super_resolve
 from edsr_dist.model import EDSR
 from edsr_dist.protocols import PROTOCOLS
@@ -46,11 +48,12 @@ def weights(tmp_path_factory) -> dict:
     return paths
 
 
-def run_eval(tmp_path, *args):
+def run_eval(capsys, tmp_path, *args):
+    """`edsr-dist eval ARGS --json ...` in this process (the CLI itself is run by the error and rank tests)."""
     out = tmp_path / f"eval_{len(list(tmp_path.glob('eval_*.json')))}.json"
-    result = run_cli(["eval", *map(str, args), "--json", str(out), "--num-threads", "1"], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(out.read_text()), result.stdout
+    capsys.readouterr()
+    assert eval_main([*map(str, args), "--json", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
 
 
 def test_sets_are_found_in_every_layout_with_grayscale_and_alpha_images(roots):
@@ -70,8 +73,8 @@ def test_sets_are_found_in_every_layout_with_grayscale_and_alpha_images(roots):
         assert image.mode == "L" and image.size == (85, 37)
 
 
-def test_layouts_give_identical_numbers(roots, weights, tmp_path):
-    reports = [run_eval(tmp_path, "--checkpoints", weights[2], weights[3], "--benchmarks", root)[0]
+def test_layouts_give_identical_numbers(roots, weights, tmp_path, capsys):
+    reports = [run_eval(capsys, tmp_path, "--checkpoints", weights[2], weights[3], "--benchmarks", root)[0]
                for root in roots.values()]
     numbers = [[{k: r[k] for k in ("set", "scale", "images", "psnr", "ssim", "bicubic_psnr", "bicubic_ssim")}
                 for r in report["results"]] for report in reports]
@@ -107,9 +110,10 @@ def independent_scores(model, root: Path, set_name: str, scale: int, channel: st
 
 
 @pytest.mark.parametrize("protocol, channel, extra", [("paper", "y", 0), ("rgb", "rgb", 0), ("edsr-div2k", "rgb", 6)])
-def test_each_protocol_matches_numbers_computed_independently(roots, weights, tmp_path, protocol, channel, extra):
+def test_each_protocol_matches_numbers_computed_independently(roots, weights, tmp_path, capsys, protocol, channel,
+                                                             extra):
     root = roots["edsr-pytorch"]
-    report, _ = run_eval(tmp_path, "--checkpoints", weights[3], "--benchmarks", root, "--sets", "sk-photos",
+    report, _ = run_eval(capsys, tmp_path, "--checkpoints", weights[3], "--benchmarks", root, "--sets", "sk-photos",
                          "--protocol", protocol)
     (result,) = report["results"]
     model = EDSR(scale=3, num_blocks=1, num_filters=8, res_scale=1.0)
@@ -121,8 +125,8 @@ def test_each_protocol_matches_numbers_computed_independently(roots, weights, tm
     assert report["protocol"]["border"] == ("scale + 6" if extra else "scale")
 
 
-def test_multi_set_table_and_json_are_complete(roots, weights, tmp_path):
-    report, stdout = run_eval(tmp_path, "--checkpoints", weights[2], weights[3], "--benchmarks",
+def test_multi_set_table_and_json_are_complete(roots, weights, tmp_path, capsys):
+    report, stdout = run_eval(capsys, tmp_path, "--checkpoints", weights[2], weights[3], "--benchmarks",
                               roots["basicsr"], "--self-ensemble")
     results = report["results"]
     assert [(r["set"], r["scale"]) for r in results] == [("sk-gray-alpha", 2), ("sk-photos", 2),
@@ -160,8 +164,8 @@ def test_table_shows_paper_numbers_and_the_difference_when_the_model_matches():
     assert "paper" not in format_table([result], PROTOCOLS["rgb"], ensemble=False)
 
 
-def test_two_gloo_ranks_equal_one_process(roots, weights, tmp_path):
-    single, _ = run_eval(tmp_path, "--checkpoints", weights[2], "--benchmarks", roots["hr-folder"])
+def test_two_gloo_ranks_equal_one_process(roots, weights, tmp_path, capsys):
+    single, _ = run_eval(capsys, tmp_path, "--checkpoints", weights[2], "--benchmarks", roots["hr-folder"])
     out = tmp_path / "two.json"
     codes, outputs = spawn_ranks([sys.executable, "-m", "edsr_dist", "eval", "--checkpoints", str(weights[2]),
                                   "--benchmarks", str(roots["hr-folder"]), "--json", str(out), "--num-threads", "1"],
@@ -190,14 +194,16 @@ def test_mismatched_lr_file_is_a_one_line_error(roots, weights, tmp_path):
     assert str(bad) in lines[-1] and "20x11" in lines[-1] and "42x18" in lines[-1]
 
 
-def test_unknown_set_is_a_one_line_error(roots, weights, tmp_path):
-    result = run_cli(["eval", "--checkpoints", str(weights[2]), "--benchmarks", str(roots["basicsr"]),
-                      "--sets", "Set5"], cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "Set5 not found" in result.stderr and "sk-photos" in result.stderr
+def test_unknown_set_and_data_only_flags_are_user_errors(roots, weights):
+    with pytest.raises(UserError, match="Set5 not found .* it has sk-gray-alpha, sk-photos"):
+        eval_main(["--checkpoints", str(weights[2]), "--benchmarks", str(roots["basicsr"]), "--sets", "Set5"])
+    with pytest.raises(UserError, match="--max-images only apply to --data"):
+        eval_main(["--checkpoints", str(weights[2]), "--benchmarks", str(roots["basicsr"]), "--max-images", "1"])
+    with pytest.raises(UserError, match="exactly one of --data"):
+        eval_main(["--checkpoints", str(weights[2])])
 
 
-def test_validation_on_a_benchmark_set_agrees_with_eval(sample_store, roots, tmp_path):
+def test_validation_on_a_benchmark_set_agrees_with_eval(sample_store, roots, tmp_path, capsys):
     """metrics.jsonl's numbers for val_benchmark/val_protocol are the eval table's numbers for that checkpoint."""
     set_folder = roots["basicsr"] / "sk-photos"
     run = tmp_path / "run"
@@ -208,8 +214,8 @@ def test_validation_on_a_benchmark_set_agrees_with_eval(sample_store, roots, tmp
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epoch = next(r for r in records if r["type"] == "epoch" and "psnr" in r)
     assert epoch["val_set"] == "sk-photos" and epoch["protocol"] == "rgb" and epoch["images"] == 4
-    report, _ = run_eval(tmp_path, "--checkpoints", run, "--benchmarks", roots["basicsr"], "--sets", "sk-photos",
-                         "--protocol", "rgb")
+    report, _ = run_eval(capsys, tmp_path, "--checkpoints", run, "--benchmarks", roots["basicsr"],
+                         "--sets", "sk-photos", "--protocol", "rgb")
     (evaluated,) = report["results"]
     assert evaluated["step"] == epoch["step"]
     for key in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim"):
