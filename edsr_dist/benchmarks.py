@@ -218,27 +218,33 @@ class ValidationSource:
 
 
 def validation_source(cfg, store) -> ValidationSource:
-    """The store's validation images (PSNR-Y, SSIM-Y, PSNR-RGB, bicubic PSNR-Y), or with `val_benchmark` a benchmark
-    set folder scored the same way plus `psnr`/`ssim`/`bicubic_*` under `val_protocol`: the numbers
-    `edsr-dist eval --benchmarks ... --protocol <val_protocol>` prints for that set."""
+    """The store's validation images, or with `val_benchmark` a benchmark set folder, scored as always (PSNR-Y,
+    SSIM-Y, PSNR-RGB, bicubic PSNR-Y) and, with `val_protocol` (paper when only `val_benchmark` is set), also
+    `psnr`/`ssim`/`bicubic_*` under that protocol: the numbers `edsr-dist eval --benchmarks ... --protocol` prints."""
     from edsr_dist.metrics import score_sr
     from edsr_dist.protocols import get_protocol
 
     scale = cfg.scale
+    if cfg.val_benchmark:
+        benchmark = open_set(Path(cfg.val_benchmark))
+        if benchmark is None:
+            raise UserError(f"val_benchmark {cfg.val_benchmark} holds no benchmark set (HR/, GTmod12/ or *.png); "
+                            "pass one set's folder, such as benchmark/Set5")
+        available, set_name = len(benchmark.hr_files), benchmark.name
+
+        def load(index: int) -> tuple[str, np.ndarray, np.ndarray]:
+            return benchmark.load(index, scale)
+    else:
+        available, set_name, load = store.num_valid, "store", store.read_valid
+    count = available if not cfg.max_val_images else min(cfg.max_val_images, available)
     store_keys = ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")
-    if not cfg.val_benchmark:
-        count = store.num_valid if not cfg.max_val_images else min(cfg.max_val_images, store.num_valid)
-        return ValidationSource(count, store.read_valid, lambda sr, lr, hr: score_sr(sr, lr, hr, scale),
-                                store_keys, {})
-    benchmark = open_set(Path(cfg.val_benchmark))
-    if benchmark is None:
-        raise UserError(f"val_benchmark {cfg.val_benchmark} holds no benchmark set (HR/, GTmod12/ or *.png); "
-                        "pass one set's folder, such as benchmark/Set5")
-    protocol = get_protocol(cfg.val_protocol)
-    count = len(benchmark.hr_files) if not cfg.max_val_images else min(cfg.max_val_images, len(benchmark.hr_files))
+    protocol_name = cfg.val_protocol or ("paper" if cfg.val_benchmark else "")
+    if not protocol_name:
+        return ValidationSource(count, load, lambda sr, lr, hr: score_sr(sr, lr, hr, scale), store_keys, {})
+    protocol = get_protocol(protocol_name)
 
     def score(sr, lr, hr):
         return {**score_sr(sr, lr, hr, scale), **protocol_scores(protocol, sr, lr, hr, scale)}
 
-    return ValidationSource(count, lambda index: benchmark.load(index, scale), score, store_keys + SCORE_KEYS,
-                            {"val_set": benchmark.name, "protocol": protocol.name})
+    labels = {"val_set": set_name, "protocol": protocol.name}
+    return ValidationSource(count, load, score, store_keys + SCORE_KEYS, labels)

@@ -55,7 +55,9 @@ class Config:
     max_val_images: int = 0  # 0 = all validation images in the store
     val_tile: int = 0  # LR tile side for validation/inference; 0 = whole image unless it is too large
     val_benchmark: str = ""  # a benchmark set folder (Set5/, B100/ ...) to validate on instead of the store's images
-    val_protocol: str = "paper"  # how val_benchmark is scored: paper | rgb | edsr-div2k (as `edsr-dist eval`)
+    # Also score validation as `edsr-dist eval --protocol` does: paper | rgb | edsr-div2k ("" = only the usual
+    # PSNR-Y/SSIM-Y/PSNR-RGB; with val_benchmark it means paper).
+    val_protocol: str = ""
     out: str = "runs/edsr"
     resume: str = ""  # "", "auto" or a checkpoint path
     samples_png: bool = True  # write bicubic | EDSR | ground truth crops after the final validation
@@ -95,7 +97,7 @@ class Config:
              "(such as benchmark/Set5) or leave it empty to validate on the store")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
-                              ("val_protocol", tuple(PROTOCOLS))):
+                              ("val_protocol", ("", *PROTOCOLS))):
             value = getattr(self, name)
             need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         return self

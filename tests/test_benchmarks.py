@@ -221,3 +221,24 @@ def test_validation_on_a_benchmark_set_agrees_with_eval(sample_store, roots, tmp
     for key in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim"):
         assert evaluated[key] == pytest.approx(epoch[key], abs=1e-9), key
     assert epoch["psnr"] != pytest.approx(epoch["psnr_y"], abs=1e-3)  # RGB, not the Y number
+
+
+def test_store_validation_can_add_a_protocol(sample_store):
+    from edsr_dist.benchmarks import validation_source
+    from edsr_dist.config import build_config
+    from edsr_dist.data.store import PatchStore
+
+    store = PatchStore(str(sample_store), 2)
+    try:
+        plain = validation_source(build_config(preset="sample", overrides={"max_val_images": "1"}), store)
+        assert plain.keys == ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y") and plain.labels == {}
+        cfg = build_config(preset="sample", overrides={"max_val_images": "1", "val_protocol": "edsr-div2k"})
+        source = validation_source(cfg, store)
+        assert source.count == 1 and source.labels == {"val_set": "store", "protocol": "edsr-div2k"}
+        _, lr, hr = source.load(0)
+        bicubic = matlab_style_bicubic_upscale(lr, 2)
+        scores = source.score(bicubic, lr, hr)
+        assert scores["psnr"] == pytest.approx(scores["bicubic_psnr"], abs=1e-12)
+        assert scores["psnr"] == pytest.approx(PROTOCOLS["edsr-div2k"].psnr(bicubic, hr, 2), abs=1e-12)
+    finally:
+        store.close()
