@@ -131,11 +131,14 @@ def format_table(results: list[dict], protocol: Protocol, ensemble: bool) -> str
         if ensemble:
             columns.append((group, name + "+", [_cell(r["self_ensemble_psnr"], r["self_ensemble_ssim"]) if r else "-"
                                                 for r in rows]))
-        refs = [lookup(first["model"], s, first["scale"], protocol.name) for s in sets]
-        if any(refs):
-            columns.append((group, "paper", [_cell(ref.psnr, ref.ssim) if ref else "-" for ref in refs]))
-            columns.append((group, "ours-paper", [_diff(r["psnr"], r["ssim"], ref) if r and ref else "-"
-                                                  for r, ref in zip(rows, refs)]))
+        for plus in (False, True) if ensemble else (False,):
+            suffix, prefix = ("+", "self_ensemble_") if plus else ("", "")
+            refs = [lookup(first["model"], r["set"], first["scale"], protocol.name, r["images"], plus) if r else None
+                    for r in rows]
+            if any(refs):
+                columns.append((group, "paper" + suffix, [_cell(ref.psnr, ref.ssim) if ref else "-" for ref in refs]))
+                columns.append((group, f"ours{suffix}-paper{suffix}", [
+                    _diff(r[prefix + "psnr"], r[prefix + "ssim"], ref) if ref else "-" for r, ref in zip(rows, refs)]))
     counts = [str(next(r["images"] for r in results if r["set"] == s)) for s in sets]
     width = [max(len(title), *(len(c) for c in cells)) for _, title, cells in columns]
     set_width = max(len("set"), *(len(s) for s in sets))

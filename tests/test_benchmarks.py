@@ -162,6 +162,15 @@ def test_table_shows_paper_numbers_and_the_difference_when_the_model_matches():
     assert lines[3].split()[-2:] == ["-", "-"]  # no published number for this set
     # Another protocol: the paper's Y numbers are not comparable, so no paper columns.
     assert "paper" not in format_table([result], PROTOCOLS["rgb"], ensemble=False)
+    # DIV2K: the paper's Table 2 scored 10 images (with EDSR+), the authors' README 100 images (PSNR only).
+    div2k = {**result, "set": "DIV2K", "images": 10, "self_ensemble_psnr": 35.2, "self_ensemble_ssim": 0.97}
+    lines = format_table([div2k], PROTOCOLS["edsr-div2k"], ensemble=True).splitlines()
+    assert lines[1].split() == ["set", "images", "bicubic", "EDSR", "EDSR+", "paper", "ours-paper", "paper+",
+                                "ours+-paper+"]
+    assert lines[2].split()[5:] == ["35.03/0.9695", "+2.97/-0.0095", "35.12/0.9699", "+0.08/+0.0001"]
+    lines = format_table([{**div2k, "images": 100}], PROTOCOLS["edsr-div2k"], ensemble=False).splitlines()
+    assert lines[2].split()[4:] == ["35.03/-", "+2.97/-"]
+    assert "paper" not in format_table([{**div2k, "images": 50}], PROTOCOLS["edsr-div2k"], ensemble=True)
 
 
 def test_two_gloo_ranks_equal_one_process(roots, weights, tmp_path, capsys):
