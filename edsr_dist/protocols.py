@@ -10,7 +10,8 @@ of both images. They differ in the channel and the border:
 - ``rgb``: RGB, border = scale. BasicSR's EDSR model zoo (docs/ModelZoo.md: "We crop `scale` border pixels in each
   border; Evaluated on RGB channels"; options/test/EDSR/test_EDSR_Mx2.yml: crop_border 2, test_y_channel false);
   SSIM per channel, averaged (basicsr/metrics/psnr_ssim.py, calculate_ssim).
-- ``edsr-div2k``: RGB, border = scale + 6. How EDSR-PyTorch scores DIV2K validation during training
+- ``edsr-div2k``: RGB, border = scale + 6. The EDSR paper's DIV2K protocol (section 4.4: "full RGB channels and
+  ignore the (6 + scale) pixels from the border", Table 2) and how EDSR-PyTorch scores DIV2K validation
   (src/utility.py, calc_psnr: `shave = scale + 6` when the set is not a benchmark, no Y conversion). Its README
   says "(scale + 2) pixels from the image boundary are ignored" for the DIV2K numbers it publishes; the code says
   scale + 6, and we follow the code. SSIM is not computed there; ours is per RGB channel, averaged.
@@ -61,7 +62,8 @@ PROTOCOLS = {
                     "BasicSR model zoo (docs/ModelZoo.md; options/test/EDSR/*.yml: crop_border = scale, "
                     "test_y_channel false)"),
     "edsr-div2k": Protocol("edsr-div2k", "rgb", 6,
-                           "EDSR-PyTorch src/utility.py calc_psnr for DIV2K (RGB, shave = scale + 6)"),
+                           "EDSR paper section 4.4 / Table 2 (DIV2K: RGB, 6 + scale border); EDSR-PyTorch "
+                           "src/utility.py calc_psnr for DIV2K (shave = scale + 6)"),
 }
 
 
