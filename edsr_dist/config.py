@@ -19,6 +19,8 @@ from edsr_dist.errors import UserError, did_you_mean
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
 ENGINES = ("auto", "ddp", "horovod")
+# Scoring protocols by name; protocols.py defines each (and checks it defines exactly these).
+PROTOCOL_NAMES = ("paper", "rgb", "edsr-div2k")
 
 
 @dataclass
@@ -53,6 +55,10 @@ class Config:
     keep_last: int = 3
     max_val_images: int = 0  # 0 = all validation images in the store
     val_tile: int = 0  # LR tile side for validation/inference; 0 = whole image unless it is too large
+    val_benchmark: str = ""  # a benchmark set folder (Set5/, B100/ ...) to validate on instead of the store's images
+    # Also score validation as `edsr-dist eval --protocol` does: paper | rgb | edsr-div2k ("" = only the usual
+    # PSNR-Y/SSIM-Y/PSNR-RGB; with val_benchmark it means paper).
+    val_protocol: str = ""
     out: str = "runs/edsr"
     resume: str = ""  # "", "auto" or a checkpoint path
     overwrite: bool = False  # a new run in an --out that holds one: move the old run aside (never deleted)
@@ -89,8 +95,12 @@ class Config:
         need(self.save_every >= 1, f"save_every must be >= 1 epoch, got {self.save_every}")
         need(self.validate_every >= 1, f"validate_every must be >= 1 epoch, got {self.validate_every}")
         need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        need(not self.val_benchmark or Path(self.val_benchmark).is_dir(),
+             f"val_benchmark {self.val_benchmark} is not a folder; pass one benchmark set's folder "
+             "(such as benchmark/Set5) or leave it empty to validate on the store")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
-        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES)):
+        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
+                              ("val_protocol", ("", *PROTOCOL_NAMES))):
             value = getattr(self, name)
             need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         return self

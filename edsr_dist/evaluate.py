@@ -1,5 +1,6 @@
 """`edsr-dist eval`: PSNR/SSIM of every checkpoint of a run (or of one checkpoint or weights file) on a patch
-store's validation images or on a folder of HR images (Set5, Set14, B100, Urban100, DIV2K_valid_HR ...).
+store's validation images or on a folder of HR images (--data), or of several models on the standard benchmark
+sets under a named protocol (--benchmarks; edsr_dist/benchmark_eval.py).
 
 The numbers are computed exactly as the trainer's validation computes them (same tiling, autocast, memory
 format, uint8 rounding and metrics), so evaluating a checkpoint on the store it was trained with repeats the
@@ -15,7 +16,6 @@ import io
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -24,18 +24,19 @@ import torch
 from torch import nn
 
 from edsr_dist.atomic import atomic_write_text
-from edsr_dist.checkpoint import (CHECKPOINT_DIR, _step_of, follow_pointer, is_checkpoint_file, list_checkpoints,
-                                  load_checkpoint)
+from edsr_dist.benchmark_eval import run as run_benchmarks
+from edsr_dist.candidates import collect_candidates, load_candidate
+from edsr_dist.checkpoint import CHECKPOINT_DIR
 from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.builder import load_png_rgb
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore
 from edsr_dist.dist.npu import memory_format
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.infer import load_inference_model, super_resolve
+from edsr_dist.infer import super_resolve
 from edsr_dist.metrics import score_sr
 from edsr_dist.precision import resolve_device_and_precision
-from edsr_dist.weights import checkpoint_model
+from edsr_dist.protocols import PROTOCOLS
 
 # One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.
 EvalImage = tuple[str, np.ndarray, np.ndarray]
@@ -44,43 +45,6 @@ TABLE_COLUMNS = ("checkpoint", "step", "PSNR-Y", "SSIM-Y", "PSNR-RGB")
 # Benchmark downloads keep the ground truth in a subfolder with one of these names (Set5/HR, Urban100/GT ...).
 HR_FOLDER_NAMES = ("hr", "gt", "original")
 CSV_COLUMNS = ("checkpoint", "step", "scale", "images", "psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")
-
-
-@dataclass
-class Candidate:
-    """Something to evaluate: a training checkpoint (step known) or a plain weights file."""
-
-    path: Path
-    is_checkpoint: bool
-
-
-# ---- what to evaluate ---------------------------------------------------------------------------------------
-
-def collect_candidates(path_text: str) -> list[Candidate]:
-    """A folder: its step_*.ckpt files (run folder or its checkpoints/), oldest step first. A file: itself."""
-    path = Path(path_text)
-    if not path.exists():
-        raise UserError(f"--checkpoints {path} does not exist; pass a run folder, its checkpoints/ folder, "
-                        "a .ckpt file or a weights file")
-    if path.is_file():
-        path = follow_pointer(path)
-        return [Candidate(path, is_checkpoint_file(path))]
-    files = list_checkpoints(path)
-    if not files:
-        raise UserError(f"--checkpoints {path} holds no step_*.ckpt files; pass a run folder (with checkpoints/) "
-                        "or one checkpoint file")
-    return [Candidate(p, True) for p in files]
-
-
-def load_candidate(candidate: Candidate, res_scale: float | None = None):
-    """(model on CPU in eval mode, step or None, checkpoint Config or None); res_scale is for plain weights."""
-    if not candidate.is_checkpoint:
-        return load_inference_model(str(candidate.path), res_scale=res_scale), None, None
-    model, cfg = checkpoint_model(candidate.path)
-    step = _step_of(candidate.path)
-    if step < 0:  # renamed file: the step is inside
-        step = int(load_checkpoint(candidate.path).get("step", -1))
-    return model, (step if step >= 0 else None), cfg
 
 
 # ---- evaluation images --------------------------------------------------------------------------------------
@@ -211,14 +175,26 @@ def _build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="edsr-dist eval",
         description="Evaluate checkpoints (PSNR-Y, SSIM-Y, PSNR-RGB with the scale shaved off, as in the EDSR paper) "
-                    "on a patch store's validation images or a folder of HR PNGs; prints a table and writes CSV "
-                    "and JSON.")
-    p.add_argument("--checkpoints", required=True, metavar="DIR_OR_FILE",
-                   help="run folder or checkpoints/ folder (every step_*.ckpt, by step), one .ckpt file, "
-                        "or a weights file (.pt/.pth/.safetensors, reference or BasicSR names)")
-    p.add_argument("--data", required=True, metavar="STORE_OR_FOLDER",
+                    "on a patch store's validation images or a folder of HR PNGs (--data; prints a table, writes CSV "
+                    "and JSON), or several models on the standard benchmark sets under a named protocol "
+                    "(--benchmarks; one paper-style table, optional JSON).")
+    p.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR_OR_FILE",
+                   help="with --data: one run folder or checkpoints/ folder (every step_*.ckpt, by step), .ckpt file "
+                        "or weights file (.pt/.pth/.safetensors, reference or BasicSR names); with --benchmarks: "
+                        "any number of them (a run folder means its newest valid checkpoint), each at its own scale")
+    p.add_argument("--data", metavar="STORE_OR_FOLDER",
                    help="patch store (.h5; its validation images at the model's scale) or a folder of HR PNGs "
                         "(LR made by bicubic downscaling after cropping to a multiple of the scale)")
+    p.add_argument("--benchmarks", metavar="ROOT",
+                   help="folder of benchmark sets (Set5/, Set14/, B100/, Urban100/, Manga109/, DIV2K/ in the "
+                        "EDSR-PyTorch HR/ + LR_bicubic/X<s>/ layout, BasicSR's GTmod12/ + LRbicx<s>/, or bare HR "
+                        "PNGs); prints one paper-style table (see docs/EVALUATION.md)")
+    p.add_argument("--sets", metavar="A,B,...", help="with --benchmarks: only these sets (default: all found)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper",
+                   help="with --benchmarks: paper (Y, border = scale; the EDSR paper), rgb (RGB, border = scale; "
+                        "BasicSR's model zoo), edsr-div2k (RGB, border = scale + 6; EDSR-PyTorch on DIV2K)")
+    p.add_argument("--dist-timeout", type=int, default=1800, metavar="S",
+                   help="with --benchmarks under torchrun/the launcher: collective timeout in seconds")
     p.add_argument("--scale", type=int, default=None,
                    help="expected model scale; a checkpoint of another scale is an error (default: each model's own)")
     p.add_argument("--tile", type=int, default=None,
@@ -238,7 +214,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="CPU threads (0 = torch's default)")
     p.add_argument("--csv", metavar="FILE", help="CSV output (default: eval_<data>.csv next to the checkpoints)")
     p.add_argument("--json", metavar="FILE",
-                   help="JSON output with per-image numbers (default: eval_<data>.json next to the checkpoints)")
+                   help="JSON output; with --data per-image numbers (default: eval_<data>.json next to the "
+                        "checkpoints), with --benchmarks the protocol and one result per model and set (default: none)")
     return p
 
 
@@ -252,6 +229,19 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--scale must be an integer >= 2, got {args.scale}")
     if args.num_threads < 0:
         raise UserError(f"--num-threads must be >= 0, got {args.num_threads}")
+    if (args.data is None) == (args.benchmarks is None):
+        raise UserError("pass exactly one of --data (a store or one folder of HR images) and --benchmarks (a folder "
+                        "of benchmark sets)")
+    if args.benchmarks is not None:
+        data_only = [flag for flag, used in (("--csv", args.csv), ("--max-images", args.max_images),
+                                             ("--degradation", args.degradation != "bicubic-pil")) if used]
+        if data_only:
+            raise UserError(f"{', '.join(data_only)} only apply to --data; drop them with --benchmarks")
+
+        return run_benchmarks(args)
+    if len(args.checkpoints) != 1:
+        raise UserError("--data takes one --checkpoints value; use --benchmarks to score several models")
+    args.checkpoints = args.checkpoints[0]
     data = Path(args.data)
     if not data.exists():
         raise UserError(f"--data {data} does not exist; pass a patch store (.h5) or a folder of HR PNG images")

@@ -108,12 +108,10 @@ def _filter_valid(image: np.ndarray) -> np.ndarray:
     return out[SSIM_RADIUS:-SSIM_RADIUS, SSIM_RADIUS:-SSIM_RADIUS]
 
 
-def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
-    """Mean SSIM on the Y channel after cropping `shave` pixels from each border."""
-    sr, hr = _check_pair(sr, hr, shave)
-    if min(sr.shape[0], sr.shape[1]) < 2 * SSIM_RADIUS + 1:
-        raise ValueError(f"ssim needs at least 11x11 pixels after the border crop, got {sr.shape[0]}x{sr.shape[1]}")
-    x, y = rgb_to_y(sr), rgb_to_y(hr)
+def ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean SSIM of two single-channel float images (no border crop; at least 11x11)."""
+    if min(x.shape[0], x.shape[1]) < 2 * SSIM_RADIUS + 1:
+        raise ValueError(f"ssim needs at least 11x11 pixels after the border crop, got {x.shape[0]}x{x.shape[1]}")
     mu_x, mu_y, xx, yy, xy = (_filter_valid(m) for m in (x, y, x * x, y * y, x * y))
     var_x = xx - mu_x * mu_x
     var_y = yy - mu_y * mu_y
@@ -121,6 +119,18 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
     ssim_map = ((2.0 * mu_x * mu_y + SSIM_C1) * (2.0 * cov + SSIM_C2)) / (
         (mu_x * mu_x + mu_y * mu_y + SSIM_C1) * (var_x + var_y + SSIM_C2))
     return float(ssim_map.mean())
+
+
+def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
+    """Mean SSIM on the Y channel after cropping `shave` pixels from each border."""
+    sr, hr = _check_pair(sr, hr, shave)
+    return ssim(rgb_to_y(sr), rgb_to_y(hr))
+
+
+def ssim_rgb(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
+    """SSIM of each RGB channel, averaged (BasicSR's calculate_ssim with test_y_channel=False)."""
+    sr, hr = _check_pair(sr, hr, shave)
+    return float(np.mean([ssim(sr[..., c].astype(np.float64), hr[..., c].astype(np.float64)) for c in range(3)]))
 
 
 def bicubic_upscale(lr: np.ndarray, hr_shape) -> np.ndarray:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from edsr_dist import __version__
 from edsr_dist.atomic import atomic_write_text
+from edsr_dist.benchmarks import score_shards, validation_source
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from edsr_dist.config import Config, check_batch_divides, parse_train_args
 from edsr_dist.data.prefetch import Prefetcher
@@ -36,7 +37,7 @@ from edsr_dist.dist.engine_factory import make_engine, resolve_engine_name
 from edsr_dist.dist.world import World, discover_world
 from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, UserError
 from edsr_dist.infer import super_resolve
-from edsr_dist.metrics import bicubic_upscale, score_sr
+from edsr_dist.metrics import bicubic_upscale
 from edsr_dist.model import build_model
 from edsr_dist.precision import LossScaler, autocast, resolve_device_and_precision
 from edsr_dist.step_timer import StepTimer
@@ -314,26 +315,23 @@ class Trainer:
     @torch.no_grad()
     def validate(self, write_samples: bool = False) -> dict:
         """Each rank takes every world-size-th image; sums are reduced so rank 0 reports the whole set."""
-        n = self.store.num_valid if not self.cfg.max_val_images else min(self.cfg.max_val_images, self.store.num_valid)
-        keys = ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")
-        sums = torch.zeros(1 + len(keys), dtype=torch.float64)  # images, then the sum of each metric
-        self.model.eval()
-        autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
-        for index in range(self.world.rank, n, self.world.size):
-            name, lr, hr = self.store.read_valid(index)
+        source = validation_source(self.cfg, self.store)  # the store's images, or cfg.val_benchmark's
+
+        def score_one(index: int) -> dict:
+            name, lr, hr = source.load(index)
             sr = super_resolve(self.model, lr, self.device, tile=self.cfg.val_tile or None,
                                precision=self.precision)
-            scores = score_sr(sr, lr, hr, self.cfg.scale)
-            sums += torch.tensor([1.0, *(scores[key] for key in keys)], dtype=torch.float64)
             if write_samples:
                 self._write_sample(name, bicubic_upscale(lr, hr.shape), sr, hr)
+            return source.score(sr, lr, hr)
+
+        self.model.eval()
+        autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+        report = score_shards(source.count, self.world.rank, self.world.size, score_one, source.keys,
+                              self.engine.all_reduce_sum, self.device)
         self.model.train()
         torch.backends.cudnn.benchmark = autotune
-        # HCCL has no float64 all-reduce; float32 sums of per-image PSNRs still hold about 1e-4 dB.
-        reduce_dtype = torch.float32 if self.device.type == "npu" else torch.float64
-        sums = self.engine.all_reduce_sum(sums.to(self.device, reduce_dtype)).double().cpu()
-        count = max(sums[0].item(), 1.0)
-        return {"images": int(sums[0].item()), **{key: sums[1 + i].item() / count for i, key in enumerate(keys)}}
+        return {**report, **source.labels}
 
     def _write_sample(self, name: str, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> None:
         """bicubic | EDSR | ground truth, a centre crop of each, side by side."""

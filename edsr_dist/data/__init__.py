@@ -2,5 +2,5 @@
 
 Modules: ``store`` (format constants, PatchStore reader, verify_store), ``builder`` (``edsr-dist build-store``),
 ``sample`` (the store built from scikit-image's bundled photos), ``sampler`` (TrainSampler), ``resize``
-(bicubic downscaling). Nothing is imported here so that importing the package stays cheap.
+(bicubic resizing), ``skimage_benchmarks`` (benchmark-shaped folders from the same photos). Nothing is imported here so that importing the package stays cheap.
 """

@@ -53,17 +53,22 @@ def _cubic(x: np.ndarray) -> np.ndarray:
     return near + far
 
 
-def _matlab_contributions(in_length: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tap indices (out, taps) into the input and their weights for a 1/scale antialiased downscale."""
-    out_length = in_length // scale
-    factor = 1.0 / scale
-    kernel_width = 4.0 / factor  # antialiasing: the kernel is stretched by the downscale factor
+def _matlab_contributions(in_length: int, out_length: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tap indices (out, taps) into the input and their weights for a resize by `factor` (out/in).
+
+    Downscaling stretches the kernel by 1/factor (antialiasing, as imresize does by default); upscaling uses it
+    as it is."""
+    antialias = factor < 1
+    kernel_width = 4.0 / factor if antialias else 4.0
     out_pos = np.arange(1, out_length + 1, dtype=np.float64)
     centre = out_pos / factor + 0.5 * (1.0 - 1.0 / factor)  # 1-based input coordinate of each output pixel
     left = np.floor(centre - kernel_width / 2.0)
     taps = int(np.ceil(kernel_width)) + 2
     indices = left[:, None] + np.arange(taps)[None, :]  # 1-based
-    weights = factor * _cubic(factor * (centre[:, None] - indices))
+    if antialias:
+        weights = factor * _cubic(factor * (centre[:, None] - indices))
+    else:
+        weights = _cubic(centre[:, None] - indices)
     weights /= weights.sum(axis=1, keepdims=True)
     # Symmetric (mirror) padding at both borders, as MATLAB does.
     mirror = np.concatenate([np.arange(in_length), np.arange(in_length - 1, -1, -1)])
@@ -72,16 +77,26 @@ def _matlab_contributions(in_length: int, scale: int) -> tuple[np.ndarray, np.nd
     return zero_based[:, keep], weights[:, keep]
 
 
-def matlab_style_bicubic_downscale(image: np.ndarray, scale: int) -> np.ndarray:
-    cropped = modcrop(image, scale).astype(np.float64)
+def _matlab_style_resize(image: np.ndarray, out_height: int, out_width: int, factor: float) -> np.ndarray:
+    pixels = image.astype(np.float64)
     # Rows first, then columns, in float64; one rounding at the end.
-    indices, weights = _matlab_contributions(cropped.shape[0], scale)
-    rows = np.zeros((indices.shape[0],) + cropped.shape[1:], dtype=np.float64)
+    indices, weights = _matlab_contributions(pixels.shape[0], out_height, factor)
+    rows = np.zeros((indices.shape[0],) + pixels.shape[1:], dtype=np.float64)
     for tap in range(indices.shape[1]):
-        rows += weights[:, tap, None, None] * cropped[indices[:, tap]]
-    indices, weights = _matlab_contributions(cropped.shape[1], scale)
+        rows += weights[:, tap, None, None] * pixels[indices[:, tap]]
+    indices, weights = _matlab_contributions(pixels.shape[1], out_width, factor)
     out = np.zeros((rows.shape[0], indices.shape[0], rows.shape[2]), dtype=np.float64)
     for tap in range(indices.shape[1]):
         out += weights[None, :, tap, None] * rows[:, indices[:, tap]]
     # MATLAB rounds halves away from zero (np.round would round them to even).
     return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+def matlab_style_bicubic_downscale(image: np.ndarray, scale: int) -> np.ndarray:
+    cropped = modcrop(image, scale)
+    return _matlab_style_resize(cropped, cropped.shape[0] // scale, cropped.shape[1] // scale, 1.0 / scale)
+
+
+def matlab_style_bicubic_upscale(image: np.ndarray, scale: int) -> np.ndarray:
+    """The bicubic baseline of SR papers: imresize(lr, scale, 'bicubic') of a uint8 HWC image."""
+    return _matlab_style_resize(image, image.shape[0] * scale, image.shape[1] * scale, float(scale))

@@ -1,8 +1,9 @@
 
 import pytest
 
-from edsr_dist.config import Config, build_config, parse_override_args, parse_train_args
+from edsr_dist.config import PROTOCOL_NAMES, Config, build_config, parse_override_args, parse_train_args
 from edsr_dist.errors import UserError
+from edsr_dist.protocols import PROTOCOLS
 from edsr_dist.train import learning_rate
 
 
@@ -59,3 +60,7 @@ def test_bare_boolean_flag_switches_on():
     assert parse_override_args(["--progress", "--epochs", "2"]) == {"progress": "true", "epochs": "2"}
 
 
+
+
+def test_config_names_exactly_the_defined_protocols():
+    assert tuple(PROTOCOLS) == PROTOCOL_NAMES
