@@ -15,10 +15,13 @@ COMMANDS = {
     "rank-table": ("edsr_dist.dist.rank_table", "main", "check or make an Ascend HCCL rank table"),
     "build-store": ("edsr_dist.data.builder", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
     "eval": ("edsr_dist.evaluate", "main", "evaluate checkpoints on a store or a folder of HR images"),
-    "sr": ("edsr_dist.infer", "main", "super-resolve images with a checkpoint (tiled, optional self-ensemble)"),
-    "export": ("edsr_dist.weights", "main", "export or import model weights (safetensors, reference/BasicSR names)"),
+    "sr": ("edsr_dist.sr", "main", "super-resolve images with a checkpoint or an .onnx model (tiled, optional self-ensemble)"),
+    "export": ("edsr_dist.weights", "main", "export a model: weights (safetensors, reference/BasicSR names) or verified ONNX"),
     "bench": ("edsr_dist.bench", "main", "measure training throughput, overheads and scaling"),
+    "bench-sr": ("edsr_dist.sr_bench", "main", "measure inference speed: PyTorch and ONNX Runtime on the same images"),
 }
+# Commands that check for torch themselves: `sr --backend onnxruntime` serves without it.
+TORCH_OPTIONAL = {"sr"}
 
 
 def usage() -> str:
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"edsr-dist: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if importlib.util.find_spec("torch") is None:
+    if name not in TORCH_OPTIONAL and importlib.util.find_spec("torch") is None:
         print("edsr-dist: error: PyTorch is not installed; on CPU run `pip install -r requirements-cpu.txt`, "
               "on GPUs/NPUs install the torch build for your hardware first", file=sys.stderr)
         return 2
