@@ -214,8 +214,10 @@ def verification_image(path: str | None) -> tuple[np.ndarray, str]:
 def export_command(args) -> Path:
     """`edsr-dist export ... --out X.onnx`: load what --checkpoint names, export, verify, print the figures."""
     from edsr_dist.infer import load_inference_model
+    from edsr_dist.weights import _atomic_target
 
-    _onnx_modules()  # a missing package is reported before the model is loaded
+    _onnx_modules()  # a missing package or an uncreatable --out folder is reported before the model is loaded
+    _atomic_target(Path(args.out))
     sizes = parse_sizes(args.verify_sizes) if args.verify_sizes else VERIFY_SIZES
     image, image_name = verification_image(args.verify_image)
     model = load_inference_model(args.checkpoint, res_scale=args.res_scale)
