@@ -18,7 +18,7 @@ from edsr_dist.tiling import NUMPY_OPS, auto_tile, check_rgb_uint8, run_tiled
 PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",), "npu": ("CANNExecutionProvider",)}
 
 
-def _onnxruntime():
+def onnxruntime_module():
     try:
         import onnxruntime
     except ImportError:
@@ -30,7 +30,7 @@ class OnnxModel:
     """An exported EDSR in an ONNX Runtime session: call it on (N, 3, h, w) float32 arrays in [0, 255]."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 0):
-        ort = _onnxruntime()
+        ort = onnxruntime_module()
         path = Path(path)
         if not path.is_file():
             raise UserError(f"model {path} does not exist; export one with `edsr-dist export --checkpoint C "
