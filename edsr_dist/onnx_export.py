@@ -136,6 +136,23 @@ def _metadata(model: nn.Module, precision: str, opset: int) -> dict:
             "io": f"{INPUT_NAME} -> {OUTPUT_NAME}: float32 NCHW RGB in [0, 255]"}
 
 
+def _write_file(network: nn.Module, path: Path, metadata: dict, opset: int) -> None:
+    """The exporter's graph, with our metadata, checked by onnx."""
+    onnx, _ = _onnx_modules()
+    try:
+        _write_graph(network.eval(), path, opset)
+    except (RuntimeError, ValueError, TypeError) as exc:  # the exporters raise RuntimeError subclasses
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"torch.onnx could not export the model at opset {opset} ({type(exc).__name__}: "
+                        f"{reason}); try another --opset") from None
+    graph = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+
+
 def export_onnx(model: nn.Module, out_path: str | Path, image: np.ndarray, precision: str = "fp32",
                 opset: int = OPSET, sizes=VERIFY_SIZES) -> list[SizeCheck]:
     """Write `model` as ONNX to out_path, verified first: a temporary file in the same folder is checked with
@@ -151,29 +168,14 @@ def export_onnx(model: nn.Module, out_path: str | Path, image: np.ndarray, preci
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if opset not in OPSETS:
         raise UserError(f"opset {opset} is not supported; choose one of {', '.join(map(str, OPSETS))}")
-    onnx, _ = _onnx_modules()
+    _onnx_modules()
     reference = copy.deepcopy(_bare(model)).float().cpu().eval()
     reference = reference.to(memory_format=torch.contiguous_format)
     network = _Float16Inside(copy.deepcopy(reference)) if precision == "fp16" else reference
     out_path = Path(out_path)
     tmp = _atomic_target(out_path)
     try:
-        try:
-            try:
-                _write_graph(network.eval(), tmp, opset)
-            except (RuntimeError, ValueError, TypeError) as exc:  # the exporters raise RuntimeError subclasses
-                reason = (str(exc).strip().splitlines() or [""])[0]
-                raise UserError(f"torch.onnx could not export the model at opset {opset} ({type(exc).__name__}: "
-                                f"{reason}); try another --opset") from None
-            graph = onnx.load(str(tmp))
-            for key, value in _metadata(reference, precision, opset).items():
-                entry = graph.metadata_props.add()
-                entry.key, entry.value = key, value
-            onnx.checker.check_model(graph)
-            onnx.save(graph, str(tmp))
-        except OSError as exc:
-            raise UserError(f"cannot write {out_path} ({exc.strerror or exc}); free space or pass another --out"
-                            ) from None
+        _write_file(network, tmp, _metadata(reference, precision, opset), opset)
         checks = verify(tmp, reference, image, sizes)
         required = REQUIRED_WITHIN_ONE[precision]
         worst = min(checks, key=lambda c: c.within_one)
@@ -184,6 +186,8 @@ def export_onnx(model: nn.Module, out_path: str | Path, image: np.ndarray, preci
                 f"(needs {100 * required:g}%, max {worst.max_grey_levels} levels); {out_path} was not written, "
                 "try another --opset or export .safetensors")
         os.replace(tmp, out_path)
+    except OSError as exc:
+        raise UserError(f"cannot write {out_path} ({exc.strerror or exc}); free space or pass another --out") from None
     finally:
         tmp.unlink(missing_ok=True)
     return checks
