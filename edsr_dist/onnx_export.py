@@ -52,6 +52,15 @@ class SizeCheck:
     max_abs_float: float
 
 
+def _check_options(precision: str, opset: int) -> None:
+    """Bad options and missing packages are reported before any model is loaded or file written."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if opset not in OPSETS:
+        raise UserError(f"opset {opset} is not supported; choose one of {', '.join(map(str, OPSETS))}")
+    _onnx_modules()
+
+
 def _onnx_modules():
     try:
         import onnx
@@ -164,11 +173,7 @@ def export_onnx(model: nn.Module, out_path: str | Path, image: np.ndarray, preci
     """
     from edsr_dist.weights import _atomic_target
 
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if opset not in OPSETS:
-        raise UserError(f"opset {opset} is not supported; choose one of {', '.join(map(str, OPSETS))}")
-    _onnx_modules()
+    _check_options(precision, opset)
     reference = copy.deepcopy(_bare(model)).float().cpu().eval()
     reference = reference.to(memory_format=torch.contiguous_format)
     network = _Float16Inside(copy.deepcopy(reference)) if precision == "fp16" else reference
@@ -220,12 +225,13 @@ def export_command(args) -> Path:
     from edsr_dist.infer import load_inference_model
     from edsr_dist.weights import _atomic_target
 
-    _onnx_modules()  # a missing package or an uncreatable --out folder is reported before the model is loaded
-    _atomic_target(Path(args.out))
+    precision, opset = args.precision or "fp32", args.opset or OPSET
+    _check_options(precision, opset)
+    _atomic_target(Path(args.out))  # an uncreatable --out folder is reported before the model is loaded
     sizes = parse_sizes(args.verify_sizes) if args.verify_sizes else VERIFY_SIZES
     image, image_name = verification_image(args.verify_image)
     model = load_inference_model(args.checkpoint, res_scale=args.res_scale)
-    checks = export_onnx(model, args.out, image, precision=args.precision, opset=args.opset, sizes=sizes)
+    checks = export_onnx(model, args.out, image, precision=precision, opset=opset, sizes=sizes)
     print(f"verified with ONNX Runtime against PyTorch fp32 on {image_name} "
           f"(share of values within 1 grey level after rounding; max difference):")
     for c in checks:

@@ -314,9 +314,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--names", choices=("reference", "basicsr"), default="reference",
                         help="parameter names: reference (= edsr-dist, the reference EDSR code) or basicsr")
     onnx = parser.add_argument_group("ONNX")
-    onnx.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    onnx.add_argument("--precision", choices=("fp32", "fp16"), default=None,
                       help="weights and activations inside the graph (the lr/sr interface is float32 either way)")
-    onnx.add_argument("--opset", type=int, default=13, help="ONNX opset (default 13: Ascend ATC and TensorRT)")
+    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default 13: Ascend ATC and TensorRT)")
     onnx.add_argument("--verify-image", metavar="PNG", default=None,
                       help="the photo the export is checked on (default: scikit-image's chelsea)")
     onnx.add_argument("--verify-sizes", metavar="HxW,..", default=None,
@@ -332,6 +332,13 @@ def main(argv: list[str]) -> int:
                         "use a .safetensors, .pt, .pth or .onnx file name, or pass --format")
     if suffix_format is not None and suffix_format != fmt:
         raise UserError(f"--format {fmt} but --out {out} names a {suffix_format} file; make them agree")
+    onnx_only = [flag for flag, value in (("--precision", args.precision), ("--opset", args.opset),
+                                          ("--verify-image", args.verify_image), ("--verify-sizes", args.verify_sizes),
+                                          ("--res-scale", args.res_scale)) if value is not None]
+    if fmt != "onnx" and onnx_only:
+        raise UserError(f"only ONNX exports take {', '.join(onnx_only)}; drop them or write a .onnx file")
+    if fmt == "onnx" and args.names != "reference":
+        raise UserError("--names applies to weight files; an ONNX file has no parameter names to choose")
     if fmt == "onnx":
         from edsr_dist.onnx_export import export_command
 

@@ -164,6 +164,10 @@ def test_export_command_and_its_user_errors(tmp_path, capsys):
     _one_line_error(capsys, "invalid choice: 'keras'")
     assert cli_main(["export", "--checkpoint", str(weights), "--out", str(tmp_path / "m.pt"), "--format", "onnx"]) == 2
     _one_line_error(capsys, "make them agree")
+    assert cli_main(["export", "--checkpoint", str(weights), "--out", str(tmp_path / "m.pt"), "--opset", "13"]) == 2
+    _one_line_error(capsys, "only ONNX exports take --opset")
+    assert cli_main(["export", "--checkpoint", str(weights), "--out", str(tmp_path / "m.onnx"), "--opset", "9"]) == 2
+    _one_line_error(capsys, "opset 9 is not supported")
     assert cli_main(["export", "--checkpoint", str(weights), "--out", str(tmp_path / "m.onnx"),
                      "--verify-sizes", "12by17"]) == 2
     _one_line_error(capsys, "--verify-sizes")
