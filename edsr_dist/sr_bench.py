@@ -78,21 +78,25 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--repeat must be >= 1, got {args.repeat}")
     if args.threads < 0:
         raise UserError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    threads = args.threads or torch.get_num_threads()
     images = _images(args.inputs)
     model, model_name = _model(args)
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="edsr-bench-sr-") as folder:
-        path = Path(folder) / "model.onnx"
-        export_onnx(model, path, verification_image(None)[0])
-        session = OnnxModel(path, device="cpu", threads=threads)
-        runners = {
-            "pytorch": lambda img: super_resolve(model, img, "cpu", tile=args.tile, ensemble=args.self_ensemble),
-            "onnxruntime": lambda img: super_resolve_onnx(session, img, tile=args.tile, ensemble=args.self_ensemble),
-        }
-        passes = measure(runners, images, args.repeat)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edsr-bench-sr-") as folder:
+            path = Path(folder) / "model.onnx"
+            export_onnx(model, path, verification_image(None)[0])
+            session = OnnxModel(path, device="cpu", threads=threads)
+            runners = {
+                "pytorch": lambda img: super_resolve(model, img, "cpu", tile=args.tile, ensemble=args.self_ensemble),
+                "onnxruntime": lambda img: super_resolve_onnx(session, img, tile=args.tile,
+                                                              ensemble=args.self_ensemble),
+            }
+            passes = measure(runners, images, args.repeat)
+    finally:
+        torch.set_num_threads(threads_before)  # the command can run inside another process (tests)
     scale = int(model.scale)
     lr_megapixels = sum(img.shape[0] * img.shape[1] for _, img in images) / 1e6
     sr_megapixels = lr_megapixels * scale * scale

@@ -3,6 +3,7 @@
 Needs the `onnx` extra (onnx, onnxruntime, onnxscript), which requirements-cpu.txt installs.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -216,3 +217,20 @@ def test_sr_onnxruntime_backend_matches_pytorch_and_needs_no_torch(tmp_path, cap
     assert cli_main(["sr", str(images), "--checkpoint", str(model_path), "--out", str(tmp_path / "x"),
                      "--backend", "onnxruntime", "--precision", "bf16"]) == 2
     _one_line_error(capsys, "export an fp16 model")
+
+
+def test_bench_sr_reports_both_backends_on_the_same_images(tmp_path, capsys):
+    Image.fromarray(PHOTO[:20, :30]).save(tmp_path / "a.png")
+    Image.fromarray(PHOTO[40:53, 40:61]).save(tmp_path / "b.png")
+    threads_before = torch.get_num_threads()
+    assert cli_main(["bench-sr", str(tmp_path), "--num-blocks", "1", "--num-filters", "8", "--scale", "3",
+                     "--repeat", "2", "--threads", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert torch.get_num_threads() == threads_before
+    assert report["images"] == [f"{tmp_path / 'a.png'} 30x20", f"{tmp_path / 'b.png'} 21x13"]
+    assert report["threads"] == 1 and report["scale"] == 3
+    for backend in ("pytorch", "onnxruntime"):
+        result = report["results"][backend]
+        assert len(result["pass_seconds"]) == 2
+        assert result["images_per_s"] == pytest.approx(2 / min(result["pass_seconds"]))
+        assert result["sr_megapixels_per_s"] == pytest.approx((600 + 273) * 9 / 1e6 / min(result["pass_seconds"]))
