@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from edsr_dist.errors import UserError
+
 
 def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -32,6 +34,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync(path.parent)
+
+
+def make_parent_folder(path: str | os.PathLike) -> None:
+    """Create the folder an output file goes into; a one-line error when that is impossible."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create folder {parent} ({exc.strerror}); pass another --out") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, *parts: bytes) -> None:

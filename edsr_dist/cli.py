@@ -16,12 +16,14 @@ COMMANDS = {
     "rank-table": ("edsr_dist.dist.rank_table", "main", "check or make an Ascend HCCL rank table"),
     "build-store": ("edsr_dist.data.build_store", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
     "eval": ("edsr_dist.evaluate", "main", "evaluate checkpoints on a store or a folder of HR images"),
-    "sr": ("edsr_dist.infer", "main", "super-resolve images with a checkpoint (tiled, optional self-ensemble)"),
-    "export": ("edsr_dist.weights", "main", "export or import model weights (safetensors, reference/BasicSR names)"),
+    "sr": ("edsr_dist.sr", "main", "super-resolve images with a checkpoint or an .onnx model (tiled, optional self-ensemble)"),
+    "export": ("edsr_dist.export", "main", "export a model: weights (safetensors, reference/BasicSR names) or verified ONNX"),
     "bench": ("edsr_dist.bench", "main", "measure training throughput, overheads and scaling"),
+    "bench-sr": ("edsr_dist.sr_bench", "main", "measure inference speed: PyTorch and ONNX Runtime on the same images"),
 }
-# Commands that only read and write text files: usable on a login node without torch.
-WITHOUT_TORCH = {"rank-table"}
+# Commands usable without torch: rank-table only reads and writes text files (a login node); sr checks for torch
+# itself, since `sr --backend onnxruntime` serves an exported model without it.
+WITHOUT_TORCH = {"rank-table", "sr"}
 
 
 def usage() -> str:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edsr_dist.atomic import atomic_path
+from edsr_dist.atomic import atomic_path, make_parent_folder
 from edsr_dist.checkpoint import find_checkpoint, is_checkpoint_file, load_checkpoint
 from edsr_dist.config import config_from_dict
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.errors import UserError
 from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE, bare_model, build_model
 from edsr_dist.safe_load import load_tensors
 
@@ -256,13 +256,6 @@ def _resolve_source(model_or_checkpoint) -> tuple[dict, dict]:
     return model.state_dict(), meta
 
 
-def _make_parent(out_path: Path) -> None:
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create folder {out_path.parent} ({exc.strerror}); pass another --out") from None
-
-
 def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "reference") -> Path:
     """Write the model weights (a model, or a checkpoint file/run folder) as safetensors; atomic.
 
@@ -278,7 +271,7 @@ def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "
     sd = to_basicsr_state_dict(sd) if names == "basicsr" else sd
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     out_path = Path(out_path)
-    _make_parent(out_path)
+    make_parent_folder(out_path)
     metadata = {"format": "edsr-dist", "names": names, **{k: str(v) for k, v in meta.items()}}
     try:
         with atomic_path(out_path) as tmp:
@@ -299,32 +292,10 @@ def export_torch(model_or_checkpoint, out_path: str | Path, names: str = "refere
     sd = {k: v.detach().cpu() for k, v in sd.items()}
     obj = {"params": to_basicsr_state_dict(sd)} if names == "basicsr" else sd
     out_path = Path(out_path)
-    _make_parent(out_path)
+    make_parent_folder(out_path)
     try:
         with atomic_path(out_path) as tmp:
             torch.save(obj, tmp)
     except OSError as exc:
         raise UserError(f"cannot write {out_path} ({exc.strerror}); free space or pass another --out") from None
     return out_path
-
-
-def main(argv: list[str]) -> int:
-    parser = CommandParser(
-        prog="edsr-dist export",
-        description="Export the weights of a checkpoint: .safetensors (default) or .pt/.pth, with our/reference "
-                    "EDSR names or BasicSR names.")
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt file or a run folder (newest valid checkpoint)")
-    parser.add_argument("--out", required=True, help="output file: FILE.safetensors, FILE.pt or FILE.pth")
-    parser.add_argument("--names", choices=("reference", "basicsr"), default="reference",
-                        help="parameter names: reference (= edsr-dist, the reference EDSR code) or basicsr")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix == ".safetensors":
-        path = export_safetensors(args.checkpoint, out, names=args.names)
-    elif out.suffix in (".pt", ".pth"):
-        path = export_torch(args.checkpoint, out, names=args.names)
-    else:
-        raise UserError(f"--out {out}: unknown weights format {out.suffix or '(no suffix)'}; "
-                        "use a .safetensors, .pt or .pth file name")
-    print(f"wrote {path}")
-    return 0

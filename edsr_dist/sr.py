@@ -1,0 +1,174 @@
+"""The `sr` command: super-resolve image files with a trained model, on PyTorch or on ONNX Runtime.
+
+Nothing here imports torch at module level: `--backend onnxruntime` serves an exported .onnx model on machines
+without torch. Both backends share the tiling and self-ensemble code (`tiling`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from edsr_dist.atomic import atomic_path
+from edsr_dist.config import DEVICES, PRECISIONS
+from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.onnx_backend import OnnxModel, super_resolve_onnx
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+BACKENDS = ("pytorch", "onnxruntime")
+
+
+@dataclass
+class Upscaler:
+    """One loaded model behind one backend: RGB uint8 (H, W, 3) -> (sH, sW, 3) uint8."""
+
+    backend: str
+    scale: int
+    device: str
+    run: Callable[[np.ndarray], np.ndarray]
+
+
+def pytorch_upscaler(checkpoint: str, device: str = "auto", precision: str = "fp32", res_scale: float | None = None,
+                     tile: int | None = None, pad: int | None = None, ensemble: bool = False) -> Upscaler:
+    if importlib.util.find_spec("torch") is None:
+        raise UserError("--backend pytorch needs PyTorch; install it (pip install -r requirements-cpu.txt), or "
+                        "export the model to ONNX and pass --backend onnxruntime")
+    # torch is optional for `sr` (ONNX Runtime serves without it), so the PyTorch side is imported when chosen.
+    from edsr_dist.infer import load_inference_model, model_scale, super_resolve
+    from edsr_dist.precision import resolve_device_and_precision
+
+    torch_device, precision = resolve_device_and_precision(device, precision)
+    model = load_inference_model(checkpoint, res_scale=res_scale).to(torch_device).eval()
+
+    def run(lr: np.ndarray) -> np.ndarray:
+        return super_resolve(model, lr, torch_device, tile=tile, pad=pad, ensemble=ensemble, precision=precision)
+
+    return Upscaler("pytorch", model_scale(model), torch_device.type, run)
+
+
+def onnx_upscaler(path: str, device: str = "auto", threads: int = 0, tile: int | None = None,
+                  pad: int | None = None, ensemble: bool = False) -> Upscaler:
+    if Path(path).suffix != ".onnx":
+        raise UserError(f"--backend onnxruntime runs an exported .onnx model, not {path}; "
+                        "make one with `edsr-dist export --checkpoint C --out model.onnx`")
+    model = OnnxModel(path, device=device, threads=threads)
+
+    def run(lr: np.ndarray) -> np.ndarray:
+        return super_resolve_onnx(model, lr, tile=tile, pad=pad, ensemble=ensemble)
+
+    return Upscaler("onnxruntime", model.scale, model.session.get_providers()[0], run)
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"folder {path} has no .png/.jpg images; pass image files or a folder of images")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"input {path} does not exist; pass existing image files or folders")
+    return files
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read image {path} ({exc}); pass PNG or JPEG files") from None
+
+
+def _write_png(img: np.ndarray, path: Path) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
+    except OSError as exc:
+        raise UserError(f"cannot write {path} ({exc.strerror or exc}); free space or pass another --out") from None
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    # torch.OutOfMemoryError is a RuntimeError saying "out of memory"; ONNX Runtime says "Failed to allocate".
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "failed to allocate" in text
+
+
+def main(argv: list[str]) -> int:
+    parser = CommandParser(
+        prog="edsr-dist sr",
+        description="Super-resolve PNG/JPEG images with a trained EDSR; writes <stem>_x<scale>.png into --out.")
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of .png/.jpg images")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a .ckpt file, a run folder (newest valid checkpoint) or weights (.pt/.pth/.safetensors); "
+                             "with --backend onnxruntime a .onnx file from `edsr-dist export`")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
+                        help="pytorch (default) or onnxruntime (an exported .onnx; torch not needed)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="LR tile side in pixels, 0 = whole image (default: whole unless the image is too large)")
+    parser.add_argument("--tile-pad", type=int, default=None,
+                        help="LR context pixels around each tile (default: the receptive field, exact result)")
+    parser.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="PyTorch backend: autocast dtype of the network (fp32 = none; auto: as training would "
+                             "choose); an ONNX model's "
+                             "precision is chosen at export")
+    parser.add_argument("--res-scale", type=float, default=None,
+                        help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
+    args = parser.parse_args(argv)
+    if args.tile is not None and args.tile < 0:
+        raise UserError(f"--tile must be >= 0, got {args.tile}")
+    if args.tile_pad is not None and args.tile_pad < 0:
+        raise UserError(f"--tile-pad must be >= 0, got {args.tile_pad}")
+    if args.backend == "onnxruntime" and args.precision != "fp32":
+        raise UserError(f"--precision {args.precision} applies to the PyTorch backend; for ONNX Runtime export an "
+                        "fp16 model with `edsr-dist export --precision fp16`")
+    if args.backend == "pytorch" and Path(args.checkpoint).suffix == ".onnx":
+        raise UserError(f"--checkpoint {args.checkpoint} is an ONNX model; pass --backend onnxruntime")
+
+    files = collect_inputs(args.inputs)
+    if args.backend == "onnxruntime":
+        upscaler = onnx_upscaler(args.checkpoint, device=args.device, tile=args.tile, pad=args.tile_pad,
+                                 ensemble=args.self_ensemble)
+    else:
+        upscaler = pytorch_upscaler(args.checkpoint, device=args.device, precision=args.precision,
+                                    res_scale=args.res_scale, tile=args.tile, pad=args.tile_pad,
+                                    ensemble=args.self_ensemble)
+    out_dir = Path(args.out)
+    targets: dict[Path, Path] = {}
+    for src in files:
+        dst = out_dir / f"{src.stem}_x{upscaler.scale}.png"
+        if dst in targets.values():
+            other = next(k for k, v in targets.items() if v == dst)
+            raise UserError(f"inputs {other} and {src} would both be written to {dst}; rename one of them")
+        targets[src] = dst
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out_dir} ({exc.strerror}); pass another --out") from None
+
+    for src, dst in targets.items():
+        lr = read_rgb(src)
+        start = time.perf_counter()
+        try:
+            sr = upscaler.run(lr)
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            raise UserError(f"{src} ({lr.shape[1]}x{lr.shape[0]}) does not fit in {upscaler.device} memory in one "
+                            "piece; pass --tile 256 (or smaller)") from None
+        _write_png(sr, dst)
+        print(f"{src} ({lr.shape[1]}x{lr.shape[0]}) -> {dst} ({sr.shape[1]}x{sr.shape[0]}) "
+              f"in {time.perf_counter() - start:.2f} s", flush=True)
+    return 0

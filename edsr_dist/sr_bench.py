@@ -1,0 +1,125 @@
+"""`edsr-dist bench-sr`: inference speed of the PyTorch and ONNX Runtime backends, same images, same run.
+
+The model (a checkpoint or weights file, or a randomly initialised EDSR of a given shape: speed does not depend
+on the weights) is exported to a temporary, verified .onnx file; both backends then super-resolve the same
+images through the same code (`infer.super_resolve`, `onnx_backend.super_resolve_onnx`, i.e. the `sr` command's
+path, tiling and self-ensemble included) with the same number of threads. Each backend first runs every image
+once untimed (first-call setup), then `--repeat` timed passes over all images, alternating backends, so a burst
+of load on a shared machine hits one pass of each; the best pass counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edsr_dist.data.sample import load_sample_image
+from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.infer import load_inference_model, super_resolve
+from edsr_dist.model import EDSR
+from edsr_dist.onnx_backend import OnnxModel, onnxruntime_module, super_resolve_onnx
+from edsr_dist.onnx_export import export_onnx, verification_image
+from edsr_dist.sr import collect_inputs, read_rgb
+
+DEFAULT_IMAGES = ("chelsea", "coffee", "astronaut")  # the sample store's validation photos, used as LR input
+
+
+def _images(inputs: list[str]) -> list[tuple[str, np.ndarray]]:
+    if inputs:
+        return [(str(p), read_rgb(p)) for p in collect_inputs(inputs)]
+    return [(name, load_sample_image(name)) for name in DEFAULT_IMAGES]
+
+
+def _model(args) -> tuple[torch.nn.Module, str]:
+    if args.checkpoint:
+        return load_inference_model(args.checkpoint).eval(), args.checkpoint
+    torch.manual_seed(0)
+    res_scale = 0.1 if args.num_filters >= 256 else 1.0
+    model = EDSR(scale=args.scale, num_blocks=args.num_blocks, num_filters=args.num_filters, res_scale=res_scale)
+    return model.eval(), f"random EDSR x{args.scale} {args.num_blocks}x{args.num_filters}"
+
+
+def measure(runners: dict, images: list[tuple[str, np.ndarray]], repeat: int) -> dict:
+    """{backend: [seconds of each timed pass over all images]}, after one untimed pass per backend."""
+    for run in runners.values():
+        for _, img in images:
+            run(img)
+    passes: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeat):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for _, img in images:
+                run(img)
+            passes[name].append(time.perf_counter() - start)
+    return passes
+
+
+def main(argv: list[str]) -> int:
+    parser = CommandParser(prog="edsr-dist bench-sr", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="*", metavar="IN",
+                        help="LR images or folders (default: scikit-image's chelsea, coffee and astronaut photos)")
+    parser.add_argument("--checkpoint", help="a .ckpt, run folder or weights file (default: random weights)")
+    parser.add_argument("--scale", type=int, choices=(2, 3, 4), default=2, help="random model: scale (default 2)")
+    parser.add_argument("--num-blocks", type=int, default=16, help="random model: residual blocks (default 16)")
+    parser.add_argument("--num-filters", type=int, default=64, help="random model: filters (default 64)")
+    parser.add_argument("--threads", type=int, default=0, help="threads for both backends (default: torch's)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes per backend (default 3)")
+    parser.add_argument("--tile", type=int, default=None, help="LR tile side, as in `sr` (default: automatic)")
+    parser.add_argument("--self-ensemble", action="store_true", help="x8 self-ensemble, as in `sr`")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        raise UserError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    threads = args.threads or torch.get_num_threads()
+    images = _images(args.inputs)
+    model, model_name = _model(args)
+    load_before = os.getloadavg()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edsr-bench-sr-") as folder:
+            path = Path(folder) / "model.onnx"
+            export_onnx(model, path, verification_image(None)[0])
+            session = OnnxModel(path, device="cpu", threads=threads)
+            runners = {
+                "pytorch": lambda img: super_resolve(model, img, "cpu", tile=args.tile, ensemble=args.self_ensemble),
+                "onnxruntime": lambda img: super_resolve_onnx(session, img, tile=args.tile,
+                                                              ensemble=args.self_ensemble),
+            }
+            passes = measure(runners, images, args.repeat)
+    finally:
+        torch.set_num_threads(threads_before)  # the command can run inside another process (tests)
+    scale = int(model.scale)
+    lr_megapixels = sum(img.shape[0] * img.shape[1] for _, img in images) / 1e6
+    sr_megapixels = lr_megapixels * scale * scale
+    results = {}
+    for name, seconds in passes.items():
+        best = min(seconds)
+        results[name] = {"images_per_s": len(images) / best, "sr_megapixels_per_s": sr_megapixels / best,
+                         "lr_megapixels_per_s": lr_megapixels / best, "pass_seconds": seconds}
+    report = {
+        "model": model_name, "scale": scale, "images": [f"{n} {i.shape[1]}x{i.shape[0]}" for n, i in images],
+        "tile": args.tile, "self_ensemble": args.self_ensemble, "threads": threads, "repeat": args.repeat,
+        "torch": torch.__version__, "onnxruntime": onnxruntime_module().__version__,
+        "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0], "results": results,
+        "onnxruntime_speedup": results["onnxruntime"]["images_per_s"] / results["pytorch"]["images_per_s"],
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{model_name}, {len(images)} images ({', '.join(report['images'])}), {threads} thread(s), fp32, "
+          f"best of {args.repeat} passes; load average {load_before[0]:.1f} -> {report['load_average_after']:.1f}")
+    print(f"{'backend':<12} {'images/s':>9} {'SR MP/s':>8} {'LR MP/s':>8}  passes (s)")
+    for name, r in results.items():
+        print(f"{name:<12} {r['images_per_s']:9.3f} {r['sr_megapixels_per_s']:8.3f} {r['lr_megapixels_per_s']:8.3f}  "
+              + " ".join(f"{s:.2f}" for s in r["pass_seconds"]))
+    print(f"onnxruntime / pytorch: {report['onnxruntime_speedup']:.2f}x")
+    return 0
