@@ -42,7 +42,7 @@ def rank_table(servers: list[tuple[str, list[int]]]) -> dict:
     return doc
 
 
-def table_case(change=None, text: str | None = None) -> MakeArgs:
+def table_case(change=None, text: str | None = None, launcher_flags: tuple[str, ...] = ()) -> MakeArgs:
     """Launch from a rank table with this host (127.0.0.1) as server 0, after `change(doc)` (or as `text`)."""
     def make(tmp: Path, store: Path) -> list[str]:
         doc = rank_table([("127.0.0.1", [0, 1]), ("198.51.100.2", [0, 1])])
@@ -50,7 +50,7 @@ def table_case(change=None, text: str | None = None) -> MakeArgs:
             change(doc)
         path = tmp / "rank_table.json"
         path.write_text(text if text is not None else json.dumps(doc))
-        return ["launch", "--rank-table", str(path), "--", *TRAIN, "--data", str(store), "--out", str(tmp / "out")]
+        return ["launch", "--rank-table", str(path), *launcher_flags, "--", *TRAIN, "--data", str(store), "--out", str(tmp / "out")]
     return make
 
 
@@ -134,14 +134,14 @@ def _set(doc: dict, path: list, value) -> None:
 CASES = [
     # ---- rank tables (launch --rank-table)
     ("table_invalid_json", table_case(text='{"version": "1.0", "status": "completed",,}'), "invalid JSON"),
-    ("table_status_not_completed", table_case(lambda d: _set(d, ["status"], "initializing")),
-     "status is 'initializing'"),
+    ("table_status_not_completed", table_case(lambda d: _set(d, ["status"], "initializing"), launcher_flags=("--wait-table", "1")),
+     "was still not 'completed' after --wait-table 1 s"),
     ("table_duplicate_rank", table_case(lambda d: _set(_device(d, 1, 1), ["rank_id"], "2")), "duplicate rank_id 2"),
     ("table_missing_rank", table_case(lambda d: _set(_device(d, 1, 1), ["rank_id"], "9")), "rank_id 3 missing"),
     ("table_duplicate_device", table_case(lambda d: _set(_device(d, 0, 1), ["device_id"], "0")),
      "duplicate device_id 0"),
     ("table_missing_device_ip", table_case(lambda d: _device(d, 0, 0).pop("device_ip")),
-     "missing field 'device_ip'"),
+     "missing device_ip in a multi-server table"),
     ("table_device_id_out_of_range", table_case(lambda d: _set(_device(d, 0, 1), ["device_id"], "16")),
      "device_id 16 is out of range"),
     ("table_server_count_mismatch", table_case(lambda d: _set(d, ["server_count"], "3")),
