@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import os
 import platform
@@ -510,10 +511,14 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
 
         store = measure_store(cfg.data, cfg, args.store_seconds)  # also checks the store and the patch size first
 
+        runs_started = itertools.count()
+
         def trainer_with(workers: int, phase_syncs: bool = True) -> dict:
+            # Every trainer run gets a folder of its own: a run folder holds one run.
+            run_cfg = dataclasses.replace(cfg, out=os.path.join(scratch, f"run_{next(runs_started)}"))
             if workers == 1:
-                return measure_trainer(cfg, args.warmup, args.steps, world=World(), phase_syncs=phase_syncs)
-            return measure_workers(cfg, workers, max(1, total_threads // workers), args.warmup, args.steps)
+                return measure_trainer(run_cfg, args.warmup, args.steps, world=World(), phase_syncs=phase_syncs)
+            return measure_workers(run_cfg, workers, max(1, total_threads // workers), args.warmup, args.steps)
 
         accelerator = device.type != "cpu"  # where a sync costs something (see _StepClock)
         plan = {"bare": lambda: measure_bare(cfg, device, precision, cfg.channels_last, args.warmup, args.steps),

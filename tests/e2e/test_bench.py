@@ -10,7 +10,7 @@ from helpers import run_cli
 
 TINY_BENCH = ["bench", "--preset", "sample", "--num-blocks", "2", "--num-filters", "8", "--batch-size", "4",
               "--patch-size", "16", "--steps", "3", "--warmup", "1", "--precision", "fp32", "--threads", "2",
-              "--store-seconds", "0.2"]
+              "--store-seconds", "0.2", "--repeat", "2"]  # two repeats: every trainer run needs its own folder
 
 
 @pytest.fixture(scope="module")
