@@ -10,7 +10,7 @@ from helpers import run_cli
 
 TINY_BENCH = ["bench", "--preset", "sample", "--num-blocks", "2", "--num-filters", "8", "--batch-size", "4",
               "--patch-size", "16", "--steps", "3", "--warmup", "1", "--precision", "fp32", "--threads", "2",
-              "--store-seconds", "0.2", "--repeat", "2"]  # two repeats: every trainer run needs its own folder
+              "--store-seconds", "0.2"]
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,11 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, flags, mentions):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edsr-dist bench: error:"), result.stderr
     assert mentions in lines[0]
+
+
+def test_repeats_run_the_trainer_again(sample_store, tmp_path):
+    # Each repeat trains anew, in a folder of its own (a run folder holds one run).
+    result = run_cli(TINY_BENCH + ["--repeat", "2", "--steps", "2", "--json", "--data", str(sample_store)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    repeats = json.loads(result.stdout)["repeats_images_per_s"]
+    assert {name: len(values) for name, values in repeats.items()} == {"bare": 2, "trainer": 2}
