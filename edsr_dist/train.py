@@ -41,7 +41,7 @@ from edsr_dist.infer import super_resolve
 from edsr_dist.metrics import bicubic_upscale
 from edsr_dist.model import build_model
 from edsr_dist.precision import LossScaler, autocast, resolve_device_and_precision
-from edsr_dist.schedules import PAPER_BATCH, learning_rate
+from edsr_dist.schedules import PAPER_BATCH, base_lr, learning_rate
 from edsr_dist.step_timer import StepTimer
 from edsr_dist.run_folder import check_nothing_to_resume, claim_run_folder, recorded_result
 from edsr_dist.weights import load_matching
@@ -529,7 +529,8 @@ class Trainer:
             where += f" from the weights of {self.initialized_from}"
         elif self.resumed_from and self.cfg.init_from:
             where += f" (--init-from {self.cfg.init_from} applies to a fresh start only)"
-        recipe = f"lr {self.cfg.lr_schedule} from {learning_rate(self.cfg, self.step, self.schedule_steps):.3e}"
+        recipe = f"lr {self.cfg.lr_schedule}, peak {base_lr(self.cfg):.3e}" + (
+            f" after {self.cfg.warmup_steps} warm-up steps" if self.cfg.warmup_steps else "")
         if self.ema is not None:
             recipe += f", EMA {self.cfg.ema_decay}"
         if self.cfg.grad_clip_norm:
@@ -556,7 +557,7 @@ def module_groups(names: list[str]) -> list[str]:
     groups: list[str] = []
     for name in names:
         parts = name.split(".")
-        group = ".".join(parts[:3]) if parts[0] == "tail" and len(parts) > 3 else parts[0]
+        group = ".".join(parts[:-1]) if parts[0] == "tail" else parts[0]
         if group not in groups:
             groups.append(group)
     return groups
