@@ -28,6 +28,7 @@ def reference(sample_store, tmp_path_factory) -> dict:
     assert "EMA 0.9, grad clip 2.0" in result.stdout
     state = final_state(out)
     assert state["step"] == TOTAL_STEPS and state["ema"]["updates"] == TOTAL_STEPS
+    state["out"] = out
     return state
 
 
@@ -55,6 +56,14 @@ def test_ema_with_two_workers_matches_one_within_1e_4(sample_store, tmp_path, re
     assert state["meta"]["world_size"] == 2 and state["ema"]["updates"] == TOTAL_STEPS
     assert max_relative_difference(reference["ema"]["weights"], state["ema"]["weights"]) < 1e-4
     assert max_relative_difference(reference["model"], state["model"]) < 1e-4
+
+
+def test_export_gives_the_ema_unless_raw_weights(reference, tmp_path):
+    for flags, expected in (([], reference["ema"]["weights"]), (["--raw-weights"], reference["model"])):
+        target = tmp_path / f"weights{len(flags)}.pt"
+        result = run_cli(["export", "--checkpoint", str(reference["out"]), "--out", str(target), *flags], cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert_bit_identical(torch.load(target, weights_only=True), expected)
 
 
 def test_clipping_is_identical_on_every_rank(sample_store, tmp_path):

@@ -76,8 +76,7 @@ def main() -> None:
     observed: dict = {"rank": rank}
     if mode == "overflow":
         trainer.fit()
-        observed.update(skipped=probe.skipped,
-                        ema_updates=trainer.ema.updates, scales=probe.scales, local_flags=probe.local_flags,
+        observed.update(skipped=probe.skipped, scales=probe.scales, local_flags=probe.local_flags,
                         params=[p.detach().double().sum().item() for p in trainer.model.parameters()])
     elif mode == "clip":
         trainer.fit()
