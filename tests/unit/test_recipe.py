@@ -5,7 +5,7 @@ import torch
 import pytest
 
 from edsr_dist.checkpoint import load_checkpoint, save_checkpoint
-from edsr_dist.config import build_config, check_batch_divides
+from edsr_dist.config import build_config, check_batch_divides, parse_train_args
 from edsr_dist.ema import WeightEMA
 from edsr_dist.errors import UserError
 from edsr_dist.model import EDSR
@@ -127,11 +127,16 @@ def test_paper_presets_follow_the_paper_and_x3_x4_need_a_x2_model(tmp_path):
     assert x2.epochs * x2.steps_per_epoch == 300_000
     for preset, scale in (("paper_x3", 3), ("paper_x4", 4)):
         with pytest.raises(UserError, match=f"preset {preset} fine-tunes a trained x2 model.*--init-from"):
-            build_config(preset=preset)
+            parse_train_args(["--preset", preset])
+        yaml_file = tmp_path / f"{preset}.yaml"
+        yaml_file.write_text(f"preset: {preset}\n")
+        with pytest.raises(UserError, match=f"preset {preset} fine-tunes"):
+            parse_train_args(["--config", str(yaml_file)])
         weights = tmp_path / "x2.pt"
         weights.write_bytes(b"")
-        cfg = build_config(preset=preset, overrides={"init_from": str(weights)})
+        cfg = parse_train_args(["--config", str(yaml_file), "--init-from", str(weights)])
         assert cfg.scale == scale and cfg.init_from == str(weights)
+        assert build_config(preset=preset).scale == scale  # bench measures the preset without a model to start from
 
 
 def test_init_from_with_an_explicit_resume_is_one_line(tmp_path):
