@@ -116,7 +116,8 @@ class Config:
         need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
         need(0 <= self.min_lr < self.lr, f"min_lr must be >= 0 and below lr ({self.lr}), got {self.min_lr}")
         need(self.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0 (0 = off), got {self.grad_clip_norm}")
-        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 = off; BasicSR uses 0.999), got {self.ema_decay}")
+        need(0 <= self.ema_decay < 1,
+             f"ema_decay must be in [0, 1) (0 = off; BasicSR uses 0.999), got {self.ema_decay}")
         try:
             milestones = [float(m) for m in self.milestones.replace(" ", "").split(",") if m]
         except ValueError:

@@ -219,10 +219,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.reset(self.model)
         if self.is_main:
+            unused = f"; not loaded from the file: {', '.join(skipped)}" if skipped else ""
             print(f"init from {self.cfg.init_from}: loaded {len(loaded)} of {len(loaded) + len(left)} tensors "
-                  f"({', '.join(module_groups(loaded))}); left at their initial values: "
-                  f"{', '.join(left) or 'none'}" + (f"; not loaded from the file: {', '.join(skipped)}" if skipped else ""),
-                  flush=True)
+                  f"({', '.join(module_groups(loaded))}); left at their initial values: {', '.join(left) or 'none'}"
+                  f"{unused}", flush=True)
         return self.cfg.init_from
 
     def _drop_metrics_after(self, step: int) -> None:
