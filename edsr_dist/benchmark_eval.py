@@ -53,7 +53,7 @@ class LoadedModel:
         return f"x{self.scale} {self.path.name}"
 
 
-def load_model(text: str, res_scale: float | None) -> LoadedModel:
+def load_model(text: str, res_scale: float | None, raw: bool = False) -> LoadedModel:
     """A checkpoint file, a run folder (its newest valid checkpoint) or a weights file."""
     path = Path(text)
     if not path.exists():
@@ -64,7 +64,7 @@ def load_model(text: str, res_scale: float | None) -> LoadedModel:
             raise UserError(f"--checkpoints {path} holds no valid checkpoint; pass a run folder or a .ckpt file")
         path = Path(found)
     path = follow_pointer(path)
-    model, step, cfg = load_candidate(Candidate(path, is_checkpoint_file(path)), res_scale=res_scale)
+    model, step, cfg = load_candidate(Candidate(path, is_checkpoint_file(path)), res_scale=res_scale, raw=raw)
     # The body is the residual blocks plus one closing convolution.
     return LoadedModel(path, model.eval(), step, cfg.channels_last if cfg is not None else True,
                        len(model.body) - 1, model.head[0].out_channels)
@@ -163,7 +163,7 @@ def run(args) -> int:
     protocol = get_protocol(args.protocol)
     names = [n.strip() for n in args.sets.split(",") if n.strip()] if args.sets else None
     sets = find_sets(args.benchmarks, names)
-    models = [load_model(text, args.res_scale) for text in args.checkpoints]
+    models = [load_model(text, args.res_scale, args.raw_weights) for text in args.checkpoints]
     if args.scale is not None:
         wrong = [m for m in models if m.scale != args.scale]
         if wrong:

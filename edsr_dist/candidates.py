@@ -38,11 +38,12 @@ def collect_candidates(path_text: str) -> list[Candidate]:
     return [Candidate(p, True) for p in files]
 
 
-def load_candidate(candidate: Candidate, res_scale: float | None = None):
-    """(model on CPU in eval mode, step or None, checkpoint Config or None); res_scale is for plain weights."""
+def load_candidate(candidate: Candidate, res_scale: float | None = None, raw: bool = False):
+    """(model on CPU in eval mode, step or None, checkpoint Config or None); res_scale is for plain weights, raw
+    picks a checkpoint's raw weights over its EMA."""
     if not candidate.is_checkpoint:
         return load_inference_model(str(candidate.path), res_scale=res_scale), None, None
-    model, cfg = checkpoint_model(candidate.path)
+    model, cfg = checkpoint_model(candidate.path, raw=raw)
     step = _step_of(candidate.path)
     if step < 0:  # renamed file: the step is inside
         step = int(load_checkpoint(candidate.path).get("step", -1))

@@ -19,6 +19,9 @@ from edsr_dist.errors import UserError, did_you_mean
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
 ENGINES = ("auto", "ddp", "horovod")
+LR_SCHEDULES = ("staircase", "multistep", "cosine")  # schedules.py defines each
+# Presets that fine-tune a trained x2 model, as the paper does for x3 and x4: they need --init-from.
+PRESETS_FROM_X2 = ("paper_x3", "paper_x4")
 # Scoring protocols by name; protocols.py defines each (and checks it defines exactly these).
 PROTOCOL_NAMES = ("paper", "rgb", "edsr-div2k")
 
@@ -47,6 +50,17 @@ class Config:
     decay_step: int = 500
     epochs: int = 100
     seed: int = 0
+
+    # The training recipe beyond the staircase (schedules.py, ema.py; docs/REPRODUCE.md).
+    lr_schedule: str = "staircase"  # staircase | multistep | cosine
+    milestones: str = ""  # multistep: steps where lr is multiplied by gamma, e.g. "200000,400000"
+    gamma: float = 0.5  # multistep: factor at each milestone
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps (any schedule)
+    min_lr: float = 0.0  # cosine: the rate at the end of the run
+    scale_lr: bool = False  # multiply lr (and min_lr) by batch_size / 16: linear scaling for large batches
+    grad_clip_norm: float = 0.0  # clip the global gradient norm to this (0 = off), after the all-reduce
+    ema_decay: float = 0.0  # EMA of the weights, used for validation and saved in checkpoints (0 = off; BasicSR 0.999)
+    init_from: str = ""  # weights or checkpoint to start a fresh run from (tensors whose name and shape match)
 
     # Validation and checkpoints (rank 0 writes).
     save_every: int = 5  # epochs
@@ -98,8 +112,28 @@ class Config:
         need(not self.val_benchmark or Path(self.val_benchmark).is_dir(),
              f"val_benchmark {self.val_benchmark} is not a folder; pass one benchmark set's folder "
              "(such as benchmark/Set5) or leave it empty to validate on the store")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        need(0 <= self.min_lr < self.lr, f"min_lr must be >= 0 and below lr ({self.lr}), got {self.min_lr}")
+        need(self.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0 (0 = off), got {self.grad_clip_norm}")
+        need(0 <= self.ema_decay < 1,
+             f"ema_decay must be in [0, 1) (0 = off; BasicSR uses 0.999), got {self.ema_decay}")
+        try:
+            milestones = [float(m) for m in self.milestones.replace(" ", "").split(",") if m]
+        except ValueError:
+            milestones = [-1.0]
+        need(all(m >= 1 and m.is_integer() for m in milestones),
+             f"milestones must be whole step numbers separated by commas, e.g. 200000,400000; got {self.milestones!r}")
+        need(self.lr_schedule != "multistep" or milestones,
+             "lr_schedule multistep needs --milestones, e.g. --milestones 200000,400000")
+        need(not (self.init_from and self.resume and self.resume != "auto"),
+             f"--init-from starts a new run and --resume {self.resume} continues one; pass only one of them")
+        need(not self.init_from or Path(self.init_from).is_file(),
+             f"init_from {self.init_from} is not a file; pass a .ckpt, .pt, .pth or .safetensors file with the "
+             "weights to start from")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
+                              ("lr_schedule", LR_SCHEDULES),
                               ("val_protocol", ("", *PROTOCOL_NAMES))):
             value = getattr(self, name)
             need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -109,12 +143,25 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Presets only name what differs from the defaults.
+# The paper's recipe (Lim et al. 2017, section 4.2): batch 16 of 48x48 LR patches, Adam (0.9, 0.999, 1e-8), lr 1e-4
+# halved every 2 x 10^5 updates, L1 loss; x3 and x4 start from the trained x2 model. 300 epochs of 1000 steps and
+# validation on 10 images are the authors' code's (EDSR-PyTorch src/option.py: --epochs 300, --test_every 1000,
+# --decay 200; src/demo.sh: x3/x4 "--pre_train [pre-trained EDSR_x2 model dir]").
+_PAPER_RECIPE = {
+    "num_blocks": 32, "num_filters": 256, "res_scale": 0.1, "batch_size": 16, "patch_size": 48, "lr": 1e-4,
+    "decay_rate": 0.5, "decay_step": 200_000, "epochs": 300, "steps_per_epoch": 1000, "max_val_images": 10,
+}
+
+# Presets only name what differs from the defaults (the paper_x* presets name every setting the paper fixes).
 PRESETS: dict[str, dict] = {
     # The old TensorFlow script, as it was configured (the defaults).
     "tf_seed": {},
     # Paper model (EDSR, 32x256, res_scale 0.1) with the paper's schedule: halve lr every 200k steps.
     "paper": {"decay_rate": 0.5, "decay_step": 200_000},
+    # The paper's chain: x2 from scratch, then x3 and x4 fine-tuned from it (`--init-from` the x2 run's checkpoint).
+    "paper_x2": {**_PAPER_RECIPE, "scale": 2, "out": "runs/paper_x2"},
+    "paper_x3": {**_PAPER_RECIPE, "scale": 3, "out": "runs/paper_x3"},
+    "paper_x4": {**_PAPER_RECIPE, "scale": 4, "out": "runs/paper_x4"},
     # EDSR baseline: 16 blocks x 64 filters, no residual scaling.
     "baseline": {"num_blocks": 16, "num_filters": 64, "res_scale": 1.0},
     # The CPU demo on the embedded sample store: small model, short run, under 3 minutes on 2 cores.
@@ -323,6 +370,11 @@ def parse_train_args(argv: list[str]) -> Config:
             rest.append(arg)
         i += 1
     cfg = build_config(preset=preset, config_file=config_file, overrides=parse_override_args(rest))
+    preset = preset or (load_yaml(config_file).get("preset") if config_file else None)
+    # A training run only (bench measures these presets without weights to start from).
+    if preset in PRESETS_FROM_X2 and not cfg.init_from and cfg.resume in ("", "auto"):
+        raise UserError(f"preset {preset} fine-tunes a trained x2 model, as the paper does; pass --init-from with "
+                        "the x2 run's checkpoint, e.g. --init-from runs/paper_x2/checkpoints/best")
     if print_config:
         print(format_config(cfg, preset))
         raise SystemExit(0)
@@ -334,5 +386,8 @@ def check_batch_divides(batch_size: int, workers: int, flag: str = "") -> None:
     `flag` names the option that set the number of workers, when one did."""
     if batch_size % workers:
         of = f" of {flag} {workers}" if flag else ""
+        below, above = batch_size // workers * workers, (batch_size // workers + 1) * workers
+        nearest = f"{below} or {above}" if below else f"{above}"
         raise UserError(f"batch_size {batch_size} (global) does not divide by the {workers} workers{of}; pass "
-                        f"--batch-size as a multiple of {workers}, e.g. {max(1, round(batch_size / workers)) * workers}")
+                        f"--batch-size as a multiple of {workers}: the nearest are {nearest} (above 16, "
+                        "--scale-lr scales the learning rate with it)")

@@ -209,6 +209,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="how LR is made from a folder of HR PNGs (default bicubic-pil, as build-store)")
     p.add_argument("--res-scale", type=float, default=None,
                    help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
+    p.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (0 = all)")
     p.add_argument("--num-threads", type=int, default=0, metavar="N",
                    help="CPU threads (0 = torch's default)")
@@ -263,7 +264,7 @@ def main(argv: list[str]) -> int:
     results: list[dict] = []
     for candidate in candidates:
         try:
-            model, step, cfg = load_candidate(candidate, res_scale=args.res_scale)
+            model, step, cfg = load_candidate(candidate, res_scale=args.res_scale, raw=args.raw_weights)
         except UserError as exc:
             if len(candidates) == 1:
                 raise

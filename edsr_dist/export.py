@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
                         help="output format (default: from the --out suffix)")
     parser.add_argument("--names", choices=("reference", "basicsr"), default="reference",
                         help="parameter names: reference (= edsr-dist, the reference EDSR code) or basicsr")
+    parser.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
     onnx = parser.add_argument_group("ONNX")
     onnx.add_argument("--precision", choices=("fp32", "fp16"), default=None,
                       help="weights and activations inside the graph (the lr/sr interface is float32 either way)")
@@ -52,8 +53,8 @@ def main(argv: list[str]) -> int:
     if fmt == "onnx":
         path = export_command(args)
     elif fmt == "safetensors":
-        path = export_safetensors(args.checkpoint, out, names=args.names)
+        path = export_safetensors(args.checkpoint, out, names=args.names, raw=args.raw_weights)
     else:
-        path = export_torch(args.checkpoint, out, names=args.names)
+        path = export_torch(args.checkpoint, out, names=args.names, raw=args.raw_weights)
     print(f"wrote {path}")
     return 0

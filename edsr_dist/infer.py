@@ -107,14 +107,15 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
     return to_uint8(sr[0])
 
 
-def load_inference_model(path: str, res_scale: float | None = None) -> nn.Module:
-    """A run folder or .ckpt (config inside), or plain weights (.pt/.pth/.safetensors; shape read from them)."""
+def load_inference_model(path: str, res_scale: float | None = None, raw: bool = False) -> nn.Module:
+    """A run folder or .ckpt (config inside; its EMA weights unless raw), or plain weights (.pt/.pth/.safetensors;
+    shape read from them)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"--checkpoint {p} does not exist; pass a .ckpt file, a run folder or a weights file")
     p = follow_pointer(p)
     if p.is_dir() or is_checkpoint_file(p):
-        model, _ = checkpoint_model(p)
+        model, _ = checkpoint_model(p, raw=raw)
         return model
     model, arch = model_from_weights(p, res_scale=res_scale)
     print(f"weights {p}: x{arch['scale']}, {arch['num_blocks']} blocks, {arch['num_filters']} filters, "

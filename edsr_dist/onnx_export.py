@@ -221,7 +221,7 @@ def export_command(args) -> Path:
     make_parent_folder(args.out)  # an uncreatable --out folder is reported before the model is loaded
     sizes = parse_sizes(args.verify_sizes) if args.verify_sizes else VERIFY_SIZES
     image, image_name = verification_image(args.verify_image)
-    model = load_inference_model(args.checkpoint, res_scale=args.res_scale)
+    model = load_inference_model(args.checkpoint, res_scale=args.res_scale, raw=args.raw_weights)
     checks = export_onnx(model, args.out, image, precision=precision, opset=opset, sizes=sizes)
     print(f"verified with ONNX Runtime against PyTorch fp32 on {image_name} "
           f"(share of values within 1 grey level after rounding; max difference):")

@@ -35,7 +35,8 @@ class Upscaler:
 
 
 def pytorch_upscaler(checkpoint: str, device: str = "auto", precision: str = "fp32", res_scale: float | None = None,
-                     tile: int | None = None, pad: int | None = None, ensemble: bool = False) -> Upscaler:
+                     tile: int | None = None, pad: int | None = None, ensemble: bool = False,
+                     raw: bool = False) -> Upscaler:
     if importlib.util.find_spec("torch") is None:
         raise UserError("--backend pytorch needs PyTorch; install it (pip install -r requirements-cpu.txt), or "
                         "export the model to ONNX and pass --backend onnxruntime")
@@ -44,7 +45,7 @@ def pytorch_upscaler(checkpoint: str, device: str = "auto", precision: str = "fp
     from edsr_dist.precision import resolve_device_and_precision
 
     torch_device, precision = resolve_device_and_precision(device, precision)
-    model = load_inference_model(checkpoint, res_scale=res_scale).to(torch_device).eval()
+    model = load_inference_model(checkpoint, res_scale=res_scale, raw=raw).to(torch_device).eval()
 
     def run(lr: np.ndarray) -> np.ndarray:
         return super_resolve(model, lr, torch_device, tile=tile, pad=pad, ensemble=ensemble, precision=precision)
@@ -126,6 +127,7 @@ def main(argv: list[str]) -> int:
                              "precision is chosen at export")
     parser.add_argument("--res-scale", type=float, default=None,
                         help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
+    parser.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
     args = parser.parse_args(argv)
     if args.tile is not None and args.tile < 0:
         raise UserError(f"--tile must be >= 0, got {args.tile}")
@@ -144,7 +146,7 @@ def main(argv: list[str]) -> int:
     else:
         upscaler = pytorch_upscaler(args.checkpoint, device=args.device, precision=args.precision,
                                     res_scale=args.res_scale, tile=args.tile, pad=args.tile_pad,
-                                    ensemble=args.self_ensemble)
+                                    ensemble=args.self_ensemble, raw=args.raw_weights)
     out_dir = Path(args.out)
     targets: dict[Path, Path] = {}
     for src in files:

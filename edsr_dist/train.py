@@ -35,18 +35,24 @@ from edsr_dist.dist import npu
 from edsr_dist.dist.engine import describe_collective_failure
 from edsr_dist.dist.engine_factory import make_engine, resolve_engine_name
 from edsr_dist.dist.world import World, discover_world
+from edsr_dist.ema import WeightEMA
 from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, UserError
 from edsr_dist.infer import super_resolve
 from edsr_dist.metrics import bicubic_upscale
 from edsr_dist.model import build_model
 from edsr_dist.precision import LossScaler, autocast, resolve_device_and_precision
+from edsr_dist.schedules import PAPER_BATCH, base_lr, learning_rate
 from edsr_dist.step_timer import StepTimer
 from edsr_dist.run_folder import check_nothing_to_resume, claim_run_folder, recorded_result
+from edsr_dist.weights import load_matching
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
 # more room: the loss scaler legitimately overflows a few times while it finds its scale.
 MAX_BAD_STEPS = {"fp16": 30, "bf16": 5, "fp32": 5}
+# Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
+# every few steps: the README's `--epochs 300` on a small store once gave one step per epoch.
+MIN_STEPS_PER_EPOCH = 20
 
 
 class TrainingDiverged(Exception):
@@ -55,12 +61,6 @@ class TrainingDiverged(Exception):
 
 class Interrupted(Exception):
     """SIGTERM/SIGINT (preemption): stopped at a step boundary after writing a checkpoint."""
-
-
-def learning_rate(cfg: Config, step: int) -> float:
-    """Staircase decay: lr * decay_rate ** (step // decay_step). Derived from the step alone, so resuming
-    can never decay twice."""
-    return cfg.lr * cfg.decay_rate ** (step // cfg.decay_step)
 
 
 def set_threads(cfg: Config) -> int:
@@ -107,6 +107,10 @@ class Trainer:
                                     rank=self.world.rank, world_size=self.world.size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.schedule_steps = self.total_steps  # the schedule's horizon: not cut by max_steps, so a resume continues it
+        if self.is_main:
+            for warning in recipe_warnings(cfg, self.steps_per_epoch, self.store):
+                print(f"edsr-dist train: warning: {warning}", file=sys.stderr, flush=True)
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
@@ -116,11 +120,14 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                           eps=cfg.epsilon)
         self.scaler = LossScaler(enabled=self.precision == "fp16")
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
         self.best_psnr: float | None = None
         self.resumed_from = self._resume()
+        # --init-from applies to a fresh start only: with --resume auto the same command line continues the run.
+        self.initialized_from = None if self.resumed_from else self._init_from()
         # After resume: Horovod's optimizer wrapper broadcasts the loaded state from rank 0.
         self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer)
         self.metrics_file = None
@@ -134,8 +141,9 @@ class Trainer:
     # ---- state ----------------------------------------------------------------------------------------------
 
     def _stateful(self) -> dict:
-        """The parts with their own state_dict/load_state_dict; a new one (an EMA of the weights) is one more entry."""
-        return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler}
+        """The parts with their own state_dict/load_state_dict."""
+        parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler}
+        return {**parts, "ema": self.ema} if self.ema is not None else parts
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly; what `save` writes and `_resume` reads."""
@@ -150,6 +158,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         for name, part in self._stateful().items():
+            if name == "ema" and name not in state:  # EMA switched on when resuming: it starts from the weights
+                part.reset(self.model)
+                continue
             part.load_state_dict(state[name])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.best_psnr = state.get("best_psnr")
@@ -199,6 +210,20 @@ class Trainer:
         if self.is_main:
             self._drop_metrics_after(self.step)
         return str(path)
+
+    def _init_from(self) -> str | None:
+        """Fresh optimizer, schedule and step count; weights whose name and shape match come from the file."""
+        if not self.cfg.init_from:
+            return None
+        loaded, left, skipped = load_matching(self.model, self.cfg.init_from)
+        if self.ema is not None:
+            self.ema.reset(self.model)
+        if self.is_main:
+            unused = f"; not loaded from the file: {', '.join(skipped)}" if skipped else ""
+            print(f"init from {self.cfg.init_from}: loaded {len(loaded)} of {len(loaded) + len(left)} tensors "
+                  f"({', '.join(module_groups(loaded))}); left at their initial values: {', '.join(left) or 'none'}"
+                  f"{unused}", flush=True)
+        return self.cfg.init_from
 
     def _drop_metrics_after(self, step: int) -> None:
         """A killed run logged steps past its last checkpoint; the resumed run logs them again."""
@@ -253,7 +278,7 @@ class Trainer:
     def _log_window(self, window: LossMeter) -> None:
         mean = window.sum.item() / window.steps
         rate = window.steps * self.cfg.batch_size / max(time.perf_counter() - window.start, 1e-9)
-        lr = learning_rate(self.cfg, self.step - 1)
+        lr = learning_rate(self.cfg, self.step - 1, self.schedule_steps)
         self.log(f"Step nr: [{self.step}/{self.total_steps}] - Loss: {mean:.5f} - Lr: {lr:.3e}")
         self.record(type="step", step=self.step, epoch=self.epoch + 1, loss=mean, lr=lr, images_per_s=rate,
                     loss_scale=self.scaler.scale)
@@ -281,7 +306,7 @@ class Trainer:
         timer = self.timer
         timer.begin_step()
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.cfg, self.step)
+            group["lr"] = learning_rate(self.cfg, self.step, self.schedule_steps)
         with timer.phase("to_device"):
             lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
         npu.clear_overflow_flag(self.device)
@@ -292,6 +317,11 @@ class Trainer:
         with timer.phase("finish_gradients"):
             self.engine.finish_gradients(self.optimizer)
         bad = self.scaler.unscale_(self.model.parameters()) if self.scaler.enabled else (~torch.isfinite(loss.detach())).float()
+        if self.cfg.grad_clip_norm:
+            # The gradients are the all-reduced (and unscaled) ones, identical on every rank, so is their norm.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            bad = torch.maximum(bad.reshape(()), (~torch.isfinite(grad_norm)).float().to(bad.device))
         # One small all-reduce carries both the overflow flag and a pending stop request, so all ranks
         # skip the same steps and stop at the same step boundary.
         flags = torch.stack([bad.reshape(()), torch.tensor(float(self._stop_requested), device=bad.device)])
@@ -301,7 +331,11 @@ class Trainer:
         skipped = flags[0] > 0
         if not skipped:
             with timer.phase("optimizer"):
+                if self.cfg.grad_clip_norm:
+                    torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip_norm, grad_norm)
                 self.engine.step(self.optimizer)
+                if self.ema is not None:
+                    self.ema.update(self.model)
         self.scaler.update(skipped)
         self.optimizer.zero_grad(set_to_none=True)
         # Never act on the local flag directly: a signal landing between this all-reduce and the loop's check
@@ -316,10 +350,11 @@ class Trainer:
     def validate(self, write_samples: bool = False) -> dict:
         """Each rank takes every world-size-th image; sums are reduced so rank 0 reports the whole set."""
         source = validation_source(self.cfg, self.store)  # the store's images, or cfg.val_benchmark's
+        network = self.ema.model if self.ema is not None else self.model  # what eval, sr and export will use
 
         def score_one(index: int) -> dict:
             name, lr, hr = source.load(index)
-            sr = super_resolve(self.model, lr, self.device, tile=self.cfg.val_tile or None,
+            sr = super_resolve(network, lr, self.device, tile=self.cfg.val_tile or None,
                                precision=self.precision)
             if write_samples:
                 self._write_sample(name, bicubic_upscale(lr, hr.shape), sr, hr)
@@ -490,13 +525,23 @@ class Trainer:
     def _banner(self) -> str:
         w = self.world
         where = f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "fresh start"
+        if self.initialized_from:
+            where += f" from the weights of {self.initialized_from}"
+        elif self.resumed_from and self.cfg.init_from:
+            where += f" (--init-from {self.cfg.init_from} applies to a fresh start only)"
+        recipe = f"lr {self.cfg.lr_schedule}, peak {base_lr(self.cfg):.3e}" + (
+            f" after {self.cfg.warmup_steps} warm-up steps" if self.cfg.warmup_steps else "")
+        if self.ema is not None:
+            recipe += f", EMA {self.cfg.ema_decay}"
+        if self.cfg.grad_clip_norm:
+            recipe += f", grad clip {self.cfg.grad_clip_norm}"
         layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
         if self.device.type == "npu" and self.cfg.channels_last:
             layout += " (NPU tensors are contiguous only; channels_last ignored)"
         return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
                 f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
                 f"{self.precision}, {layout}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
-                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps; {where}")
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {recipe}; {where}")
 
     def close(self, clean: bool = True) -> None:
         if self.metrics_file is not None:
@@ -505,6 +550,34 @@ class Trainer:
             self.tb.close()
         self.store.close()
         self.engine.shutdown(clean)
+
+
+def module_groups(names: list[str]) -> list[str]:
+    """Parameter names -> the top-level parts they belong to, in order: head, body, tail.0.0, tail.1 ..."""
+    groups: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        group = ".".join(parts[:-1]) if parts[0] == "tail" else parts[0]
+        if group not in groups:
+            groups.append(group)
+    return groups
+
+
+def recipe_warnings(cfg: Config, steps_per_epoch: int, store: PatchStore) -> list[str]:
+    """Settings that run but probably not as meant, each with the flag that fixes it."""
+    warnings = []
+    if not cfg.steps_per_epoch and steps_per_epoch < MIN_STEPS_PER_EPOCH:
+        warnings.append(f"an epoch is only {steps_per_epoch} step(s) ({store.num_train_tiles} tiles / batch "
+                        f"{cfg.batch_size}), so validation and checkpoints come every few steps; pass "
+                        f"--steps-per-epoch (the paper's code uses 1000) and fewer --epochs")
+    if cfg.patch_size * store.scale == store.tile_size:
+        warnings.append(f"crops have no freedom: patch_size {cfg.patch_size} x scale {store.scale} = the store's "
+                        f"{store.tile_size}px tiles, so every crop is a whole tile; build the store with a larger "
+                        f"--tile-size (build-store) or pass a smaller --patch-size")
+    if cfg.scale_lr and cfg.batch_size > PAPER_BATCH and not cfg.warmup_steps:
+        warnings.append(f"--scale-lr raises lr to {cfg.lr * cfg.batch_size / PAPER_BATCH:.2e} from the first step; "
+                        "linear scaling needs a warm-up: pass --warmup-steps (e.g. 5 epochs' worth)")
+    return warnings
 
 
 def result_line(report: dict) -> str:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edsr_dist.atomic import atomic_path, make_parent_folder
-from edsr_dist.checkpoint import find_checkpoint, is_checkpoint_file, load_checkpoint
+from edsr_dist.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file, load_checkpoint
 from edsr_dist.config import config_from_dict
 from edsr_dist.errors import UserError
 from edsr_dist.model import DIV2K_RGB_MEAN, EDSR, RGB_RANGE, bare_model, build_model
@@ -155,14 +155,24 @@ def infer_architecture(sd: dict) -> dict:
     return {"scale": scale, "num_blocks": num_blocks, "num_filters": num_filters}
 
 
-def read_weights_file(path: str | Path) -> tuple[dict, dict]:
-    """(raw state dict, metadata) from .safetensors, .pt/.pth or our .ckpt; pickles are read weights-only."""
-    path = Path(path)
+def checkpoint_weights(state: dict, raw: bool = False) -> dict:
+    """The weights of a training checkpoint: the EMA of the weights when the run kept one (what validation scored),
+    the raw weights with raw=True or when there is no EMA."""
+    ema = state.get("ema")
+    if not raw and isinstance(ema, dict) and isinstance(ema.get("weights"), dict):
+        return ema["weights"]
+    return state.get("model", {})
+
+
+def read_weights_file(path: str | Path, raw: bool = False) -> tuple[dict, dict]:
+    """(raw state dict, metadata) from .safetensors, .pt/.pth or our .ckpt (its EMA weights unless raw); pickles
+    are read weights-only."""
+    path = follow_pointer(Path(path))
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass an existing .pt, .pth, .safetensors or .ckpt file")
     if is_checkpoint_file(path):
         state = load_checkpoint(path)
-        return state.get("model", {}), {k: str(v) for k, v in state.get("config", {}).items()}
+        return checkpoint_weights(state, raw), {k: str(v) for k, v in state.get("config", {}).items()}
     if path.suffix == ".safetensors":
         try:
             from safetensors import safe_open
@@ -201,6 +211,29 @@ def _load_converted(model: nn.Module, sd: dict, source: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
+def load_matching(model: nn.Module, path: str | Path) -> tuple[list[str], list[str], list[str]]:
+    """Initialise `model` from a weights file or checkpoint (EMA weights preferred, any supported naming): every
+    tensor whose name and shape match is copied, the rest keep their initial values.
+
+    Returns (loaded, left at init, in the file but not loaded: "name (file shape vs model shape)").
+    Refuses when nothing but the upsampler and output conv would load: that is not the same network.
+    """
+    sd, _ = read_weights_file(path)
+    sd = convert_state_dict(sd)
+    target = bare_model(model)
+    expected = target.state_dict()
+    loaded = [k for k, v in expected.items() if k in sd and tuple(sd[k].shape) == tuple(v.shape)]
+    left = [k for k in expected if k not in loaded]
+    skipped = [f"{k} ({'x'.join(map(str, v.shape))} vs {'x'.join(map(str, expected[k].shape))})"
+               if k in expected else k for k, v in sd.items() if k not in loaded]
+    fixed = ("sub_mean.", "add_mean.")  # the mean shift is not learned; every EDSR file "matches" there
+    if not [k for k in loaded if not k.startswith(("tail.", *fixed))]:
+        raise UserError(f"--init-from {path}: nothing but the upsampler would load (head and body differ from this "
+                        f"model's); check --num-filters and --num-blocks against the file, or drop --init-from")
+    target.load_state_dict({k: sd[k] for k in loaded}, strict=False)
+    return loaded, left, skipped
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """Load .pt/.pth/.safetensors/.ckpt weights in any supported naming into `model`, strictly."""
     sd, _ = read_weights_file(path)
@@ -225,8 +258,9 @@ def model_from_weights(path: str | Path, res_scale: float | None = None) -> tupl
     return model.eval(), arch
 
 
-def checkpoint_model(path: str | Path):
-    """(EDSR with the saved weights, its Config) from a checkpoint file or a run folder; model on CPU, eval mode."""
+def checkpoint_model(path: str | Path, raw: bool = False):
+    """(EDSR with the saved weights, its Config) from a checkpoint file or a run folder; model on CPU, eval mode.
+    The EMA of the weights when the run kept one, the raw weights with raw=True."""
     found = find_checkpoint(path)
     if found is None:
         raise UserError(f"no valid checkpoint in {path}; pass a .ckpt file or a run folder that has checkpoints/")
@@ -236,7 +270,7 @@ def checkpoint_model(path: str | Path):
                         "pass a checkpoint written by `edsr-dist train`")
     cfg = config_from_dict(state["config"])
     model = build_model(cfg)
-    model.load_state_dict(convert_state_dict(state["model"], num_blocks=cfg.num_blocks), strict=True)
+    model.load_state_dict(convert_state_dict(checkpoint_weights(state, raw), num_blocks=cfg.num_blocks), strict=True)
     return model.eval(), cfg
 
 
@@ -245,29 +279,30 @@ def _architecture_of(model: EDSR) -> dict:
             "res_scale": model.body[0].res_scale if len(model.body) > 1 else 1.0}
 
 
-def _resolve_source(model_or_checkpoint) -> tuple[dict, dict]:
+def _resolve_source(model_or_checkpoint, raw: bool = False) -> tuple[dict, dict]:
     if isinstance(model_or_checkpoint, nn.Module):
         model = bare_model(model_or_checkpoint)
         meta = _architecture_of(model) if isinstance(model, EDSR) else {}
         return model.state_dict(), meta
-    model, cfg = checkpoint_model(model_or_checkpoint)
+    model, cfg = checkpoint_model(model_or_checkpoint, raw=raw)
     meta = _architecture_of(model)
     meta["res_scale"] = cfg.res_scale
     return model.state_dict(), meta
 
 
-def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "reference") -> Path:
+def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "reference", raw: bool = False) -> Path:
     """Write the model weights (a model, or a checkpoint file/run folder) as safetensors; atomic.
 
     names="reference" (ours, loads into the reference EDSR code) or "basicsr".
-    The architecture (scale, num_blocks, num_filters, res_scale) goes into the file's metadata.
+    The architecture (scale, num_blocks, num_filters, res_scale) goes into the file's metadata. A checkpoint gives
+    its EMA weights when it has them (raw=True: the raw weights).
     """
     try:
         from safetensors.torch import save_file
     except ImportError:
         raise UserError("exporting to safetensors needs the safetensors package; "
                         "pip install 'edsr-dist[export]'") from None
-    sd, meta = _resolve_source(model_or_checkpoint)
+    sd, meta = _resolve_source(model_or_checkpoint, raw)
     sd = to_basicsr_state_dict(sd) if names == "basicsr" else sd
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     out_path = Path(out_path)
@@ -286,9 +321,10 @@ def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "
     return out_path
 
 
-def export_torch(model_or_checkpoint, out_path: str | Path, names: str = "reference") -> Path:
-    """Plain torch.save of the state dict (.pt/.pth); BasicSR names are wrapped as {"params": ...}."""
-    sd, _ = _resolve_source(model_or_checkpoint)
+def export_torch(model_or_checkpoint, out_path: str | Path, names: str = "reference", raw: bool = False) -> Path:
+    """Plain torch.save of the state dict (.pt/.pth); BasicSR names are wrapped as {"params": ...}. A checkpoint
+    gives its EMA weights when it has them (raw=True: the raw weights)."""
+    sd, _ = _resolve_source(model_or_checkpoint, raw)
     sd = {k: v.detach().cpu() for k, v in sd.items()}
     obj = {"params": to_basicsr_state_dict(sd)} if names == "basicsr" else sd
     out_path = Path(out_path)

@@ -4,7 +4,6 @@ import pytest
 from edsr_dist.config import PROTOCOL_NAMES, Config, build_config, parse_override_args, parse_train_args
 from edsr_dist.errors import UserError
 from edsr_dist.protocols import PROTOCOLS
-from edsr_dist.train import learning_rate
 
 
 def test_defaults_are_the_old_tensorflow_scripts():
@@ -21,15 +20,6 @@ def test_presets_and_overrides_in_order(tmp_path):
     yaml_file.write_text("preset: baseline\nepochs: 7\nlr: 2.0e-4\n")
     cfg = parse_train_args(["--config", str(yaml_file), "--epochs", "3", "--patch-size=24", "--channels-last", "false"])
     assert (cfg.num_blocks, cfg.epochs, cfg.lr, cfg.patch_size, cfg.channels_last) == (16, 3, 2e-4, 24, False)
-
-
-def test_paper_schedule_halves_every_200k_steps():
-    cfg = build_config(preset="paper")
-    assert learning_rate(cfg, 199_999) == pytest.approx(1e-4)
-    assert learning_rate(cfg, 200_000) == pytest.approx(5e-5)
-    cfg = Config()
-    assert learning_rate(cfg, 499) == pytest.approx(1e-4)
-    assert learning_rate(cfg, 1000) == pytest.approx(1e-4 * 0.81)
 
 
 @pytest.mark.parametrize("args,fragment", [

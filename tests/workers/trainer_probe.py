@@ -5,9 +5,13 @@ Modes:
   overflow  fp16 with loss scaling; rank 1 gets an inf gradient at step 3 (after the all-reduce),
             so only that rank sees it locally: all ranks must still skip that step together.
   validate  validation only, on the seed's initial weights.
+  clip      a run with --grad-clip-norm and --ema-decay (rank 1 gets the same inf gradient at step 3): each
+            step's gradient norm before and after clipping, the skipped steps, the number of EMA updates, and
+            digests of the final weights and of their EMA.
 """
 
 import contextlib
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -28,10 +32,19 @@ class OverflowProbe(StepTimer):
     def __init__(self):
         self.trainer = None
         self.local_flags, self.skipped, self.scales = [], [], []
+        self.norms_before, self.norms_after = [], []
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).item()
 
     @contextlib.contextmanager
     def phase(self, name):
+        if name == "optimizer":  # clipping and the step happen inside this phase
+            self.norms_before.append(self._grad_norm())
         yield
+        if name == "optimizer":
+            self.norms_after.append(self._grad_norm())
         if name != "finish_gradients":
             return
         trainer = self.trainer
@@ -46,6 +59,13 @@ class OverflowProbe(StepTimer):
         self.scales.append(self.trainer.scaler.scale)
 
 
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def main() -> None:
     mode, out, *train_args = sys.argv[1:]
     cfg = parse_train_args(train_args + ["--out", out])
@@ -58,6 +78,12 @@ def main() -> None:
         trainer.fit()
         observed.update(skipped=probe.skipped, scales=probe.scales, local_flags=probe.local_flags,
                         params=[p.detach().double().sum().item() for p in trainer.model.parameters()])
+    elif mode == "clip":
+        trainer.fit()
+        observed.update(norms_before=probe.norms_before, norms_after=probe.norms_after, skipped=probe.skipped,
+                        ema_updates=trainer.ema.updates,
+                        weights=digest(trainer.model.state_dict().values()),
+                        ema=digest(trainer.ema.model.state_dict().values()))
     elif mode == "validate":
         observed.update(trainer.validate())
     trainer.close()
