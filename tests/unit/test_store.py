@@ -13,7 +13,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 
 from edsr_dist.cli import main as cli_main
 from edsr_dist.data.build_store import main as build_main
@@ -21,42 +20,10 @@ from edsr_dist.data.resize import matlab_style_bicubic_downscale, pil_bicubic_do
 from edsr_dist.data.sample import SAMPLE_SCENES, build_sample_store, sample_split
 from edsr_dist.data.store import PatchStore, crc32_of, store_info, verify_store
 from edsr_dist.errors import UserError
+from helpers import make_hr_folder, make_official_lr, smooth_image, write_png
 
 TILE = 24  # divisible by 2, 3 and 4
 SCALES = (2, 3, 4)
-
-
-def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A random but smooth-ish image (bicubic of noise), so resampling is exercised on realistic content."""
-    small = rng.integers(0, 256, (max(2, height // 4), max(2, width // 4), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC))
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-
-
-def make_hr_folder(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = {}
-    for number, (height, width) in enumerate(sizes, start=1):
-        stem = f"{number:04d}"
-        images[stem] = smooth_image(rng, height, width)
-        write_png(folder / f"{stem}.png", images[stem])
-    return images
-
-
-def make_official_lr(folder: Path, hr: dict[str, np.ndarray], seed: int = 1) -> dict[tuple[str, int], np.ndarray]:
-    """DIV2K layout X{s}/<stem>x{s}.png with arbitrary content (proves the files are used, not regenerated)."""
-    rng = np.random.default_rng(seed)
-    lrs = {}
-    for stem, image in hr.items():
-        for scale in SCALES:
-            lr = rng.integers(0, 256, (image.shape[0] // scale, image.shape[1] // scale, 3), dtype=np.uint8)
-            write_png(folder / f"X{scale}" / f"{stem}x{scale}.png", lr)
-            lrs[stem, scale] = lr
-    return lrs
 
 
 def expected_tiles(image: np.ndarray, side: int, multiple: int = 1) -> list[np.ndarray]:
@@ -129,9 +96,9 @@ def test_generated_bicubic_round_trip(tmp_path: Path) -> None:
 
 def test_official_lr_round_trip(tmp_path: Path) -> None:
     hr = make_hr_folder(tmp_path / "hr", TRAIN_SIZES)
-    lrs = make_official_lr(tmp_path / "lr", hr)
+    lrs = make_official_lr(tmp_path / "lr", hr, SCALES)
     valid_hr = make_hr_folder(tmp_path / "vhr", [(50, 39)], seed=5)
-    valid_lr = make_official_lr(tmp_path / "vlr", valid_hr, seed=6)
+    valid_lr = make_official_lr(tmp_path / "vlr", valid_hr, SCALES, seed=6)
     out = tmp_path / "official.h5"
     assert build("--hr-dir", str(tmp_path / "hr"), "--lr-dir", str(tmp_path / "lr"), "--scales", "2,3,4",
                  "--tile-size", str(TILE), "--out", str(out), "--valid-hr-dir", str(tmp_path / "vhr"),
@@ -330,7 +297,7 @@ def test_builder_bad_input(tmp_path: Path) -> None:
         with pytest.raises(UserError, match=message):
             build(*args)
 
-    lrs = make_official_lr(tmp_path / "lr", hr)
+    lrs = make_official_lr(tmp_path / "lr", hr, SCALES)
     missing = tmp_path / "lr" / "X3" / "0002x3.png"
     missing.unlink()
     with pytest.raises(UserError, match="0002x3.png for HR 0002.png is missing"):
