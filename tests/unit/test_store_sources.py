@@ -135,3 +135,80 @@ def test_too_small_images_are_named_and_left_out(tmp_path: Path, capsys: pytest.
     info = store_info(str(out))
     assert info["sources"][0]["skipped_small"] == ["0002 (60x20)", "0003 (23x60)"]
     assert info["num_train_images"] == 2 and info["num_train_tiles"] == 4 + 1  # 48x48: 2x2; 30x30 -> 24x24: 1
+
+
+def traced_peak(action) -> int:
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_building_and_verifying_keep_memory_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Images are decoded one at a time as the build reaches them, so the peak does not grow with their number.
+    image = smooth_image(np.random.default_rng(5), 240, 360)
+
+    def build_from(count: int) -> Path:
+        sources = [SourceImage(f"i{k}", image.shape[:2], lambda: image.copy()) for k in range(count)]
+        out = tmp_path / f"n{count}.h5"
+        write_store(str(out), [SourceFolder("train", "synthetic", sources)], SCALES, 48, "bicubic-pil", "test")
+        return out
+
+    few = traced_peak(lambda: build_from(2))
+    many_store: list[Path] = []
+    many = traced_peak(lambda: many_store.append(build_from(12)))
+    one_image = image.nbytes
+    assert many < few + one_image, (few, many)  # 10 more images cost less than one more image
+    # --verify reads the tiles in blocks: with 256 KiB blocks it never holds a fifth of this 4.7 MiB store.
+    size = many_store[0].stat().st_size
+    assert size > 4 << 20
+    whole = traced_peak(lambda: verify_store(str(many_store[0])))  # the default 64 MiB block: all of it at once
+    monkeypatch.setattr(store_module, "VERIFY_BLOCK_BYTES", 1 << 18)
+    blocks = traced_peak(lambda: verify_store(str(many_store[0])))
+    assert blocks < size / 5 < whole, (blocks, size, whole)
+
+
+def test_jpeg_and_other_formats_as_training_and_evaluation_data(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = {}
+    for stem, suffix in (("a", ".jpg"), ("b", ".JPEG"), ("c", ".bmp"), ("d", ".tiff"), ("e", ".webp"), ("f", ".png")):
+        images[stem] = smooth_image(rng, 48, 72)
+        options = {"lossless": True} if suffix == ".webp" else {}
+        Image.fromarray(images[stem]).save(folder / f"{stem}{suffix}", **options)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "Thumbs.db").write_bytes(b"\0" * 10)
+    out = tmp_path / "photos.h5"
+    assert build("--hr-dir", str(folder), "--tile-size", str(TILE), "--valid-count", "1", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert f"note: {folder}: skipped 2 file(s) that are not images (Thumbs.db, notes.txt)" in printed
+    assert f"note: {folder}: 2 of 6 images are JPEG (lossy); their compression artefacts become part of the " \
+           "ground truth" in printed
+    store = PatchStore(str(out), 2)
+    assert store.num_train_images == 5 and store.valid_names == ["f"]
+    # Lossless formats arrive bit for bit: the first tile of the BMP image (third in name order) is its corner.
+    _, hr_tile = store.read_train(int(store.train_first_tile[2]))
+    np.testing.assert_array_equal(hr_tile, images["c"][:TILE, :TILE])
+    # Folder evaluation reads the same formats (names in sorted order, JPEG decoded by Pillow).
+    names = [name for name, _, _ in folder_images(folder, 2)]
+    assert names == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_a_store_without_validation_images_is_refused_for_training(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    make_hr_folder(tmp_path / "hr", [(48, 48)])
+    out = tmp_path / "novalid.h5"
+    assert build("--hr-dir", str(tmp_path / "hr"), "--tile-size", str(TILE), "--out", str(out)) == 0
+    assert "note: no validation images in this store; `edsr-dist train` refuses it" in capsys.readouterr().out
+    store = PatchStore(str(out), 2)
+    with pytest.raises(UserError, match=r"has no validation images, so training would have nothing to report; "
+                                        r"rebuild it with --valid-count K or --valid-hr-dir DIR, or pass "
+                                        r"--val-benchmark"):
+        validation_source(Config(), store)
+    benchmark = tmp_path / "Set1"
+    make_hr_folder(benchmark, [(48, 48)], seed=3)
+    assert validation_source(Config(val_benchmark=str(benchmark)), store).count == 1  # validates on that set
