@@ -180,7 +180,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="edsr-dist eval",
         description="Evaluate checkpoints (PSNR-Y, SSIM-Y, PSNR-RGB with the scale shaved off, as in the EDSR paper) "
-                    "on a patch store's validation images or a folder of HR PNGs (--data; prints a table, writes CSV "
+                    "on a patch store's validation images or a folder of HR images (--data; prints a table, writes CSV "
                     "and JSON), or several models on the standard benchmark sets under a named protocol "
                     "(--benchmarks; one paper-style table, optional JSON).")
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR_OR_FILE",
@@ -188,7 +188,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "or weights file (.pt/.pth/.safetensors, reference or BasicSR names); with --benchmarks: "
                         "any number of them (a run folder means its newest valid checkpoint), each at its own scale")
     p.add_argument("--data", metavar="STORE_OR_FOLDER",
-                   help="patch store (.h5; its validation images at the model's scale) or a folder of HR PNGs "
+                   help="patch store (.h5; its validation images at the model's scale) or a folder of HR images "
                         "(LR made by bicubic downscaling after cropping to a multiple of the scale)")
     p.add_argument("--benchmarks", metavar="ROOT",
                    help="folder of benchmark sets (Set5/, Set14/, B100/, Urban100/, Manga109/, DIV2K/ in the "
@@ -211,7 +211,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype of the network (default fp32; auto: as training would choose; metrics are "
                         "always float64)")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="bicubic-pil",
-                   help="how LR is made from a folder of HR PNGs (default bicubic-pil, as build-store)")
+                   help="how LR is made from a folder of HR images (default bicubic-pil, as build-store)")
     p.add_argument("--res-scale", type=float, default=None,
                    help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (0 = all)")
