@@ -18,6 +18,7 @@ from edsr_dist.config import Config
 from edsr_dist.data.build_store import main as build_main
 from edsr_dist.data.builder import SourceFolder, SourceImage, write_store
 from edsr_dist.data.resize import pil_bicubic_downscale
+from edsr_dist.data.sample import default_sample_store_path, ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore, store_info, verify_store
 from edsr_dist.errors import UserError
@@ -212,3 +213,26 @@ def test_a_store_without_validation_images_is_refused_for_training(tmp_path: Pat
     benchmark = tmp_path / "Set1"
     make_hr_folder(benchmark, [(48, 48)], seed=3)
     assert validation_source(Config(val_benchmark=str(benchmark)), store).count == 1  # validates on that set
+
+
+def test_cached_sample_store_of_another_format_is_rebuilt(tmp_path: Path, sample_store: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDSR_DIST_CACHE", str(tmp_path))
+    path = Path(default_sample_store_path())
+    assert path.parent == tmp_path and f"_v{store_module.FORMAT_VERSION}_" in path.name  # a new version, a new file
+    path.write_bytes(sample_store.read_bytes())
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 1  # as if an older edsr-dist had cached it under this name
+    assert ensure_sample_store() == str(path)
+    assert store_info(str(path))["attrs"]["format_version"] == store_module.FORMAT_VERSION
+
+
+def test_progress_bar_shows_images_and_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = smooth_image(np.random.default_rng(2), 48, 72)
+    sources = [SourceImage(f"i{k}", image.shape[:2], lambda: image) for k in range(3)]
+    write_store(str(tmp_path / "p.h5"), [SourceFolder("train", "synthetic", sources[:2]),
+                                         SourceFolder("valid", "synthetic", sources[2:])],
+                (2,), TILE, "bicubic-pil", "test", progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    # 2 x 6 tiles of 24x24 HR + 12x12 LR (25,920 bytes) and one whole 48x72 image with its LR (12,960): 38 KiB.
+    assert "build-store: 100%" in bar and "38.0k/38.0k" in bar and "3/3 images" in bar, bar
