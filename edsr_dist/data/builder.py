@@ -60,7 +60,7 @@ class SourceImage:
     name: str
     size: tuple[int, int]
     load_hr: Callable[[], np.ndarray]
-    lr_files: dict[int, Path] | None = None  # scale -> official LR PNG; None means generate
+    lr_files: dict[int, Path] | None = None  # scale -> official LR file; None means generate
 
     def load_lr(self, scale: int, hr: np.ndarray, method: str) -> np.ndarray:
         if self.lr_files is None:
@@ -356,7 +356,7 @@ def _loaded_hr(img: SourceImage) -> np.ndarray:
     hr = img.load_hr()
     if hr.dtype != np.uint8 or hr.ndim != 3 or hr.shape[2] != 3:
         raise UserError(
-            f"image {img.name} decoded to {hr.dtype}{hr.shape}, expected uint8 RGB; convert it to 8-bit RGB PNG"
+            f"image {img.name} decoded to {hr.dtype}{hr.shape}, expected uint8 RGB; convert it to 8-bit RGB"
         )
     if tuple(hr.shape[:2]) != tuple(img.size):
         raise UserError(f"image {img.name} changed size while building ({hr.shape[:2]} vs {img.size}); rerun the build")
