@@ -107,7 +107,7 @@ def load_pair(hr_path: Path, lr_path: Path | None, scale: int) -> tuple[np.ndarr
     return load_image_rgb(lr_path), hr
 
 
-def _pngs(folder: Path) -> tuple[Path, ...]:
+def _images(folder: Path) -> tuple[Path, ...]:
     """The images of a folder, any format edsr_dist/data/images.py reads (the published sets are PNG)."""
     return tuple(list_images(folder)[0])
 
@@ -119,13 +119,13 @@ def open_set(folder: Path) -> BenchmarkSet | None:
     hr_folders = [p for p in folder.iterdir() if p.is_dir() and (p.name == "HR" or p.name.endswith("_HR"))]
     # A DIV2K folder may hold DIV2K_train_HR too: the validation images are the benchmark.
     for sub in sorted(hr_folders, key=lambda p: ("valid" not in p.name.lower(), p.name)):
-        files = _pngs(sub)
+        files = _images(sub)
         if files:
             return BenchmarkSet(folder.name, folder, "edsr-pytorch", sub, files)
     gt = folder / "GTmod12"
-    if gt.is_dir() and _pngs(gt):
-        return BenchmarkSet(folder.name, folder, "basicsr", gt, _pngs(gt))
-    files = _pngs(folder)
+    if gt.is_dir() and _images(gt):
+        return BenchmarkSet(folder.name, folder, "basicsr", gt, _images(gt))
+    files = _images(folder)
     if files:
         return BenchmarkSet(folder.name, folder, "hr-folder", folder, files)
     return None
