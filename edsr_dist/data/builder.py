@@ -203,7 +203,7 @@ def write_store(
     check_tile_size(tile_size, scales)
     check_output_file(out)
     multiple = math.lcm(*scales)
-    train: list[tuple[int, SourceImage, list[int], list[int]]] = []  # (folder, image, tile rows, tile columns)
+    train: list[tuple[int, SourceImage, list[int], list[int]]] = []  # (folder, image, tile y origins, x origins)
     valid: list[tuple[int, SourceImage]] = []
     records: list[dict[str, object]] = []
     for number, folder in enumerate(folders):
