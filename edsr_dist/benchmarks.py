@@ -26,9 +26,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
-from edsr_dist.data.builder import load_png_rgb
+from edsr_dist.data.images import find_image, image_size, list_images, load_image_rgb
 from edsr_dist.data.resize import matlab_style_bicubic_downscale, matlab_style_bicubic_upscale, modcrop
 from edsr_dist.errors import UserError
 from edsr_dist.metrics import score_sr
@@ -64,8 +63,8 @@ class BenchmarkSet:
         folder = self.lr_folder(scale)
         if folder is None:
             return None
-        name = f"{hr_path.stem}x{scale}.png" if self.layout == "edsr-pytorch" else hr_path.name
-        return folder / name
+        stem = f"{hr_path.stem}x{scale}" if self.layout == "edsr-pytorch" else hr_path.stem
+        return find_image(folder, stem) or folder / f"{stem}.png"  # a missing file: _check_lr_size says so
 
     def lr_source(self, scale: int) -> str:
         folder = self.lr_folder(scale)
@@ -77,7 +76,7 @@ class BenchmarkSet:
         for hr_path in self.hr_files:
             lr_path = self.lr_path(hr_path, scale)
             if lr_path is not None:
-                _check_lr_size(lr_path, hr_path, _image_size(hr_path), scale)
+                _check_lr_size(lr_path, hr_path, image_size(hr_path), scale)
 
     def load(self, index: int, scale: int) -> tuple[str, np.ndarray, np.ndarray]:
         """(name, LR, HR) of image `index`, uint8 HWC RGB, HR modcropped."""
@@ -85,21 +84,12 @@ class BenchmarkSet:
         return hr_path.stem, *load_pair(hr_path, self.lr_path(hr_path, scale), scale)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the file's header."""
-    try:
-        with Image.open(path) as image:
-            return image.size[1], image.size[0]
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path} ({exc}); replace or remove the file") from None
-
-
 def _check_lr_size(lr_path: Path, hr_path: Path, hr_size: tuple[int, int], scale: int) -> None:
     if not lr_path.is_file():
         raise UserError(f"LR image {lr_path} for {hr_path} is missing; add it, or remove the LR folder to make LR "
                         "from HR with MATLAB-style bicubic")
     want = (hr_size[0] // scale, hr_size[1] // scale)
-    size = _image_size(lr_path)
+    size = image_size(lr_path)
     if size != want:
         raise UserError(f"LR image {lr_path} is {size[1]}x{size[0]} but its HR {hr_path.name} needs "
                         f"{want[1]}x{want[0]} at x{scale}; replace it with the HR image downscaled by {scale}")
@@ -107,18 +97,19 @@ def _check_lr_size(lr_path: Path, hr_path: Path, hr_size: tuple[int, int], scale
 
 def load_pair(hr_path: Path, lr_path: Path | None, scale: int) -> tuple[np.ndarray, np.ndarray]:
     """(LR, HR): HR modcropped to `scale`; LR read from `lr_path` (size checked) or made by MATLAB-style bicubic."""
-    hr = np.ascontiguousarray(modcrop(load_png_rgb(hr_path), scale))
+    hr = np.ascontiguousarray(modcrop(load_image_rgb(hr_path), scale))
     if min(hr.shape[:2]) // scale < 4:
         raise UserError(f"HR image {hr_path} is {hr.shape[1]}x{hr.shape[0]}, too small to evaluate at x{scale}; "
                         "remove it from the set")
     if lr_path is None:
         return matlab_style_bicubic_downscale(hr, scale), hr
     _check_lr_size(lr_path, hr_path, hr.shape[:2], scale)
-    return load_png_rgb(lr_path), hr
+    return load_image_rgb(lr_path), hr
 
 
-def _pngs(folder: Path) -> tuple[Path, ...]:
-    return tuple(sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"))
+def _images(folder: Path) -> tuple[Path, ...]:
+    """The images of a folder, any format edsr_dist/data/images.py reads (the published sets are PNG)."""
+    return tuple(list_images(folder)[0])
 
 
 def open_set(folder: Path) -> BenchmarkSet | None:
@@ -128,13 +119,13 @@ def open_set(folder: Path) -> BenchmarkSet | None:
     hr_folders = [p for p in folder.iterdir() if p.is_dir() and (p.name == "HR" or p.name.endswith("_HR"))]
     # A DIV2K folder may hold DIV2K_train_HR too: the validation images are the benchmark.
     for sub in sorted(hr_folders, key=lambda p: ("valid" not in p.name.lower(), p.name)):
-        files = _pngs(sub)
+        files = _images(sub)
         if files:
             return BenchmarkSet(folder.name, folder, "edsr-pytorch", sub, files)
     gt = folder / "GTmod12"
-    if gt.is_dir() and _pngs(gt):
-        return BenchmarkSet(folder.name, folder, "basicsr", gt, _pngs(gt))
-    files = _pngs(folder)
+    if gt.is_dir() and _images(gt):
+        return BenchmarkSet(folder.name, folder, "basicsr", gt, _images(gt))
+    files = _images(folder)
     if files:
         return BenchmarkSet(folder.name, folder, "hr-folder", folder, files)
     return None
@@ -234,6 +225,11 @@ def validation_source(cfg, store) -> ValidationSource:
             return benchmark.load(index, scale)
     else:
         available, set_name, load = store.num_valid, "store", store.read_valid
+        if not available:
+            # A mean over nothing would read 0 dB and make the first checkpoint the "best".
+            raise UserError(f"patch store {store.path} has no validation images, so training would have nothing to "
+                            "report; rebuild it with --valid-count K or --valid-hr-dir DIR, or pass --val-benchmark "
+                            "with a benchmark set folder")
     count = available if not cfg.max_val_images else min(cfg.max_val_images, available)
     store_keys = ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")
     protocol_name = cfg.val_protocol or ("paper" if cfg.val_benchmark else "")

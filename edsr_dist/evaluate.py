@@ -28,7 +28,7 @@ from edsr_dist.benchmark_eval import run as run_benchmarks
 from edsr_dist.candidates import collect_candidates, load_candidate
 from edsr_dist.checkpoint import CHECKPOINT_DIR
 from edsr_dist.config import DEVICES, PRECISIONS
-from edsr_dist.data.builder import load_png_rgb
+from edsr_dist.data.images import list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore
 from edsr_dist.dist.npu import memory_format
@@ -63,23 +63,28 @@ def store_images(path: str, scale: int, max_images: int = 0) -> Iterator[EvalIma
         store.close()
 
 
-def list_hr_images(folder: str | Path) -> list[Path]:
+def list_hr_images(folder: str | Path, say_notes: bool = False) -> list[Path]:
+    """The images of `folder` (PNG, JPEG, BMP, TIFF, WebP); with `say_notes`, print which files were skipped and
+    whether lossy JPEGs are among them."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+    files, skipped = list_images(folder)
     if not files:
         subfolders = [p.name for p in folder.iterdir() if p.is_dir() and p.name.lower() in HR_FOLDER_NAMES]
-        hint = (f"pass {folder / subfolders[0]}" if subfolders
-                else "pass a folder of HR PNG images (e.g. Set5's HR images)")
-        raise UserError(f"--data {folder} holds no .png files; {hint} or a patch store (.h5)")
+        if subfolders:
+            raise UserError(f"--data {folder} holds no images; pass {folder / subfolders[0]} or a patch store (.h5)")
+        raise UserError(no_images_message("--data", folder, skipped) + " (e.g. Set5's HR images), or a patch store")
+    if say_notes:
+        for note in listing_notes(folder, files, skipped):
+            print(note)
     return files
 
 
 def folder_images(folder: str | Path, scale: int, degradation: str = "bicubic-pil",
                   max_images: int = 0) -> Iterator[EvalImage]:
-    """HR PNGs of a folder, each cropped to a multiple of `scale`, with the LR made as the store builder makes it."""
+    """HR images of a folder, each cropped to a multiple of `scale`, with the LR made as the store builder makes it."""
     files = list_hr_images(folder)
     for path in files[:max_images or None]:
-        hr = np.ascontiguousarray(modcrop(load_png_rgb(path), scale))
+        hr = np.ascontiguousarray(modcrop(load_image_rgb(path), scale))
         if min(hr.shape[:2]) < 4 * scale:
             raise UserError(f"HR image {path} is {hr.shape[1]}x{hr.shape[0]}, too small to evaluate at x{scale}; "
                             "remove it from the folder")
@@ -175,7 +180,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="edsr-dist eval",
         description="Evaluate checkpoints (PSNR-Y, SSIM-Y, PSNR-RGB with the scale shaved off, as in the EDSR paper) "
-                    "on a patch store's validation images or a folder of HR PNGs (--data; prints a table, writes CSV "
+                    "on a patch store's validation images or a folder of HR images (--data; prints a table, writes CSV "
                     "and JSON), or several models on the standard benchmark sets under a named protocol "
                     "(--benchmarks; one paper-style table, optional JSON).")
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR_OR_FILE",
@@ -183,7 +188,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "or weights file (.pt/.pth/.safetensors, reference or BasicSR names); with --benchmarks: "
                         "any number of them (a run folder means its newest valid checkpoint), each at its own scale")
     p.add_argument("--data", metavar="STORE_OR_FOLDER",
-                   help="patch store (.h5; its validation images at the model's scale) or a folder of HR PNGs "
+                   help="patch store (.h5; its validation images at the model's scale) or a folder of HR images "
                         "(LR made by bicubic downscaling after cropping to a multiple of the scale)")
     p.add_argument("--benchmarks", metavar="ROOT",
                    help="folder of benchmark sets (Set5/, Set14/, B100/, Urban100/, Manga109/, DIV2K/ in the "
@@ -206,7 +211,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype of the network (default fp32; auto: as training would choose; metrics are "
                         "always float64)")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="bicubic-pil",
-                   help="how LR is made from a folder of HR PNGs (default bicubic-pil, as build-store)")
+                   help="how LR is made from a folder of HR images (default bicubic-pil, as build-store)")
     p.add_argument("--res-scale", type=float, default=None,
                    help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
     p.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
@@ -247,7 +252,7 @@ def main(argv: list[str]) -> int:
     if not data.exists():
         raise UserError(f"--data {data} does not exist; pass a patch store (.h5) or a folder of HR PNG images")
     if data.is_dir():
-        list_hr_images(data)  # fail before loading any model
+        list_hr_images(data, say_notes=True)  # fail before loading any model
 
     candidates = collect_candidates(args.checkpoints)
     if args.num_threads:

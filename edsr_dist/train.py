@@ -103,6 +103,7 @@ class Trainer:
             claim_run_folder(self.out, cfg.resume, cfg.overwrite)
 
         self.store = self._open_store()
+        validation_source(cfg, self.store)  # refuses, before any step, a run with nothing to validate on
         self.sampler = TrainSampler(self.store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
                                     rank=self.world.rank, world_size=self.world.size)
         self.steps_per_epoch = self.sampler.steps_per_epoch

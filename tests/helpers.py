@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,3 +96,38 @@ def write_table(tmp_path: Path, doc, name: str = "table.json") -> Path:
     path = tmp_path / name
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc, indent=2))
     return path
+
+
+# ---- image folders for store tests
+
+def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A random but smooth-ish image (bicubic of noise), so resampling is exercised on realistic content."""
+    small = rng.integers(0, 256, (max(2, height // 4), max(2, width // 4), 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC))
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def make_hr_folder(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = {}
+    for number, (height, width) in enumerate(sizes, start=1):
+        stem = f"{number:04d}"
+        images[stem] = smooth_image(rng, height, width)
+        write_png(folder / f"{stem}.png", images[stem])
+    return images
+
+
+def make_official_lr(folder: Path, hr: dict[str, np.ndarray], scales, seed: int = 1) -> dict[tuple[str, int], np.ndarray]:
+    """DIV2K layout X{s}/<stem>x{s}.png with arbitrary content (proves the files are used, not regenerated)."""
+    rng = np.random.default_rng(seed)
+    lrs = {}
+    for stem, image in hr.items():
+        for scale in scales:
+            lr = rng.integers(0, 256, (image.shape[0] // scale, image.shape[1] // scale, 3), dtype=np.uint8)
+            write_png(folder / f"X{scale}" / f"{stem}x{scale}.png", lr)
+            lrs[stem, scale] = lr
+    return lrs

@@ -1,38 +1,56 @@
-"""Cut DIV2K-style PNG folders (or the embedded sample photos) into an HDF5 patch store (the command line is
+"""Cut DIV2K-style image folders (or the embedded sample photos) into an HDF5 patch store (the command line is
 `edsr-dist build-store`, edsr_dist/data/build_store.py).
 
-Training images become non-overlapping HR tiles laid from the top-left corner; the partial tiles at the right and
-bottom edges are dropped (an image smaller than one tile gives none). LR tiles are cut from the LR of the whole
-image, so LR tile i covers exactly the region of HR tile i. Validation images are stored whole, HR cropped
-(bottom/right) to a multiple of lcm(scales) so that every LR size is exact.
+A store is made from one or more folders (DF2K is DIV2K + Flickr2K), each recorded with its role and image count.
+Training images, cropped to a multiple of lcm(scales), are covered whole by HR tiles: one every T pixels from the
+top-left corner, the last row and column anchored at the bottom and right edges (edsr_dist/data/store.py
+`tile_starts`). Images smaller than one tile give none and are named in the summary. LR tiles are cut from the LR
+of the whole image, so LR tile i covers exactly the region of HR tile i. Validation images are stored whole, HR
+cropped (bottom/right) to a multiple of lcm(scales) so that every LR size is exact.
 
-The file is written to a temporary file and renamed over `<out>` only when complete (edsr_dist/atomic.py).
+Building streams: one image (and one row of its tiles) is in memory at a time. The file is written to a temporary
+file and renamed over `<out>` only when complete (edsr_dist/atomic.py).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import h5py
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from edsr_dist import __version__
 from edsr_dist.atomic import atomic_path
+from edsr_dist.data.images import (find_image, image_size, list_images, listing_notes, load_image_rgb,
+                                   no_images_message)
 from edsr_dist.data.resize import downscale
-from edsr_dist.data.store import CHECKSUM, FORMAT_VERSION, crc32_of, lr_name, valid_key
+from edsr_dist.data.store import CHECKSUM, FORMAT_VERSION, crc32_of, lr_name, tile_starts, valid_key
 from edsr_dist.errors import UserError
 
 DEFAULT_TILE_SIZE = 192
 DEFAULT_SCALES = (2, 3, 4)
 OFFICIAL_DEGRADATION = "official"
+
+
+@dataclass
+class SourceFolder:
+    """One folder of images and its role in the store ("train" or "valid"); `hr`/`lr` say where they came from,
+    `skipped` names the files of the folder that were not images."""
+
+    role: str
+    hr: str
+    images: list["SourceImage"]
+    lr: str | None = None
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each, for the user (skipped files, lossy JPEGs)
 
 
 @dataclass
@@ -42,12 +60,12 @@ class SourceImage:
     name: str
     size: tuple[int, int]
     load_hr: Callable[[], np.ndarray]
-    lr_files: dict[int, Path] | None = None  # scale -> official LR PNG; None means generate
+    lr_files: dict[int, Path] | None = None  # scale -> official LR file; None means generate
 
     def load_lr(self, scale: int, hr: np.ndarray, method: str) -> np.ndarray:
         if self.lr_files is None:
             return downscale(hr, scale, method)
-        lr = load_png_rgb(self.lr_files[scale])
+        lr = load_image_rgb(self.lr_files[scale])
         expected = (hr.shape[0] // scale, hr.shape[1] // scale)
         if lr.shape[:2] != expected:
             raise UserError(_lr_size_message(self.lr_files[scale], lr.shape[:2], expected, self.name, scale))
@@ -59,26 +77,6 @@ def _lr_size_message(path: Path, got: tuple[int, ...], expected: tuple[int, int]
         f"LR image {path} is {got[1]}x{got[0]} (WxH) but HR {name} / {scale} is {expected[1]}x{expected[0]}; "
         f"check that the LR folder matches the HR folder and scale"
     )
-
-
-def load_png_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 HWC RGB (grey, palette and alpha images are converted)."""
-    try:
-        with Image.open(path) as image:
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            return np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path} ({exc}); replace or remove the file") from None
-
-
-def _png_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path} ({exc}); replace or remove the file") from None
-    return height, width
 
 
 def parse_scales(text: str) -> list[int]:
@@ -105,20 +103,20 @@ def check_tile_size(tile_size: int, scales: Sequence[int]) -> None:
         )
 
 
-def _list_pngs(folder: str, flag: str) -> list[Path]:
+def _list_folder(folder: str, flag: str) -> tuple[list[Path], list[Path]]:
     path = Path(folder)
     if not path.exists():
-        raise UserError(f"{flag} {folder} does not exist; pass the folder that holds the HR PNG images")
+        raise UserError(f"{flag} {folder} does not exist; pass the folder that holds the HR images")
     if not path.is_dir():
-        raise UserError(f"{flag} {folder} is not a folder; pass the folder that holds the HR PNG images")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+        raise UserError(f"{flag} {folder} is not a folder; pass the folder that holds the HR images")
+    files, skipped = list_images(path)
     if not files:
-        raise UserError(f"{flag} {folder} holds no .png files; pass the folder with the HR PNG images (DIV2K_train_HR)")
-    return files
+        raise UserError(no_images_message(flag, path, skipped))
+    return files, skipped
 
 
 def _official_lr_files(hr_files: list[Path], lr_dir: str, flag: str, scales: Sequence[int]) -> list[dict[int, Path]]:
-    """Locate `<lr_dir>/X{s}/<stem>x{s}.png` for every HR image and check its size (header only)."""
+    """Locate `<lr_dir>/X{s}/<stem>x{s}.<image suffix>` for every HR image and check its size (header only)."""
     root = Path(lr_dir)
     if not root.is_dir():
         raise UserError(f"{flag} {lr_dir} does not exist or is not a folder; pass the DIV2K LR folder holding X2/X3/X4")
@@ -135,16 +133,16 @@ def _official_lr_files(hr_files: list[Path], lr_dir: str, flag: str, scales: Seq
             )
     result = []
     for hr_path in hr_files:
-        height, width = _png_size(hr_path)
+        height, width = image_size(hr_path)
         files = {}
         for scale in scales:
-            lr_path = subfolders[scale] / f"{hr_path.stem}x{scale}.png"
-            if not lr_path.is_file():
+            lr_path = find_image(subfolders[scale], f"{hr_path.stem}x{scale}")
+            if lr_path is None:
                 raise UserError(
-                    f"LR image {lr_path} for HR {hr_path.name} is missing; complete {flag} "
-                    f"or drop it to generate bicubic LR"
+                    f"LR image {subfolders[scale] / f'{hr_path.stem}x{scale}.png'} for HR {hr_path.name} is "
+                    f"missing; complete {flag} or drop it to generate bicubic LR"
                 )
-            got = _png_size(lr_path)
+            got = image_size(lr_path)
             expected = (height // scale, width // scale)
             if got != expected:
                 raise UserError(_lr_size_message(lr_path, got, expected, hr_path.name, scale))
@@ -153,26 +151,27 @@ def _official_lr_files(hr_files: list[Path], lr_dir: str, flag: str, scales: Seq
     return result
 
 
-def images_from_folder(
-    hr_dir: str, lr_dir: str | None, scales: Sequence[int], hr_flag: str = "--hr-dir", lr_flag: str = "--lr-dir"
-) -> list[SourceImage]:
-    hr_files = _list_pngs(hr_dir, hr_flag)
+def folder_source(
+    role: str, hr_dir: str, lr_dir: str | None, scales: Sequence[int], hr_flag: str = "--hr-dir",
+    lr_flag: str = "--lr-dir",
+) -> SourceFolder:
+    """A folder of HR images (any format in edsr_dist/data/images.py), with official LR from `lr_dir` or None."""
+    hr_files, skipped = _list_folder(hr_dir, hr_flag)
     lr_files: list[dict[int, Path] | None]
     if lr_dir:
         lr_files = list(_official_lr_files(hr_files, lr_dir, lr_flag, scales))
     else:
         lr_files = [None] * len(hr_files)
-    images = []
-    for hr_path, lr in zip(hr_files, lr_files):
-        images.append(SourceImage(hr_path.stem, _png_size(hr_path), lambda p=hr_path: load_png_rgb(p), lr))
-    return images
+    images = [SourceImage(hr_path.stem, image_size(hr_path), lambda p=hr_path: load_image_rgb(p), lr)
+              for hr_path, lr in zip(hr_files, lr_files)]
+    return SourceFolder(role, os.path.abspath(hr_dir), images, os.path.abspath(lr_dir) if lr_dir else None,
+                        [p.name for p in skipped], listing_notes(Path(hr_dir), hr_files, skipped))
 
 
-def _tiles(image: np.ndarray, side: int, rows: int, cols: int) -> np.ndarray:
-    """(rows*cols, side, side, C) tiles in row-major order from the top-left corner."""
-    channels = image.shape[2]
-    block = image[: rows * side, : cols * side].reshape(rows, side, cols, side, channels)
-    return np.ascontiguousarray(block.transpose(0, 2, 1, 3, 4).reshape(-1, side, side, channels))
+def covered_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """The part of an image a store keeps: cropped bottom/right to a multiple of lcm(scales), so that every
+    tile origin (and every LR size) is exact at every scale."""
+    return size[0] - size[0] % multiple, size[1] - size[1] % multiple
 
 
 def check_output_file(out: str) -> None:
@@ -188,8 +187,7 @@ def check_output_file(out: str) -> None:
 
 def write_store(
     out: str,
-    train: Sequence[SourceImage],
-    valid: Sequence[SourceImage],
+    folders: Sequence[SourceFolder],
     scales: Sequence[int],
     tile_size: int,
     degradation: str,
@@ -197,20 +195,54 @@ def write_store(
     resize_method: str = "bicubic-pil",
     progress: bool = False,
 ) -> dict[str, object]:
-    """Write a complete store atomically (edsr_dist/atomic.py). Returns a summary of what was written."""
+    """Write a complete store atomically (edsr_dist/atomic.py) from `folders` (in order). Returns a summary of
+    what was written: counts, the images too small for a tile, and one record per folder (also stored, as JSON,
+    in the `sources` attribute)."""
     out = os.fspath(out)
     scales = sorted(int(s) for s in scales)
     check_tile_size(tile_size, scales)
     check_output_file(out)
     multiple = math.lcm(*scales)
-    grid = [(img.size[0] // tile_size, img.size[1] // tile_size) for img in train]
-    num_tiles = sum(rows * cols for rows, cols in grid)
-    for img in valid:
-        if img.size[0] < multiple or img.size[1] < multiple:
-            raise UserError(
-                f"validation image {img.name} is {img.size[1]}x{img.size[0]}, smaller than "
-                f"lcm(scales)={multiple}; remove it"
-            )
+    train: list[tuple[int, SourceImage, list[int], list[int]]] = []  # (folder, image, tile y origins, x origins)
+    valid: list[tuple[int, SourceImage]] = []
+    records: list[dict[str, object]] = []
+    for number, folder in enumerate(folders):
+        if folder.role not in ("train", "valid"):
+            raise ValueError(f"folder role {folder.role!r} is neither 'train' nor 'valid'")
+        small: list[str] = []
+        tiles = 0
+        for img in folder.images:
+            height, width = covered_size(img.size, multiple)
+            if folder.role == "valid":
+                if height == 0 or width == 0:
+                    raise UserError(
+                        f"validation image {img.name} is {img.size[1]}x{img.size[0]}, smaller than "
+                        f"lcm(scales)={multiple}; remove it"
+                    )
+                valid.append((number, img))
+                continue
+            ys, xs = tile_starts(height, tile_size), tile_starts(width, tile_size)
+            if not ys or not xs:
+                small.append(f"{img.name} ({img.size[1]}x{img.size[0]})")
+                continue
+            train.append((number, img, ys, xs))
+            tiles += len(ys) * len(xs)
+        records.append({"role": folder.role, "hr": folder.hr, "lr": folder.lr,
+                        "images": len(folder.images) - len(small), "tiles": tiles,
+                        "skipped_small": small, "skipped_files": list(folder.skipped)})
+    num_tiles = sum(len(ys) * len(xs) for _, _, ys, xs in train)
+    side = {0: tile_size}
+    side.update({s: tile_size // s for s in scales})
+    groups = {0: "hr"}
+    groups.update({s: lr_name(s) for s in scales})
+    bytes_per_tile = sum(3 * length * length for length in side.values())
+
+    def valid_bytes(img: SourceImage) -> int:
+        height, width = covered_size(img.size, multiple)
+        return 3 * height * width + sum(3 * (height // s) * (width // s) for s in scales)
+
+    total_bytes = num_tiles * bytes_per_tile + sum(valid_bytes(img) for _, img in valid)
+    total_images = len(train) + len(valid)
 
     started = time.monotonic()
     try:
@@ -221,18 +253,18 @@ def write_store(
                 f.attrs["tile_size"] = tile_size
                 f.attrs["degradation"] = degradation
                 f.attrs["source"] = source
+                f.attrs["sources"] = json.dumps(records)
                 f.attrs["checksum"] = CHECKSUM
                 f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 f.attrs["builder_version"] = f"edsr-dist {__version__}"
 
                 text = h5py.string_dtype("utf-8")
                 train_group = f.create_group("train")
-                train_group.create_dataset("names", data=np.asarray([img.name for img in train], dtype=object),
-                                           dtype=text)
-                side = {0: tile_size}
-                side.update({s: tile_size // s for s in scales})
-                groups = {0: "hr"}
-                groups.update({s: lr_name(s) for s in scales})
+                train_group.create_dataset("names", data=np.asarray([img.name for _, img, _, _ in train],
+                                                                    dtype=object), dtype=text)
+                train_group.create_dataset("image_size", data=np.asarray(
+                    [covered_size(img.size, multiple) for _, img, _, _ in train], dtype=np.int32).reshape(-1, 2))
+                train_group.create_dataset("source_index", data=np.asarray([n for n, _, _, _ in train], np.int32))
                 tile_ds = {}
                 for key, name in groups.items():
                     shape = (num_tiles, side[key], side[key], 3)
@@ -245,38 +277,45 @@ def write_store(
                 image_index = np.zeros(num_tiles, dtype=np.int32)
                 tile_origin = np.zeros((num_tiles, 2), dtype=np.int32)
 
-                bar = tqdm(total=len(train) + len(valid), desc="build-store", unit="img", disable=not progress)
+                bar = tqdm(total=total_bytes, desc="build-store", unit="B", unit_scale=True, unit_divisor=1024,
+                           disable=not progress)
+                done_images = 0
                 cursor = 0
-                for number, (img, (rows, cols)) in enumerate(zip(train, grid)):
-                    count = rows * cols
-                    if count:
-                        hr = _loaded_hr(img)
-                        stop = cursor + count
-                        for key in groups:
-                            image = hr if key == 0 else img.load_lr(key, hr, resize_method)
-                            tiles = _tiles(image, side[key], rows, cols)
-                            tile_ds[key][cursor:stop] = tiles
-                            tile_crc[key][cursor:stop] = [crc32_of(t) for t in tiles]
-                        image_index[cursor:stop] = number
-                        ys, xs = np.meshgrid(np.arange(rows) * tile_size, np.arange(cols) * tile_size, indexing="ij")
-                        tile_origin[cursor:stop] = np.stack([ys.ravel(), xs.ravel()], axis=1)
-                        cursor = stop
-                    bar.update(1)
+                for number, (_, img, ys, xs) in enumerate(train):
+                    hr = _loaded_hr(img)
+                    for key in groups:
+                        image = hr if key == 0 else img.load_lr(key, hr, resize_method)
+                        factor = max(key, 1)
+                        for row, y in enumerate(ys):
+                            # One row of tiles at a time: memory stays at one image plus one row, whatever its size.
+                            tiles = np.stack([image[y // factor: y // factor + side[key],
+                                                    x // factor: x // factor + side[key]] for x in xs])
+                            start = cursor + row * len(xs)
+                            tile_ds[key][start:start + len(xs)] = tiles
+                            tile_crc[key][start:start + len(xs)] = [crc32_of(t) for t in tiles]
+                        del image
+                    count = len(ys) * len(xs)
+                    image_index[cursor:cursor + count] = number
+                    tile_origin[cursor:cursor + count] = [(y, x) for y in ys for x in xs]
+                    cursor += count
+                    done_images += 1
+                    bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
+                    bar.update(count * bytes_per_tile)
                 for key, name in groups.items():
                     train_group.create_dataset(f"{name}_crc32", data=tile_crc[key])
                 train_group.create_dataset("image_index", data=image_index)
                 train_group.create_dataset("tile_origin", data=tile_origin)
 
                 valid_group = f.create_group("valid")
-                valid_group.create_dataset("names", data=np.asarray([img.name for img in valid], dtype=object),
+                valid_group.create_dataset("names", data=np.asarray([img.name for _, img in valid], dtype=object),
                                            dtype=text)
+                valid_group.create_dataset("source_index", data=np.asarray([n for n, _ in valid], np.int32))
                 valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
                 for key, name in groups.items():
                     valid_group.create_group(name)
-                for index, img in enumerate(valid):
+                for index, (_, img) in enumerate(valid):
                     hr = _loaded_hr(img)
-                    height = hr.shape[0] - hr.shape[0] % multiple
-                    width = hr.shape[1] - hr.shape[1] % multiple
+                    height, width = covered_size(img.size, multiple)
                     hr_cropped = np.ascontiguousarray(hr[:height, :width])
                     for key, name in groups.items():
                         if key == 0:
@@ -289,7 +328,9 @@ def write_store(
                             image = np.ascontiguousarray(full_lr[: height // key, : width // key])
                         valid_group[name].create_dataset(valid_key(index), data=image)
                         valid_crc[key][index] = crc32_of(image)
-                    bar.update(1)
+                    done_images += 1
+                    bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
+                    bar.update(valid_bytes(img))
                 bar.close()
                 for key, name in groups.items():
                     valid_group.create_dataset(f"{name}_crc32", data=valid_crc[key])
@@ -304,18 +345,18 @@ def write_store(
         "degradation": degradation,
         "train_images": len(train),
         "train_tiles": num_tiles,
-        "skipped_small": sum(1 for rows, cols in grid if rows * cols == 0),
+        "skipped_small": [name for record in records for name in record["skipped_small"]],
         "valid_images": len(valid),
+        "sources": records,
         "bytes": os.path.getsize(out),
         "seconds": time.monotonic() - started,
     }
-
 
 def _loaded_hr(img: SourceImage) -> np.ndarray:
     hr = img.load_hr()
     if hr.dtype != np.uint8 or hr.ndim != 3 or hr.shape[2] != 3:
         raise UserError(
-            f"image {img.name} decoded to {hr.dtype}{hr.shape}, expected uint8 RGB; convert it to 8-bit RGB PNG"
+            f"image {img.name} decoded to {hr.dtype}{hr.shape}, expected uint8 RGB; convert it to 8-bit RGB"
         )
     if tuple(hr.shape[:2]) != tuple(img.size):
         raise UserError(f"image {img.name} changed size while building ({hr.shape[:2]} vs {img.size}); rerun the build")

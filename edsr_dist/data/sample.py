@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import skimage.data
 
-from edsr_dist.data.builder import SourceImage, write_store
+from edsr_dist.data.builder import SourceFolder, SourceImage, write_store
 from edsr_dist.data.store import FORMAT_VERSION, store_info
 from edsr_dist.errors import UserError
 
@@ -88,10 +88,11 @@ def build_sample_store(
         return SourceImage(name, (image.shape[0], image.shape[1]), lambda: image)
 
     train_names, valid_names = sample_split()
+    where = f"scikit-image {skimage.__version__} bundled photos"
     return write_store(
         out,
-        [source(n) for n in train_names],
-        [source(n) for n in valid_names],
+        [SourceFolder("train", where, [source(n) for n in train_names]),
+         SourceFolder("valid", where, [source(n) for n in valid_names])],
         scales,
         tile_size,
         degradation=SAMPLE_DEGRADATION,

@@ -1,11 +1,17 @@
 """Deterministic, rank-sharded training batches from a PatchStore.
 
 Global sample position g = step * batch_size + j (j < batch_size) of an epoch maps to
-  tile  = permutation(seed, epoch, pass)[g % num_tiles], pass = g // num_tiles
-  crop offset, horizontal flip, vertical flip, transpose = f(seed, epoch, g)
+  anchor tile = permutation(seed, epoch, pass)[g % num_tiles], pass = g // num_tiles
+  crop position, horizontal flip, vertical flip, transpose = f(seed, epoch, g)
 so the sample stream depends only on (seed, epoch, step): not on the number of ranks or readers, and any step
 can be regenerated exactly on resume. Rank r takes positions [r*b, (r+1)*b) of each global batch, b =
 batch_size // world_size, so shares are disjoint and every rank has the same number of batches.
+
+The crop is not confined to its anchor tile: the anchor (row i of n, column j of m of its image's tile grid)
+picks the i-th of n equal strata of the image's crop positions along y (the j-th of m along x), and a uniform
+draw picks the position inside it. With anchors uniform over a pass, the crop position is uniform over every
+position of the whole image, as a random crop anywhere in the image; the crop is put together from the tiles it
+spans (PatchStore.read_train_crop).
 """
 
 from __future__ import annotations
@@ -101,24 +107,35 @@ class TrainSampler:
         if epoch < 0 or step < 0:
             raise ValueError(f"epoch {epoch} and step {step} must be >= 0")
 
+    def crop_position(self, tile: int, word_y: int, word_x: int) -> tuple[int, int, int]:
+        """(image, LR y, LR x) of the crop anchored at `tile`, from two uniform 32-bit words: the anchor's row
+        (column) picks its stratum of the image's crop positions, the word the position inside it."""
+        store = self.store
+        image = int(store.train_image_index[tile])
+        rows, cols = (int(v) for v in store.train_grid[image])
+        row, col = divmod(tile - int(store.train_first_tile[image]), cols)
+        height, width = (int(v) // self.scale for v in store.train_image_size[image])
+        y = ((row << 32) + word_y) * (height - self.patch_size + 1) // (rows << 32)
+        x = ((col << 32) + word_x) * (width - self.patch_size + 1) // (cols << 32)
+        return image, y, x
+
     def batch(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's share of global batch `step` of `epoch`: lr uint8 (b, p, p, 3), hr uint8 (b, p*s, p*s, 3)."""
         tiles = self.tile_indices(epoch, step)
         p, s = self.patch_size, self.scale
         hp = p * s
-        span = self.store.lr_tile_size - p + 1  # possible LR crop offsets per axis
         lr_out = np.empty((len(tiles), p, p, 3), dtype=np.uint8)
         hr_out = np.empty((len(tiles), hp, hp, 3), dtype=np.uint8)
         # Pixels as single 3-byte items: flipped/transposed copies then move whole pixels, several times faster
         # than strided copies of single bytes.
         lr_pixels, hr_pixels = _as_pixels(lr_out), _as_pixels(hr_out)
         for j, (g, tile) in enumerate(zip(self.positions(step), tiles)):
-            lr_tile, hr_tile = self.store.read_train(int(tile))
-            # Three 32-bit words from (seed, epoch, g) alone: y offset, x offset, and the flip/transpose bits.
+            # Three 32-bit words from (seed, epoch, g) alone: y and x within the anchor's strata, flip/transpose bits.
             words = np.random.SeedSequence([_SAMPLE_STREAM, self.seed, epoch, g]).generate_state(3)
-            y, x, bits = int(words[0]) % span, int(words[1]) % span, int(words[2])
-            lr = _as_pixels(lr_tile)[y : y + p, x : x + p]
-            hr = _as_pixels(hr_tile)[y * s : y * s + hp, x * s : x * s + hp]
+            image, y, x = self.crop_position(int(tile), int(words[0]), int(words[1]))
+            bits = int(words[2])
+            lr_crop, hr_crop = self.store.read_train_crop(image, y, x, p)
+            lr, hr = _as_pixels(lr_crop), _as_pixels(hr_crop)
             if bits & 1:  # horizontal flip
                 lr, hr = lr[:, ::-1], hr[:, ::-1]
             if bits & 2:  # vertical flip

@@ -1,20 +1,25 @@
 """The HDF5 patch store: format constants, the per-process reader and a full checksum pass.
 
-Format version 1 (docs/STORE.md has the full description)::
+Format version 2 (docs/STORE.md has the full description)::
 
-    /                 attrs: format_version=1, scales, tile_size, degradation, source, checksum="crc32",
-                             created, builder_version
+    /                 attrs: format_version=2, scales, tile_size, degradation, source, sources (JSON: each folder,
+                             its role and image count), checksum="crc32", created, builder_version
     /train/hr         (N, T, T, 3) uint8, one tile per chunk, uncompressed
     /train/lr_x{s}    (N, T/s, T/s, 3) uint8, LR tile i is exactly the downscale region of HR tile i
     /train/hr_crc32, /train/lr_x{s}_crc32   (N,) uint32, CRC32 of each tile's bytes (C order)
     /train/image_index (N,) int32 index into /train/names; /train/tile_origin (N, 2) int32 HR (y, x)
-    /train/names      (M,) str, source image of the tiles
+    /train/names      (M,) str; /train/image_size (M, 2) int32 covered HR (h, w); /train/source_index (M,) int32
     /valid/hr/{i:04d}, /valid/lr_x{s}/{i:04d}   whole images, HR cropped to a multiple of lcm(scales)
-    /valid/names, /valid/hr_crc32, /valid/lr_x{s}_crc32
+    /valid/names, /valid/source_index, /valid/hr_crc32, /valid/lr_x{s}_crc32
+
+Each training image (cropped to a multiple of lcm(scales)) is covered whole by a row-major grid of tiles: a
+tile every T pixels from the top-left corner, the last row and column anchored at the bottom and right edges
+(overlapping the one before). `tile_starts` and `axis_segments` are that geometry, shared by builder and reader.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from typing import Any, Callable
@@ -25,13 +30,15 @@ from tqdm import tqdm
 
 from edsr_dist.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKSUM = "crc32"
 REBUILD_HINT = "rebuild it with `edsr-dist build-store`"
 
 # Each training tile is read once per visit at a random position, so a chunk cache only adds a copy: with a
 # cache smaller than one chunk HDF5 reads uncompressed chunks straight into the caller's buffer.
 _CHUNK_CACHE_BYTES = 0
+# `--verify` reads this many bytes of tiles at a time: a store of tens of GB is never read whole.
+VERIFY_BLOCK_BYTES = 64 << 20
 
 
 def lr_name(scale: int) -> str:
@@ -40,6 +47,37 @@ def lr_name(scale: int) -> str:
 
 def valid_key(index: int) -> str:
     return f"{index:04d}"
+
+
+def tile_starts(length: int, tile: int) -> list[int]:
+    """Tile origins along one axis that cover [0, length) whole: every `tile` pixels from 0, the last one anchored
+    at the end (overlapping the one before it). None when `length < tile`."""
+    if length < tile:
+        return []
+    count = -(-length // tile)
+    return [k * tile for k in range(count - 1)] + [length - tile]
+
+
+def axis_segments(start: int, size: int, length: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """How [start, start + size) of an axis of `length` tiled by `tile_starts` is read: (tile number, offset in
+    that tile, offset in the output, count) per piece. Pixel u is read from tile min(u // tile, last), so the
+    overlap of the last tile is never read twice."""
+    last = -(-length // tile) - 1
+    pieces = []
+    position, stop = start, start + size
+    while position < stop:
+        k = min(position // tile, last)
+        origin = k * tile if k < last else length - tile
+        end = (k + 1) * tile if k < last else length
+        count = min(end, stop) - position
+        pieces.append((k, position - origin, position - start, count))
+        position += count
+    return pieces
+
+
+def tile_grid(height: int, width: int, tile: int) -> tuple[int, int]:
+    """(rows, columns) of tiles covering an image of that (covered) size."""
+    return len(tile_starts(height, tile)), len(tile_starts(width, tile))
 
 
 def crc32_of(array: np.ndarray) -> int:
@@ -124,8 +162,17 @@ def _read_layout(f: Any, path: str, scales: list[int] | None) -> dict[str, Any]:
         )
     num_tiles = int(hr.shape[0])
     need_shape("train/hr_crc32", (num_tiles,))
-    need_shape("train/image_index", (num_tiles,))
+    image_index = need_shape("train/image_index", (num_tiles,))[()]
     train_names = need("train/names")
+    num_images = int(train_names.shape[0])
+    image_size = np.asarray(need_shape("train/image_size", (num_images, 2))[()], dtype=np.int64)
+    need_shape("train/source_index", (num_images,))
+    need_shape("train/tile_origin", (num_tiles, 2))
+    # The reader finds an image's tiles by counting its grid: the stored order must be exactly that.
+    counts = [rows * cols for rows, cols in (tile_grid(int(h), int(w), tile_size) for h, w in image_size)]
+    if sum(counts) != num_tiles or not np.array_equal(np.repeat(np.arange(num_images), counts), image_index):
+        raise UserError(f"patch store {path}: /train/image_index does not match the tile grids of "
+                        f"/train/image_size; {REBUILD_HINT}")
     for scale in wanted:
         lr_tile = tile_size // scale
         need_shape(f"train/{lr_name(scale)}", (num_tiles, lr_tile, lr_tile, 3))
@@ -133,6 +180,7 @@ def _read_layout(f: Any, path: str, scales: list[int] | None) -> dict[str, Any]:
     valid_names = [_decode(n) for n in need("valid/names")[()]]
     num_valid = len(valid_names)
     need_shape("valid/hr_crc32", (num_valid,))
+    need_shape("valid/source_index", (num_valid,))
     for scale in wanted:
         need_shape(f"valid/{lr_name(scale)}_crc32", (num_valid,))
     for index in range(num_valid):
@@ -144,11 +192,24 @@ def _read_layout(f: Any, path: str, scales: list[int] | None) -> dict[str, Any]:
         "scales": store_scales,
         "tile_size": tile_size,
         "num_train_tiles": num_tiles,
-        "num_train_images": int(train_names.shape[0]),
+        "num_train_images": num_images,
+        "train_image_size": image_size,
+        "train_image_index": np.asarray(image_index, dtype=np.int64),
         "valid_names": valid_names,
         "degradation": _decode(attrs.get("degradation", "")),
         "source": _decode(attrs.get("source", "")),
+        "sources": _sources(attrs, path),
     }
+
+
+def _sources(attrs: Any, path: str) -> list[dict[str, Any]]:
+    if "sources" not in attrs:
+        raise UserError(f"patch store {path} lacks the 'sources' attribute; {REBUILD_HINT}")
+    try:
+        sources = json.loads(_decode(attrs["sources"]))
+    except ValueError:
+        raise UserError(f"patch store {path}: the 'sources' attribute is not JSON; {REBUILD_HINT}") from None
+    return sources
 
 
 def _read_or_fail(path: str, what: str, reader: Callable[[], np.ndarray]) -> np.ndarray:
@@ -189,6 +250,15 @@ class PatchStore:
         self.tile_size: int = layout["tile_size"]
         self.lr_tile_size: int = self.tile_size // self.scale
         self.num_train_tiles: int = layout["num_train_tiles"]
+        # Per training image: covered HR size, tile grid and first tile (a few bytes each, kept in memory).
+        self.train_image_size: np.ndarray = layout["train_image_size"]
+        self.train_image_index: np.ndarray = layout["train_image_index"]
+        self.num_train_images: int = layout["num_train_images"]
+        grids = [tile_grid(int(h), int(w), self.tile_size) for h, w in self.train_image_size]
+        self.train_grid: np.ndarray = np.asarray(grids, dtype=np.int64).reshape(-1, 2)
+        counts = self.train_grid[:, 0] * self.train_grid[:, 1]
+        self.train_first_tile: np.ndarray = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.sources: list[dict[str, Any]] = layout["sources"]
         self.valid_names: list[str] = layout["valid_names"]
         self.num_valid: int = len(self.valid_names)
         self.degradation: str = layout["degradation"]
@@ -230,6 +300,26 @@ class PatchStore:
         lr = _read_or_fail(self.path, f"{lr_path}[{index}]", lambda: self._lr_ds[index])
         _check_crc(self.path, f"/train/hr[{index}]", hr, int(self._train_hr_crc[index]))
         _check_crc(self.path, f"{lr_path}[{index}]", lr, int(self._train_lr_crc[index]))
+        return lr, hr
+
+    def read_train_crop(self, image: int, y: int, x: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lr, hr) of the `size`-square LR crop at LR (y, x) of training image `image` and the HR region it
+        covers, put together from the (at most four) tiles it spans; checksums verified."""
+        s, lr_tile = self.scale, self.lr_tile_size
+        height, width = (int(v) // s for v in self.train_image_size[image])
+        if not (0 <= y <= height - size and 0 <= x <= width - size):
+            raise IndexError(f"crop {size} at ({y}, {x}) outside LR image {image} of {height}x{width}")
+        cols = int(self.train_grid[image, 1])
+        first = int(self.train_first_tile[image])
+        lr = np.empty((size, size, 3), dtype=np.uint8)
+        hr = np.empty((size * s, size * s, 3), dtype=np.uint8)
+        for row, src_y, dst_y, count_y in axis_segments(y, size, height, lr_tile):
+            for col, src_x, dst_x, count_x in axis_segments(x, size, width, lr_tile):
+                lr_part, hr_part = self.read_train(first + row * cols + col)
+                lr[dst_y:dst_y + count_y, dst_x:dst_x + count_x] = \
+                    lr_part[src_y:src_y + count_y, src_x:src_x + count_x]
+                hr[dst_y * s:(dst_y + count_y) * s, dst_x * s:(dst_x + count_x) * s] = \
+                    hr_part[src_y * s:(src_y + count_y) * s, src_x * s:(src_x + count_x) * s]
         return lr, hr
 
     def read_valid(self, index: int) -> tuple[str, np.ndarray, np.ndarray]:
@@ -286,7 +376,7 @@ def verify_store(path: str, progress: bool = False) -> dict[str, Any]:
                 ds = f[f"train/{group}"]
                 crcs = np.asarray(f[f"train/{group}_crc32"][()], dtype=np.uint32)
                 # Read in blocks of tiles: a full pass is I/O bound, and one call per tile costs more.
-                block = max(1, (64 << 20) // max(1, int(np.prod(ds.shape[1:]))))
+                block = max(1, VERIFY_BLOCK_BYTES // max(1, int(np.prod(ds.shape[1:]))))
                 for start in range(0, ds.shape[0], block):
                     stop = min(start + block, ds.shape[0])
                     try:

@@ -149,7 +149,7 @@ def test_bad_inputs_are_one_line_user_errors(run_dir, sample_store, tmp_path, ca
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no step_.*ckpt"):
         eval_main(["--checkpoints", str(tmp_path / "empty"), "--data", str(sample_store)])
-    with pytest.raises(UserError, match="no .png files"):
+    with pytest.raises(UserError, match="empty holds no images; pass a folder of png/bmp/tif/tiff/webp/jpg/jpeg images"):
         eval_main(["--checkpoints", str(run_dir), "--data", str(tmp_path / "empty")])
     with pytest.raises(UserError, match="x2 model but --scale is 3"):
         eval_main(["--checkpoints", str(run_dir), "--data", str(sample_store), "--scale", "3", "--csv",

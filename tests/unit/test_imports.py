@@ -15,7 +15,7 @@ LAYERS = [
     ["edsr_dist.config", "edsr_dist.atomic", "edsr_dist.step_timer", "edsr_dist.safe_load", "edsr_dist.dist.npu",
      "edsr_dist.dist.ascend_env", "edsr_dist.reference_numbers", "edsr_dist.tiling"],
     ["edsr_dist.model", "edsr_dist.precision", "edsr_dist.metrics", "edsr_dist.data", "edsr_dist.data.resize",
-     "edsr_dist.data.store", "edsr_dist.dist.world", "edsr_dist.dist.hostfile",
+     "edsr_dist.data.store", "edsr_dist.data.images", "edsr_dist.dist.world", "edsr_dist.dist.hostfile",
      "edsr_dist.dist.rank_table", "edsr_dist.checkpoint", "edsr_dist.schedules"],
     ["edsr_dist.data.builder", "edsr_dist.data.sampler", "edsr_dist.data.prefetch", "edsr_dist.dist.engine", "edsr_dist.weights",
      "edsr_dist.run_folder", "edsr_dist.protocols", "edsr_dist.data.skimage_benchmarks", "edsr_dist.onnx_backend",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edsr_dist.data.builder import SourceImage, write_store
+from edsr_dist.data.builder import SourceFolder, SourceImage, write_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import UserError
@@ -24,16 +24,21 @@ class BlockImage(SourceImage):
         return np.ascontiguousarray(hr[::scale, ::scale])
 
 
-@pytest.fixture(scope="module")
-def block_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def block_images() -> list[np.ndarray]:
     rng = np.random.default_rng(7)
     images = []
-    for number in range(4):
+    for _ in range(4):
         blocks = rng.integers(0, 256, (TILE // 4 * 2, TILE // 4 * 3, 3), dtype=np.uint8)  # 2x3 tiles per image
-        hr = np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)
-        images.append(BlockImage(f"img{number}", hr.shape[:2], lambda hr=hr: hr))
+        images.append(np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1))
+    return images
+
+
+@pytest.fixture(scope="module")
+def block_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    images = [BlockImage(f"img{n}", hr.shape[:2], lambda hr=hr: hr) for n, hr in enumerate(block_images())]
     path = tmp_path_factory.mktemp("sampler") / "blocks.h5"
-    write_store(str(path), images, [], SCALES, TILE, "synthetic-subsample", "test blocks")
+    write_store(str(path), [SourceFolder("train", "test blocks", images)], SCALES, TILE, "synthetic-subsample",
+                "test blocks")
     return path  # 24 tiles
 
 
@@ -101,36 +106,44 @@ def dihedral(image: np.ndarray) -> list[np.ndarray]:
     return [np.rot90(m, k) for m in (image, image[:, ::-1]) for k in range(4)]
 
 
-def test_crops_and_all_eight_orientations_occur(block_store: Path) -> None:
-    # patch * scale == tile: the crop is the whole tile, so each output is one orientation of its tile.
-    s = sampler(block_store, scale=2, patch=TILE // 2, batch=8, steps=12)
-    used = set()
-    for step in range(12):
+def locate(image: np.ndarray, patch: np.ndarray) -> set[tuple[int, int, int]]:
+    """(y, x, orientation) of every place where one of the eight orientations of `patch` occurs in `image`."""
+    side = patch.shape[0]
+    corners = image[: image.shape[0] - side + 1, : image.shape[1] - side + 1]
+    return {
+        (int(y), int(x), k)
+        for k, variant in enumerate(dihedral(patch))
+        for y, x in np.argwhere(np.all(corners == variant[0, 0], axis=-1))  # candidates by their first pixel
+        if np.array_equal(image[y:y + side, x:x + side], variant)
+    }
+
+
+@pytest.mark.parametrize("patch,steps", [(TILE // 2, 12), (4, 40)])
+def test_crops_lie_anywhere_in_the_image_in_all_eight_orientations(block_store: Path, patch: int,
+                                                                   steps: int) -> None:
+    # Each output is found in its anchor tile's image (the random 2x2 LR blocks make it unique), in the anchor's
+    # stratum of crop positions, in one of the eight orientations, and crops cross tile borders.
+    images = [hr[::2, ::2] for hr in block_images()]  # LR x2 of each image: 48 x 72, tiles of 24
+    s = sampler(block_store, scale=2, patch=patch, batch=8, steps=steps)
+    orientations, positions, crossing = set(), set(), 0
+    for step in range(steps):
         lr, hr = s.batch(0, step)
         for j, tile in enumerate(s.tile_indices(0, step)):
-            _, hr_tile = s.store.read_train(int(tile))
-            matches = [k for k, variant in enumerate(dihedral(hr_tile)) if np.array_equal(variant, hr[j])]
-            assert matches, "output is not a rotation/mirror of its tile"
-            used.add(matches[0])
-    assert used == set(range(8))
-    # With room to move, crop offsets cover the whole range: locate each LR patch in its tile (the random
-    # 2x2 LR blocks make a 4x4 patch unique) under the orientation that undoes the augmentation.
-    small = sampler(block_store, scale=2, patch=4, batch=8, steps=20)
-    offsets = set()
-    for step in range(20):
-        lr, _ = small.batch(0, step)
-        for j, tile in enumerate(small.tile_indices(0, step)):
-            lr_tile, _ = small.store.read_train(int(tile))
-            windows = np.lib.stride_tricks.sliding_window_view(lr_tile, (4, 4), axis=(0, 1))  # (21, 21, 3, 4, 4)
-            found = {
-                (int(y), int(x))
-                for variant in dihedral(lr[j])
-                for y, x in np.argwhere(np.all(windows == variant.transpose(2, 0, 1), axis=(2, 3, 4)))
-            }
-            assert len(found) == 1
-            offsets |= found
-    ys, xs = {y for y, _ in offsets}, {x for _, x in offsets}
-    assert min(ys) == min(xs) == 0 and max(ys) == max(xs) == TILE // 2 - 4 and len(offsets) > 100
+            image = int(s.store.train_image_index[tile])
+            found = locate(images[image], lr[j])
+            assert len(found) == 1, found
+            (y, x, orientation), = found
+            rows, cols = s.store.train_grid[image]
+            row, col = divmod(int(tile) - int(s.store.train_first_tile[image]), int(cols))
+            span_y, span_x = 48 - patch + 1, 72 - patch + 1
+            assert row * span_y // rows <= y < -(-(row + 1) * span_y // rows)
+            assert col * span_x // cols <= x < -(-(col + 1) * span_x // cols)
+            expected_hr = block_images()[image][2 * y:2 * (y + patch), 2 * x:2 * (x + patch)]
+            np.testing.assert_array_equal(dihedral(hr[j])[orientation], expected_hr)
+            orientations.add(orientation)
+            positions.add((image, y, x))
+            crossing += (y % 24 + patch > 24) or (x % 24 + patch > 24)
+    assert orientations == set(range(8)) and crossing > steps and len(positions) > steps * 4
 
 
 def test_sample_store_lr_is_the_downscaled_hr(sample_store: Path) -> None:

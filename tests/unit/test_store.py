@@ -13,7 +13,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 
 from edsr_dist.cli import main as cli_main
 from edsr_dist.data.build_store import main as build_main
@@ -21,47 +20,32 @@ from edsr_dist.data.resize import matlab_style_bicubic_downscale, pil_bicubic_do
 from edsr_dist.data.sample import SAMPLE_SCENES, build_sample_store, sample_split
 from edsr_dist.data.store import PatchStore, crc32_of, store_info, verify_store
 from edsr_dist.errors import UserError
+from helpers import make_hr_folder, make_official_lr, smooth_image, write_png
 
 TILE = 24  # divisible by 2, 3 and 4
 SCALES = (2, 3, 4)
 
 
-def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A random but smooth-ish image (bicubic of noise), so resampling is exercised on realistic content."""
-    small = rng.integers(0, 256, (max(2, height // 4), max(2, width // 4), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC))
+def expected_tiles(image: np.ndarray, side: int, multiple: int = 1) -> list[np.ndarray]:
+    """Tiles of the image cropped to a multiple of `multiple`: every `side` pixels from the top-left corner, the
+    last row and column ending exactly at the bottom and right edges."""
+    height, width = image.shape[0] // multiple * multiple, image.shape[1] // multiple * multiple
+
+    def starts(length: int) -> list[int]:
+        if length < side:
+            return []
+        origins = list(range(0, length - side + 1, side))
+        return origins + [length - side] if origins[-1] + side < length else origins
+
+    return [image[y:y + side, x:x + side] for y in starts(height) for x in starts(width)]
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-
-
-def make_hr_folder(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = {}
-    for number, (height, width) in enumerate(sizes, start=1):
-        stem = f"{number:04d}"
-        images[stem] = smooth_image(rng, height, width)
-        write_png(folder / f"{stem}.png", images[stem])
-    return images
-
-
-def make_official_lr(folder: Path, hr: dict[str, np.ndarray], seed: int = 1) -> dict[tuple[str, int], np.ndarray]:
-    """DIV2K layout X{s}/<stem>x{s}.png with arbitrary content (proves the files are used, not regenerated)."""
-    rng = np.random.default_rng(seed)
-    lrs = {}
-    for stem, image in hr.items():
-        for scale in SCALES:
-            lr = rng.integers(0, 256, (image.shape[0] // scale, image.shape[1] // scale, 3), dtype=np.uint8)
-            write_png(folder / f"X{scale}" / f"{stem}x{scale}.png", lr)
-            lrs[stem, scale] = lr
-    return lrs
-
-
-def expected_tiles(image: np.ndarray, side: int) -> list[np.ndarray]:
-    rows, cols = image.shape[0] // side, image.shape[1] // side
-    return [image[r * side : (r + 1) * side, c * side : (c + 1) * side] for r in range(rows) for c in range(cols)]
+def stored_tiles(hr: np.ndarray, lr: np.ndarray, scale: int, multiple: int = 12) -> tuple[list, list]:
+    """(HR tiles, LR tiles) a store keeps of one training image: the HR cropped to a multiple of lcm(scales),
+    and the matching top-left part of the LR of the whole image."""
+    height, width = hr.shape[0] // multiple * multiple, hr.shape[1] // multiple * multiple
+    return (expected_tiles(hr[:height, :width], TILE),
+            expected_tiles(lr[: height // scale, : width // scale], TILE // scale))
 
 
 def build(*args: str) -> int:
@@ -77,18 +61,19 @@ def test_generated_bicubic_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "store.h5"
     assert build("--hr-dir", str(tmp_path / "hr"), "--scales", "2,3,4", "--tile-size", str(TILE), "--out", str(out),
                  "--valid-count", "1") == 0
-    train_stems, valid_stem = sorted(hr)[:-1], sorted(hr)[-1]
+    train_stems, valid_stem = ["0001", "0002", "0004"], sorted(hr)[-1]  # 0003 (30x20) is smaller than a tile
     info = store_info(str(out))
-    assert info["attrs"]["format_version"] == 1 and info["attrs"]["degradation"] == "bicubic-pil"
+    assert info["attrs"]["format_version"] == 2 and info["attrs"]["degradation"] == "bicubic-pil"
     assert info["scales"] == [2, 3, 4] and info["tile_size"] == TILE and info["attrs"]["checksum"] == "crc32"
-    assert {"created", "builder_version", "source"} <= set(info["attrs"])
+    assert {"created", "builder_version", "source", "sources"} <= set(info["attrs"])
     for scale in SCALES:
         store = PatchStore(str(out), scale)
         hr_tiles, lr_tiles = [], []
         for stem in train_stems:
-            hr_tiles += expected_tiles(hr[stem], TILE)
-            lr_tiles += expected_tiles(pil_bicubic_downscale(hr[stem], scale), TILE // scale)
-        assert store.num_train_tiles == len(hr_tiles) == 2 * 3 + 2 * 2 + 0 + 3 * 2
+            hr_part, lr_part = stored_tiles(hr[stem], pil_bicubic_downscale(hr[stem], scale), scale)
+            hr_tiles, lr_tiles = hr_tiles + hr_part, lr_tiles + lr_part
+        # 50x75 -> 48x72: 2 x 3; 48x49 -> 48x48: 2 x 2; 72x60: 3 x 3 (the last column overlaps the one before)
+        assert store.num_train_tiles == len(hr_tiles) == 2 * 3 + 2 * 2 + 3 * 3
         for index in range(store.num_train_tiles):
             lr, hr_tile = store.read_train(index)
             assert lr.dtype == np.uint8 and hr_tile.tobytes() == hr_tiles[index].tobytes()
@@ -102,16 +87,18 @@ def test_generated_bicubic_round_trip(tmp_path: Path) -> None:
     with h5py.File(out, "r") as f:  # tile bookkeeping: source image and origin of each tile
         names = [n.decode() for n in f["train/names"][()]]
         assert names == train_stems
-        assert f["train/image_index"][()].tolist() == [0] * 6 + [1] * 4 + [3] * 6
+        assert f["train/image_index"][()].tolist() == [0] * 6 + [1] * 4 + [2] * 9
+        assert f["train/image_size"][()].tolist() == [[48, 72], [48, 48], [72, 60]]
         assert f["train/tile_origin"][4].tolist() == [24, 24] and f["train/tile_origin"][6].tolist() == [0, 0]
+        assert f["train/tile_origin"][-1].tolist() == [48, 36]
         assert f["train/hr"].chunks == (1, TILE, TILE, 3) and f["train/hr"].compression is None
 
 
 def test_official_lr_round_trip(tmp_path: Path) -> None:
     hr = make_hr_folder(tmp_path / "hr", TRAIN_SIZES)
-    lrs = make_official_lr(tmp_path / "lr", hr)
+    lrs = make_official_lr(tmp_path / "lr", hr, SCALES)
     valid_hr = make_hr_folder(tmp_path / "vhr", [(50, 39)], seed=5)
-    valid_lr = make_official_lr(tmp_path / "vlr", valid_hr, seed=6)
+    valid_lr = make_official_lr(tmp_path / "vlr", valid_hr, SCALES, seed=6)
     out = tmp_path / "official.h5"
     assert build("--hr-dir", str(tmp_path / "hr"), "--lr-dir", str(tmp_path / "lr"), "--scales", "2,3,4",
                  "--tile-size", str(TILE), "--out", str(out), "--valid-hr-dir", str(tmp_path / "vhr"),
@@ -121,8 +108,8 @@ def test_official_lr_round_trip(tmp_path: Path) -> None:
         store = PatchStore(str(out), scale)
         hr_tiles, lr_tiles = [], []
         for stem in sorted(hr):
-            hr_tiles += expected_tiles(hr[stem], TILE)
-            lr_tiles += expected_tiles(lrs[stem, scale], TILE // scale)
+            hr_part, lr_part = stored_tiles(hr[stem], lrs[stem, scale], scale)
+            hr_tiles, lr_tiles = hr_tiles + hr_part, lr_tiles + lr_part
         assert store.num_train_tiles == len(hr_tiles)
         for index in range(store.num_train_tiles):
             lr, hr_tile = store.read_train(index)
@@ -211,12 +198,14 @@ def test_missing_dataset_and_scale_not_in_store(small_store: Path) -> None:
         PatchStore(str(small_store), 5)
 
 
-def test_wrong_format_version(small_store: Path) -> None:
-    path = damaged_copy(small_store, "v2.h5")
-    with h5py.File(path, "a") as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(UserError, match="format_version 2"):
-        PatchStore(str(path), 2)
+def test_other_format_versions_get_a_rebuild_line(small_store: Path) -> None:
+    # Version 1 stores (tiles from the top-left only, edges dropped) lack what crops across tiles need.
+    for version in (1, 3):
+        path = damaged_copy(small_store, f"v{version}.h5")
+        with h5py.File(path, "a") as f:
+            f.attrs["format_version"] = version
+        with pytest.raises(UserError, match=rf"format_version {version}, this edsr-dist reads version 2; rebuild"):
+            PatchStore(str(path), 2)
 
 
 def test_truncated_file(small_store: Path) -> None:
@@ -286,7 +275,13 @@ def test_builder_bad_input(tmp_path: Path) -> None:
     (empty / "readme.txt").write_text("no images")
     cases = [
         (["--hr-dir", str(tmp_path / "missing"), "--out", out], "does not exist"),
-        (["--hr-dir", str(empty), "--out", out], "holds no .png files"),
+        (["--hr-dir", str(empty), "--out", out], r"holds no images \(it holds 1 other file\(s\), e.g. readme.txt\)"),
+        (["--hr-dir", str(tmp_path / "hr"), "--hr-dir", str(tmp_path / "hr" / "."), "--out", out],
+         "already given as --hr-dir"),
+        (["--hr-dir", str(tmp_path / "hr"), "--valid-hr-dir", str(tmp_path / "hr"), "--out", out],
+         "already given as --hr-dir: a folder is used once; use --valid-count"),
+        (["--hr-dir", str(tmp_path / "hr"), "--hr-dir", str(empty), "--lr-dir", str(tmp_path / "lr"), "--out", out],
+         "2 --hr-dir but 1 --lr-dir"),
         (["--hr-dir", str(tmp_path / "hr"), "--out", out, "--tile-size", "100"], "not divisible by scale 3"),
         (["--hr-dir", str(tmp_path / "hr"), "--out", out, "--scales", "2,x"], "comma-separated"),
         (["--hr-dir", str(tmp_path / "hr"), "--out", str(tmp_path / "no" / "dir" / "s.h5")], "does not exist"),
@@ -302,7 +297,7 @@ def test_builder_bad_input(tmp_path: Path) -> None:
         with pytest.raises(UserError, match=message):
             build(*args)
 
-    lrs = make_official_lr(tmp_path / "lr", hr)
+    lrs = make_official_lr(tmp_path / "lr", hr, SCALES)
     missing = tmp_path / "lr" / "X3" / "0002x3.png"
     missing.unlink()
     with pytest.raises(UserError, match="0002x3.png for HR 0002.png is missing"):

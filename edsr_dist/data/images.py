@@ -1,0 +1,82 @@
+"""Image files as training and evaluation data: which files count as images, how they decode to 8-bit RGB, and
+the one-line notes about what a folder held besides (files skipped, lossy JPEGs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edsr_dist.errors import UserError
+
+# Formats Pillow decodes without extra plugins. Order matters where one stem has several files: PNG first.
+IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg")
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+_SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_image_rgb(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 HWC RGB (grey, palette and alpha images are converted; 16-bit grey keeps its
+    top 8 bits rather than being clipped to white)."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in _SIXTEEN_BIT_GREY:
+                grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+                return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read image {path} ({exc}); replace or remove the file") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file's header."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read image {path} ({exc}); replace or remove the file") from None
+    return height, width
+
+
+def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files sorted by name, other files that were skipped) of one folder; subfolders are not entered."""
+    entries = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+
+
+def find_image(folder: Path, stem: str) -> Path | None:
+    """`<folder>/<stem>.<suffix>` for the first image suffix that exists (PNG preferred), else None."""
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def listing_notes(folder: Path, images: list[Path], skipped: list[Path]) -> list[str]:
+    """One line each: the files of `folder` that were not read as images, and whether lossy JPEGs are among the
+    images (their compression artefacts become part of the ground truth)."""
+    notes = []
+    if skipped:
+        shown = ", ".join(p.name for p in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        notes.append(f"note: {folder}: skipped {len(skipped)} file(s) that are not images ({shown}); "
+                     f"images are {'/'.join(s[1:] for s in IMAGE_SUFFIXES)}")
+    lossy = [p for p in images if p.suffix.lower() in LOSSY_SUFFIXES]
+    if lossy:
+        notes.append(f"note: {folder}: {len(lossy)} of {len(images)} images are JPEG (lossy); their compression "
+                     "artefacts become part of the ground truth, so prefer PNG originals where you have them")
+    return notes
+
+
+def no_images_message(flag: str, folder: Path, skipped: list[Path]) -> str:
+    found = f" (it holds {len(skipped)} other file(s), e.g. {skipped[0].name})" if skipped else ""
+    return (f"{flag} {folder} holds no images{found}; pass a folder of "
+            f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images")
