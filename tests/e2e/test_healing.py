@@ -228,3 +228,14 @@ def test_restart_flags_are_checked(tmp_path):
         result = run_cli(["launch", *flags, "--", "--epochs", "1"], cwd=tmp_path, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_save_every_minutes_checkpoints_on_rank_0s_clock(tmp_path, sample_store):
+    """A cadence far shorter than a step: every step is due, whatever --save-every-steps says (off here)."""
+    from helpers import run_cli
+    out = tmp_path / "run"
+    train = [*TINY, "--steps-per-epoch", "6", "--save-every-minutes", "1e-6", "--keep-last", "10"]
+    result = run_cli(["train", *train, "--data", str(sample_store), "--out", str(out)], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.ckpt")) == [
+        f"step_{step:08d}.ckpt" for step in range(1, 7)]
