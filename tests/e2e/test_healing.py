@@ -9,7 +9,7 @@ again and the steps lost.
 
 from __future__ import annotations
 
-import os
+import json
 import re
 import signal
 import sys
@@ -183,9 +183,11 @@ def test_torchrun_max_restarts_heals_with_resume_auto(tmp_path, sample_store, re
 
 
 def exec_job(tmp_path: Path, launch_args: list[str], script: str) -> Job:
+    """One worker (or a rank table's) running `script`, which gets the path of a file to append to."""
     (tmp_path / "worker.py").write_text(script)
+    nproc = None if "--rank-table" in launch_args else 1
     return Job(["--log-dir", str(tmp_path / "logs"), *launch_args, "--exec"],
-               [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "starts.txt")], tmp_path, nproc=1)
+               [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "starts.txt")], tmp_path, nproc=nproc)
 
 
 RECORD_START = "import os, sys\nopen(sys.argv[1], 'a').write(os.environ['EDSR_DIST_RESTART'] + '\\n')\n"
@@ -239,3 +241,22 @@ def test_save_every_minutes_checkpoints_on_rank_0s_clock(tmp_path, sample_store)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*.ckpt")) == [
         f"step_{step:08d}.ckpt" for step in range(1, 7)]
+
+
+def test_min_nproc_with_a_rank_table_writes_the_reduced_table(tmp_path):
+    """Device 1 of a single-server table dies at every start: after its second failure the launcher goes on with
+    device 0 alone, as rank 0 of 1, and hands the workers the table of what is left."""
+    table = write_table(tmp_path, v1([("127.0.0.1", [0, 1])]))
+    script = RECORD_START + ("import json\nif os.environ['DEVICE_ID'] == '1': os.kill(os.getpid(), 9)\n"
+                             "print(json.dumps({k: os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'RANK_TABLE_FILE')}))\n")
+    job = exec_job(tmp_path, ["--rank-table", str(table), "--max-restarts", "3", "--restart-delay", "0.1",
+                              "--min-nproc", "1"], script)
+    assert job.wait(timeout=60) == 0, job.stderr
+    reduced = tmp_path / "logs" / "rank_table_1p.json"
+    second = [line for line in job.stderr.splitlines() if "restart 2 of 3" in line]
+    assert len(second) == 1 and second[0].endswith("; device 1 failed twice in a row: continuing without it on "
+                                                   "1 worker"), job.stderr
+    assert json.loads(reduced.read_text())["server_list"] == [
+        {"server_id": "127.0.0.1", "device": [{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}]}]
+    last = json.loads((tmp_path / "logs" / "rank_0.log").read_text().strip().splitlines()[-1])
+    assert last == {"RANK": "0", "WORLD_SIZE": "1", "RANK_TABLE_FILE": str(reduced)}
