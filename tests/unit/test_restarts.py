@@ -1,0 +1,37 @@
+"""The launcher's restart decisions that need no process: back-off, what a restart runs, dropping a device."""
+
+import pytest
+
+from edsr_dist.checkpoint import save_checkpoint
+from edsr_dist.config import parse_train_args
+from edsr_dist.dist.launcher import Plan, _drop_device, _restart_train_args, restart_delay
+from edsr_dist.errors import UserError
+
+
+def test_back_off_doubles_up_to_a_minute():
+    assert [restart_delay(1.0, k) for k in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert restart_delay(0.0, 3) == 0
+
+
+def test_restarts_resume_auto_and_never_overwrite(tmp_path):
+    out = tmp_path / "run"
+    first = ["--out", str(out), "--overwrite"]
+    restart = parse_train_args(_restart_train_args(first, str(out)))
+    assert (restart.resume, restart.overwrite) == ("auto", False)
+
+
+def test_a_resume_file_applies_until_the_run_has_its_own_checkpoint(tmp_path):
+    out, other = tmp_path / "run", tmp_path / "other" / "step_00000010.ckpt"
+    first = ["--out", str(out), "--resume", str(other)]
+    assert parse_train_args(_restart_train_args(first, str(out))).resume == str(other)
+    save_checkpoint(out, {"step": 3}, step=3, keep_last=1)
+    assert parse_train_args(_restart_train_args(first, str(out))).resume == "auto"
+
+
+def test_dropping_a_device_keeps_min_nproc_and_the_batch():
+    plan = Plan(workers=[], summary="", world_size=4, batch_size=12)
+    assert _drop_device(plan, 2, min_nproc=3, dropped=frozenset()) == {2}
+    assert _drop_device(plan, 2, min_nproc=4, dropped=frozenset()) == frozenset()  # would go below --min-nproc
+    with pytest.raises(UserError, match=r"device 2 failed twice in a row and the job cannot continue without it: "
+                                        r"batch_size 16 \(global\) does not divide by the 3 workers"):
+        _drop_device(Plan(workers=[], summary="", world_size=4, batch_size=16), 2, min_nproc=1, dropped=frozenset())
