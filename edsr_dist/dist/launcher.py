@@ -24,8 +24,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import psutil
+from torch.distributed import TCPStore
 
 from edsr_dist.config import check_batch_divides, parse_train_args
 from edsr_dist.dist.hostfile import horovodrun_command, parse_hostfile
@@ -53,6 +55,7 @@ MAX_RESTART_DELAY_S = 60.0
 NOT_RETRIED = (EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED)
 NOT_RETRIED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MULTI_SERVER_PORT = 29500  # every server must agree on the port without talking first, so no random one
+JOB_STORE_TIMEOUT_S = 300.0  # how long a launcher waits for the first server's launcher (it may start later)
 POLL_S = 0.05
 DEFAULT_WAIT_TABLE_S = 300.0  # mindxdl's rank_table.sh polls 60 x 5 s for "completed"
 PROG = "edsr-dist launch"
@@ -83,6 +86,9 @@ class Plan:
     servers: int = 1  # servers in the job (1 without a rank table)
     out: str = ""  # the run folder (train's --out); "" with --exec
     batch_size: int = 0  # the global batch; 0 with --exec
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    server_index: int = 0  # this server's entry in the rank table
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -373,7 +379,8 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
     summary = (f"{local} worker{'s' if local != 1 else ''} on {where}: {rank_text} of {world_size}, devices "
                f"{','.join(str(w.device_id) for w in workers)}; master {master_addr}:{master_port}; logs in {log_dir}")
     return Plan(workers, summary, unset, v1_table, world_size, len(table.servers) if table_path is not None else 1,
-                "" if cfg is None else cfg.out, 0 if cfg is None else cfg.batch_size)
+                "" if cfg is None else cfg.out, 0 if cfg is None else cfg.batch_size, master_addr, master_port,
+                index if table_path is not None else 0)
 
 
 def describe_plan(plan: Plan) -> str:
@@ -606,6 +613,7 @@ class Outcome:
     line: str = ""  # one line for the console (without the program name); "" when every worker finished
     retriable: bool = False  # a failure that a restart from the last checkpoint can get past
     blamed_device: int | None = None  # this server's device at fault (died, crashed, hung); None: a peer elsewhere
+    from_peer: bool = False  # another server's launcher decided it (restart or end); the line is its news
 
 
 def _outcome(failed: _Worker, silent: list[_Worker], stopped: set[int]) -> Outcome:
@@ -621,8 +629,9 @@ def _outcome(failed: _Worker, silent: list[_Worker], stopped: set[int]) -> Outco
     return Outcome(128 - code if code < 0 else code, line, retriable, blamed)
 
 
-def _run_attempt(plan: Plan, grace: float, stop: "_StopRequest") -> Outcome:
-    """Start the plan's workers and wait; the first failure stops the rest."""
+def _run_attempt(plan: Plan, grace: float, stop: "_StopRequest", peers: "_JobStore | None" = None) -> Outcome:
+    """Start the plan's workers and wait; the first failure (or, with `peers`, a restart decided on another server)
+    stops the rest."""
     log_dir = os.path.dirname(plan.workers[0].log_path) or "."
     try:
         os.makedirs(log_dir, exist_ok=True)
@@ -644,7 +653,12 @@ def _run_attempt(plan: Plan, grace: float, stop: "_StopRequest") -> Outcome:
     failed: _Worker | None = None
     silent: list[_Worker] = []
     stopped: set[int] = set()
+    news = ""
     while stop.signum is None and failed is None:
+        if peers is not None:
+            news = peers.news()
+            if news:
+                break
         finished = [(w, w.proc.poll()) for w in workers]
         bad = [(w, code) for w, code in finished if code not in (None, 0)]
         if bad:
@@ -676,7 +690,75 @@ def _run_attempt(plan: Plan, grace: float, stop: "_StopRequest") -> Outcome:
         return Outcome(128 + stop.signum, line)
     if failed is not None:
         return _outcome(failed, silent, stopped)
+    if news:
+        return Outcome(EXIT_COLLECTIVE_FAILED, news, retriable=True, from_peer=True)
     return Outcome(0)
+
+
+class _JobStore:
+    """How the launchers of a multi-server job agree on restarts. The first server's launcher holds a small
+    key-value store (torch's TCPStore) on the master port + 1. The job's generation (0 for the first start, then the
+    restart number, or "end") lives there: the launcher that sees a failure first moves it on, and every other
+    launcher that sees it move stops its workers and follows, also one whose workers are all hung and which would
+    otherwise see nothing. So every server restarts as often, and at the same time, as the others."""
+
+    KEY = "edsr-dist/generation"
+    CHECK_S = 0.5  # how often a running attempt asks whether another server moved the job on
+
+    def __init__(self, addr: str, port: int, first: bool, server_index: int):
+        try:
+            self.store = TCPStore(addr, port, is_master=first, wait_for_workers=False,
+                                  timeout=timedelta(seconds=JOB_STORE_TIMEOUT_S))
+            if first:
+                self.store.set(self.KEY, "0")
+            self.seen = self.store.get(self.KEY).decode()
+        except (RuntimeError, OSError) as exc:
+            raise UserError(f"launchers cannot meet at {addr}:{port} ({str(exc).splitlines()[0]}); with "
+                            "--max-restarts the first server's launcher listens there (master port + 1): open it "
+                            "between the servers") from None
+        self.server_index = server_index
+        self._next_check = 0.0
+        self._latest = self.seen
+
+    def news(self) -> str:
+        """While workers run: "" or the line of the launcher that restarted or ended the job elsewhere."""
+        if time.monotonic() < self._next_check:
+            return ""
+        self._next_check = time.monotonic() + self.CHECK_S
+        try:
+            now = self.store.get(self.KEY).decode()
+        except (RuntimeError, OSError):
+            return ""  # the first server's launcher finished or is gone; its workers' fate reaches ours directly
+        if now == self.seen:
+            return ""
+        self._latest = now
+        return self.why(now)
+
+    def follow(self) -> str:
+        """After `news`: join the generation another launcher moved the job to."""
+        self.seen = self._latest
+        return self.seen
+
+    def why(self, generation: str) -> str:
+        try:
+            return self.store.get(f"{self.KEY}/{generation}").decode()
+        except (RuntimeError, OSError):
+            return f"another server moved the job to generation {generation}"
+
+    def move_on(self, line: str, end: bool = False) -> str:
+        """After a failure seen here: the generation the job is in now ("end" when it ended). The first launcher
+        to ask moves it on (and tells the others why); the others learn where it went."""
+        if self.seen == "end":
+            return "end"
+        target = "end" if end else str(int(self.seen) + 1)
+        try:
+            now = self.store.compare_set(self.KEY, self.seen, target).decode()
+            if now == target:
+                self.store.set(f"{self.KEY}/{target}", f"server {self.server_index}: {line}")
+        except (RuntimeError, OSError):
+            now = "end"  # nobody to restart with
+        self.seen = now
+        return now
 
 
 def restart_delay(first_s: float, restart: int) -> float:
@@ -727,16 +809,32 @@ def run_workers(args: argparse.Namespace, rest: list[str]) -> int:
     if args.min_nproc is not None and plan.servers > 1:
         raise UserError("--min-nproc works with --nproc and single-server rank tables (the servers of a "
                         "multi-server job would have to agree on new ranks); drop --min-nproc")
+    peers = None
+    if plan.servers > 1 and args.max_restarts:
+        peers = _JobStore(plan.master_addr, plan.master_port + 1, plan.server_index == 0, plan.server_index)
     restarts = 0
     dropped: frozenset[int] = frozenset()
     last_blamed: int | None = None
+    ended_elsewhere = False
     with _StopRequest() as stop:
         while True:
-            outcome = _run_attempt(plan, args.grace, stop)
-            done = outcome.code == 0 or not outcome.retriable or stop.signum is not None
-            if done or restarts >= args.max_restarts:
+            outcome = _run_attempt(plan, args.grace, stop, peers)
+            final = outcome.code == 0 or not outcome.retriable or stop.signum is not None
+            target = restarts + 1
+            if peers is not None and outcome.code != 0:
+                generation = (peers.follow() if outcome.from_peer else
+                              peers.move_on(outcome.line, end=final or target > args.max_restarts))
+                if generation == "end":
+                    asked_to_end = not outcome.from_peer and (final or target > args.max_restarts)
+                    if not asked_to_end:
+                        ended_elsewhere = True
+                        outcome.line = peers.why("end")
+                    final = True
+                else:
+                    target = int(generation)
+            if final or target > args.max_restarts:
                 break
-            restarts += 1
+            restarts = target
             note = ""
             if (args.min_nproc is not None and outcome.blamed_device is not None
                     and outcome.blamed_device == last_blamed):
@@ -767,7 +865,9 @@ def run_workers(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"{PROG}: finished after {after}", file=sys.stderr, flush=True)
         return 0
     line = outcome.line
-    if outcome.retriable and args.max_restarts:
+    if ended_elsewhere:
+        line = f"stopped {len(plan.workers)} worker(s): the job ended on {line}"
+    elif outcome.retriable and args.max_restarts:
         line += f"; gave up after {after} (--max-restarts {args.max_restarts})"
     elif args.max_restarts and stop.signum is None:
         line += f"; not restarted: {_why_not_retried(outcome.code)}" + (f" (after {after})" if restarts else "")

@@ -131,28 +131,35 @@ def test_fewer_devices_continue_on_the_same_trajectory(tmp_path, sample_store, r
     assert_no_process_left(job.pids)
 
 
-def test_two_launchers_both_restart_after_a_worker_of_server_1_dies(tmp_path, sample_store, reference):
-    """A 2-server table on loopback addresses, one launcher per server (--server-index 0/1): launcher 1 sees its
-    worker killed, launcher 0 sees its worker lose the connection (exit 4); both restart and meet again."""
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_two_launchers_both_restart_after_a_worker_of_server_1_fails(tmp_path, sample_store, reference, fault):
+    """A 2-server table on loopback addresses, one launcher per server (--server-index 0/1), one worker each.
+    Killed: launcher 1 sees its worker die, launcher 0 sees its worker lose the connection (exit 4). Hung: only
+    server 0's worker notices (a collective timeout); launcher 1 learns it from the launchers' store. Either way both
+    restart once, meet again, and end with the uninterrupted run's weights."""
     out = tmp_path / "run"
     table = write_table(tmp_path, v1([("127.0.0.1", [0]), ("127.0.0.2", [0])]))
     port = str(free_port())
-    train = [*TRAIN, "--data", str(sample_store), "--out", str(out)]
+    train = [*TRAIN, "--data", str(sample_store), "--out", str(out), "--dist-timeout", "5"]
     servers = [Job(["--rank-table", str(table), "--server-index", str(i), "--master-port", port, *HEAL], train,
                    tmp_path, nproc=None) for i in range(2)]
     try:
         servers[0].wait_for_line(r"Step nr: \[9/")
         victim = servers[1].workers()[1]
         servers[0].workers()
-        victim.send_signal(signal.SIGKILL)
+        victim.send_signal(fault)
         codes = [job.wait(timeout=TIMEOUT_S) for job in servers]
     finally:
         for job in servers:
             job.kill_leftovers()
     assert codes == [0, 0], [job.stderr for job in servers]
-    restarts = [[line for line in job.stderr.splitlines() if "restart 1 of 2" in line] for job in servers]
-    assert len(restarts[1]) == 1 and "rank 1 (device 0) was killed by signal SIGKILL" in restarts[1][0]
-    assert len(restarts[0]) == 1 and "rank 0 (device 0) exited with code 4" in restarts[0][0]
+    restarts = [[line for line in job.stderr.splitlines() if " restart " in line] for job in servers]
+    assert [len(lines) for lines in restarts] == [1, 1], restarts
+    assert all("restart 1 of 2 in 0.2 s, from step 8 (" in lines[0] for lines in restarts), restarts
+    if fault == signal.SIGKILL:
+        assert "rank 1 (device 0) was killed by signal SIGKILL" in restarts[1][0]
+    else:  # launcher 1 restarted on launcher 0's word
+        assert restarts[1][0].startswith("edsr-dist launch: server 0: rank 0 (device 0) exited with code 4"), restarts
     assert all(job.stderr.strip().splitlines()[-1] == "edsr-dist launch: finished after 1 restart" for job in servers)
     assert_identical(final_weights(out), reference)
     assert_no_process_left(servers[0].pids + servers[1].pids)
