@@ -743,7 +743,7 @@ class _JobStore:
         try:
             return self.store.get(f"{self.KEY}/{generation}").decode()
         except (RuntimeError, OSError):
-            return f"another server moved the job to generation {generation}"
+            return "the first server (its launcher cannot be reached)"
 
     def move_on(self, line: str, end: bool = False) -> str:
         """After a failure seen here: the generation the job is in now ("end" when it ended). The first launcher
@@ -866,7 +866,7 @@ def run_workers(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     line = outcome.line
     if ended_elsewhere:
-        line = f"stopped {len(plan.workers)} worker(s): the job ended on {line}"
+        line = f"stopped {len(plan.workers)} worker(s); the job ended on {line}"
     elif outcome.retriable and args.max_restarts:
         line += f"; gave up after {after} (--max-restarts {args.max_restarts})"
     elif args.max_restarts and stop.signum is None:

@@ -255,7 +255,8 @@ def test_min_nproc_with_a_rank_table_writes_the_reduced_table(tmp_path):
     device 0 alone, as rank 0 of 1, and hands the workers the table of what is left."""
     table = write_table(tmp_path, v1([("127.0.0.1", [0, 1])]))
     script = RECORD_START + ("import json\nif os.environ['DEVICE_ID'] == '1': os.kill(os.getpid(), 9)\n"
-                             "print(json.dumps({k: os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'RANK_TABLE_FILE')}))\n")
+                             "names = ('RANK', 'WORLD_SIZE', 'RANK_TABLE_FILE')\n"
+                             "print(json.dumps({k: os.environ[k] for k in names}))\n")
     job = exec_job(tmp_path, ["--rank-table", str(table), "--max-restarts", "3", "--restart-delay", "0.1",
                               "--min-nproc", "1"], script)
     assert job.wait(timeout=60) == 0, job.stderr
@@ -267,3 +268,27 @@ def test_min_nproc_with_a_rank_table_writes_the_reduced_table(tmp_path):
         {"server_id": "127.0.0.1", "device": [{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}]}]
     last = json.loads((tmp_path / "logs" / "rank_0.log").read_text().strip().splitlines()[-1])
     assert last == {"RANK": "0", "WORLD_SIZE": "1", "RANK_TABLE_FILE": str(reduced)}
+
+
+def test_a_user_error_on_one_server_ends_the_other_server_too(tmp_path):
+    """Server 1's worker fails with exit 2 (never retried); server 0's worker is healthy and would wait for it
+    forever: its launcher learns from the launchers' store that the job ended, stops it and says where it ended."""
+    table = write_table(tmp_path, v1([("127.0.0.1", [0]), ("127.0.0.2", [0])]))
+    (tmp_path / "worker.py").write_text("import os, sys, time\nif os.environ['RANK'] == '1': sys.exit(2)\n"
+                                        "time.sleep(60)\n")
+    port = str(free_port())
+    servers = [Job(["--rank-table", str(table), "--server-index", str(i), "--master-port", port, "--log-dir",
+                    str(tmp_path / "logs"), *HEAL, "--exec"], [sys.executable, str(tmp_path / "worker.py")], tmp_path,
+                   nproc=None) for i in range(2)]
+    try:
+        codes = [job.wait(timeout=60) for job in servers]
+    finally:
+        for job in servers:
+            job.kill_leftovers()
+    log = tmp_path / "logs" / "rank_1.log"
+    ended = f"rank 1 (device 0) exited with code 2; see {log}"
+    assert codes == [4, 2], [job.stderr for job in servers]
+    assert servers[1].last_stderr_line() == (f"edsr-dist launch: {ended}; not restarted: a user error repeats on "
+                                             "every restart")
+    assert servers[0].last_stderr_line() == (f"edsr-dist launch: stopped 1 worker(s); the job ended on server 1: "
+                                             f"{ended}")
