@@ -737,20 +737,26 @@ class _JobStore:
     def follow(self) -> str:
         """After `news`: join the generation another launcher moved the job to."""
         self.seen = self._latest
-        return self.seen
+        return self.generation()
 
-    def why(self, generation: str) -> str:
+    def generation(self) -> str:
+        """The restart number the job is in ("0" at first), or "end"."""
+        return self.seen.split("@", 1)[0]
+
+    def why(self, value: str | None = None) -> str:
+        """The line of the launcher that moved the job to `value` (default: where this launcher last saw it)."""
         try:
-            return self.store.get(f"{self.KEY}/{generation}").decode()
+            return self.store.get(f"{self.KEY}/{value or self.seen}").decode()
         except (RuntimeError, OSError):
             return "the first server (its launcher cannot be reached)"
 
     def move_on(self, line: str, end: bool = False) -> str:
         """After a failure seen here: the generation the job is in now ("end" when it ended). The first launcher
-        to ask moves it on (and tells the others why); the others learn where it went."""
-        if self.seen == "end":
+        to ask moves it on (and tells the others why); the others learn where it went. A value names its mover
+        (`<generation>@<server>`), so a launcher knows whether the move was its own."""
+        if self.generation() == "end":
             return "end"
-        target = "end" if end else str(int(self.seen) + 1)
+        target = f"{'end' if end else int(self.generation()) + 1}@{self.server_index}"
         try:
             now = self.store.compare_set(self.KEY, self.seen, target).decode()
             if now == target:
@@ -758,7 +764,7 @@ class _JobStore:
         except (RuntimeError, OSError):
             now = "end"  # nobody to restart with
         self.seen = now
-        return now
+        return self.generation()
 
 
 def restart_delay(first_s: float, restart: int) -> float:
@@ -828,7 +834,7 @@ def run_workers(args: argparse.Namespace, rest: list[str]) -> int:
                     asked_to_end = not outcome.from_peer and (final or target > args.max_restarts)
                     if not asked_to_end:
                         ended_elsewhere = True
-                        outcome.line = peers.why("end")
+                        outcome.line = peers.why()
                     final = True
                 else:
                     target = int(generation)
