@@ -305,7 +305,7 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
                                 "drop --min-nproc (restarts still happen) or give the job a smaller table")
             devices = [Device(d.device_id, d.device_ip, rank)
                        for rank, d in enumerate(d for d in devices if d.device_id not in dropped)]
-            table = RankTable(path=table.path, servers=[Server(server.server_id, devices)], format="reduced",
+            table = RankTable(path=table.path, servers=[Server(server.server_id, devices)],
                               real_path=table.real_path)
         placements = [(d.rank_id, d.device_id) for d in devices]
         world_size = table.rank_size
@@ -334,7 +334,7 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
     default_out = os.path.join("runs", "launch") if cfg is None else cfg.out
     log_dir = args.log_dir or os.path.join(default_out, "logs")
     v1_table = None
-    if table_path is not None and table.format == "reduced":
+    if table_path is not None and dropped:
         # The table of the devices still in the job, numbered again; what HCCL reads on this restart.
         v1_table = table
         table_env["RANK_TABLE_FILE"] = os.path.abspath(os.path.join(log_dir, f"rank_table_{world_size}p.json"))
@@ -671,7 +671,7 @@ def _run_attempt(plan: Plan, grace: float, stop: "_StopRequest", peers: "_JobSto
             break
         time.sleep(POLL_S)
     # A signal during the wait above still lets us stop in order; further ones are absorbed.
-    if failed is not None and failed.proc.returncode != EXIT_INTERRUPTED:
+    if news or (failed is not None and failed.proc.returncode != EXIT_INTERRUPTED):
         grace = min(grace, FAILURE_GRACE_S)  # else the workers were signalled directly: rank 0 may be saving
     killed = _stop_all(workers, grace)
     if failed is not None and failed.proc.returncode == EXIT_INTERRUPTED:
@@ -705,7 +705,10 @@ class _JobStore:
     KEY = "edsr-dist/generation"
     CHECK_S = 0.5  # how often a running attempt asks whether another server moved the job on
 
-    def __init__(self, addr: str, port: int, first: bool, server_index: int):
+    DONE = "edsr-dist/launchers-done"
+    CLOSE_WAIT_S = 10.0  # the first launcher keeps the store up this long for the others to finish reading it
+
+    def __init__(self, addr: str, port: int, first: bool, server_index: int, servers: int):
         try:
             self.store = TCPStore(addr, port, is_master=first, wait_for_workers=False,
                                   timeout=timedelta(seconds=JOB_STORE_TIMEOUT_S))
@@ -717,18 +720,24 @@ class _JobStore:
                             "--max-restarts the first server's launcher listens there (master port + 1): open it "
                             "between the servers") from None
         self.server_index = server_index
+        self.servers = servers
+        self.first = first
+        self.reachable = True
         self._next_check = 0.0
         self._latest = self.seen
 
     def news(self) -> str:
         """While workers run: "" or the line of the launcher that restarted or ended the job elsewhere."""
-        if time.monotonic() < self._next_check:
+        if not self.reachable or time.monotonic() < self._next_check:
             return ""
         self._next_check = time.monotonic() + self.CHECK_S
         try:
             now = self.store.get(self.KEY).decode()
         except (RuntimeError, OSError):
-            return ""  # the first server's launcher finished or is gone; its workers' fate reaches ours directly
+            # The first server's launcher is gone; its workers' fate reaches ours through the collectives. Asking
+            # again would only repeat torch's warning.
+            self.reachable = False
+            return ""
         if now == self.seen:
             return ""
         self._latest = now
@@ -749,6 +758,19 @@ class _JobStore:
             return self.store.get(f"{self.KEY}/{value or self.seen}").decode()
         except (RuntimeError, OSError):
             return "the first server (its launcher cannot be reached)"
+
+    def close(self) -> None:
+        """The others say they are done; the first launcher waits for them (briefly) before its store goes away."""
+        try:
+            if not self.first:
+                if self.reachable:
+                    self.store.add(self.DONE, 1)
+                return
+            deadline = time.monotonic() + self.CLOSE_WAIT_S
+            while self.store.add(self.DONE, 0) < self.servers - 1 and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+        except (RuntimeError, OSError):
+            pass
 
     def move_on(self, line: str, end: bool = False) -> str:
         """After a failure seen here: the generation the job is in now ("end" when it ended). The first launcher
@@ -817,7 +839,17 @@ def run_workers(args: argparse.Namespace, rest: list[str]) -> int:
                         "multi-server job would have to agree on new ranks); drop --min-nproc")
     peers = None
     if plan.servers > 1 and args.max_restarts:
-        peers = _JobStore(plan.master_addr, plan.master_port + 1, plan.server_index == 0, plan.server_index)
+        peers = _JobStore(plan.master_addr, plan.master_port + 1, plan.server_index == 0, plan.server_index,
+                          plan.servers)
+    try:
+        return _supervise(args, rest, plan, job_id, peers)
+    finally:
+        if peers is not None:
+            peers.close()
+
+
+def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: str, peers: _JobStore | None) -> int:
+    """Run attempts until one finishes, fails in a way a restart cannot help, or the restart budget is spent."""
     restarts = 0
     dropped: frozenset[int] = frozenset()
     last_blamed: int | None = None

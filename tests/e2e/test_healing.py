@@ -161,6 +161,7 @@ def test_two_launchers_both_restart_after_a_worker_of_server_1_fails(tmp_path, s
     else:  # launcher 1 restarted on launcher 0's word
         assert restarts[1][0].startswith("edsr-dist launch: server 0: rank 0 (device 0) exited with code 4"), restarts
     assert all(job.stderr.strip().splitlines()[-1] == "edsr-dist launch: finished after 1 restart" for job in servers)
+    assert not [job.stderr for job in servers if "Traceback" in job.stderr or "TCPStore" in job.stderr]
     assert_identical(final_weights(out), reference)
     assert_no_process_left(servers[0].pids + servers[1].pids)
 

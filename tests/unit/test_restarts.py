@@ -1,4 +1,7 @@
-"""The launcher's restart decisions that need no process: back-off, what a restart runs, dropping a device."""
+"""The launcher's restart decisions that need no process: back-off, what a restart runs, dropping a device, how
+the launchers of several servers agree (their store, in-process)."""
+
+import time
 
 import pytest
 
@@ -39,8 +42,8 @@ def test_dropping_a_device_keeps_min_nproc_and_the_batch():
 
 
 def test_launchers_move_the_generation_on_once_and_follow_each_other():
-    first = _JobStore("127.0.0.1", free_port(), first=True, server_index=0)
-    other = _JobStore("127.0.0.1", first.store.port, first=False, server_index=1)
+    first = _JobStore("127.0.0.1", free_port(), first=True, server_index=0, servers=2)
+    other = _JobStore("127.0.0.1", first.store.port, first=False, server_index=1, servers=2)
     assert (first.news(), other.news()) == ("", "")
     seen_before = first.seen
     assert other.move_on("rank 1 was killed") == "1"
@@ -54,3 +57,7 @@ def test_launchers_move_the_generation_on_once_and_follow_each_other():
     assert other.news() == "server 0: rank 0 exited with code 2"
     assert other.follow() == "end"
     assert other.move_on("rank 1 exited with code 4") == "end"  # nothing moves after the end
+    other.close()
+    started = time.monotonic()
+    first.close()  # the other launcher said it is done: no wait
+    assert time.monotonic() - started < 1
