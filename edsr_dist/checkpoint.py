@@ -258,6 +258,18 @@ def follow_pointer(pointer: Path) -> Path:
     return target
 
 
+def _resume_candidates(folder: Path) -> list[Path]:
+    """Step files in the order a resume tries them: the one `latest` names, then the others from the highest step."""
+    candidates = list(reversed(list_checkpoints(folder)))
+    try:
+        latest = follow_pointer(folder / LATEST) if (folder / LATEST).is_file() else None
+    except UserError:
+        latest = None
+    if latest is not None:
+        candidates = [latest] + [c for c in candidates if c.name != latest.name]
+    return candidates
+
+
 def find_checkpoint(path_or_dir: str | Path) -> Path | None:
     """A file: itself. A run or checkpoints folder: the newest valid checkpoint, or None.
 
@@ -269,19 +281,36 @@ def find_checkpoint(path_or_dir: str | Path) -> Path | None:
         return follow_pointer(path)
     if not path.is_dir():
         return None
-    folder = _checkpoint_folder(path)
-    candidates = list(reversed(list_checkpoints(folder)))
-    try:
-        latest = follow_pointer(folder / LATEST) if (folder / LATEST).is_file() else None
-    except UserError:
-        latest = None
-    if latest is not None:
-        candidates = [latest] + [c for c in candidates if c.name != latest.name]
-    for candidate in candidates:
+    for candidate in _resume_candidates(_checkpoint_folder(path)):
         try:
             verify_checkpoint(candidate)
         except UserError as exc:
             print(f"edsr-dist: warning: skipping {candidate}: {exc}", file=sys.stderr)
             continue
         return candidate
+    return None
+
+
+def _complete_on_disk(path: Path) -> bool:
+    """Header intact and the file as long as it says: what a kill mid-copy would break (no payload is read)."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(_HEADER_MAX).split(b"\n", 3)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(lines) < 4 or lines[0] != MAGIC or not lines[2].isdigit():
+        return False
+    return size == sum(len(line) + 1 for line in lines[:3]) + int(lines[2])
+
+
+def newest_checkpoint_quick(path_or_dir: str | Path) -> tuple[Path, int] | None:
+    """(file, step) `--resume auto` will most likely continue from, judged by names and headers alone, without
+    reading payloads (the launcher says it before each restart; the worker's own choice verifies checksums)."""
+    path = Path(path_or_dir)
+    if not path.is_dir():
+        return None
+    for candidate in _resume_candidates(_checkpoint_folder(path)):
+        if _complete_on_disk(candidate):
+            return candidate, _step_of(candidate)
     return None

@@ -66,6 +66,7 @@ class Config:
     save_every: int = 5  # epochs
     validate_every: int = 5  # epochs
     save_every_steps: int = 0  # additionally every N steps (0 = off); for preemptible jobs
+    save_every_minutes: float = 0.0  # additionally every M minutes of rank 0's wall clock (0 = off); bounds lost work
     keep_last: int = 3
     max_val_images: int = 0  # 0 = all validation images in the store
     val_tile: int = 0  # LR tile side for validation/inference; 0 = whole image unless it is too large
@@ -108,6 +109,7 @@ class Config:
         need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
         need(self.save_every >= 1, f"save_every must be >= 1 epoch, got {self.save_every}")
         need(self.validate_every >= 1, f"validate_every must be >= 1 epoch, got {self.validate_every}")
+        need(self.save_every_minutes >= 0, f"save_every_minutes must be >= 0 (0 = off), got {self.save_every_minutes}")
         need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         need(not self.val_benchmark or Path(self.val_benchmark).is_dir(),
              f"val_benchmark {self.val_benchmark} is not a folder; pass one benchmark set's folder "

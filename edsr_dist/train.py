@@ -138,6 +138,8 @@ class Trainer:
         self._save_due = False  # a step-cadence checkpoint waiting for a finite step
         self._stop_requested = False  # set by a signal, on this rank, at any moment
         self._stop_agreed = False  # set in a step, on every rank at once: the only one the loop acts on
+        self._last_save = time.monotonic()  # rank 0's clock decides when a --save-every-minutes checkpoint is due
+        self._minutes_due_agreed = False  # that decision, as every rank received it with the step's flags
 
     # ---- state ----------------------------------------------------------------------------------------------
 
@@ -323,9 +325,10 @@ class Trainer:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads)
             bad = torch.maximum(bad.reshape(()), (~torch.isfinite(grad_norm)).float().to(bad.device))
-        # One small all-reduce carries both the overflow flag and a pending stop request, so all ranks
-        # skip the same steps and stop at the same step boundary.
-        flags = torch.stack([bad.reshape(()), torch.tensor(float(self._stop_requested), device=bad.device)])
+        # One small all-reduce carries the overflow flag, a pending stop request and rank 0's "a timed checkpoint
+        # is due", so all ranks skip the same steps, stop at the same step boundary and save at the same step.
+        requests = [float(self._stop_requested), float(self.is_main and self._minutes_elapsed())]
+        flags = torch.cat([bad.reshape(1), torch.tensor(requests, device=bad.device)])
         with timer.phase("overflow_check"):
             flags = self.engine.all_reduce_max(flags)
         flags = flags.tolist()
@@ -342,6 +345,7 @@ class Trainer:
         # Never act on the local flag directly: a signal landing between this all-reduce and the loop's check
         # would stop this rank one step before the others, leaving them waiting in the next step's collectives.
         self._stop_agreed = flags[1] > 0
+        self._minutes_due_agreed = flags[2] > 0
         timer.end_step(skipped)
         return loss.detach(), skipped
 
@@ -383,6 +387,7 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
     def save(self, psnr: float | None = None) -> Path | None:
+        self._last_save = time.monotonic()
         if not self.is_main:
             return None
         if psnr is not None and (self.best_psnr is None or psnr > self.best_psnr):
@@ -403,9 +408,17 @@ class Trainer:
     def should_save_step(self) -> bool:
         """A step-cadence checkpoint, held back during a run of non-finite steps: the weights may be the ones that
         blew up, and retention would delete the good checkpoints before divergence is declared."""
-        if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
+        if (self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0) or self.should_save_minutes():
             self._save_due = True
         return self._save_due and not self._bad_steps
+
+    def should_save_minutes(self) -> bool:
+        """--save-every-minutes: rank 0's clock decided in this step's flags all-reduce, so every rank agrees."""
+        return self._minutes_due_agreed
+
+    def _minutes_elapsed(self) -> bool:
+        minutes = self.cfg.save_every_minutes
+        return bool(minutes) and time.monotonic() - self._last_save >= minutes * 60
 
     def should_validate(self, epoch_number: int, last: bool) -> bool:
         return epoch_number % self.cfg.validate_every == 0 or last

@@ -1,10 +1,15 @@
 """Helpers shared by the tests (imported as `from helpers import ...`; fixtures are in conftest.py)."""
 
+from __future__ import annotations
+
 import json
 import os
+import queue
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +71,83 @@ def assert_no_process_left(pids: list[int], within_s: float = 5.0) -> None:
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [pid for pid in pids if alive(pid)], "processes left behind"
+
+
+def clean_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for name in ("RANK_TABLE_FILE", "MASTER_PORT", "MASTER_ADDR", "JOB_ID", "OMP_NUM_THREADS", "RANK", "WORLD_SIZE",
+                 "LOCAL_RANK", "RANK_ID", "RANK_SIZE", "EDSR_DIST_LAUNCHER"):
+        env.pop(name, None)
+    return env
+
+
+class Job:
+    """`edsr-dist launch` (by default `--nproc 2`) in the background, its console read line by line."""
+
+    def __init__(self, launch_args: list[str], train_args: list[str], cwd: Path, nproc: int | None = 2,
+                 command: list[str] | None = None):
+        """`command`: what runs instead of `edsr-dist launch [--nproc N] LAUNCH_ARGS --` (torchrun, for example)."""
+        workers = ["--nproc", str(nproc)] if nproc else []
+        command = command or [sys.executable, "-m", "edsr_dist", "launch", *workers, *launch_args, "--"]
+        self.proc = subprocess.Popen([*command, *train_args], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.pids: list[int] = []
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.stdout.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, pattern: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r}; console so far:\n{''.join(self.stdout)}"
+                             f"{self.proc.stderr.read() if self.proc.poll() is not None else ''}")
+
+    def workers(self) -> dict[int, psutil.Process]:
+        """rank -> worker process; remembers every pid of the job's process tree for `assert_no_process_left`."""
+        children = psutil.Process(self.proc.pid).children()
+        ranks = {int(child.environ()["RANK"]): child for child in children if "RANK" in child.environ()}
+        self.pids = [p.pid for child in children for p in [child, *child.children(recursive=True)]]
+        return ranks
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            self.kill_leftovers()
+        self._reader.join(timeout=5)
+        self.stderr = self.proc.stderr.read()
+        self.proc.stderr.close()
+        return self.proc.returncode
+
+    def kill_leftovers(self) -> None:
+        """Only after a failed assertion: never leave a stopped or stuck worker on the machine."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in self.pids:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+
+    def last_stderr_line(self) -> str:
+        return self.stderr.strip().splitlines()[-1]
 
 
 # A tiny, fast configuration of the sample preset for multi-process tests.

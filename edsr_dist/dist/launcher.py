@@ -24,14 +24,18 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import psutil
+from torch.distributed import TCPStore
 
 from edsr_dist.config import check_batch_divides, parse_train_args
 from edsr_dist.dist.hostfile import horovodrun_command, parse_hostfile
 from edsr_dist.dist import ascend_env
-from edsr_dist.dist.rank_table import wait_for_rank_table, write_v1
-from edsr_dist.errors import CommandParser, EXIT_COLLECTIVE_FAILED, EXIT_INTERRUPTED, UserError
+from edsr_dist.dist.rank_table import Device, RankTable, Server, wait_for_rank_table, write_v1
+from edsr_dist.checkpoint import newest_checkpoint_quick
+from edsr_dist.errors import (CommandParser, EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED,
+                              EXIT_USER_ERROR, UserError)
 from edsr_dist.run_folder import claim_run_folder
 
 # Preemption (SIGTERM to the launcher): time for the workers to reach a step boundary and for rank 0 to write
@@ -44,14 +48,21 @@ FAILURE_GRACE_S = 2.0
 # before naming the ranks still running as the ones that stopped responding.
 SETTLE_S = 2.0
 V1_TABLE_NAME = "rank_table_v1.json"
+DEFAULT_RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 60.0
+# Exit codes a restart cannot help: a user error and divergence repeat identically; an interrupted worker was
+# asked to stop (preemption), and so was one ended by these signals.
+NOT_RETRIED = (EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED)
+NOT_RETRIED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MULTI_SERVER_PORT = 29500  # every server must agree on the port without talking first, so no random one
+JOB_STORE_TIMEOUT_S = 300.0  # how long a launcher waits for the first server's launcher (it may start later)
 POLL_S = 0.05
 DEFAULT_WAIT_TABLE_S = 300.0  # mindxdl's rank_table.sh polls 60 x 5 s for "completed"
 PROG = "edsr-dist launch"
 
 # Variables a stale launch (or an outer launcher) could leave behind that would confuse a worker's World.
 _WORKER_VARS = ("RANK_TABLE_FILE", "RANK_ID", "RANK_SIZE", "DEVICE_ID", "ASCEND_DEVICE_ID", "RANK", "WORLD_SIZE",
-                "LOCAL_RANK", "LOCAL_WORLD_SIZE", "EDSR_DIST_LAUNCHER")
+                "LOCAL_RANK", "LOCAL_WORLD_SIZE", "EDSR_DIST_LAUNCHER", "EDSR_DIST_RESTART")
 
 
 @dataclass
@@ -70,7 +81,14 @@ class Plan:
     workers: list[WorkerSpec]
     summary: str  # one line for the console
     unset: list[str] = field(default_factory=list)  # inherited variables removed from the workers' environment
-    v1_table: object = None  # a group_list RankTable to write as version 1.0 at RANK_TABLE_FILE before starting
+    v1_table: object = None  # a RankTable to write as version 1.0 at RANK_TABLE_FILE before starting
+    world_size: int = 1
+    servers: int = 1  # servers in the job (1 without a rank table)
+    out: str = ""  # the run folder (train's --out); "" with --exec
+    batch_size: int = 0  # the global batch; 0 with --exec
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    server_index: int = 0  # this server's entry in the rank table
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -140,13 +158,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_out_dir(train_args: list[str], world_size: int) -> str:
-    """Resolve the workers' configuration here, so bad train arguments fail once, before any worker starts."""
-    cfg = parse_train_args(train_args)
-    check_batch_divides(cfg.batch_size, world_size)
-    return cfg.out
-
-
 def _claim_out_folder(train_args: list[str]) -> None:
     """The one-run-per-folder rule, before this launcher opens its logs in --out (only where rank 0 runs: one
     decision per job)."""
@@ -202,6 +213,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="S",
                    help=f"seconds between SIGTERM and SIGKILL when the launcher is stopped (time for rank 0 to write its "
                         f"checkpoint; default {DEFAULT_GRACE_S:g}); after a worker failure at most {FAILURE_GRACE_S:g}")
+    heal = p.add_argument_group("self-healing (not with --hostfile; torchrun users: torchrun --max-restarts N ... "
+                                "train --resume auto)")
+    heal.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                      help="after a worker dies, hangs past --dist-timeout or fails (not exit 2, a user error, nor 3, "
+                           "divergence), stop the group and start it again with --resume auto, up to N times "
+                           "(default 0)")
+    heal.add_argument("--restart-delay", type=float, default=DEFAULT_RESTART_DELAY_S, metavar="S",
+                      help=f"seconds before the first restart, doubling each time up to {MAX_RESTART_DELAY_S:g} "
+                           f"(default {DEFAULT_RESTART_DELAY_S:g})")
+    heal.add_argument("--min-nproc", type=int, metavar="K",
+                      help="when the same device fails twice in a row, restart without it while at least K workers "
+                           "remain (same global batch, more per worker); --nproc and single-server rank tables")
     p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
     p.add_argument("--exec", action="store_true", help="the arguments after `--` are the whole worker command")
     return p
@@ -235,12 +258,23 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--wait-table {args.wait_table:g}: must be 0 or more seconds")
     if args.grace < 0:
         raise UserError(f"--grace {args.grace:g}: must be 0 or more seconds")
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts {args.max_restarts}: must be 0 or more")
+    if args.restart_delay < 0:
+        raise UserError(f"--restart-delay {args.restart_delay:g}: must be 0 or more seconds")
+    if args.min_nproc is not None and args.min_nproc < 1:
+        raise UserError(f"--min-nproc {args.min_nproc}: need at least 1 worker")
+    if args.min_nproc is not None and not args.max_restarts:
+        raise UserError("--min-nproc only acts when a restart happens; pass --max-restarts N too")
     if args.master_port is not None and not 1 <= args.master_port <= 65535:
         raise UserError(f"--master-port {args.master_port}: must be 1..65535")
     if args.hostfile is not None:
         unused = [flag for flag, value in (("--server-id", args.server_id), ("--server-index", args.server_index),
                                            ("--master-addr", args.master_addr), ("--master-port", args.master_port),
-                                           ("--log-dir", args.log_dir)) if value is not None]
+                                           ("--log-dir", args.log_dir), ("--min-nproc", args.min_nproc))
+                  if value is not None]
+        if args.max_restarts:
+            unused.append("--max-restarts")
         if args.no_bind:
             unused.append("--no-bind")
         if unused:
@@ -248,8 +282,11 @@ def _check_flags(args: argparse.Namespace) -> None:
                             "workers); drop them")
 
 
-def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
-    """Workers for this machine: rank, device, cores, environment, command and log file of each."""
+def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int] = frozenset(),
+               job_id: str | None = None, restart: int = 0) -> Plan:
+    """Workers for this machine: rank, device, cores, environment, command and log file of each. `dropped`:
+    devices a restart leaves out (the ranks are numbered again over the others); `restart`: 0 for the first
+    start, then the restart's number (the workers see it as EDSR_DIST_RESTART)."""
     table_path = args.rank_table
     if table_path is None and args.nproc is None and os.environ.get("RANK_TABLE_FILE"):
         table_path = os.environ["RANK_TABLE_FILE"]
@@ -262,6 +299,14 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
         index = select_server(table, args.server_id, args.server_index)
         server = table.servers[index]
         devices = sorted(server.devices, key=lambda d: d.rank_id)
+        if dropped:
+            if len(table.servers) > 1:
+                raise UserError(f"--min-nproc cannot leave devices out of the multi-server table {table.path}; "
+                                "drop --min-nproc (restarts still happen) or give the job a smaller table")
+            devices = [Device(d.device_id, d.device_ip, rank)
+                       for rank, d in enumerate(d for d in devices if d.device_id not in dropped)]
+            table = RankTable(path=table.path, servers=[Server(server.server_id, devices)],
+                              real_path=table.real_path)
         placements = [(d.rank_id, d.device_id) for d in devices]
         world_size = table.rank_size
         master_addr = args.master_addr or table.servers[0].server_id
@@ -274,8 +319,8 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
                   "(torch_npu refuses symlinks)", file=sys.stderr)
     else:
         nproc = args.nproc or 1
-        placements = [(i, i) for i in range(nproc)]
-        world_size = nproc
+        placements = list(enumerate(d for d in range(nproc) if d not in dropped))
+        world_size = len(placements)
         master_addr = args.master_addr or "127.0.0.1"
         fixed_port = None
         where = "this machine"
@@ -283,15 +328,22 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
         unset.append("RANK_TABLE_FILE")  # a stale table would make torch_npu build the wrong communicator
 
     master_port = args.master_port or _port_from_env() or fixed_port or free_port()
-    default_out = os.path.join("runs", "launch") if args.exec else worker_out_dir(rest, world_size)
+    cfg = None if args.exec else parse_train_args(rest)
+    if cfg is not None:
+        check_batch_divides(cfg.batch_size, world_size)  # bad train arguments fail once, before any worker starts
+    default_out = os.path.join("runs", "launch") if cfg is None else cfg.out
     log_dir = args.log_dir or os.path.join(default_out, "logs")
     v1_table = None
-    if table_path is not None and table.format != "1.0":
+    if table_path is not None and dropped:
+        # The table of the devices still in the job, numbered again; what HCCL reads on this restart.
+        v1_table = table
+        table_env["RANK_TABLE_FILE"] = os.path.abspath(os.path.join(log_dir, f"rank_table_{world_size}p.json"))
+    elif table_path is not None and table.format != "1.0":
         # HCCL matches group_list ranks by pod identity, which torch_npu's numeric identity never meets: export a
         # version 1.0 copy (same ranks, HCCL's order), written when the workers start.
         v1_table = table
         table_env["RANK_TABLE_FILE"] = os.path.abspath(os.path.join(log_dir, V1_TABLE_NAME))
-    job_id = os.environ.get("JOB_ID") or str(int(time.time()))
+    job_id = job_id or os.environ.get("JOB_ID") or str(int(time.time()))
     argv = _worker_argv(args, rest)
 
     local = len(placements)
@@ -315,7 +367,7 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
             "RANK": str(rank), "WORLD_SIZE": str(world_size),
             "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local),
             "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
-            "EDSR_DIST_LAUNCHER": "1",
+            "EDSR_DIST_LAUNCHER": "1", "EDSR_DIST_RESTART": str(restart),
             "OMP_NUM_THREADS": str(len(cores)) if cores is not None else threads,
             # Workers write into pipes; unbuffered output keeps logs and the console live.
             "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"),
@@ -326,7 +378,9 @@ def build_plan(args: argparse.Namespace, rest: list[str]) -> Plan:
     rank_text = f"rank {ranks[0]}" if local == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     summary = (f"{local} worker{'s' if local != 1 else ''} on {where}: {rank_text} of {world_size}, devices "
                f"{','.join(str(w.device_id) for w in workers)}; master {master_addr}:{master_port}; logs in {log_dir}")
-    return Plan(workers, summary, unset, v1_table)
+    return Plan(workers, summary, unset, v1_table, world_size, len(table.servers) if table_path is not None else 1,
+                "" if cfg is None else cfg.out, 0 if cfg is None else cfg.batch_size, master_addr, master_port,
+                index if table_path is not None else 0)
 
 
 def describe_plan(plan: Plan) -> str:
@@ -398,8 +452,12 @@ def _pump_output(fd: int, log, echo, last_line: list[str]) -> None:
 def _start(spec: WorkerSpec, unset: list[str], echo) -> _Worker:
     env = {k: v for k, v in os.environ.items() if k not in unset and k not in _WORKER_VARS}
     env.update(spec.env)
+    restart = int(spec.env.get("EDSR_DIST_RESTART", "0"))
     try:
-        log = open(spec.log_path, "wb")
+        # A restart appends: the log of the attempt that failed is what explains the restart.
+        log = open(spec.log_path, "ab" if restart else "wb")
+        if restart:
+            log.write(f"==== {PROG}: restart {restart} ====\n".encode())
     except OSError as exc:
         raise UserError(f"cannot write {spec.log_path} ({exc.strerror}); pass a writable --log-dir") from None
     read_fd, write_fd = os.pipe()
@@ -548,8 +606,32 @@ def _console():
     return getattr(sys.stdout, "buffer", None)
 
 
-def run_workers(plan: Plan, grace: float = DEFAULT_GRACE_S) -> int:
-    """Start the plan's workers and wait; the first failure stops the rest. Returns the launcher's exit code."""
+@dataclass
+class Outcome:
+    """How one start of the workers ended."""
+    code: int  # the launcher's exit code if it ended here
+    line: str = ""  # one line for the console (without the program name); "" when every worker finished
+    retriable: bool = False  # a failure that a restart from the last checkpoint can get past
+    blamed_device: int | None = None  # this server's device at fault (died, crashed, hung); None: a peer elsewhere
+    from_peer: bool = False  # another server's launcher decided it (restart or end); the line is its news
+
+
+def _outcome(failed: _Worker, silent: list[_Worker], stopped: set[int]) -> Outcome:
+    code = failed.proc.returncode
+    line = _describe_failure(failed, silent, stopped)
+    retriable = code not in NOT_RETRIED and -code not in NOT_RETRIED_SIGNALS
+    if silent:
+        blamed = silent[0].spec.device_id
+    elif code == EXIT_COLLECTIVE_FAILED:
+        blamed = None  # it only saw another rank fail; that rank is on another server (else it is named instead)
+    else:
+        blamed = failed.spec.device_id
+    return Outcome(128 - code if code < 0 else code, line, retriable, blamed)
+
+
+def _run_attempt(plan: Plan, grace: float, stop: "_StopRequest", peers: "_JobStore | None" = None) -> Outcome:
+    """Start the plan's workers and wait; the first failure (or, with `peers`, a restart decided on another server)
+    stops the rest."""
     log_dir = os.path.dirname(plan.workers[0].log_path) or "."
     try:
         os.makedirs(log_dir, exist_ok=True)
@@ -560,54 +642,285 @@ def run_workers(plan: Plan, grace: float = DEFAULT_GRACE_S) -> int:
     print(f"{PROG}: {plan.summary}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     workers: list[_Worker] = []
-    with _StopRequest() as stop:
-        try:
-            for i, spec in enumerate(plan.workers):
-                if stop.signum is not None:
-                    break
-                workers.append(_start(spec, plan.unset, _console() if i == 0 else None))
-        except BaseException:
-            _stop_all(workers, grace)
-            raise
-        failed: _Worker | None = None
-        silent: list[_Worker] = []
-        stopped: set[int] = set()
-        while stop.signum is None and failed is None:
-            finished = [(w, w.proc.poll()) for w in workers]
-            bad = [(w, code) for w, code in finished if code not in (None, 0)]
-            if bad:
-                failed = _root_cause(bad)
-                if failed.proc.returncode == EXIT_COLLECTIVE_FAILED and "collective" in failed.own_error():
-                    silent = _unresponsive(workers, failed)
-                    stopped = {w.spec.rank for w in silent if _is_stopped(w)}
+    try:
+        for i, spec in enumerate(plan.workers):
+            if stop.signum is not None:
                 break
-            if all(code == 0 for _, code in finished):
+            workers.append(_start(spec, plan.unset, _console() if i == 0 else None))
+    except BaseException:
+        _stop_all(workers, grace)
+        raise
+    failed: _Worker | None = None
+    silent: list[_Worker] = []
+    stopped: set[int] = set()
+    news = ""
+    while stop.signum is None and failed is None:
+        if peers is not None:
+            news = peers.news()
+            if news:
                 break
-            time.sleep(POLL_S)
-        # A signal during the wait above still lets us stop in order; further ones are absorbed.
-        if failed is not None and failed.proc.returncode != EXIT_INTERRUPTED:
-            grace = min(grace, FAILURE_GRACE_S)  # else the workers were signalled directly: rank 0 may be saving
-        killed = _stop_all(workers, grace)
-        if failed is not None and failed.proc.returncode == EXIT_INTERRUPTED:
-            # Every rank stops at the same step; report the lowest one (rank 0 names its checkpoint).
-            failed = min((w for w in workers if w.proc.returncode == EXIT_INTERRUPTED), key=lambda w: w.spec.rank)
-        if failed is None and stop.signum is not None:
-            name = _signal_name(stop.signum)
-            line = f"{PROG}: received {name}; stopped {len(workers)} worker{'s' if len(workers) != 1 else ''}; interrupted"
-            first = min(workers, key=lambda w: w.spec.rank) if workers else None
-            if killed:
-                line += (f"; rank{'s' if len(killed) > 1 else ''} {', '.join(str(w.spec.rank) for w in killed)} "
-                         f"did not stop within --grace {grace:g} s and {'were' if len(killed) > 1 else 'was'} "
-                         "killed (raise --grace if rank 0 needs longer to write its checkpoint)")
-            elif first is not None and first.spec.rank == 0 and first.proc.returncode == EXIT_INTERRUPTED:
-                line += "; rank 0 saved a checkpoint at a step boundary: continue with --resume auto"
-            print(line, file=sys.stderr, flush=True)
-            return 128 + stop.signum
+        finished = [(w, w.proc.poll()) for w in workers]
+        bad = [(w, code) for w, code in finished if code not in (None, 0)]
+        if bad:
+            failed = _root_cause(bad)
+            if failed.proc.returncode == EXIT_COLLECTIVE_FAILED and "collective" in failed.own_error():
+                silent = _unresponsive(workers, failed)
+                stopped = {w.spec.rank for w in silent if _is_stopped(w)}
+            break
+        if all(code == 0 for _, code in finished):
+            break
+        time.sleep(POLL_S)
+    # A signal during the wait above still lets us stop in order; further ones are absorbed.
+    if news or (failed is not None and failed.proc.returncode != EXIT_INTERRUPTED):
+        grace = min(grace, FAILURE_GRACE_S)  # else the workers were signalled directly: rank 0 may be saving
+    killed = _stop_all(workers, grace)
+    if failed is not None and failed.proc.returncode == EXIT_INTERRUPTED:
+        # Every rank stops at the same step; report the lowest one (rank 0 names its checkpoint).
+        failed = min((w for w in workers if w.proc.returncode == EXIT_INTERRUPTED), key=lambda w: w.spec.rank)
+    if failed is None and stop.signum is not None:
+        name = _signal_name(stop.signum)
+        line = f"received {name}; stopped {len(workers)} worker{'s' if len(workers) != 1 else ''}; interrupted"
+        first = min(workers, key=lambda w: w.spec.rank) if workers else None
+        if killed:
+            line += (f"; rank{'s' if len(killed) > 1 else ''} {', '.join(str(w.spec.rank) for w in killed)} "
+                     f"did not stop within --grace {grace:g} s and {'were' if len(killed) > 1 else 'was'} "
+                     "killed (raise --grace if rank 0 needs longer to write its checkpoint)")
+        elif first is not None and first.spec.rank == 0 and first.proc.returncode == EXIT_INTERRUPTED:
+            line += "; rank 0 saved a checkpoint at a step boundary: continue with --resume auto"
+        return Outcome(128 + stop.signum, line)
     if failed is not None:
-        code = failed.proc.returncode
-        print(f"{PROG}: {_describe_failure(failed, silent, stopped)}", file=sys.stderr, flush=True)
-        return 128 - code if code < 0 else code
-    return 0
+        return _outcome(failed, silent, stopped)
+    if news:
+        return Outcome(EXIT_COLLECTIVE_FAILED, news, retriable=True, from_peer=True)
+    return Outcome(0)
+
+
+class _JobStore:
+    """How the launchers of a multi-server job agree on restarts. The first server's launcher holds a small
+    key-value store (torch's TCPStore) on the master port + 1. The job's generation (0 for the first start, then the
+    restart number, or "end") lives there: the launcher that sees a failure first moves it on, and every other
+    launcher that sees it move stops its workers and follows, also one whose workers are all hung and which would
+    otherwise see nothing. So every server restarts as often, and at the same time, as the others."""
+
+    KEY = "edsr-dist/generation"
+    CHECK_S = 0.5  # how often a running attempt asks whether another server moved the job on
+
+    DONE = "edsr-dist/launchers-done"
+    CLOSE_WAIT_S = 10.0  # the first launcher keeps the store up this long for the others to finish reading it
+
+    def __init__(self, addr: str, port: int, first: bool, server_index: int, servers: int):
+        try:
+            self.store = TCPStore(addr, port, is_master=first, wait_for_workers=False,
+                                  timeout=timedelta(seconds=JOB_STORE_TIMEOUT_S))
+            if first:
+                self.store.set(self.KEY, "0")
+            self.seen = self.store.get(self.KEY).decode()
+        except (RuntimeError, OSError) as exc:
+            raise UserError(f"launchers cannot meet at {addr}:{port} ({str(exc).splitlines()[0]}); with "
+                            "--max-restarts the first server's launcher listens there (master port + 1): open it "
+                            "between the servers") from None
+        self.server_index = server_index
+        self.servers = servers
+        self.first = first
+        self.reachable = True
+        self._next_check = 0.0
+        self._latest = self.seen
+
+    def news(self) -> str:
+        """While workers run: "" or the line of the launcher that restarted or ended the job elsewhere."""
+        if not self.reachable or time.monotonic() < self._next_check:
+            return ""
+        self._next_check = time.monotonic() + self.CHECK_S
+        try:
+            now = self.store.get(self.KEY).decode()
+        except (RuntimeError, OSError):
+            # The first server's launcher is gone; its workers' fate reaches ours through the collectives. Asking
+            # again would only repeat torch's warning.
+            self.reachable = False
+            return ""
+        if now == self.seen:
+            return ""
+        self._latest = now
+        return self.why(now)
+
+    def follow(self) -> str:
+        """After `news`: join the generation another launcher moved the job to."""
+        self.seen = self._latest
+        return self.generation()
+
+    def generation(self) -> str:
+        """The restart number the job is in ("0" at first), or "end"."""
+        return self.seen.split("@", 1)[0]
+
+    def why(self, value: str | None = None) -> str:
+        """The line of the launcher that moved the job to `value` (default: where this launcher last saw it)."""
+        try:
+            return self.store.get(f"{self.KEY}/{value or self.seen}").decode()
+        except (RuntimeError, OSError):
+            return "the first server (its launcher cannot be reached)"
+
+    def close(self) -> None:
+        """The others say they are done; the first launcher waits for them (briefly) before its store goes away."""
+        try:
+            if not self.first:
+                if self.reachable:
+                    self.store.add(self.DONE, 1)
+                return
+            deadline = time.monotonic() + self.CLOSE_WAIT_S
+            while self.store.add(self.DONE, 0) < self.servers - 1 and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+        except (RuntimeError, OSError):
+            pass
+
+    def move_on(self, line: str, end: bool = False) -> str:
+        """After a failure seen here: the generation the job is in now ("end" when it ended). The first launcher
+        to ask moves it on (and tells the others why); the others learn where it went. A value names its mover
+        (`<generation>@<server>`), so a launcher knows whether the move was its own."""
+        if self.generation() == "end":
+            return "end"
+        target = f"{'end' if end else int(self.generation()) + 1}@{self.server_index}"
+        try:
+            now = self.store.compare_set(self.KEY, self.seen, target).decode()
+            if now == target:
+                self.store.set(f"{self.KEY}/{target}", f"server {self.server_index}: {line}")
+        except (RuntimeError, OSError):
+            now = "end"  # nobody to restart with
+        self.seen = now
+        return self.generation()
+
+
+def restart_delay(first_s: float, restart: int) -> float:
+    """Back-off before restart number `restart` (1, 2, ...): first_s, then doubling, at most MAX_RESTART_DELAY_S."""
+    return min(first_s * 2 ** (restart - 1), MAX_RESTART_DELAY_S)
+
+
+def _restart_train_args(rest: list[str], out: str) -> list[str]:
+    """A restart continues the run in --out: `--resume auto` (settings given later win), never --overwrite (it
+    would move the run being healed aside). Before the first checkpoint the first start's --resume still applies:
+    a run started from another run's checkpoint starts from it again."""
+    if newest_checkpoint_quick(out) is None and parse_train_args(rest).resume not in ("", "auto"):
+        return [*rest, "--overwrite", "false"]
+    return [*rest, "--resume", "auto", "--overwrite", "false"]
+
+
+def _resume_point(out: str) -> str:
+    found = newest_checkpoint_quick(out) if out else None
+    if not out:
+        return "same command"
+    if found is None:
+        return "from step 0 (no checkpoint yet)"
+    return f"from step {found[1]} ({found[0]})"
+
+
+def _drop_device(plan: Plan, device: int, min_nproc: int, dropped: frozenset[int]) -> frozenset[int]:
+    """The devices to leave out after `device` failed twice in a row: with it, if the job stays at or above
+    --min-nproc workers and the global batch still divides."""
+    remaining = plan.world_size - 1
+    if remaining < min_nproc:
+        return dropped
+    if plan.batch_size:
+        try:
+            check_batch_divides(plan.batch_size, remaining)
+        except UserError as exc:
+            raise UserError(f"device {device} failed twice in a row and the job cannot continue without it: "
+                            f"{exc}") from None
+    return dropped | {device}
+
+
+def run_workers(args: argparse.Namespace, rest: list[str]) -> int:
+    """Start the workers, supervise them, restart them after a retriable failure (--max-restarts). Returns the
+    launcher's exit code."""
+    job_id = os.environ.get("JOB_ID") or str(int(time.time()))
+    plan = build_plan(args, rest, job_id=job_id)
+    if not args.exec and plan.workers[0].rank == 0:
+        _claim_out_folder(rest)
+    if args.min_nproc is not None and plan.servers > 1:
+        raise UserError("--min-nproc works with --nproc and single-server rank tables (the servers of a "
+                        "multi-server job would have to agree on new ranks); drop --min-nproc")
+    peers = None
+    if plan.servers > 1 and args.max_restarts:
+        peers = _JobStore(plan.master_addr, plan.master_port + 1, plan.server_index == 0, plan.server_index,
+                          plan.servers)
+    try:
+        return _supervise(args, rest, plan, job_id, peers)
+    finally:
+        if peers is not None:
+            peers.close()
+
+
+def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: str, peers: _JobStore | None) -> int:
+    """Run attempts until one finishes, fails in a way a restart cannot help, or the restart budget is spent."""
+    restarts = 0
+    dropped: frozenset[int] = frozenset()
+    last_blamed: int | None = None
+    ended_elsewhere = False
+    with _StopRequest() as stop:
+        while True:
+            outcome = _run_attempt(plan, args.grace, stop, peers)
+            final = outcome.code == 0 or not outcome.retriable or stop.signum is not None
+            target = restarts + 1
+            if peers is not None and outcome.code != 0:
+                generation = (peers.follow() if outcome.from_peer else
+                              peers.move_on(outcome.line, end=final or target > args.max_restarts))
+                if generation == "end":
+                    asked_to_end = not outcome.from_peer and (final or target > args.max_restarts)
+                    if not asked_to_end:
+                        ended_elsewhere = True
+                        outcome.line = peers.why()
+                    final = True
+                else:
+                    target = int(generation)
+            if final or target > args.max_restarts:
+                break
+            restarts = target
+            note = ""
+            if (args.min_nproc is not None and outcome.blamed_device is not None
+                    and outcome.blamed_device == last_blamed):
+                before = dropped
+                dropped = _drop_device(plan, outcome.blamed_device, args.min_nproc, dropped)
+                if dropped != before:
+                    left = plan.world_size - 1
+                    note = (f"; device {outcome.blamed_device} failed twice in a row: continuing without it on "
+                            f"{left} worker{'s' if left != 1 else ''}")
+                    if plan.batch_size:
+                        note += f" (global batch {plan.batch_size}, {plan.batch_size // left} each)"
+            last_blamed = outcome.blamed_device
+            delay = restart_delay(args.restart_delay, restarts)
+            train_args = rest if args.exec else _restart_train_args(rest, plan.out)
+            print(f"{PROG}: {outcome.line}; restart {restarts} of {args.max_restarts} in {delay:g} s, "
+                  f"{_resume_point(plan.out)}{note}", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + delay
+            while stop.signum is None and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            if stop.signum is not None:
+                print(f"{PROG}: received {_signal_name(stop.signum)} before restart {restarts}; nothing running",
+                      file=sys.stderr, flush=True)
+                return 128 + stop.signum
+            plan = build_plan(args, train_args, dropped, job_id, restarts)
+    after = f"{restarts} restart{'s' if restarts != 1 else ''}"
+    if outcome.code == 0:
+        if restarts:
+            print(f"{PROG}: finished after {after}", file=sys.stderr, flush=True)
+        return 0
+    line = outcome.line
+    if ended_elsewhere:
+        line = f"stopped {len(plan.workers)} worker(s); the job ended on {line}"
+    elif outcome.retriable and args.max_restarts:
+        line += f"; gave up after {after} (--max-restarts {args.max_restarts})"
+    elif args.max_restarts and stop.signum is None:
+        line += f"; not restarted: {_why_not_retried(outcome.code)}" + (f" (after {after})" if restarts else "")
+    elif restarts:
+        line += f" (after {after})"
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+    return outcome.code
+
+
+def _why_not_retried(code: int) -> str:
+    if code == EXIT_USER_ERROR:
+        return "a user error repeats on every restart"
+    if code == EXIT_DIVERGED:
+        return "a diverged run diverges again from the same checkpoint"
+    return "the workers were asked to stop"
 
 
 # ------------------------------------------------------------------------------------------ horovod
@@ -638,10 +951,7 @@ def main(argv: list[str]) -> int:
     _check_flags(args)
     if args.hostfile is not None:
         return _run_horovod(args, rest)
-    plan = build_plan(args, rest)
     if args.dry_run:
-        print(describe_plan(plan))
+        print(describe_plan(build_plan(args, rest)))
         return 0
-    if not args.exec and plan.workers[0].rank == 0:
-        _claim_out_folder(rest)
-    return run_workers(plan, args.grace)
+    return run_workers(args, rest)

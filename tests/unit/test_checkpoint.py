@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from edsr_dist.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from edsr_dist.checkpoint import (find_checkpoint, list_checkpoints, load_checkpoint, newest_checkpoint_quick,
+                                  save_checkpoint)
 from edsr_dist.config import Config
 from edsr_dist.errors import UserError
 from edsr_dist.model import build_model
@@ -119,3 +120,15 @@ def test_checkpoint_model_rebuilds_the_network(tmp_path):
         assert torch.equal(rebuilt(x), model(x))
     with pytest.raises(UserError, match="no valid checkpoint"):
         checkpoint_model(tmp_path / "nothing")
+
+
+def test_newest_checkpoint_quick_skips_a_cut_file_without_reading_payloads(tmp_path):
+    assert newest_checkpoint_quick(tmp_path) is None
+    for step in (4, 8):
+        save_checkpoint(tmp_path, _state(step), step=step, keep_last=3)
+    folder = tmp_path / "checkpoints"
+    assert newest_checkpoint_quick(tmp_path) == (folder / "step_00000008.ckpt", 8)
+    newest = folder / "step_00000008.ckpt"
+    newest.write_bytes(newest.read_bytes()[:-1])  # cut short, as a copy killed halfway leaves it
+    assert newest_checkpoint_quick(tmp_path) == (folder / "step_00000004.ckpt", 4)
+    assert find_checkpoint(tmp_path) == folder / "step_00000004.ckpt"  # the worker's choice agrees
