@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from edsr_dist import __version__
@@ -37,7 +37,7 @@ from edsr_dist.dist.engine_factory import make_engine, resolve_engine_name
 from edsr_dist.dist.world import World, discover_world
 from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, UserError
 from edsr_dist.infer import super_resolve
-from edsr_dist.metrics import bicubic_upscale
+from edsr_dist.metrics import bicubic_upscale, psnr_y
 from edsr_dist.model import build_model
 from edsr_dist.precision import LossScaler, autocast, resolve_device_and_precision
 from edsr_dist.step_timer import StepTimer
@@ -47,6 +47,9 @@ CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
 # more room: the loss scaler legitimately overflows a few times while it finds its scale.
 MAX_BAD_STEPS = {"fp16": 30, "bf16": 5, "fp32": 5}
+# Sample PNGs: white pixels between the three crops, and the height of the label strip above them.
+SAMPLE_GAP = 4
+SAMPLE_LABEL_HEIGHT = 16
 
 
 class TrainingDiverged(Exception):
@@ -130,6 +133,7 @@ class Trainer:
         self._save_due = False  # a step-cadence checkpoint waiting for a finite step
         self._stop_requested = False  # set by a signal, on this rank, at any moment
         self._stop_agreed = False  # set in a step, on every rank at once: the only one the loop acts on
+        self._fit_start, self._fit_start_step = time.perf_counter(), self.step  # for the log's elapsed time and ETA
 
     # ---- state ----------------------------------------------------------------------------------------------
 
@@ -254,9 +258,20 @@ class Trainer:
         mean = window.sum.item() / window.steps
         rate = window.steps * self.cfg.batch_size / max(time.perf_counter() - window.start, 1e-9)
         lr = learning_rate(self.cfg, self.step - 1)
-        self.log(f"Step nr: [{self.step}/{self.total_steps}] - Loss: {mean:.5f} - Lr: {lr:.3e}")
+        line = f"Step nr: [{self.step}/{self.total_steps}] - Loss: {mean:.5f} - Lr: {lr:.3e}"
+        if self._bar is None:  # the bar shows time and rate itself
+            line += " - " + self._elapsed_and_eta()
+        self.log(line)
         self.record(type="step", step=self.step, epoch=self.epoch + 1, loss=mean, lr=lr, images_per_s=rate,
                     loss_scale=self.scaler.scale)
+
+    def _elapsed_and_eta(self) -> str:
+        """Time since this process started training, and the rest of the steps at the rate seen so far
+        (validations and checkpoints included in that rate, so the estimate settles after the first of them)."""
+        elapsed = time.perf_counter() - self._fit_start
+        done = self.step - self._fit_start_step
+        eta = elapsed / done * (self.total_steps - self.step) if done else 0.0
+        return f"elapsed {_hms(elapsed)} - ETA {_hms(eta)}"
 
     def _log_epoch(self, number: int, mean_loss: float, report: dict) -> None:
         line = f"Epoch nr: [{number}/{self.cfg.epochs}] - Loss: {mean_loss:.5f}"
@@ -334,15 +349,24 @@ class Trainer:
         return {**report, **source.labels}
 
     def _write_sample(self, name: str, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> None:
-        """bicubic | EDSR | ground truth, a centre crop of each, side by side."""
+        """bicubic | EDSR | ground truth, a centre crop of each side by side, over a strip naming each panel with
+        its Y-PSNR against the ground truth (whole image, border shaved: the validation's numbers)."""
         side = min(256, hr.shape[0], hr.shape[1])
         top, left = (hr.shape[0] - side) // 2, (hr.shape[1] - side) // 2
         crops = [img[top:top + side, left:left + side] for img in (bicubic, sr, hr)]
-        gap = np.full((side, 4, 3), 255, np.uint8)
+        gap = np.full((side, SAMPLE_GAP, 3), 255, np.uint8)
         row = np.concatenate([crops[0], gap, crops[1], gap, crops[2]], axis=1)
+        labels = sample_labels(bicubic, sr, hr, self.cfg.scale)
+        strip = Image.new("RGB", (row.shape[1], SAMPLE_LABEL_HEIGHT), "white")
+        draw = ImageDraw.Draw(strip)
+        for index, label in enumerate(labels):
+            draw.text((index * (side + SAMPLE_GAP) + 3, 3), label, fill="black")
+        image = Image.new("RGB", (row.shape[1], SAMPLE_LABEL_HEIGHT + side), "white")
+        image.paste(strip, (0, 0))
+        image.paste(Image.fromarray(row), (0, SAMPLE_LABEL_HEIGHT))
         folder = self.out / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(row).save(folder / f"{name}_bicubic_edsr_gt.png")
+        image.save(folder / f"{name}_bicubic_edsr_gt.png")
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
@@ -388,6 +412,7 @@ class Trainer:
         if self.resumed_from and not (self.epoch < self.cfg.epochs and self.step < self.total_steps):
             return self._report_finished()
         self.log(self._banner())
+        self._fit_start, self._fit_start_step = time.perf_counter(), self.step
         report: dict = {}
         with self._progress_bar(), self._stop_on_signals():
             try:
@@ -505,6 +530,15 @@ class Trainer:
             self.tb.close()
         self.store.close()
         self.engine.shutdown(clean)
+
+
+def sample_labels(bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int) -> list[str]:
+    return [f"bicubic {psnr_y(bicubic, hr, scale):.2f} dB", f"EDSR {psnr_y(sr, hr, scale):.2f} dB", "ground truth"]
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def result_line(report: dict) -> str:
