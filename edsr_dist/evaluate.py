@@ -294,9 +294,9 @@ def main(argv: list[str]) -> int:
 
     print(f"bicubic baseline: PSNR-Y {results[-1]['bicubic_psnr_y']:.3f} dB on {results[-1]['images']} image(s)")
     if not args.precision:
-        used = ", ".join(sorted({r["precision"] for r in results}))
-        print(f"precision {used}: as each checkpoint was trained and validated (fp32 for weights files); "
-              "--precision fp32 scores the weights in full precision")
+        used = sorted({r["precision"] for r in results})
+        print(f"precision {', '.join(used)}: as each checkpoint was trained and validated (fp32 for weights files)"
+              f"{'; --precision fp32 scores the weights without autocast' if used != ['fp32'] else ''}")
     report = {"data": str(data), "self_ensemble": args.self_ensemble, "precision": chosen, "device": str(device),
               "tile": args.tile, "degradation": args.degradation if data.is_dir() else None, "results": results}
     _write_report(csv_path, csv_text(results), "--csv")

@@ -132,6 +132,7 @@ class Trainer:
         self._bad_steps = 0  # consecutive skipped (non-finite) steps
         self._save_due = False  # a step-cadence checkpoint waiting for a finite step
         self._stop_requested = False  # set by a signal, on this rank, at any moment
+        self.stop_signal: int | None = None  # which signal, when this rank got one (for the exit code)
         self._stop_agreed = False  # set in a step, on every rank at once: the only one the loop acts on
         self._fit_start, self._fit_start_step = time.perf_counter(), self.step  # for the log's elapsed time and ETA
 
@@ -511,6 +512,7 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
+        self.stop_signal = signum
 
     def _banner(self) -> str:
         w = self.world
@@ -588,7 +590,9 @@ def main(argv: list[str]) -> int:
         clean = True
         print(f"edsr-dist train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume auto",
               file=sys.stderr)
-        code = EXIT_INTERRUPTED
+        # 128 + the signal, as a shell reports a process the signal ended (130 for Ctrl-C); a rank that stopped
+        # only because another rank was signalled says 143, as for the launcher's SIGTERM.
+        code = 128 + trainer.stop_signal if trainer.stop_signal else EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         clean = True  # every rank saw the same flags and stops at the same step
         if trainer.is_main:
