@@ -178,7 +178,8 @@ def run(args) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     world = discover_world()
-    device, precision = resolve_device_and_precision(args.device, args.precision, world.device_index)
+    # Fixed, not each model's: the table compares models (and published numbers) under one precision.
+    device, precision = resolve_device_and_precision(args.device, args.precision or "fp32", world.device_index)
     engine = make_engine(resolve_engine_name("auto", world), world, device, args.dist_timeout)
     show_progress = world.is_main and sys.stderr.isatty()
     say = print if world.is_main else (lambda *a, **k: None)

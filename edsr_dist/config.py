@@ -26,70 +26,75 @@ PRESETS_FROM_X2 = ("paper_x3", "paper_x4")
 PROTOCOL_NAMES = ("paper", "rgb", "edsr-div2k")
 
 
+def setting(default, help: str):
+    """A Config field with its one-line description: the only place it is written (`train --help` reads it)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     # Model (EDSR, Lim et al. 2017). Defaults: the old script's 32 blocks x 256 filters at x2.
-    scale: int = 2
-    num_blocks: int = 32
-    num_filters: int = 256
-    res_scale: float = 0.1
+    scale: int = setting(2, "upscaling factor: 2, 3 or 4")
+    num_blocks: int = setting(32, "residual blocks")
+    num_filters: int = setting(256, "feature channels per convolution")
+    res_scale: float = setting(0.1, "residual scaling (0.1 for 256 filters, 1.0 for the baseline)")
 
-    # Data. `data` empty means: build (or reuse) the embedded sample store in the cache folder.
-    data: str = ""
-    batch_size: int = 16  # global batch over all workers
-    patch_size: int = 48  # LR patch side; HR patch is scale times it
-    steps_per_epoch: int = 0  # 0 = one pass over the store's training tiles
+    # Data.
+    data: str = setting("", "patch store (.h5) from build-store; empty: the embedded sample store, cached")
+    batch_size: int = setting(16, "global batch over all workers (divides by the number of workers)")
+    patch_size: int = setting(48, "LR patch side in pixels; the HR patch is scale times it")
+    steps_per_epoch: int = setting(0, "steps per epoch; 0 = one pass over the store's training tiles")
 
     # Optimisation: Adam, lr * decay_rate ** (step // decay_step). The old script: x0.9 every 500 steps;
     # the paper's multistep schedule is the same staircase with x0.5 every 200k steps (preset `paper`).
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    epsilon: float = 1e-8
-    decay_rate: float = 0.9
-    decay_step: int = 500
-    epochs: int = 100
-    seed: int = 0
+    lr: float = setting(1e-4, "Adam learning rate at step 0")
+    beta1: float = setting(0.9, "Adam beta1")
+    beta2: float = setting(0.999, "Adam beta2")
+    epsilon: float = setting(1e-8, "Adam epsilon")
+    decay_rate: float = setting(0.9, "lr multiplier applied every decay_step steps")
+    decay_step: int = setting(500, "steps between lr decays")
+    epochs: int = setting(100, "epochs to train")
+    seed: int = setting(0, "seed of the initial weights and of every sample's tile, crop and flips")
 
     # The training recipe beyond the staircase (schedules.py, ema.py; docs/REPRODUCE.md).
-    lr_schedule: str = "staircase"  # staircase | multistep | cosine
-    milestones: str = ""  # multistep: steps where lr is multiplied by gamma, e.g. "200000,400000"
-    gamma: float = 0.5  # multistep: factor at each milestone
-    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps (any schedule)
-    min_lr: float = 0.0  # cosine: the rate at the end of the run
-    scale_lr: bool = False  # multiply lr (and min_lr) by batch_size / 16: linear scaling for large batches
-    grad_clip_norm: float = 0.0  # clip the global gradient norm to this (0 = off), after the all-reduce
-    ema_decay: float = 0.0  # EMA of the weights, used for validation and saved in checkpoints (0 = off; BasicSR 0.999)
-    init_from: str = ""  # weights or checkpoint to start a fresh run from (tensors whose name and shape match)
+    lr_schedule: str = setting("staircase", "staircase | multistep | cosine")
+    milestones: str = setting("", "multistep: steps where lr is multiplied by gamma, e.g. 200000,400000")
+    gamma: float = setting(0.5, "multistep: factor at each milestone")
+    warmup_steps: int = setting(0, "linear warm-up from 0 to lr over this many steps (any schedule)")
+    min_lr: float = setting(0.0, "cosine: the rate at the end of the run")
+    scale_lr: bool = setting(False, "multiply lr (and min_lr) by batch_size / 16: linear scaling for large batches")
+    grad_clip_norm: float = setting(0.0, "clip the global gradient norm to this (0 = off), after the all-reduce")
+    ema_decay: float = setting(0.0, "EMA of the weights for validation, eval, sr and export (0 = off; BasicSR 0.999)")
+    init_from: str = setting("", "weights or checkpoint a fresh run starts from (tensors whose name and shape match)")
 
     # Validation and checkpoints (rank 0 writes).
-    save_every: int = 5  # epochs
-    validate_every: int = 5  # epochs
-    save_every_steps: int = 0  # additionally every N steps (0 = off); for preemptible jobs
-    save_every_minutes: float = 0.0  # additionally every M minutes of rank 0's wall clock (0 = off); bounds lost work
-    keep_last: int = 3
-    max_val_images: int = 0  # 0 = all validation images in the store
-    val_tile: int = 0  # LR tile side for validation/inference; 0 = whole image unless it is too large
-    val_benchmark: str = ""  # a benchmark set folder (Set5/, B100/ ...) to validate on instead of the store's images
-    # Also score validation as `edsr-dist eval --protocol` does: paper | rgb | edsr-div2k ("" = only the usual
-    # PSNR-Y/SSIM-Y/PSNR-RGB; with val_benchmark it means paper).
-    val_protocol: str = ""
-    out: str = "runs/edsr"
-    resume: str = ""  # "", "auto" or a checkpoint path
-    overwrite: bool = False  # a new run in an --out that holds one: move the old run aside (never deleted)
-    samples_png: bool = True  # write bicubic | EDSR | ground truth crops after the final validation
+    save_every: int = setting(5, "epochs between checkpoints (and at the end)")
+    validate_every: int = setting(5, "epochs between validations (and at the end)")
+    save_every_steps: int = setting(0, "also a checkpoint every N steps (0 = off); for preemptible jobs")
+    save_every_minutes: float = setting(0.0, "also a checkpoint every M minutes of rank 0's wall clock (0 = off); "
+                                             "bounds the work a restart loses")
+    keep_last: int = setting(3, "checkpoints kept, besides the best")
+    max_val_images: int = setting(0, "validation images used; 0 = all of the store's")
+    val_tile: int = setting(0, "LR tile side for validation; 0 = whole image unless it is too large")
+    val_benchmark: str = setting("", "a benchmark set folder (Set5/ ...) to validate on instead of the store")
+    val_protocol: str = setting("", "also score validation as `eval --protocol`: paper | rgb | edsr-div2k "
+                                    "(with val_benchmark, empty means paper)")
+    out: str = setting("runs/edsr", "run folder: checkpoints, metrics.jsonl, samples, logs")
+    resume: str = setting("", "auto (newest valid checkpoint in out, else a fresh start) or a checkpoint path")
+    overwrite: bool = setting(False, "a new run in an out that holds one: move the old run aside (never deleted)")
+    samples_png: bool = setting(True, "write labelled bicubic | EDSR | ground truth crops after the final validation")
 
     # Execution.
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = True
-    engine: str = "auto"
-    dist_timeout: int = 1800  # seconds; HCCL's own connect/exec timeouts are in the same range
-    num_threads: int = 0  # intra-op CPU threads per worker; 0 = OMP_NUM_THREADS or all cores
-    log_every: int = 10  # steps between `Step nr:` lines
-    max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests and benchmarks
-    tensorboard: bool = True  # write scalars when the tensorboard package is installed
-    progress: bool = True  # tqdm bar on rank 0
+    device: str = setting("auto", "auto | cpu | cuda | npu (auto: an NPU, else a GPU, else the CPU)")
+    precision: str = setting("auto", "auto | fp32 | bf16 | fp16 (auto: fp16 on NPUs, bf16 where native, else fp32)")
+    channels_last: bool = setting(True, "NHWC activations on CPUs and GPUs (NPUs stay contiguous)")
+    engine: str = setting("auto", "auto | ddp | horovod (auto: horovod under horovodrun, else DDP)")
+    dist_timeout: int = setting(1800, "seconds to wait for other ranks at start-up and in each collective")
+    num_threads: int = setting(0, "CPU threads per worker; 0 = OMP_NUM_THREADS or all cores")
+    log_every: int = setting(10, "steps between `Step nr:` lines")
+    max_steps: int = setting(0, "stop after this many steps in total (0 = no limit)")
+    tensorboard: bool = setting(True, "write TensorBoard scalars when the tensorboard package is installed")
+    progress: bool = setting(True, "progress bar on rank 0 when stderr is a terminal")
 
     def check(self) -> "Config":
         """Each setting within its range; returns self."""
@@ -304,11 +309,12 @@ def parse_override_args(args: list[str]) -> dict:
 
 
 def describe_fields() -> str:
-    """One line per setting, for `--help`."""
+    """One line per setting, for `--help`: flag, default, what it does (the field's own description)."""
     defaults = Config()
     lines = []
     for f in dataclasses.fields(Config):
-        lines.append(f"  --{f.name.replace('_', '-'):<18} {getattr(defaults, f.name)!r}")
+        flag = f"--{f.name.replace('_', '-')}"
+        lines.append(f"  {flag:<20} {getattr(defaults, f.name)!r:<11} {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,10 @@ import difflib
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # loss or gradients stayed NaN/inf; the last good checkpoint is kept
 EXIT_COLLECTIVE_FAILED = 4  # another rank died or stopped responding during a collective
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as if the signal had ended the process; a checkpoint was written
+# Stopped at a step boundary after rank 0 wrote a checkpoint: 128 + the signal, as if it had ended the process.
+# 143 (SIGTERM) is what the launcher sends its workers, so it is the code the launcher looks for; a `train`
+# interrupted by Ctrl-C (SIGINT) exits 130.
+EXIT_INTERRUPTED = 143
 
 
 class UserError(Exception):

@@ -35,7 +35,7 @@ from edsr_dist.dist.npu import memory_format
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.infer import super_resolve
 from edsr_dist.metrics import score_sr
-from edsr_dist.precision import resolve_device_and_precision
+from edsr_dist.precision import resolve_device_and_precision, resolve_precision
 from edsr_dist.protocols import PROTOCOLS
 
 # One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.
@@ -207,9 +207,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "image unless it is too large)")
     p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="autocast dtype of the network (default fp32; auto: as training would choose; metrics are "
-                        "always float64)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="autocast dtype of the network (default: with --data each checkpoint's training precision, "
+                        "so its val PSNR is repeated, fp32 for weights files; with --benchmarks fp32; auto: as "
+                        "training would choose; metrics are always float64)")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="bicubic-pil",
                    help="how LR is made from a folder of HR images (default bicubic-pil, as build-store)")
     p.add_argument("--res-scale", type=float, default=None,
@@ -258,13 +259,14 @@ def main(argv: list[str]) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
-    device, precision = resolve_device_and_precision(args.device, args.precision)
+    device, fixed = resolve_device_and_precision(args.device, args.precision or "fp32")
     stem = default_output_stem(Path(args.checkpoints), data, args.self_ensemble)
     csv_path = Path(args.csv) if args.csv else stem.with_suffix(".csv")
     json_path = Path(args.json) if args.json else stem.with_suffix(".json")
 
+    chosen = fixed if args.precision else "as trained"
     print(f"edsr-dist eval: {len(candidates)} model(s) on {data} ({'self-ensemble x8, ' if args.self_ensemble else ''}"
-          f"{device}, {precision})", flush=True)
+          f"{device}, precision {chosen})", flush=True)
     print(format_row(TABLE_COLUMNS), flush=True)
     results: list[dict] = []
     for candidate in candidates:
@@ -280,6 +282,8 @@ def main(argv: list[str]) -> int:
         if args.scale is not None and scale != args.scale:
             raise UserError(f"{candidate.path} is a x{scale} model but --scale is {args.scale}; "
                             f"pass --scale {scale} or the checkpoints of a x{args.scale} run")
+        # By default a checkpoint's own precision: its validation ran in it, so eval repeats its val PSNR.
+        precision = fixed if args.precision else resolve_precision(cfg.precision if cfg else "fp32", device.type)
         images = (folder_images(data, scale, args.degradation, args.max_images) if data.is_dir()
                   else store_images(str(data), scale, args.max_images))
         start = time.perf_counter()
@@ -287,7 +291,7 @@ def main(argv: list[str]) -> int:
                                  ensemble=args.self_ensemble,
                                  channels_last=cfg.channels_last if cfg is not None else True,
                                  val_tile=cfg.val_tile if cfg is not None else 0)
-        result = {"checkpoint": str(candidate.path), "step": step, "scale": scale, **metrics,
+        result = {"checkpoint": str(candidate.path), "step": step, "scale": scale, "precision": precision, **metrics,
                   "seconds": round(time.perf_counter() - start, 3)}
         results.append(result)
         print(table_row(result), flush=True)
@@ -295,7 +299,11 @@ def main(argv: list[str]) -> int:
         raise UserError(f"no readable checkpoint in {args.checkpoints}; every file was damaged (see the warnings)")
 
     print(f"bicubic baseline: PSNR-Y {results[-1]['bicubic_psnr_y']:.3f} dB on {results[-1]['images']} image(s)")
-    report = {"data": str(data), "self_ensemble": args.self_ensemble, "precision": precision, "device": str(device),
+    if not args.precision:
+        used = sorted({r["precision"] for r in results})
+        print(f"precision {', '.join(used)}: as each checkpoint was trained and validated (fp32 for weights files)"
+              f"{'; --precision fp32 scores the weights without autocast' if used != ['fp32'] else ''}")
+    report = {"data": str(data), "self_ensemble": args.self_ensemble, "precision": chosen, "device": str(device),
               "tile": args.tile, "degradation": args.degradation if data.is_dir() else None, "results": results}
     _write_report(csv_path, csv_text(results), "--csv")
     _write_report(json_path, json.dumps(report, indent=1) + "\n", "--json")

@@ -82,18 +82,71 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def _open(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+            im.load()
+            return im
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"cannot read image {path} ({exc}); pass PNG or JPEG files") from None
 
 
-def _write_png(img: np.ndarray, path: Path) -> None:
+def read_rgb(path: Path) -> np.ndarray:
+    """The image as RGB uint8 (H, W, 3), whatever its mode (alpha dropped: for exports and benchmarks)."""
+    return np.array(_open(path).convert("RGB"))
+
+
+@dataclass
+class SourceImage:
+    """An input split into what the network sees (RGB) and what it does not (alpha), with how it was read."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8
+    alpha: np.ndarray | None  # (H, W) uint8, or None
+    gray: bool  # written back as one channel
+    note: str  # what was done to it, for the output line ("" for plain RGB)
+
+
+def read_source(path: Path) -> SourceImage:
+    """Grayscale (L, 1, I;16) is replicated to RGB, as the reference code feeds gray images, and written back as L;
+    alpha (RGBA, LA, a palette with transparency) is kept apart and upscaled on its own."""
+    im = _open(path)
+    notes = []
+    if im.mode == "P":
+        notes.append("palette expanded")
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        notes.append("16-bit reduced to 8 bits")
+        im = Image.fromarray((np.array(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if im.mode == "PA":
+        im = im.convert("RGBA")
+    gray = im.mode in ("1", "L", "LA", "F")
+    alpha = np.array(im.getchannel("A")) if im.mode in ("RGBA", "LA") else None
+    if gray:
+        notes.append("grayscale in, grayscale out")
+    if alpha is not None:
+        notes.append("alpha upscaled by bicubic")
+    return SourceImage(np.array(im.convert("RGB")), alpha, gray, ", ".join(notes))
+
+
+def compose_output(src: SourceImage, sr: np.ndarray) -> Image.Image:
+    """The network's RGB output back in the input's form: L for gray, with the upscaled alpha when it had one.
+
+    Alpha is a coverage mask, not a photo: the network never saw one in training and would sharpen its edges into
+    halos, so it is resized with bicubic, as image editors resize layers' masks."""
+    out = Image.fromarray(sr)
+    if src.gray:
+        out = out.convert("L")  # ITU-R 601 luma; the three channels of a gray input come out nearly equal
+    if src.alpha is not None:
+        size = (sr.shape[1], sr.shape[0])
+        alpha = Image.fromarray(src.alpha).resize(size, Image.Resampling.BICUBIC)  # clips to 0..255
+        out.putalpha(alpha)  # L -> LA, RGB -> RGBA
+    return out
+
+
+def _write_png(img: Image.Image, path: Path) -> None:
     try:
         with atomic_path(path) as tmp:
-            Image.fromarray(img).save(tmp, format="PNG")
+            img.save(tmp, format="PNG")
     except OSError as exc:
         raise UserError(f"cannot write {path} ({exc.strerror or exc}); free space or pass another --out") from None
 
@@ -107,7 +160,8 @@ def _out_of_memory(exc: Exception) -> bool:
 def main(argv: list[str]) -> int:
     parser = CommandParser(
         prog="edsr-dist sr",
-        description="Super-resolve PNG/JPEG images with a trained EDSR; writes <stem>_x<scale>.png into --out.")
+        description="Super-resolve PNG/JPEG images with a trained EDSR; writes <stem>_x<scale>.png into --out. "
+                    "Grayscale stays grayscale; alpha is kept, upscaled by bicubic (the network sees RGB only).")
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of .png/.jpg images")
     parser.add_argument("--checkpoint", required=True,
                         help="a .ckpt file, a run folder (newest valid checkpoint) or weights (.pt/.pth/.safetensors); "
@@ -161,7 +215,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"cannot create output folder {out_dir} ({exc.strerror}); pass another --out") from None
 
     for src, dst in targets.items():
-        lr = read_rgb(src)
+        image = read_source(src)
+        lr = image.rgb
         start = time.perf_counter()
         try:
             sr = upscaler.run(lr)
@@ -170,7 +225,8 @@ def main(argv: list[str]) -> int:
                 raise
             raise UserError(f"{src} ({lr.shape[1]}x{lr.shape[0]}) does not fit in {upscaler.device} memory in one "
                             "piece; pass --tile 256 (or smaller)") from None
-        _write_png(sr, dst)
-        print(f"{src} ({lr.shape[1]}x{lr.shape[0]}) -> {dst} ({sr.shape[1]}x{sr.shape[0]}) "
-              f"in {time.perf_counter() - start:.2f} s", flush=True)
+        out = compose_output(image, sr)
+        _write_png(out, dst)
+        print(f"{src} ({lr.shape[1]}x{lr.shape[0]}) -> {dst} ({sr.shape[1]}x{sr.shape[0]} {out.mode}) "
+              f"in {time.perf_counter() - start:.2f} s{'; ' + image.note if image.note else ''}", flush=True)
     return 0

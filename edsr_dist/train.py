@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from edsr_dist import __version__
@@ -38,7 +38,7 @@ from edsr_dist.dist.world import World, discover_world
 from edsr_dist.ema import WeightEMA
 from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, UserError
 from edsr_dist.infer import super_resolve
-from edsr_dist.metrics import bicubic_upscale
+from edsr_dist.metrics import bicubic_upscale, psnr_y
 from edsr_dist.model import build_model
 from edsr_dist.precision import LossScaler, autocast, resolve_device_and_precision
 from edsr_dist.schedules import PAPER_BATCH, base_lr, learning_rate
@@ -53,6 +53,9 @@ MAX_BAD_STEPS = {"fp16": 30, "bf16": 5, "fp32": 5}
 # Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
 # every few steps: the README's `--epochs 300` on a small store once gave one step per epoch.
 MIN_STEPS_PER_EPOCH = 20
+# Sample PNGs: white pixels between the three crops, and the height of the label strip above them.
+SAMPLE_GAP = 4
+SAMPLE_LABEL_HEIGHT = 16
 
 
 class TrainingDiverged(Exception):
@@ -137,9 +140,11 @@ class Trainer:
         self._bad_steps = 0  # consecutive skipped (non-finite) steps
         self._save_due = False  # a step-cadence checkpoint waiting for a finite step
         self._stop_requested = False  # set by a signal, on this rank, at any moment
+        self.stop_signal: int | None = None  # which signal, when this rank got one (for the exit code)
         self._stop_agreed = False  # set in a step, on every rank at once: the only one the loop acts on
         self._last_save = time.monotonic()  # rank 0's clock decides when a --save-every-minutes checkpoint is due
         self._minutes_due_agreed = False  # that decision, as every rank received it with the step's flags
+        self._fit_start, self._fit_start_step = time.perf_counter(), self.step  # for the log's elapsed time and ETA
 
     # ---- state ----------------------------------------------------------------------------------------------
 
@@ -282,9 +287,20 @@ class Trainer:
         mean = window.sum.item() / window.steps
         rate = window.steps * self.cfg.batch_size / max(time.perf_counter() - window.start, 1e-9)
         lr = learning_rate(self.cfg, self.step - 1, self.schedule_steps)
-        self.log(f"Step nr: [{self.step}/{self.total_steps}] - Loss: {mean:.5f} - Lr: {lr:.3e}")
+        line = f"Step nr: [{self.step}/{self.total_steps}] - Loss: {mean:.5f} - Lr: {lr:.3e}"
+        if self._bar is None:  # the bar shows time and rate itself
+            line += " - " + self._elapsed_and_eta()
+        self.log(line)
         self.record(type="step", step=self.step, epoch=self.epoch + 1, loss=mean, lr=lr, images_per_s=rate,
                     loss_scale=self.scaler.scale)
+
+    def _elapsed_and_eta(self) -> str:
+        """Time since this process started training, and the rest of the steps at the rate seen so far
+        (validations and checkpoints included in that rate, so the estimate settles after the first of them)."""
+        elapsed = time.perf_counter() - self._fit_start
+        done = self.step - self._fit_start_step
+        eta = elapsed / done * (self.total_steps - self.step) if done else 0.0
+        return f"elapsed {_hms(elapsed)} - ETA {_hms(eta)}"
 
     def _log_epoch(self, number: int, mean_loss: float, report: dict) -> None:
         line = f"Epoch nr: [{number}/{self.cfg.epochs}] - Loss: {mean_loss:.5f}"
@@ -374,15 +390,24 @@ class Trainer:
         return {**report, **source.labels}
 
     def _write_sample(self, name: str, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> None:
-        """bicubic | EDSR | ground truth, a centre crop of each, side by side."""
+        """bicubic | EDSR | ground truth, a centre crop of each side by side, over a strip naming each panel with
+        its Y-PSNR against the ground truth (whole image, border shaved: the validation's numbers)."""
         side = min(256, hr.shape[0], hr.shape[1])
         top, left = (hr.shape[0] - side) // 2, (hr.shape[1] - side) // 2
         crops = [img[top:top + side, left:left + side] for img in (bicubic, sr, hr)]
-        gap = np.full((side, 4, 3), 255, np.uint8)
+        gap = np.full((side, SAMPLE_GAP, 3), 255, np.uint8)
         row = np.concatenate([crops[0], gap, crops[1], gap, crops[2]], axis=1)
+        labels = sample_labels(bicubic, sr, hr, self.cfg.scale)
+        strip = Image.new("RGB", (row.shape[1], SAMPLE_LABEL_HEIGHT), "white")
+        draw = ImageDraw.Draw(strip)
+        for index, label in enumerate(labels):
+            draw.text((index * (side + SAMPLE_GAP) + 3, 3), label, fill="black")
+        image = Image.new("RGB", (row.shape[1], SAMPLE_LABEL_HEIGHT + side), "white")
+        image.paste(strip, (0, 0))
+        image.paste(Image.fromarray(row), (0, SAMPLE_LABEL_HEIGHT))
         folder = self.out / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(row).save(folder / f"{name}_bicubic_edsr_gt.png")
+        image.save(folder / f"{name}_bicubic_edsr_gt.png")
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
@@ -437,6 +462,7 @@ class Trainer:
         if self.resumed_from and not (self.epoch < self.cfg.epochs and self.step < self.total_steps):
             return self._report_finished()
         self.log(self._banner())
+        self._fit_start, self._fit_start_step = time.perf_counter(), self.step
         report: dict = {}
         with self._progress_bar(), self._stop_on_signals():
             try:
@@ -535,6 +561,7 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
+        self.stop_signal = signum
 
     def _banner(self) -> str:
         w = self.world
@@ -594,6 +621,15 @@ def recipe_warnings(cfg: Config, steps_per_epoch: int, store: PatchStore) -> lis
     return warnings
 
 
+def sample_labels(bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int) -> list[str]:
+    return [f"bicubic {psnr_y(bicubic, hr, scale):.2f} dB", f"EDSR {psnr_y(sr, hr, scale):.2f} dB", "ground truth"]
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def result_line(report: dict) -> str:
     return (f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
             f"(Y-PSNR, {report['images']} held-out images)")
@@ -641,7 +677,9 @@ def main(argv: list[str]) -> int:
         clean = True
         print(f"edsr-dist train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume auto",
               file=sys.stderr)
-        code = EXIT_INTERRUPTED
+        # 128 + the signal, as a shell reports a process the signal ended (130 for Ctrl-C); a rank that stopped
+        # only because another rank was signalled says 143, as for the launcher's SIGTERM.
+        code = 128 + trainer.stop_signal if trainer.stop_signal else EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         clean = True  # every rank saw the same flags and stops at the same step
         if trainer.is_main:

@@ -10,6 +10,7 @@ layers keep their fixed DIV2K values when loading BasicSR weights.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -260,7 +261,8 @@ def model_from_weights(path: str | Path, res_scale: float | None = None) -> tupl
 
 def checkpoint_model(path: str | Path, raw: bool = False):
     """(EDSR with the saved weights, its Config) from a checkpoint file or a run folder; model on CPU, eval mode.
-    The EMA of the weights when the run kept one, the raw weights with raw=True."""
+    The EMA of the weights when the run kept one, the raw weights with raw=True. The Config's precision is the one
+    the run trained and validated with (its metadata), not `auto`."""
     found = find_checkpoint(path)
     if found is None:
         raise UserError(f"no valid checkpoint in {path}; pass a .ckpt file or a run folder that has checkpoints/")
@@ -269,6 +271,9 @@ def checkpoint_model(path: str | Path, raw: bool = False):
         raise UserError(f"checkpoint {found} has no model weights and config; "
                         "pass a checkpoint written by `edsr-dist train`")
     cfg = config_from_dict(state["config"])
+    trained = state.get("meta", {}).get("precision")
+    if trained:
+        cfg = dataclasses.replace(cfg, precision=trained)
     model = build_model(cfg)
     model.load_state_dict(convert_state_dict(checkpoint_weights(state, raw), num_blocks=cfg.num_blocks), strict=True)
     return model.eval(), cfg

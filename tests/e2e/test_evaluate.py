@@ -174,3 +174,24 @@ def test_bad_inputs_are_one_line_user_errors(run_dir, sample_store, tmp_path, ca
     result = run_cli(["eval", "--checkpoints", str(damaged), "--data", str(sample_store)], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_defaults_to_the_checkpoints_training_precision(sample_store, tmp_path, capsys):
+    """A bf16 run: eval without --precision scores in bf16 and repeats its val PSNR; --precision fp32 differs."""
+    out = tmp_path / "run"
+    result = run_cli(["train", *TINY, "--precision", "bf16", "--data", str(sample_store), "--out", str(out),
+                      "--steps-per-epoch", "10", "--max-val-images", str(VAL_IMAGES)], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (validated,) = epoch_records(out).values()
+    args = ["--checkpoints", str(out), "--data", str(sample_store), "--max-images", str(VAL_IMAGES),
+            "--num-threads", "1", "--device", "cpu"]
+    assert eval_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "(cpu, precision as trained)" in printed.splitlines()[0]
+    assert "precision bf16: as each checkpoint was trained and validated" in printed
+    as_trained = json.loads((out / "checkpoints" / "eval_sample.json").read_text())["results"][0]
+    assert as_trained["precision"] == "bf16"
+    assert as_trained["psnr_y"] == pytest.approx(validated["psnr_y"], abs=1e-9)
+    assert eval_main([*args, "--precision", "fp32"]) == 0
+    full = json.loads((out / "checkpoints" / "eval_sample.json").read_text())["results"][0]
+    assert full["precision"] == "fp32" and abs(full["psnr_y"] - validated["psnr_y"]) > 1e-6

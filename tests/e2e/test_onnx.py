@@ -234,3 +234,48 @@ def test_bench_sr_reports_both_backends_on_the_same_images(tmp_path, capsys):
         assert len(result["pass_seconds"]) == 2
         assert result["images_per_s"] == pytest.approx(2 / min(result["pass_seconds"]))
         assert result["sr_megapixels_per_s"] == pytest.approx((600 + 273) * 9 / 1e6 / min(result["pass_seconds"]))
+
+
+def test_sr_keeps_alpha_and_grayscale_on_both_backends(tmp_path, capsys):
+    """RGBA and LA come out with their alpha (bicubic-resized), L stays L, palettes are expanded; the output line
+    says what was done. The network part is the same RGB upscale as for a plain RGB input."""
+    weights = _weights(tmp_path, scale=2)
+    model_path = tmp_path / "m.onnx"
+    assert cli_main(["export", "--checkpoint", str(weights), "--out", str(model_path), "--verify-sizes", "8x8"]) == 0
+    rgb = PHOTO[100:121, 200:223]  # 23x21
+    alpha = np.tile(np.linspace(0, 255, rgb.shape[1]).astype(np.uint8), (rgb.shape[0], 1))
+    alpha[:5] = 0  # a fully transparent band
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(np.dstack([rgb, alpha])).save(images / "rgba.png")
+    Image.fromarray(np.dstack([rgb[..., 1], alpha])).save(images / "la.png")
+    Image.fromarray(rgb[..., 1]).save(images / "gray.png")
+    palette = Image.fromarray(rgb).quantize(16)
+    palette.save(images / "pal.png")
+    palette.save(images / "pal_t.png", transparency=0)
+    want_alpha = np.asarray(Image.fromarray(alpha).resize((46, 42), Image.Resampling.BICUBIC)).astype(int)
+    torch_model, _ = model_from_weights(weights)
+    for backend, checkpoint in (("pytorch", weights), ("onnxruntime", model_path)):
+        capsys.readouterr()
+        assert cli_main(["sr", str(images), "--checkpoint", str(checkpoint), "--out", str(tmp_path / backend),
+                         "--backend", backend, "--device", "cpu"]) == 0
+        lines = {line.split(" ")[0].rsplit("/", 1)[-1]: line for line in capsys.readouterr().out.splitlines()}
+        outs = {name: Image.open(tmp_path / backend / f"{name}_x2.png") for name in ("rgba", "la", "gray", "pal", "pal_t")}
+        assert {name: im.mode for name, im in outs.items()} == {
+            "rgba": "RGBA", "la": "LA", "gray": "L", "pal": "RGB", "pal_t": "RGBA"}
+        assert all(im.size == (46, 42) for im in outs.values())
+        assert np.abs(np.asarray(outs["rgba"].getchannel("A")).astype(int) - want_alpha).max() == 0
+        assert np.abs(np.asarray(outs["la"].getchannel("A")).astype(int) - want_alpha).max() == 0
+        sr_rgb = super_resolve(torch_model, rgb, "cpu").astype(int)
+        assert np.abs(np.asarray(outs["rgba"])[..., :3].astype(int) - sr_rgb).max() <= 1
+        gray_in = np.repeat(rgb[..., 1:2], 3, axis=2)
+        want_gray = np.asarray(Image.fromarray(super_resolve(torch_model, gray_in, "cpu")).convert("L")).astype(int)
+        assert np.abs(np.asarray(outs["gray"]).astype(int) - want_gray).max() <= 1
+        pal_alpha = Image.open(images / "pal_t.png").convert("RGBA").getchannel("A")
+        assert 0 < (np.asarray(pal_alpha) == 0).mean() < 1  # palette entry 0 is transparent, the rest opaque
+        assert outs["pal_t"].getchannel("A").tobytes() == pal_alpha.resize((46, 42), Image.Resampling.BICUBIC).tobytes()
+        assert lines["rgba.png"].endswith("; alpha upscaled by bicubic") and "(46x42 RGBA)" in lines["rgba.png"]
+        assert lines["gray.png"].endswith("; grayscale in, grayscale out") and "(46x42 L)" in lines["gray.png"]
+        assert lines["la.png"].endswith("; grayscale in, grayscale out, alpha upscaled by bicubic")
+        assert lines["pal.png"].endswith("; palette expanded")
+        assert lines["pal_t.png"].endswith("; palette expanded, alpha upscaled by bicubic")

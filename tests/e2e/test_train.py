@@ -5,6 +5,7 @@ import json
 from PIL import Image
 
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
+from edsr_dist.train import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT
 from helpers import TINY, run_cli
 
 
@@ -33,7 +34,7 @@ def test_short_training_run_reduces_the_loss_and_writes_everything(sample_store,
     assert len(pngs) == 2
     with Image.open(pngs[0]) as image:
         width, height = image.size
-    assert width > 3 * height - 20  # three crops side by side
+    assert width == 3 * (height - SAMPLE_LABEL_HEIGHT) + 2 * SAMPLE_GAP  # three crops side by side, labels above
 
 
 def test_max_steps_stops_early_and_still_reports(sample_store, tmp_path):

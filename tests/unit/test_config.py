@@ -1,4 +1,6 @@
 
+import dataclasses
+
 import pytest
 
 from edsr_dist.config import PROTOCOL_NAMES, Config, build_config, parse_override_args, parse_train_args
@@ -54,3 +56,15 @@ def test_bare_boolean_flag_switches_on():
 
 def test_config_names_exactly_the_defined_protocols():
     assert tuple(PROTOCOLS) == PROTOCOL_NAMES
+
+
+def test_every_setting_has_a_description_in_train_help(capsys):
+    """The description is the field's own metadata, so a new field without one fails here, and --help cannot drift."""
+    missing = [f.name for f in dataclasses.fields(Config) if len(f.metadata.get("help", "").split()) < 2]
+    assert missing == []
+    with pytest.raises(SystemExit):
+        parse_train_args(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(Config):
+        line = next(line for line in text.splitlines() if line.split()[:1] == [f"--{f.name.replace('_', '-')}"])
+        assert line.rstrip().endswith(f.metadata["help"])

@@ -1,15 +1,19 @@
 """The Trainer in this process (a world of one): its measuring seam and its one state description."""
 
 import contextlib
+import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.config import parse_train_args
 from edsr_dist.dist.world import World
 from edsr_dist.step_timer import StepTimer
-from edsr_dist.train import Trainer
+from edsr_dist.metrics import psnr_y
+from edsr_dist.train import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT, Trainer, sample_labels
 from helpers import TINY
 
 STEPS = 4
@@ -20,9 +24,9 @@ def make_trainer(sample_store, tmp_path):
     threads = torch.get_num_threads()  # the trainer sets the process's thread count
     made = []
 
-    def make(name: str, timer=None) -> Trainer:
+    def make(name: str, timer=None, extra=()) -> Trainer:
         cfg = parse_train_args([*TINY, "--data", str(sample_store), "--out", str(tmp_path / name),
-                                "--steps-per-epoch", str(STEPS), "--max-val-images", "1"])
+                                "--steps-per-epoch", str(STEPS), "--max-val-images", "1", *extra])
         made.append(Trainer(cfg, World(), timer=timer))
         return made[-1]
 
@@ -72,3 +76,33 @@ def test_save_and_resume_share_one_state_description(make_trainer):
     moments = second.optimizer.state_dict()["state"]
     assert {float(s["step"]) for s in moments.values()} == {float(STEPS)}
     assert second.state_dict().keys() == state.keys()
+
+
+def test_step_lines_carry_elapsed_time_and_eta_without_a_progress_bar(make_trainer, capsys):
+    make_trainer("run", extra=["--log-every", "2"]).fit()  # --progress false, as under the launcher
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Step nr:")]
+    assert [line.split("]")[0] for line in lines] == ["Step nr: [2/4", "Step nr: [4/4"]
+    for line in lines:
+        assert re.search(r" - Lr: \S+ - elapsed \d+:\d\d:\d\d - ETA \d+:\d\d:\d\d$", line), line
+    assert lines[-1].endswith(" - ETA 0:00:00")  # nothing left after the last step
+
+
+def test_sample_png_has_a_label_strip_over_the_three_crops(make_trainer):
+    trainer = make_trainer("run")
+    rng = np.random.default_rng(0)
+    hr = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    sr = np.clip(hr.astype(int) + rng.integers(-6, 7, hr.shape), 0, 255).astype(np.uint8)
+    bicubic = np.clip(hr.astype(int) + rng.integers(-20, 21, hr.shape), 0, 255).astype(np.uint8)
+    trainer._write_sample("img", bicubic, sr, hr)
+    image = np.asarray(Image.open(trainer.out / "samples" / "img_bicubic_edsr_gt.png"))
+    side = 40
+    assert image.shape == (SAMPLE_LABEL_HEIGHT + side, 3 * side + 2 * SAMPLE_GAP, 3)
+    left = (50 - side) // 2
+    panels = image[SAMPLE_LABEL_HEIGHT:]
+    for index, source in enumerate((bicubic, sr, hr)):  # the crops themselves are untouched
+        x = index * (side + SAMPLE_GAP)
+        assert np.array_equal(panels[:, x:x + side], source[:, left:left + side])
+        label = image[:SAMPLE_LABEL_HEIGHT, x:x + side]
+        assert (label < 128).any() and (label == 255).any()  # dark text on the white strip
+    assert sample_labels(bicubic, sr, hr, 2) == [f"bicubic {psnr_y(bicubic, hr, 2):.2f} dB",
+                                                 f"EDSR {psnr_y(sr, hr, 2):.2f} dB", "ground truth"]
