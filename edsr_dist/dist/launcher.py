@@ -803,13 +803,16 @@ def _restart_train_args(rest: list[str], out: str) -> list[str]:
     return [*rest, "--resume", "auto", "--overwrite", "false"]
 
 
-def _resume_point(out: str) -> str:
-    found = newest_checkpoint_quick(out) if out else None
-    if not out:
+def _resume_point(plan: Plan) -> str:
+    """Where the restart continues, for its console line."""
+    if not plan.out:
         return "same command"
-    if found is None:
-        return "from step 0 (no checkpoint yet)"
-    return f"from step {found[1]} ({found[0]})"
+    found = newest_checkpoint_quick(plan.out)
+    if found is not None:
+        return f"from step {found[1]} ({found[0]})"
+    if plan.workers[0].rank != 0:
+        return "from rank 0's newest checkpoint"  # another server's disk, unless --out is shared
+    return "from step 0 (no checkpoint yet)"
 
 
 def _drop_device(plan: Plan, device: int, min_nproc: int, dropped: frozenset[int]) -> frozenset[int]:
@@ -888,7 +891,7 @@ def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: st
             delay = restart_delay(args.restart_delay, restarts)
             train_args = rest if args.exec else _restart_train_args(rest, plan.out)
             print(f"{PROG}: {outcome.line}; restart {restarts} of {args.max_restarts} in {delay:g} s, "
-                  f"{_resume_point(plan.out)}{note}", file=sys.stderr, flush=True)
+                  f"{_resume_point(plan)}{note}", file=sys.stderr, flush=True)
             deadline = time.monotonic() + delay
             while stop.signum is None and time.monotonic() < deadline:
                 time.sleep(POLL_S)
