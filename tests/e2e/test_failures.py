@@ -8,6 +8,7 @@ launcher's exit (`pytest -s` shows it).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, Job, assert_no_process_left, clean_env
+from helpers import REPO, TINY, Job, assert_no_process_left, clean_env
 
 
 # A run far longer than any test: only a fault (or max-steps) ends it.
