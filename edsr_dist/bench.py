@@ -40,11 +40,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from edsr_dist.atomic import atomic_write_text
 from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, check_batch_divides, config_from_dict
-from edsr_dist.data.sample import ensure_sample_store
+from edsr_dist.data.sample_store import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
-from edsr_dist.dist.npu import memory_format as device_memory_format
-from edsr_dist.dist.world import World
+from edsr_dist.parallel.npu import memory_format as device_memory_format
+from edsr_dist.parallel.world import World
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.model import build_model, flops_per_image
 from edsr_dist.precision import autocast, cpu_has_native_bf16, resolve_device_and_precision

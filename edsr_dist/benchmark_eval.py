@@ -23,9 +23,9 @@ from edsr_dist.benchmarks import SCORE_KEYS, BenchmarkSet, file_sha256, find_set
 from edsr_dist.atomic import atomic_write_text
 from edsr_dist.candidates import Candidate, load_candidate
 from edsr_dist.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file
-from edsr_dist.dist.engine_factory import make_engine, resolve_engine_name
-from edsr_dist.dist.npu import memory_format
-from edsr_dist.dist.world import discover_world
+from edsr_dist.parallel.engine_factory import make_engine, resolve_engine_name
+from edsr_dist.parallel.npu import memory_format
+from edsr_dist.parallel.world import discover_world
 from edsr_dist.errors import UserError
 from edsr_dist.infer import super_resolve
 from edsr_dist.precision import resolve_device_and_precision

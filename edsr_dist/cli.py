@@ -12,8 +12,8 @@ from edsr_dist.errors import UserError, did_you_mean
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
     "train": ("edsr_dist.train", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
-    "launch": ("edsr_dist.dist.launcher", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
-    "rank-table": ("edsr_dist.dist.rank_table", "main", "check or make an Ascend HCCL rank table"),
+    "launch": ("edsr_dist.parallel.launcher", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
+    "rank-table": ("edsr_dist.parallel.rank_table", "main", "check or make an Ascend HCCL rank table"),
     "build-store": ("edsr_dist.data.build_store", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
     "eval": ("edsr_dist.evaluate", "main", "evaluate checkpoints on a store or a folder of HR images"),
     "sr": ("edsr_dist.sr", "main", "super-resolve images with a checkpoint or an .onnx model (tiled, optional self-ensemble)"),

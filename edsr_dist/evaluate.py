@@ -31,7 +31,7 @@ from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore
-from edsr_dist.dist.npu import memory_format
+from edsr_dist.parallel.npu import memory_format
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.infer import super_resolve
 from edsr_dist.metrics import score_sr

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from edsr_dist.atomic import atomic_path, make_parent_folder
-from edsr_dist.data.sample import load_sample_image
+from edsr_dist.data.sample_store import load_sample_image
 from edsr_dist.errors import UserError
 from edsr_dist.infer import load_inference_model, model_scale, receptive_field_radius
 from edsr_dist.model import bare_model

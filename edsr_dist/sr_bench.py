@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edsr_dist.data.sample import load_sample_image
+from edsr_dist.data.sample_store import load_sample_image
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.infer import load_inference_model, super_resolve
 from edsr_dist.model import EDSR

@@ -28,13 +28,13 @@ from edsr_dist.benchmarks import score_shards, validation_source
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from edsr_dist.config import Config, check_batch_divides, parse_train_args
 from edsr_dist.data.prefetch import Prefetcher
-from edsr_dist.data.sample import ensure_sample_store
+from edsr_dist.data.sample_store import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
-from edsr_dist.dist import npu
-from edsr_dist.dist.engine import describe_collective_failure
-from edsr_dist.dist.engine_factory import make_engine, resolve_engine_name
-from edsr_dist.dist.world import World, discover_world
+from edsr_dist.parallel import npu
+from edsr_dist.parallel.engine import describe_collective_failure
+from edsr_dist.parallel.engine_factory import make_engine, resolve_engine_name
+from edsr_dist.parallel.world import World, discover_world
 from edsr_dist.ema import WeightEMA
 from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, UserError
 from edsr_dist.infer import super_resolve

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from edsr_dist.data.sample import build_sample_store
+from edsr_dist.data.sample_store import build_sample_store
 from helpers import TINY, run_cli
 
 E2E = Path(__file__).resolve().parent / "e2e"

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from helpers import REPO
 from edsr_dist.cli import main as cli_main
-from edsr_dist.data.sample import load_sample_image
+from edsr_dist.data.sample_store import load_sample_image
 from edsr_dist.errors import UserError
 from edsr_dist.infer import receptive_field_radius, super_resolve
 from edsr_dist.metrics import to_uint8

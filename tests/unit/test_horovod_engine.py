@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from edsr_dist.dist.horovod_engine import HorovodEngine, dense_view
-from edsr_dist.dist.world import World
+from edsr_dist.parallel.horovod_engine import HorovodEngine, dense_view
+from edsr_dist.parallel.world import World
 from edsr_dist.errors import UserError
 
 

@@ -17,7 +17,7 @@ import pytest
 from edsr_dist.cli import main as cli_main
 from edsr_dist.data.build_store import main as build_main
 from edsr_dist.data.resize import matlab_style_bicubic_downscale, pil_bicubic_downscale
-from edsr_dist.data.sample import SAMPLE_SCENES, build_sample_store, sample_split
+from edsr_dist.data.sample_store import SAMPLE_SCENES, build_sample_store, sample_split
 from edsr_dist.data.store import PatchStore, crc32_of, store_info, verify_store
 from edsr_dist.errors import UserError
 from helpers import make_hr_folder, make_official_lr, smooth_image, write_png

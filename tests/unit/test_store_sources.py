@@ -18,7 +18,7 @@ from edsr_dist.config import Config
 from edsr_dist.data.build_store import main as build_main
 from edsr_dist.data.builder import SourceFolder, SourceImage, write_store
 from edsr_dist.data.resize import pil_bicubic_downscale
-from edsr_dist.data.sample import default_sample_store_path, ensure_sample_store
+from edsr_dist.data.sample_store import default_sample_store_path, ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore, store_info, verify_store
 from edsr_dist.errors import UserError

@@ -10,7 +10,7 @@ from PIL import Image
 
 from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.config import parse_train_args
-from edsr_dist.dist.world import World
+from edsr_dist.parallel.world import World
 from edsr_dist.step_timer import StepTimer
 from edsr_dist.metrics import psnr_y
 from edsr_dist.train import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT, Trainer, sample_labels

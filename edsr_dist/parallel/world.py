@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from edsr_dist.dist.ascend_env import logical_device
+from edsr_dist.parallel.ascend_env import logical_device
 from edsr_dist.errors import UserError
 
 

@@ -30,9 +30,9 @@ import psutil
 from torch.distributed import TCPStore
 
 from edsr_dist.config import check_batch_divides, parse_train_args
-from edsr_dist.dist.hostfile import horovodrun_command, parse_hostfile
-from edsr_dist.dist import ascend_env
-from edsr_dist.dist.rank_table import Device, RankTable, Server, wait_for_rank_table, write_v1
+from edsr_dist.parallel.hostfile import horovodrun_command, parse_hostfile
+from edsr_dist.parallel import ascend_env
+from edsr_dist.parallel.rank_table import Device, RankTable, Server, wait_for_rank_table, write_v1
 from edsr_dist.checkpoint import newest_checkpoint_quick
 from edsr_dist.errors import (CommandParser, EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED,
                               EXIT_USER_ERROR, UserError)

@@ -62,7 +62,7 @@ def load_sample_image(name: str) -> np.ndarray:
     except (AttributeError, OSError, ValueError, ImportError) as exc:
         raise UserError(
             f"scikit-image sample image {name!r} cannot be loaded offline ({exc}); edit SAMPLE_SCENES in "
-            f"edsr_dist/data/sample.py or reinstall scikit-image"
+            f"edsr_dist/data/sample_store.py or reinstall scikit-image"
         ) from None
     image = np.asarray(image)
     if image.dtype == np.bool_:
@@ -96,7 +96,7 @@ def build_sample_store(
         scales,
         tile_size,
         degradation=SAMPLE_DEGRADATION,
-        source=f"scikit-image {skimage.__version__} bundled sample photos (edsr_dist.data.sample.SAMPLE_SCENES)",
+        source=f"scikit-image {skimage.__version__} bundled sample photos (edsr_dist.data.sample_store.SAMPLE_SCENES)",
         resize_method=SAMPLE_DEGRADATION,
         progress=progress,
     )

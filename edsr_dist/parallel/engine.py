@@ -3,8 +3,8 @@
 The training loop talks to an `Engine` and never branches on which one it has:
 - `Engine` itself: one process, nothing to synchronise (the base class is the local engine).
 - `DDPEngine`: torch.distributed + DistributedDataParallel over hccl (Ascend), nccl (CUDA) or gloo (CPU).
-- `HorovodEngine` (edsr_dist/dist/horovod_engine.py): horovod.torch, for jobs started by horovodrun.
-Which one a run gets is decided in edsr_dist/dist/engine_factory.py.
+- `HorovodEngine` (edsr_dist/parallel/horovod_engine.py): horovod.torch, for jobs started by horovodrun.
+Which one a run gets is decided in edsr_dist/parallel/engine_factory.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from edsr_dist.dist.ascend_env import watchdog_timeout
-from edsr_dist.dist.world import World
+from edsr_dist.parallel.ascend_env import watchdog_timeout
+from edsr_dist.parallel.world import World
 from edsr_dist.errors import UserError
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}

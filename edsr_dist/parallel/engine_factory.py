@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from edsr_dist.dist.engine import DDPEngine, Engine
-from edsr_dist.dist.horovod_engine import HorovodEngine
-from edsr_dist.dist.world import World
+from edsr_dist.parallel.engine import DDPEngine, Engine
+from edsr_dist.parallel.horovod_engine import HorovodEngine
+from edsr_dist.parallel.world import World
 
 
 def resolve_engine_name(requested: str, world: World, env: dict | None = None) -> str:

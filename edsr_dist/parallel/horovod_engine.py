@@ -12,8 +12,8 @@ import functools
 import torch
 from torch import nn
 
-from edsr_dist.dist.engine import Engine
-from edsr_dist.dist.world import World
+from edsr_dist.parallel.engine import Engine
+from edsr_dist.parallel.world import World
 from edsr_dist.errors import UserError
 
 
