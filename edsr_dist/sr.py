@@ -17,10 +17,10 @@ from PIL import Image, UnidentifiedImageError
 
 from edsr_dist.atomic import atomic_path
 from edsr_dist.config import DEVICES, PRECISIONS
+from edsr_dist.data.images import IMAGE_SUFFIXES, is_image_file
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.onnx_backend import OnnxModel, super_resolve_onnx
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BACKENDS = ("pytorch", "onnxruntime")
 
 
@@ -71,9 +71,10 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if is_image_file(p))
             if not found:
-                raise UserError(f"folder {path} has no .png/.jpg images; pass image files or a folder of images")
+                raise UserError(f"folder {path} has no images ({', '.join(IMAGE_SUFFIXES)}); pass image files or a "
+                                "folder of images")
             files += found
         elif path.is_file():
             files.append(path)
