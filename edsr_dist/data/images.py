@@ -11,7 +11,7 @@ from PIL import Image
 from edsr_dist.errors import UserError
 
 # Formats Pillow decodes without extra plugins. Order matters where one stem has several files: PNG first.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L")
 

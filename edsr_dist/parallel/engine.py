@@ -10,6 +10,7 @@ Which one a run gets is decided in edsr_dist/parallel/engine_factory.py.
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 
 import torch
@@ -57,6 +58,23 @@ class Engine:
         """clean=False after an error: peers may be stuck in a collective, so do not wait for them."""
 
 
+def _rendezvous(world: World, timeout: datetime.timedelta) -> dict:
+    """init_process_group's rendezvous: the TCP store at MASTER_ADDR:MASTER_PORT.
+
+    After a torchrun restart its agent's store still holds the previous attempt's keys, Gloo's peer addresses among
+    them, and the new workers then dial the dead ones ("Connection refused"; seen with torch 2.13 --standalone).
+    Under torchrun the keys are therefore kept apart per attempt (TORCHELASTIC_RESTART_COUNT), in the agent's store
+    (TORCHELASTIC_USE_AGENT_STORE: every rank a client) or in rank 0's.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {"init_method": f"tcp://{world.master_addr}:{world.master_port}"}
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(world.master_addr, world.master_port, world.size,
+                          is_master=world.rank == 0 and not agent_store, timeout=timeout)
+    return {"store": dist.PrefixStore(f"edsr-dist/attempt_{attempt}", store)}
+
+
 class DDPEngine(Engine):
     name = "ddp"
 
@@ -68,13 +86,14 @@ class DDPEngine(Engine):
             if note and world.is_main:
                 print(f"edsr-dist train: note: {note}", file=sys.stderr, flush=True)
         # HCCL reads RANK_TABLE_FILE itself when it is set; torch only needs the TCP rendezvous.
+        timeout = datetime.timedelta(seconds=timeout_s)
         try:
             dist.init_process_group(
                 backend=backend,
-                init_method=f"tcp://{world.master_addr}:{world.master_port}",
                 rank=world.rank,
                 world_size=world.size,
-                timeout=datetime.timedelta(seconds=timeout_s),
+                timeout=timeout,
+                **_rendezvous(world, timeout),
                 **({"device_id": device} if device.type == "cuda" else {}),
             )
         except (RuntimeError, ValueError) as exc:

@@ -149,6 +149,6 @@ def test_sr_command_end_to_end(tmp_path, capsys):
                      "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    for text in ("missing.png does not exist", "nothing does not exist", "has no images (.png, .jpg, .jpeg",
+    for text in ("missing.png does not exist", "nothing does not exist", "has no images (.png, .bmp, .tif",
                  "cannot read image", "would both be written"):
         assert text in err, text
