@@ -120,6 +120,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, before DDP's broadcast makes sure
         self.memory_format = npu.memory_format(self.device, cfg.channels_last)
+        # The chip's overflow mode does not change during a run: asked once, not every step.
+        self._saturation_mode = npu.saturation_mode(self.device)
         self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)  # the bare network
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                           eps=cfg.epsilon)
@@ -328,7 +330,8 @@ class Trainer:
             group["lr"] = learning_rate(self.cfg, self.step, self.schedule_steps)
         with timer.phase("to_device"):
             lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
-        npu.clear_overflow_flag(self.device)
+        if self._saturation_mode:
+            npu.clear_overflow_flag()
         with autocast(self.device, self.precision):
             sr = self.train_model(lr_t)
         loss = F.l1_loss(sr.float(), hr_t)

@@ -47,8 +47,8 @@ def saturation_mode(device: torch.device) -> bool:
     return not import_torch_npu().npu.utils.is_support_inf_nan()
 
 
-def clear_overflow_flag(device: torch.device) -> None:
+def clear_overflow_flag() -> None:
     """Reset the float-status flag before a step, as torch_npu's GradScaler.scale() does: the NPU's overflow check
-    reports the flag, so an overflow from earlier work (fp16 validation) would be charged to this step."""
-    if saturation_mode(device):
-        import_torch_npu().npu.utils.clear_npu_overflow_flag()
+    reports the flag, so an overflow from earlier work (fp16 validation) would be charged to this step. Only for
+    devices in saturation_mode."""
+    import_torch_npu().npu.utils.clear_npu_overflow_flag()
