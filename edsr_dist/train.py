@@ -106,7 +106,8 @@ class Trainer:
             claim_run_folder(self.out, cfg.resume, cfg.overwrite)
 
         self.store = self._open_store()
-        validation_source(cfg, self.store)  # refuses, before any step, a run with nothing to validate on
+        # The store's validation images or cfg.val_benchmark's; refuses a run with nothing to validate on.
+        self.validation = validation_source(cfg, self.store)
         self.sampler = TrainSampler(self.store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
                                     rank=self.world.rank, world_size=self.world.size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -373,7 +374,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self, write_samples: bool = False) -> dict:
         """Each rank takes every world-size-th image; sums are reduced so rank 0 reports the whole set."""
-        source = validation_source(self.cfg, self.store)  # the store's images, or cfg.val_benchmark's
+        source = self.validation
         network = self.ema.model if self.ema is not None else self.model  # what eval, sr and export will use
 
         def score_one(index: int) -> dict:
