@@ -11,15 +11,15 @@ from edsr_dist.errors import UserError, did_you_mean
 
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
-    "train": ("edsr_dist.train", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
-    "launch": ("edsr_dist.parallel.launcher", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
-    "rank-table": ("edsr_dist.parallel.rank_table", "main", "check or make an Ascend HCCL rank table"),
+    "train": ("edsr_dist.train.trainer", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
+    "launch": ("edsr_dist.launcher.command", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
+    "rank-table": ("edsr_dist.launcher.rank_table", "main", "check or make an Ascend HCCL rank table"),
     "build-store": ("edsr_dist.data.build_store", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
-    "eval": ("edsr_dist.evaluate", "main", "evaluate checkpoints on a store or a folder of HR images"),
-    "sr": ("edsr_dist.sr", "main", "super-resolve images with a checkpoint or an .onnx model (tiled, optional self-ensemble)"),
-    "export": ("edsr_dist.export", "main", "export a model: weights (safetensors, reference/BasicSR names) or verified ONNX"),
-    "bench": ("edsr_dist.bench", "main", "measure training throughput, overheads and scaling"),
-    "bench-sr": ("edsr_dist.sr_bench", "main", "measure inference speed: PyTorch and ONNX Runtime on the same images"),
+    "eval": ("edsr_dist.evaluation.command", "main", "evaluate checkpoints on a store or a folder of HR images"),
+    "sr": ("edsr_dist.inference.command", "main", "super-resolve images with a checkpoint or an .onnx model (tiled, optional self-ensemble)"),
+    "export": ("edsr_dist.inference.export", "main", "export a model: weights (safetensors, reference/BasicSR names) or verified ONNX"),
+    "bench": ("edsr_dist.perf.train_speed", "main", "measure training throughput, overheads and scaling"),
+    "bench-sr": ("edsr_dist.perf.sr_speed", "main", "measure inference speed: PyTorch and ONNX Runtime on the same images"),
 }
 # Commands usable without torch: rank-table only reads and writes text files (a login node); sr checks for torch
 # itself, since `sr --backend onnxruntime` serves an exported model without it.

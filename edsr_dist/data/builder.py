@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edsr_dist import __version__
-from edsr_dist.atomic import atomic_path
+from edsr_dist.state.atomic import atomic_path
 from edsr_dist.data.images import (find_image, image_size, list_images, listing_notes, load_image_rgb,
                                    no_images_message)
 from edsr_dist.data.resize import downscale

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from edsr_dist.step_timer import StepTimer
+from edsr_dist.train.step_timer import StepTimer
 
 
 class Prefetcher:

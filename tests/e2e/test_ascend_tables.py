@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edsr_dist.parallel.rank_table import load_rank_table
+from edsr_dist.launcher.rank_table import load_rank_table
 from edsr_dist.parallel.world import discover_world
 from edsr_dist.errors import UserError
 
@@ -154,7 +154,7 @@ def test_checker_agrees_with_hccl(tmp_path):
 # ---- item 8: Kubernetes tables that are not complete yet -----------------------------------------------------
 
 def test_wait_for_a_table_that_completes_later(tmp_path):
-    from edsr_dist.parallel.rank_table import wait_for_rank_table
+    from edsr_dist.launcher.rank_table import wait_for_rank_table
 
     doc = v1([("10.0.0.1", [(0, "192.168.0.1")])])
     path = write(tmp_path, {"status": "initializing"})
@@ -234,7 +234,7 @@ def test_real_tables_dry_run(tmp_path, name):
 
 
 def test_written_v1_copy_has_hccls_ranks_and_is_a_regular_file(tmp_path):
-    from edsr_dist.parallel.rank_table import write_v1
+    from edsr_dist.launcher.rank_table import write_v1
 
     table = load_rank_table(REAL / "group_cloud_2instance_16p_bert.json")
     target = tmp_path / "rank_table_v1.json"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from edsr_dist.bench import PHASES, format_report
+from edsr_dist.perf.train_speed import PHASES, format_report
 from helpers import run_cli
 
 TINY_BENCH = ["bench", "--preset", "sample", "--num-blocks", "2", "--num-filters", "8", "--batch-size", "4",

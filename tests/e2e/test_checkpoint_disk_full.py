@@ -9,7 +9,7 @@ import textwrap
 
 import torch
 
-from edsr_dist.checkpoint import find_checkpoint, save_checkpoint
+from edsr_dist.state.checkpoint import find_checkpoint, save_checkpoint
 from helpers import REPO
 
 
@@ -24,7 +24,7 @@ def test_failed_write_keeps_old_checkpoint(tmp_path):
     old_bytes = old.read_bytes()
     script = textwrap.dedent(f"""
         import sys, torch
-        from edsr_dist.checkpoint import save_checkpoint
+        from edsr_dist.state.checkpoint import save_checkpoint
         from edsr_dist.errors import UserError
         try:
             state = {{"model": {{"w": torch.zeros(1_000_000)}}}}

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from helpers import REPO, TINY, free_port, max_relative_difference, run_cli, spawn_ranks
 
 
@@ -33,7 +33,7 @@ def test_world_size_invariance_1_vs_2_workers(sample_store, tmp_path):
     difference = max_relative_difference(one, two)
     assert difference < 1e-4, difference
     # The runs really trained: the weights moved away from the seed's initialisation.
-    from edsr_dist.model import EDSR
+    from edsr_dist.model.edsr import EDSR
 
     torch.manual_seed(0)
     initial = EDSR(scale=2, num_blocks=2, num_filters=8, res_scale=1.0).state_dict()

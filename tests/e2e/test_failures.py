@@ -86,7 +86,7 @@ def checkpoint_steps(out: Path) -> list[int]:
 
 
 def test_sigterm_to_launcher_checkpoints_and_resume_continues(tmp_path, sample_store):
-    from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
+    from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 
     out = tmp_path / "run"
     train = [*ENDLESS, "--data", str(sample_store), "--out", str(out)]
@@ -143,7 +143,7 @@ def test_sigterm_to_one_worker_stops_all_at_the_same_step(tmp_path, sample_store
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path, sample_store):
     """A learning rate of 1e6 in fp32: step 1 is fine, its update blows the weights up, every later loss is inf/NaN."""
-    from edsr_dist.checkpoint import load_checkpoint
+    from edsr_dist.state.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
     env = clean_env()

@@ -28,7 +28,7 @@ TIMEOUT_S = 150
 
 
 def final_weights(out: Path) -> dict:
-    from edsr_dist.checkpoint import load_checkpoint
+    from edsr_dist.state.checkpoint import load_checkpoint
     state = load_checkpoint(out / "checkpoints" / f"step_{STEPS:08d}.ckpt")
     assert state["step"] == STEPS
     return state["model"]

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 
 STEPS = 24  # per epoch; global batch 4 (TINY), so 2 samples per rank with 2 workers
@@ -107,7 +107,7 @@ def test_world_size_invariance_1_vs_2_workers(two_workers, sample_store, tmp_pat
     assert difference < 1e-4, difference
     # The epoch loss is the mean over both ranks' halves of each batch: rank 1 trained on its share.
     assert epoch_losses(result.stdout) == pytest.approx(epoch_losses(single.stdout), rel=1e-4)
-    from edsr_dist.model import EDSR
+    from edsr_dist.model.edsr import EDSR
 
     torch.manual_seed(0)
     initial = EDSR(scale=2, num_blocks=2, num_filters=8, res_scale=1.0).state_dict()

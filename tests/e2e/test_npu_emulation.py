@@ -29,7 +29,7 @@ def test_npu_model_is_contiguous_and_channels_last_would_crash():
     code = """
 import torch
 from edsr_dist.parallel import npu
-from edsr_dist.precision import select_device
+from edsr_dist.model.precision import select_device
 device = select_device("npu", 0)
 model = torch.nn.Conv2d(3, 4, 3)
 try:
@@ -48,7 +48,7 @@ print("resolved:", npu.memory_format(device, True))
 def test_set_device_takes_the_logical_index_of_a_physical_card():
     code = """
 from edsr_dist.parallel.world import discover_world
-from edsr_dist.precision import select_device
+from edsr_dist.model.precision import select_device
 world = discover_world({"RANK_ID": "1", "RANK_SIZE": "4", "DEVICE_ID": "5", "ASCEND_RT_VISIBLE_DEVICES": "4,5,6,7"})
 print("logical", world.device_index, "physical", world.physical_device)
 print(select_device("npu", world.device_index, world.physical_device))
@@ -81,7 +81,7 @@ print("cleared", torch_npu.npu.utils.get_npu_overflow_flag())
 def test_bf16_follows_the_chip():
     code = """
 from edsr_dist.errors import UserError
-from edsr_dist.precision import resolve_precision
+from edsr_dist.model.precision import resolve_precision
 try:
     print("bf16 ->", resolve_precision("bf16", "npu"))
 except UserError as exc:
@@ -111,7 +111,7 @@ def test_a_broken_torch_npu_is_one_line(tmp_path):
 def test_hccl_refuses_float64_all_reduce():
     code = """
 import datetime, torch, torch.distributed as dist, torch_npu
-dist.init_process_group("hccl", init_method="tcp://127.0.0.1:%d" % __import__("edsr_dist.parallel.launcher", fromlist=["x"]).free_port(),
+dist.init_process_group("hccl", init_method="tcp://127.0.0.1:%d" % __import__("edsr_dist.launcher.command", fromlist=["x"]).free_port(),
                         rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
 t = torch.ones(2, dtype=torch.float64).to("npu:0")
 try:

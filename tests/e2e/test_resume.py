@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edsr_dist.checkpoint import find_checkpoint, load_checkpoint, verify_checkpoint
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint, verify_checkpoint
 from helpers import REPO, TINY, free_port, max_relative_difference, run_cli, spawn_ranks
 
 STEPS_PER_EPOCH = 10
@@ -27,7 +27,7 @@ TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 
 HOOKED_TRAIN = r"""
 import os, sys, time
-import edsr_dist.checkpoint as checkpoint
+import edsr_dist.state.checkpoint as checkpoint
 
 pause_after = int(os.environ.get("PAUSE_AFTER_SAVE_STEP", "0"))
 pause_mid_write = int(os.environ.get("PAUSE_MID_WRITE_STEP", "0"))

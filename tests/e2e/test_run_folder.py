@@ -9,7 +9,7 @@ import pytest
 
 from helpers import TINY, run_cli
 from edsr_dist.errors import UserError
-from edsr_dist.run_folder import claim_run_folder
+from edsr_dist.state.run_folder import claim_run_folder
 
 
 def _snapshot(folder: Path) -> dict:

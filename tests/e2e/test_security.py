@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from helpers import REPO, TINY, run_cli
-from edsr_dist.checkpoint import find_checkpoint, follow_pointer, load_checkpoint, save_checkpoint, verify_checkpoint
-from edsr_dist.weights import checkpoint_model
+from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, load_checkpoint, save_checkpoint, verify_checkpoint
+from edsr_dist.state.weights import checkpoint_model
 from edsr_dist.errors import UserError
 
 # Written by commit 0a0567e's trainer (`git archive 0a0567e`, then in that tree: `edsr-dist build-store --sample

@@ -2,7 +2,7 @@
 
 import pytest
 
-from edsr_dist.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from edsr_dist.state.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def test_writes_and_replaces(tmp_path):

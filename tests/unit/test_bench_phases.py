@@ -2,7 +2,7 @@
 
 import pytest
 
-from edsr_dist.bench import PHASES, _step_phases
+from edsr_dist.perf.train_speed import PHASES, _step_phases
 
 
 def test_step_phases_partition_the_step():

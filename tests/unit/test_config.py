@@ -5,7 +5,7 @@ import pytest
 
 from edsr_dist.config import PROTOCOL_NAMES, Config, build_config, parse_override_args, parse_train_args
 from edsr_dist.errors import UserError
-from edsr_dist.protocols import PROTOCOLS
+from edsr_dist.evaluation.protocols import PROTOCOLS
 
 
 def test_defaults_are_the_old_tensorflow_scripts():

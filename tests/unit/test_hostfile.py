@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edsr_dist.parallel.hostfile import horovodrun_command, parse_hostfile
+from edsr_dist.launcher.hostfile import horovodrun_command, parse_hostfile
 from edsr_dist.errors import UserError
 
 GOOD = """# two GPU servers

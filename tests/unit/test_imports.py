@@ -11,27 +11,28 @@ PACKAGE = Path(__file__).resolve().parents[2] / "edsr_dist"
 
 # Lowest first. Modules in one layer do not import each other.
 LAYERS = [
-    ["edsr_dist", "edsr_dist.parallel", "edsr_dist.errors"],
-    ["edsr_dist.config", "edsr_dist.atomic", "edsr_dist.step_timer", "edsr_dist.safe_load", "edsr_dist.parallel.npu",
-     "edsr_dist.parallel.ascend_env", "edsr_dist.reference_numbers", "edsr_dist.tiling"],
-    ["edsr_dist.model", "edsr_dist.precision", "edsr_dist.metrics", "edsr_dist.data", "edsr_dist.data.resize",
-     "edsr_dist.data.store", "edsr_dist.data.images", "edsr_dist.parallel.world", "edsr_dist.parallel.hostfile",
-     "edsr_dist.parallel.rank_table", "edsr_dist.checkpoint", "edsr_dist.schedules"],
-    ["edsr_dist.data.builder", "edsr_dist.data.sampler", "edsr_dist.data.prefetch", "edsr_dist.parallel.engine", "edsr_dist.weights",
-     "edsr_dist.run_folder", "edsr_dist.protocols", "edsr_dist.data.skimage_benchmarks", "edsr_dist.onnx_backend",
-     "edsr_dist.ema"],
-    ["edsr_dist.parallel.launcher", "edsr_dist.benchmarks", "edsr_dist.data.sample_store", "edsr_dist.parallel.horovod_engine", "edsr_dist.infer"],
-    ["edsr_dist.data.build_store", "edsr_dist.parallel.engine_factory", "edsr_dist.candidates", "edsr_dist.sr"],
-    ["edsr_dist.benchmark_eval", "edsr_dist.train", "edsr_dist.onnx_export"],
-    ["edsr_dist.evaluate", "edsr_dist.export", "edsr_dist.sr_bench"],
-    ["edsr_dist.bench"],
+    ["edsr_dist", "edsr_dist.parallel", "edsr_dist.errors", "edsr_dist.model", "edsr_dist.state", "edsr_dist.train",
+     "edsr_dist.launcher", "edsr_dist.evaluation", "edsr_dist.inference", "edsr_dist.perf"],
+    ["edsr_dist.config", "edsr_dist.state.atomic", "edsr_dist.train.step_timer", "edsr_dist.state.safe_load", "edsr_dist.parallel.npu",
+     "edsr_dist.parallel.ascend_env", "edsr_dist.evaluation.reference_numbers", "edsr_dist.inference.tiling"],
+    ["edsr_dist.model.edsr", "edsr_dist.model.precision", "edsr_dist.evaluation.metrics", "edsr_dist.data", "edsr_dist.data.resize",
+     "edsr_dist.data.store", "edsr_dist.data.images", "edsr_dist.parallel.world", "edsr_dist.launcher.hostfile",
+     "edsr_dist.launcher.rank_table", "edsr_dist.state.checkpoint", "edsr_dist.model.schedules"],
+    ["edsr_dist.data.builder", "edsr_dist.data.sampler", "edsr_dist.data.prefetch", "edsr_dist.parallel.engine", "edsr_dist.state.weights",
+     "edsr_dist.state.run_folder", "edsr_dist.evaluation.protocols", "edsr_dist.data.skimage_benchmarks", "edsr_dist.inference.onnx_runtime",
+     "edsr_dist.model.ema"],
+    ["edsr_dist.launcher.command", "edsr_dist.evaluation.benchmark_sets", "edsr_dist.data.sample_store", "edsr_dist.parallel.horovod_engine", "edsr_dist.inference.torch_runtime"],
+    ["edsr_dist.data.build_store", "edsr_dist.parallel.factory", "edsr_dist.evaluation.candidates", "edsr_dist.inference.command"],
+    ["edsr_dist.evaluation.benchmark_suite", "edsr_dist.train.trainer", "edsr_dist.inference.onnx_export"],
+    ["edsr_dist.evaluation.command", "edsr_dist.inference.export", "edsr_dist.perf.sr_speed"],
+    ["edsr_dist.perf.train_speed"],
     ["edsr_dist.cli"],
     ["edsr_dist.__main__"],
 ]
 # Optional dependencies are imported where they are switched on; everything else at the top of the file.
 OPTIONAL = ("horovod", "torch_npu", "onnx", "onnxruntime", "safetensors", "torch.utils.tensorboard")
 # torch itself is optional for `sr` (ONNX Runtime serves without it): its PyTorch backend imports these when chosen.
-TORCH_SIDE_OF = {"edsr_dist.sr": ("edsr_dist.infer", "edsr_dist.precision")}
+TORCH_SIDE_OF = {"edsr_dist.inference.command": ("edsr_dist.inference.torch_runtime", "edsr_dist.model.precision")}
 
 
 def module_name(path: Path) -> str:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from edsr_dist.config import build_config
-from edsr_dist.model import EDSR, build_model, count_trainable_parameters, flops_per_image
+from edsr_dist.model.edsr import EDSR, build_model, count_trainable_parameters, flops_per_image
 
 # Published parameter counts of EDSR (Lim et al. 2017, baseline and paper models), without the fixed mean-shift layers.
 PUBLISHED = {

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from edsr_dist.errors import UserError
-from edsr_dist.precision import LossScaler, autocast, resolve_precision, select_device
+from edsr_dist.model.precision import LossScaler, autocast, resolve_precision, select_device
 
 
 def test_auto_precision_per_device():

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from edsr_dist.checkpoint import save_checkpoint
+from edsr_dist.state.checkpoint import save_checkpoint
 from edsr_dist.config import parse_train_args
-from edsr_dist.parallel.launcher import Plan, _JobStore, _drop_device, _restart_train_args, restart_delay
+from edsr_dist.launcher.command import Plan, _JobStore, _drop_device, _restart_train_args, restart_delay
 from edsr_dist.errors import UserError
 from helpers import free_port
 

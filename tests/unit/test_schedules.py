@@ -6,7 +6,7 @@ import pytest
 
 from edsr_dist.config import Config, build_config
 from edsr_dist.errors import UserError
-from edsr_dist.schedules import base_lr, learning_rate
+from edsr_dist.model.schedules import base_lr, learning_rate
 
 
 def test_paper_schedule_halves_every_200k_steps():

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import edsr_dist.data.store as store_module
-from edsr_dist.benchmarks import validation_source
+from edsr_dist.evaluation.benchmark_sets import validation_source
 from edsr_dist.config import Config
 from edsr_dist.data.build_store import main as build_main
 from edsr_dist.data.builder import SourceFolder, SourceImage, write_store
@@ -22,7 +22,7 @@ from edsr_dist.data.sample_store import default_sample_store_path, ensure_sample
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore, store_info, verify_store
 from edsr_dist.errors import UserError
-from edsr_dist.evaluate import folder_images
+from edsr_dist.evaluation.command import folder_images
 from helpers import make_hr_folder, make_official_lr, smooth_image
 
 TILE = 24

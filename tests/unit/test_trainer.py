@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from edsr_dist.checkpoint import find_checkpoint, load_checkpoint
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.config import parse_train_args
 from edsr_dist.parallel.world import World
-from edsr_dist.step_timer import StepTimer
-from edsr_dist.metrics import psnr_y
-from edsr_dist.train import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT, Trainer, sample_labels
+from edsr_dist.train.step_timer import StepTimer
+from edsr_dist.evaluation.metrics import psnr_y
+from edsr_dist.train.trainer import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT, Trainer, sample_labels
 from helpers import TINY
 
 STEPS = 4

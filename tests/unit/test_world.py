@@ -1,6 +1,6 @@
 import pytest
 
-from edsr_dist.parallel.engine_factory import resolve_engine_name
+from edsr_dist.parallel.factory import resolve_engine_name
 from edsr_dist.parallel.world import World, discover_world
 from edsr_dist.errors import UserError
 

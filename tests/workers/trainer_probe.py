@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from edsr_dist.config import parse_train_args
-from edsr_dist.step_timer import StepTimer
-from edsr_dist.train import Trainer
+from edsr_dist.train.step_timer import StepTimer
+from edsr_dist.train.trainer import Trainer
 
 INJECT_AT_STEP = 3
 

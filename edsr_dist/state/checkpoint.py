@@ -12,7 +12,7 @@ Next to the step files: `latest` and `best` (one line each, a file name) and `in
 (edsr_dist/atomic.py: temporary file in the same folder, fsync, rename, fsync of the folder), so a crash, a kill or a
 full disk never leaves a half-written checkpoint where a resume would pick it up.
 
-The payload is read with weights_only unpickling (`edsr_dist.safe_load`): tensors, containers, numbers and
+The payload is read with weights_only unpickling (`edsr_dist.state.safe_load`): tensors, containers, numbers and
 strings only, so a crafted file is refused before anything in it runs, checksum or not.
 """
 
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from edsr_dist.atomic import atomic_write_bytes
+from edsr_dist.state.atomic import atomic_write_bytes
 from edsr_dist.errors import UserError
-from edsr_dist.safe_load import load_tensors
+from edsr_dist.state.safe_load import load_tensors
 
 MAGIC = b"EDSRCKPT1"
 CHECKPOINT_DIR = "checkpoints"

@@ -30,8 +30,8 @@ import torch
 from edsr_dist.data.images import find_image, image_size, list_images, load_image_rgb
 from edsr_dist.data.resize import matlab_style_bicubic_downscale, matlab_style_bicubic_upscale, modcrop
 from edsr_dist.errors import UserError
-from edsr_dist.metrics import score_sr
-from edsr_dist.protocols import Protocol, get_protocol
+from edsr_dist.evaluation.metrics import score_sr
+from edsr_dist.evaluation.protocols import Protocol, get_protocol
 
 # The order papers print their tables in; other sets follow alphabetically.
 CANONICAL_ORDER = ("set5", "set14", "b100", "bsds100", "urban100", "manga109", "div2k")

@@ -15,11 +15,11 @@ from typing import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from edsr_dist.atomic import atomic_path
+from edsr_dist.state.atomic import atomic_path
 from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import IMAGE_SUFFIXES, is_image_file
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.onnx_backend import OnnxModel, super_resolve_onnx
+from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
 
 BACKENDS = ("pytorch", "onnxruntime")
 
@@ -41,8 +41,8 @@ def pytorch_upscaler(checkpoint: str, device: str = "auto", precision: str = "fp
         raise UserError("--backend pytorch needs PyTorch; install it (pip install -r requirements-cpu.txt), or "
                         "export the model to ONNX and pass --backend onnxruntime")
     # torch is optional for `sr` (ONNX Runtime serves without it), so the PyTorch side is imported when chosen.
-    from edsr_dist.infer import load_inference_model, model_scale, super_resolve
-    from edsr_dist.precision import resolve_device_and_precision
+    from edsr_dist.inference.torch_runtime import load_inference_model, model_scale, super_resolve
+    from edsr_dist.model.precision import resolve_device_and_precision
 
     torch_device, precision = resolve_device_and_precision(device, precision)
     model = load_inference_model(checkpoint, res_scale=res_scale, raw=raw).to(torch_device).eval()

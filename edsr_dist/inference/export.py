@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.onnx_export import export_command
-from edsr_dist.weights import export_safetensors, export_torch
+from edsr_dist.inference.onnx_export import export_command
+from edsr_dist.state.weights import export_safetensors, export_torch
 
 
 def main(argv: list[str]) -> int:

@@ -30,13 +30,13 @@ import psutil
 from torch.distributed import TCPStore
 
 from edsr_dist.config import check_batch_divides, parse_train_args
-from edsr_dist.parallel.hostfile import horovodrun_command, parse_hostfile
+from edsr_dist.launcher.hostfile import horovodrun_command, parse_hostfile
 from edsr_dist.parallel import ascend_env
-from edsr_dist.parallel.rank_table import Device, RankTable, Server, wait_for_rank_table, write_v1
-from edsr_dist.checkpoint import newest_checkpoint_quick
+from edsr_dist.launcher.rank_table import Device, RankTable, Server, wait_for_rank_table, write_v1
+from edsr_dist.state.checkpoint import newest_checkpoint_quick
 from edsr_dist.errors import (CommandParser, EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED,
                               EXIT_USER_ERROR, UserError)
-from edsr_dist.run_folder import claim_run_folder
+from edsr_dist.state.run_folder import claim_run_folder
 
 # Preemption (SIGTERM to the launcher): time for the workers to reach a step boundary and for rank 0 to write
 # its checkpoint before SIGKILL. Below the 30 s that Kubernetes and Slurm give before their own SIGKILL.

@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from edsr_dist import __version__
-from edsr_dist.atomic import atomic_write_text
-from edsr_dist.benchmarks import score_shards, validation_source
-from edsr_dist.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from edsr_dist.state.atomic import atomic_write_text
+from edsr_dist.evaluation.benchmark_sets import score_shards, validation_source
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from edsr_dist.config import Config, check_batch_divides, parse_train_args
 from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sample_store import ensure_sample_store
@@ -33,18 +33,18 @@ from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
 from edsr_dist.parallel import npu
 from edsr_dist.parallel.engine import describe_collective_failure
-from edsr_dist.parallel.engine_factory import make_engine, resolve_engine_name
+from edsr_dist.parallel.factory import make_engine, resolve_engine_name
 from edsr_dist.parallel.world import World, discover_world
-from edsr_dist.ema import WeightEMA
+from edsr_dist.model.ema import WeightEMA
 from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, UserError
-from edsr_dist.infer import super_resolve
-from edsr_dist.metrics import bicubic_upscale, psnr_y
-from edsr_dist.model import build_model
-from edsr_dist.precision import LossScaler, autocast, resolve_device_and_precision
-from edsr_dist.schedules import PAPER_BATCH, base_lr, learning_rate
-from edsr_dist.step_timer import StepTimer
-from edsr_dist.run_folder import check_nothing_to_resume, claim_run_folder, recorded_result
-from edsr_dist.weights import load_matching
+from edsr_dist.inference.torch_runtime import super_resolve
+from edsr_dist.evaluation.metrics import bicubic_upscale, psnr_y
+from edsr_dist.model.edsr import build_model
+from edsr_dist.model.precision import LossScaler, autocast, resolve_device_and_precision
+from edsr_dist.model.schedules import PAPER_BATCH, base_lr, learning_rate
+from edsr_dist.train.step_timer import StepTimer
+from edsr_dist.state.run_folder import check_nothing_to_resume, claim_run_folder, recorded_result
+from edsr_dist.state.weights import load_matching
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs

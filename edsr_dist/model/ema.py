@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from edsr_dist.model import bare_model
+from edsr_dist.model.edsr import bare_model
 
 
 class WeightEMA:

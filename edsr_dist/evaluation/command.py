@@ -23,20 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from edsr_dist.atomic import atomic_write_text
-from edsr_dist.benchmark_eval import run as run_benchmarks
-from edsr_dist.candidates import collect_candidates, load_candidate
-from edsr_dist.checkpoint import CHECKPOINT_DIR
+from edsr_dist.state.atomic import atomic_write_text
+from edsr_dist.evaluation.benchmark_suite import run as run_benchmarks
+from edsr_dist.evaluation.candidates import collect_candidates, load_candidate
+from edsr_dist.state.checkpoint import CHECKPOINT_DIR
 from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore
 from edsr_dist.parallel.npu import memory_format
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.infer import super_resolve
-from edsr_dist.metrics import score_sr
-from edsr_dist.precision import resolve_device_and_precision, resolve_precision
-from edsr_dist.protocols import PROTOCOLS
+from edsr_dist.inference.torch_runtime import super_resolve
+from edsr_dist.evaluation.metrics import score_sr
+from edsr_dist.model.precision import resolve_device_and_precision, resolve_precision
+from edsr_dist.evaluation.protocols import PROTOCOLS
 
 # One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.
 EvalImage = tuple[str, np.ndarray, np.ndarray]

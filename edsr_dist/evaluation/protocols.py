@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edsr_dist.errors import UserError
-from edsr_dist.metrics import psnr_rgb, psnr_y, ssim_rgb, ssim_y
+from edsr_dist.evaluation.metrics import psnr_rgb, psnr_y, ssim_rgb, ssim_y
 
 
 @dataclass(frozen=True)

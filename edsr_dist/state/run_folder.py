@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from edsr_dist.checkpoint import CHECKPOINT_DIR, list_checkpoints
+from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from edsr_dist.errors import UserError
 
 METRICS = "metrics.jsonl"

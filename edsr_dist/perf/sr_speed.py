@@ -21,11 +21,11 @@ import torch
 
 from edsr_dist.data.sample_store import load_sample_image
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.infer import load_inference_model, super_resolve
-from edsr_dist.model import EDSR
-from edsr_dist.onnx_backend import OnnxModel, onnxruntime_module, super_resolve_onnx
-from edsr_dist.onnx_export import export_onnx, verification_image
-from edsr_dist.sr import collect_inputs, read_rgb
+from edsr_dist.inference.torch_runtime import load_inference_model, super_resolve
+from edsr_dist.model.edsr import EDSR
+from edsr_dist.inference.onnx_runtime import OnnxModel, onnxruntime_module, super_resolve_onnx
+from edsr_dist.inference.onnx_export import export_onnx, verification_image
+from edsr_dist.inference.command import collect_inputs, read_rgb
 
 DEFAULT_IMAGES = ("chelsea", "coffee", "astronaut")  # the sample store's validation photos, used as LR input
 

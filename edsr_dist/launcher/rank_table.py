@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from edsr_dist.atomic import atomic_write_text
+from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.errors import CommandParser, UserError
 
 MAX_DEVICE_ID = 15  # MAX_MODULE_DEVICE_NUM - 1: 910B / A3 chips

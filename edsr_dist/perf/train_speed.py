@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from edsr_dist.atomic import atomic_write_text
+from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, check_batch_divides, config_from_dict
 from edsr_dist.data.sample_store import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
@@ -46,10 +46,10 @@ from edsr_dist.data.store import PatchStore
 from edsr_dist.parallel.npu import memory_format as device_memory_format
 from edsr_dist.parallel.world import World
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.model import build_model, flops_per_image
-from edsr_dist.precision import autocast, cpu_has_native_bf16, resolve_device_and_precision
-from edsr_dist.step_timer import StepTimer
-from edsr_dist.train import Trainer, TrainingDiverged, set_threads
+from edsr_dist.model.edsr import build_model, flops_per_image
+from edsr_dist.model.precision import autocast, cpu_has_native_bf16, resolve_device_and_precision
+from edsr_dist.train.step_timer import StepTimer
+from edsr_dist.train.trainer import Trainer, TrainingDiverged, set_threads
 
 PROG = "edsr-dist bench"
 DEFAULT_PRESET = "baseline"

@@ -1,0 +1,1 @@
+"""Out of process: `edsr-dist launch` (flags, plans, workers, supervision), rank tables and hostfiles."""

@@ -1,0 +1,1 @@
+"""The trainer: the loop, its reporting, and the `edsr-dist train` command."""
