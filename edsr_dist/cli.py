@@ -11,7 +11,7 @@ from edsr_dist.errors import UserError, did_you_mean
 
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
-    "train": ("edsr_dist.train.trainer", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
+    "train": ("edsr_dist.train.command", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
     "launch": ("edsr_dist.launcher.command", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
     "rank-table": ("edsr_dist.launcher.rank_table", "main", "check or make an Ascend HCCL rank table"),
     "build-store": ("edsr_dist.data.build_store", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),

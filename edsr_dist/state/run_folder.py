@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
@@ -98,3 +99,20 @@ def recorded_result(out: str | Path, step: int) -> dict | None:
         if isinstance(entry, dict) and entry.get("type") == "result" and entry.get("step") == step:
             return entry
     return None
+
+
+def check_output_folder(out: Path) -> None:
+    """Fail early if `out` cannot be (or become) a writable folder, without leaving anything behind: the folder
+    is created with the first file written into it, so a run stopped by bad input writes nothing."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent  # nearest existing ancestor (Path.exists is False below a regular file)
+    if not existing.is_dir():
+        raise UserError(f"output folder {out} cannot be created: {existing} is a file, not a folder; "
+                        "pass --out to a writable folder")
+    try:
+        # A real write, not os.access: as root, access() says yes where the file system still says no.
+        tempfile.TemporaryDirectory(dir=existing, prefix=".edsr-write-test-").cleanup()
+    except OSError as exc:
+        raise UserError(f"output folder {out} is not writable ({exc.strerror or exc}); "
+                        "pass --out to a writable folder") from None

@@ -12,50 +12,43 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from edsr_dist import __version__
 from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.evaluation.benchmark_sets import score_shards, validation_source
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from edsr_dist.config import Config, check_batch_divides, parse_train_args
+from edsr_dist.config import Config, check_batch_divides
 from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sample_store import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
 from edsr_dist.parallel import npu
-from edsr_dist.parallel.engine import describe_collective_failure
 from edsr_dist.parallel.factory import make_engine, resolve_engine_name
 from edsr_dist.parallel.world import World, discover_world
 from edsr_dist.model.ema import WeightEMA
-from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, UserError
+from edsr_dist.errors import UserError
 from edsr_dist.inference.torch_runtime import super_resolve
-from edsr_dist.evaluation.metrics import bicubic_upscale, psnr_y
+from edsr_dist.evaluation.metrics import bicubic_upscale
 from edsr_dist.model.edsr import build_model
 from edsr_dist.model.precision import LossScaler, autocast, resolve_device_and_precision
-from edsr_dist.model.schedules import PAPER_BATCH, base_lr, learning_rate
+from edsr_dist.model.schedules import base_lr, learning_rate
+from edsr_dist.train.reporting import (LossMeter, MetricsLog, hms, module_groups, recipe_warnings, result_line,
+                                      write_sample_image)
 from edsr_dist.train.step_timer import StepTimer
-from edsr_dist.state.run_folder import check_nothing_to_resume, claim_run_folder, recorded_result
+from edsr_dist.state.run_folder import check_nothing_to_resume, check_output_folder, claim_run_folder, recorded_result
 from edsr_dist.state.weights import load_matching
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
 # more room: the loss scaler legitimately overflows a few times while it finds its scale.
 MAX_BAD_STEPS = {"fp16": 30, "bf16": 5, "fp32": 5}
-# Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
-# every few steps: the README's `--epochs 300` on a small store once gave one step per epoch.
-MIN_STEPS_PER_EPOCH = 20
-# Sample PNGs: white pixels between the three crops, and the height of the label strip above them.
-SAMPLE_GAP = 4
-SAMPLE_LABEL_HEIGHT = 16
 
 
 class TrainingDiverged(Exception):
@@ -70,19 +63,6 @@ def set_threads(cfg: Config) -> int:
     threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     return threads
-
-
-class LossMeter:
-    """Sum of the losses of the steps that were not skipped, kept on the device (no sync per step)."""
-
-    def __init__(self, device: torch.device):
-        self.sum = torch.zeros((), device=device)
-        self.steps = 0
-        self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.sum += loss
-        self.steps += 1
 
 
 class Trainer:
@@ -137,8 +117,7 @@ class Trainer:
         self.initialized_from = None if self.resumed_from else self._init_from()
         # After resume: Horovod's optimizer wrapper broadcasts the loaded state from rank 0.
         self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer)
-        self.metrics_file = None
-        self.tb = None
+        self.metrics = MetricsLog(self.out, self.is_main, cfg.tensorboard)
         self._bar = None  # tqdm on rank 0 while fit() runs
         self._bad_steps = 0  # consecutive skipped (non-finite) steps
         self._save_due = False  # a step-cadence checkpoint waiting for a finite step
@@ -264,27 +243,7 @@ class Trainer:
                 print(line, flush=True)
 
     def record(self, **entry) -> None:
-        if not self.is_main:
-            return
-        if self.metrics_file is None:
-            self.out.mkdir(parents=True, exist_ok=True)  # created with the first thing to put in it
-            self.metrics_file = open(self.out / "metrics.jsonl", "a")
-            self._open_tensorboard()
-        self.metrics_file.write(json.dumps(entry) + "\n")
-        self.metrics_file.flush()
-        if self.tb is not None:
-            for key, value in entry.items():
-                if key not in ("type", "step", "epoch") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{entry['type']}/{key}", value, entry.get("step", self.step))
-
-    def _open_tensorboard(self) -> None:
-        if not (self.is_main and self.cfg.tensorboard):
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # optional extra
-            return
-        self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        self.metrics.record(entry, self.step)
 
     def _log_window(self, window: LossMeter) -> None:
         mean = window.sum.item() / window.steps
@@ -303,7 +262,7 @@ class Trainer:
         elapsed = time.perf_counter() - self._fit_start
         done = self.step - self._fit_start_step
         eta = elapsed / done * (self.total_steps - self.step) if done else 0.0
-        return f"elapsed {_hms(elapsed)} - ETA {_hms(eta)}"
+        return f"elapsed {hms(elapsed)} - ETA {hms(eta)}"
 
     def _log_epoch(self, number: int, mean_loss: float, report: dict) -> None:
         line = f"Epoch nr: [{number}/{self.cfg.epochs}] - Loss: {mean_loss:.5f}"
@@ -394,24 +353,7 @@ class Trainer:
         return {**report, **source.labels}
 
     def _write_sample(self, name: str, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> None:
-        """bicubic | EDSR | ground truth, a centre crop of each side by side, over a strip naming each panel with
-        its Y-PSNR against the ground truth (whole image, border shaved: the validation's numbers)."""
-        side = min(256, hr.shape[0], hr.shape[1])
-        top, left = (hr.shape[0] - side) // 2, (hr.shape[1] - side) // 2
-        crops = [img[top:top + side, left:left + side] for img in (bicubic, sr, hr)]
-        gap = np.full((side, SAMPLE_GAP, 3), 255, np.uint8)
-        row = np.concatenate([crops[0], gap, crops[1], gap, crops[2]], axis=1)
-        labels = sample_labels(bicubic, sr, hr, self.cfg.scale)
-        strip = Image.new("RGB", (row.shape[1], SAMPLE_LABEL_HEIGHT), "white")
-        draw = ImageDraw.Draw(strip)
-        for index, label in enumerate(labels):
-            draw.text((index * (side + SAMPLE_GAP) + 3, 3), label, fill="black")
-        image = Image.new("RGB", (row.shape[1], SAMPLE_LABEL_HEIGHT + side), "white")
-        image.paste(strip, (0, 0))
-        image.paste(Image.fromarray(row), (0, SAMPLE_LABEL_HEIGHT))
-        folder = self.out / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / f"{name}_bicubic_edsr_gt.png")
+        write_sample_image(self.out / "samples" / f"{name}_bicubic_edsr_gt.png", bicubic, sr, hr, self.cfg.scale)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
@@ -589,126 +531,6 @@ class Trainer:
                 f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {recipe}; {where}")
 
     def close(self, clean: bool = True) -> None:
-        if self.metrics_file is not None:
-            self.metrics_file.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.metrics.close()
         self.store.close()
         self.engine.shutdown(clean)
-
-
-def module_groups(names: list[str]) -> list[str]:
-    """Parameter names -> the top-level parts they belong to, in order: head, body, tail.0.0, tail.1 ..."""
-    groups: list[str] = []
-    for name in names:
-        parts = name.split(".")
-        group = ".".join(parts[:-1]) if parts[0] == "tail" else parts[0]
-        if group not in groups:
-            groups.append(group)
-    return groups
-
-
-def recipe_warnings(cfg: Config, steps_per_epoch: int, store: PatchStore) -> list[str]:
-    """Settings that run but probably not as meant, each with the flag that fixes it."""
-    warnings = []
-    if not cfg.steps_per_epoch and steps_per_epoch < MIN_STEPS_PER_EPOCH:
-        warnings.append(f"an epoch is only {steps_per_epoch} step(s) ({store.num_train_tiles} tiles / batch "
-                        f"{cfg.batch_size}), so validation and checkpoints come every few steps; pass "
-                        f"--steps-per-epoch (the paper's code uses 1000) and fewer --epochs")
-    if cfg.patch_size * store.scale == store.tile_size:
-        warnings.append(f"crops have no freedom: patch_size {cfg.patch_size} x scale {store.scale} = the store's "
-                        f"{store.tile_size}px tiles, so every crop is a whole tile; build the store with a larger "
-                        f"--tile-size (build-store) or pass a smaller --patch-size")
-    if cfg.scale_lr and cfg.batch_size > PAPER_BATCH and not cfg.warmup_steps:
-        warnings.append(f"--scale-lr raises lr to {cfg.lr * cfg.batch_size / PAPER_BATCH:.2e} from the first step; "
-                        "linear scaling needs a warm-up: pass --warmup-steps (e.g. 5 epochs' worth)")
-    return warnings
-
-
-def sample_labels(bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int) -> list[str]:
-    return [f"bicubic {psnr_y(bicubic, hr, scale):.2f} dB", f"EDSR {psnr_y(sr, hr, scale):.2f} dB", "ground truth"]
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def result_line(report: dict) -> str:
-    return (f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
-            f"(Y-PSNR, {report['images']} held-out images)")
-
-
-def check_output_folder(out: Path) -> None:
-    """Fail early if `out` cannot be (or become) a writable folder, without leaving anything behind: the folder
-    is created with the first file written into it, so a run stopped by bad input writes nothing."""
-    existing = out
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent  # nearest existing ancestor (Path.exists is False below a regular file)
-    if not existing.is_dir():
-        raise UserError(f"output folder {out} cannot be created: {existing} is a file, not a folder; "
-                        "pass --out to a writable folder")
-    try:
-        # A real write, not os.access: as root, access() says yes where the file system still says no.
-        tempfile.TemporaryDirectory(dir=existing, prefix=".edsr-write-test-").cleanup()
-    except OSError as exc:
-        raise UserError(f"output folder {out} is not writable ({exc.strerror or exc}); "
-                        "pass --out to a writable folder") from None
-
-
-def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -> int:
-    """Another rank died or hung: one line instead of a traceback from deep inside the backend."""
-    message = describe_collective_failure(exc, cfg.dist_timeout)
-    if message is None:
-        raise exc
-    where = f"rank {rank}: " if rank is not None else ""
-    print(f"edsr-dist train: error: {where}{message}", file=sys.stderr, flush=True)
-    return EXIT_COLLECTIVE_FAILED
-
-
-def main(argv: list[str]) -> int:
-    cfg = parse_train_args(argv)
-    try:
-        trainer = Trainer(cfg)
-    except RuntimeError as exc:  # a collective during set-up (DDP's first broadcast, resume) lost a peer
-        return _collective_failure_exit(exc, cfg, None)
-    clean = False  # all ranks reached the same point; after an error a peer may be stuck in a collective
-    code = 0
-    try:
-        trainer.fit()
-        clean = True
-    except Interrupted:
-        clean = True
-        print(f"edsr-dist train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume auto",
-              file=sys.stderr)
-        # 128 + the signal, as a shell reports a process the signal ended (130 for Ctrl-C); a rank that stopped
-        # only because another rank was signalled says 143, as for the launcher's SIGTERM.
-        code = 128 + trainer.stop_signal if trainer.stop_signal else EXIT_INTERRUPTED
-    except TrainingDiverged as exc:
-        clean = True  # every rank saw the same flags and stops at the same step
-        if trainer.is_main:
-            last = find_checkpoint(trainer.out)
-            kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint had been written yet"
-        else:
-            kept = f"rank 0 keeps the last good checkpoint in {trainer.out}"
-        fix = "lower --lr" + (" or use --precision fp32" if trainer.precision != "fp32" else "")
-        print(f"edsr-dist train: error: loss became NaN/inf for {MAX_BAD_STEPS[trainer.precision]} consecutive steps "
-              f"(at step {exc.args[0]}); {kept}; {fix}, then --resume auto or start again", file=sys.stderr)
-        code = EXIT_DIVERGED
-    except RuntimeError as exc:
-        code = _collective_failure_exit(exc, cfg, trainer.world.rank)
-    finally:
-        trainer.close(clean)
-    if trainer.world.distributed:
-        _exit_before_interpreter_teardown(code)
-    return code
-
-
-def _exit_before_interpreter_teardown(code: int) -> None:
-    """End a distributed worker without Python's finalization. The process group's C++ worker threads release
-    the last collectives' tensors a moment after the collective returns; doing so needs the GIL, and a thread
-    that asks for it while the interpreter finalizes is torn down mid-destructor: std::terminate, SIGABRT (seen
-    at exit of workers pinned to one busy core). Everything of ours is closed and flushed by now."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
-from edsr_dist.train.trainer import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT
+from edsr_dist.train.reporting import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT
 from helpers import TINY, run_cli
 
 

@@ -9,7 +9,7 @@ from edsr_dist.config import build_config, check_batch_divides, parse_train_args
 from edsr_dist.model.ema import WeightEMA
 from edsr_dist.errors import UserError
 from edsr_dist.model.edsr import EDSR
-from edsr_dist.train.trainer import MIN_STEPS_PER_EPOCH, module_groups, recipe_warnings
+from edsr_dist.train.reporting import MIN_STEPS_PER_EPOCH, module_groups, recipe_warnings
 from edsr_dist.state.weights import checkpoint_model, load_matching, to_basicsr_state_dict
 
 

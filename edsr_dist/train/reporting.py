@@ -1,0 +1,137 @@
+"""What a run reports: the loss meter, metrics.jsonl and TensorBoard, sample images and the Result line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from edsr_dist.config import Config
+from edsr_dist.data.store import PatchStore
+from edsr_dist.evaluation.metrics import psnr_y
+from edsr_dist.model.schedules import PAPER_BATCH
+
+# Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
+# every few steps: the README's `--epochs 300` on a small store once gave one step per epoch.
+MIN_STEPS_PER_EPOCH = 20
+# Sample PNGs: white pixels between the three crops, and the height of the label strip above them.
+SAMPLE_GAP = 4
+SAMPLE_LABEL_HEIGHT = 16
+
+
+class LossMeter:
+    """Sum of the losses of the steps that were not skipped, kept on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.steps += 1
+
+
+class MetricsLog:
+    """metrics.jsonl, and TensorBoard when asked for, on rank 0 only; the folder and files are created with the
+    first entry, so a run stopped by bad input writes nothing."""
+
+    def __init__(self, out: Path, is_main: bool, tensorboard: bool):
+        self.out, self.is_main, self.tensorboard = out, is_main, tensorboard
+        self.file = None
+        self.tb = None
+
+    def record(self, entry: dict, step: int) -> None:
+        if not self.is_main:
+            return
+        if self.file is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.out / "metrics.jsonl", "a")
+            self._open_tensorboard()
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in entry.items():
+                if key not in ("type", "step", "epoch") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{entry['type']}/{key}", value, entry.get("step", step))
+
+    def _open_tensorboard(self) -> None:
+        if not self.tensorboard:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional extra
+            return
+        self.tb = SummaryWriter(str(self.out / "tensorboard"))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def write_sample_image(path: Path, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int) -> None:
+    """bicubic | EDSR | ground truth, a centre crop of each side by side, over a strip naming each panel with
+    its Y-PSNR against the ground truth (whole image, border shaved: the validation's numbers)."""
+    side = min(256, hr.shape[0], hr.shape[1])
+    top, left = (hr.shape[0] - side) // 2, (hr.shape[1] - side) // 2
+    crops = [img[top:top + side, left:left + side] for img in (bicubic, sr, hr)]
+    gap = np.full((side, SAMPLE_GAP, 3), 255, np.uint8)
+    row = np.concatenate([crops[0], gap, crops[1], gap, crops[2]], axis=1)
+    labels = sample_labels(bicubic, sr, hr, scale)
+    strip = Image.new("RGB", (row.shape[1], SAMPLE_LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(strip)
+    for index, label in enumerate(labels):
+        draw.text((index * (side + SAMPLE_GAP) + 3, 3), label, fill="black")
+    image = Image.new("RGB", (row.shape[1], SAMPLE_LABEL_HEIGHT + side), "white")
+    image.paste(strip, (0, 0))
+    image.paste(Image.fromarray(row), (0, SAMPLE_LABEL_HEIGHT))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def sample_labels(bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int) -> list[str]:
+    return [f"bicubic {psnr_y(bicubic, hr, scale):.2f} dB", f"EDSR {psnr_y(sr, hr, scale):.2f} dB", "ground truth"]
+
+
+def hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def result_line(report: dict) -> str:
+    return (f"Result: EDSR {report['psnr_y']:.2f} dB, bicubic {report['bicubic_psnr_y']:.2f} dB "
+            f"(Y-PSNR, {report['images']} held-out images)")
+
+
+def module_groups(names: list[str]) -> list[str]:
+    """Parameter names -> the top-level parts they belong to, in order: head, body, tail.0.0, tail.1 ..."""
+    groups: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        group = ".".join(parts[:-1]) if parts[0] == "tail" else parts[0]
+        if group not in groups:
+            groups.append(group)
+    return groups
+
+
+def recipe_warnings(cfg: Config, steps_per_epoch: int, store: PatchStore) -> list[str]:
+    """Settings that run but probably not as meant, each with the flag that fixes it."""
+    warnings = []
+    if not cfg.steps_per_epoch and steps_per_epoch < MIN_STEPS_PER_EPOCH:
+        warnings.append(f"an epoch is only {steps_per_epoch} step(s) ({store.num_train_tiles} tiles / batch "
+                        f"{cfg.batch_size}), so validation and checkpoints come every few steps; pass "
+                        f"--steps-per-epoch (the paper's code uses 1000) and fewer --epochs")
+    if cfg.patch_size * store.scale == store.tile_size:
+        warnings.append(f"crops have no freedom: patch_size {cfg.patch_size} x scale {store.scale} = the store's "
+                        f"{store.tile_size}px tiles, so every crop is a whole tile; build the store with a larger "
+                        f"--tile-size (build-store) or pass a smaller --patch-size")
+    if cfg.scale_lr and cfg.batch_size > PAPER_BATCH and not cfg.warmup_steps:
+        warnings.append(f"--scale-lr raises lr to {cfg.lr * cfg.batch_size / PAPER_BATCH:.2e} from the first step; "
+                        "linear scaling needs a warm-up: pass --warmup-steps (e.g. 5 epochs' worth)")
+    return warnings
