@@ -111,7 +111,7 @@ def test_a_broken_torch_npu_is_one_line(tmp_path):
 def test_hccl_refuses_float64_all_reduce():
     code = """
 import datetime, torch, torch.distributed as dist, torch_npu
-dist.init_process_group("hccl", init_method="tcp://127.0.0.1:%d" % __import__("edsr_dist.launcher.command", fromlist=["x"]).free_port(),
+dist.init_process_group("hccl", init_method="tcp://127.0.0.1:%d" % __import__("edsr_dist.launcher.plan", fromlist=["x"]).free_port(),
                         rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
 t = torch.ones(2, dtype=torch.float64).to("npu:0")
 try:

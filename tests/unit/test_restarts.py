@@ -7,7 +7,9 @@ import pytest
 
 from edsr_dist.state.checkpoint import save_checkpoint
 from edsr_dist.config import parse_train_args
-from edsr_dist.launcher.command import Plan, _JobStore, _drop_device, _restart_train_args, restart_delay
+from edsr_dist.launcher.job_store import JobStore
+from edsr_dist.launcher.plan import Plan
+from edsr_dist.launcher.supervise import _drop_device, _restart_train_args, restart_delay
 from edsr_dist.errors import UserError
 from helpers import free_port
 
@@ -42,8 +44,8 @@ def test_dropping_a_device_keeps_min_nproc_and_the_batch():
 
 
 def test_launchers_move_the_generation_on_once_and_follow_each_other():
-    first = _JobStore("127.0.0.1", free_port(), first=True, server_index=0, servers=2)
-    other = _JobStore("127.0.0.1", first.store.port, first=False, server_index=1, servers=2)
+    first = JobStore("127.0.0.1", free_port(), first=True, server_index=0, servers=2)
+    other = JobStore("127.0.0.1", first.store.port, first=False, server_index=1, servers=2)
     assert (first.news(), other.news()) == ("", "")
     seen_before = first.seen
     assert other.move_on("rank 1 was killed") == "1"

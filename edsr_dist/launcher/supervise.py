@@ -1,0 +1,165 @@
+"""Supervision across attempts: restarts after a retriable failure (--max-restarts) with a back-off, continuing
+from the newest checkpoint, leaving out a device that failed twice (--min-nproc), and agreeing with the other
+servers' launchers through the job store."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from edsr_dist.config import check_batch_divides, parse_train_args
+from edsr_dist.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
+from edsr_dist.launcher.job_store import JobStore
+from edsr_dist.launcher.plan import POLL_S, PROG, Plan, build_plan
+from edsr_dist.launcher.workers import StopRequest, run_attempt, signal_name
+from edsr_dist.state.checkpoint import newest_checkpoint_quick
+from edsr_dist.state.run_folder import claim_run_folder
+
+DEFAULT_RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 60.0
+
+
+def claim_out_folder(train_args: list[str]) -> None:
+    """The one-run-per-folder rule, before this launcher opens its logs in --out (only where rank 0 runs: one
+    decision per job)."""
+    cfg = parse_train_args(train_args)
+    claim_run_folder(cfg.out, cfg.resume, cfg.overwrite)
+
+
+def restart_delay(first_s: float, restart: int) -> float:
+    """Back-off before restart number `restart` (1, 2, ...): first_s, then doubling, at most MAX_RESTART_DELAY_S."""
+    return min(first_s * 2 ** (restart - 1), MAX_RESTART_DELAY_S)
+
+
+def _restart_train_args(rest: list[str], out: str) -> list[str]:
+    """A restart continues the run in --out: `--resume auto` (settings given later win), never --overwrite (it
+    would move the run being healed aside). Before the first checkpoint the first start's --resume still applies:
+    a run started from another run's checkpoint starts from it again."""
+    if newest_checkpoint_quick(out) is None and parse_train_args(rest).resume not in ("", "auto"):
+        return [*rest, "--overwrite", "false"]
+    return [*rest, "--resume", "auto", "--overwrite", "false"]
+
+
+def _resume_point(plan: Plan) -> str:
+    """Where the restart continues, for its console line."""
+    if not plan.out:
+        return "same command"
+    found = newest_checkpoint_quick(plan.out)
+    if found is not None:
+        return f"from step {found[1]} ({found[0]})"
+    if plan.workers[0].rank != 0:
+        return "from rank 0's newest checkpoint"  # another server's disk, unless --out is shared
+    return "from step 0 (no checkpoint yet)"
+
+
+def _drop_device(plan: Plan, device: int, min_nproc: int, dropped: frozenset[int]) -> frozenset[int]:
+    """The devices to leave out after `device` failed twice in a row: with it, if the job stays at or above
+    --min-nproc workers and the global batch still divides."""
+    remaining = plan.world_size - 1
+    if remaining < min_nproc:
+        return dropped
+    if plan.batch_size:
+        try:
+            check_batch_divides(plan.batch_size, remaining)
+        except UserError as exc:
+            raise UserError(f"device {device} failed twice in a row and the job cannot continue without it: "
+                            f"{exc}") from None
+    return dropped | {device}
+
+
+def run_workers(args: argparse.Namespace, rest: list[str]) -> int:
+    """Start the workers, supervise them, restart them after a retriable failure (--max-restarts). Returns the
+    launcher's exit code."""
+    job_id = os.environ.get("JOB_ID") or str(int(time.time()))
+    plan = build_plan(args, rest, job_id=job_id)
+    if not args.exec and plan.workers[0].rank == 0:
+        claim_out_folder(rest)
+    if args.min_nproc is not None and plan.servers > 1:
+        raise UserError("--min-nproc works with --nproc and single-server rank tables (the servers of a "
+                        "multi-server job would have to agree on new ranks); drop --min-nproc")
+    peers = None
+    if plan.servers > 1 and args.max_restarts:
+        peers = JobStore(plan.master_addr, plan.master_port + 1, plan.server_index == 0, plan.server_index,
+                          plan.servers)
+    try:
+        return _supervise(args, rest, plan, job_id, peers)
+    finally:
+        if peers is not None:
+            peers.close()
+
+
+def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: str, peers: JobStore | None) -> int:
+    """Run attempts until one finishes, fails in a way a restart cannot help, or the restart budget is spent."""
+    restarts = 0
+    dropped: frozenset[int] = frozenset()
+    last_blamed: int | None = None
+    ended_elsewhere = False
+    with StopRequest() as stop:
+        while True:
+            outcome = run_attempt(plan, args.grace, stop, peers)
+            final = outcome.code == 0 or not outcome.retriable or stop.signum is not None
+            target = restarts + 1
+            if peers is not None and outcome.code != 0:
+                generation = (peers.follow() if outcome.from_peer else
+                              peers.move_on(outcome.line, end=final or target > args.max_restarts))
+                if generation == "end":
+                    asked_to_end = not outcome.from_peer and (final or target > args.max_restarts)
+                    if not asked_to_end:
+                        ended_elsewhere = True
+                        outcome.line = peers.why()
+                    final = True
+                else:
+                    target = int(generation)
+            if final or target > args.max_restarts:
+                break
+            restarts = target
+            note = ""
+            if (args.min_nproc is not None and outcome.blamed_device is not None
+                    and outcome.blamed_device == last_blamed):
+                before = dropped
+                dropped = _drop_device(plan, outcome.blamed_device, args.min_nproc, dropped)
+                if dropped != before:
+                    left = plan.world_size - 1
+                    note = (f"; device {outcome.blamed_device} failed twice in a row: continuing without it on "
+                            f"{left} worker{'s' if left != 1 else ''}")
+                    if plan.batch_size:
+                        note += f" (global batch {plan.batch_size}, {plan.batch_size // left} each)"
+            last_blamed = outcome.blamed_device
+            delay = restart_delay(args.restart_delay, restarts)
+            train_args = rest if args.exec else _restart_train_args(rest, plan.out)
+            print(f"{PROG}: {outcome.line}; restart {restarts} of {args.max_restarts} in {delay:g} s, "
+                  f"{_resume_point(plan)}{note}", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + delay
+            while stop.signum is None and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            if stop.signum is not None:
+                print(f"{PROG}: received {signal_name(stop.signum)} before restart {restarts}; nothing running",
+                      file=sys.stderr, flush=True)
+                return 128 + stop.signum
+            plan = build_plan(args, train_args, dropped, job_id, restarts)
+    after = f"{restarts} restart{'s' if restarts != 1 else ''}"
+    if outcome.code == 0:
+        if restarts:
+            print(f"{PROG}: finished after {after}", file=sys.stderr, flush=True)
+        return 0
+    line = outcome.line
+    if ended_elsewhere:
+        line = f"stopped {len(plan.workers)} worker(s); the job ended on {line}"
+    elif outcome.retriable and args.max_restarts:
+        line += f"; gave up after {after} (--max-restarts {args.max_restarts})"
+    elif args.max_restarts and stop.signum is None:
+        line += f"; not restarted: {_why_not_retried(outcome.code)}" + (f" (after {after})" if restarts else "")
+    elif restarts:
+        line += f" (after {after})"
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+    return outcome.code
+
+
+def _why_not_retried(code: int) -> str:
+    if code == EXIT_USER_ERROR:
+        return "a user error repeats on every restart"
+    if code == EXIT_DIVERGED:
+        return "a diverged run diverges again from the same checkpoint"
+    return "the workers were asked to stop"
