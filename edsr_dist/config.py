@@ -336,8 +336,6 @@ def config_from_dict(values: dict) -> Config:
     return apply_overrides(Config(), {k: v for k, v in values.items() if k in known}, "checkpoint config")
 
 
-
-
 TRAIN_HELP = """usage: edsr-dist train [--config FILE] [--preset NAME] [--field-name value ...]
 
 Train EDSR. Without --data, the embedded sample store is built (or reused) in the cache folder.

@@ -352,6 +352,7 @@ def write_store(
         "seconds": time.monotonic() - started,
     }
 
+
 def _loaded_hr(img: SourceImage) -> np.ndarray:
     hr = img.load_hr()
     if hr.dtype != np.uint8 or hr.ndim != 3 or hr.shape[2] != 3:

@@ -11,6 +11,7 @@ from edsr_dist.parallel.engine import describe_collective_failure
 from edsr_dist.state.checkpoint import find_checkpoint
 from edsr_dist.train.trainer import MAX_BAD_STEPS, Interrupted, Trainer, TrainingDiverged
 
+
 def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -> int:
     """Another rank died or hung: one line instead of a traceback from deep inside the backend."""
     message = describe_collective_failure(exc, cfg.dist_timeout)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from edsr_dist.perf.train_speed import PHASES, _step_phases
+from edsr_dist.perf.measure import PHASES, step_phases as _step_phases
 
 
 def test_step_phases_partition_the_step():
