@@ -13,7 +13,7 @@ from edsr_dist.errors import UserError, did_you_mean
 COMMANDS = {
     "train": ("edsr_dist.train.command", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
     "launch": ("edsr_dist.launcher.command", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
-    "rank-table": ("edsr_dist.launcher.rank_table", "main", "check or make an Ascend HCCL rank table"),
+    "rank-table": ("edsr_dist.launcher.table_command", "main", "check or make an Ascend HCCL rank table"),
     "build-store": ("edsr_dist.data.build_store", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
     "eval": ("edsr_dist.evaluation.command", "main", "evaluate checkpoints on a store or a folder of HR images"),
     "sr": ("edsr_dist.inference.command", "main", "super-resolve images with a checkpoint or an .onnx model (tiled, optional self-ensemble)"),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edsr_dist.launcher.rank_table import Device, load_rank_table, parse_device_list
+from edsr_dist.launcher.rank_table import Device, load_rank_table
+from edsr_dist.launcher.table_command import parse_device_list
 from edsr_dist.errors import UserError
 from helpers import REPO, v1, write_table
 
