@@ -290,6 +290,63 @@ def test_every_quoted_module_exists():
     assert not missing, "\n".join(missing)
 
 
+PACKAGES = {p.name for p in (REPO / "edsr_dist").iterdir() if (p / "__init__.py").is_file()}
+# Top-level folders of this repository whose paths the pages quote in code spans (docs/ and configs/ paths there are
+# as often other projects', e.g. BasicSR's docs/ModelZoo.md; links to our pages are checked as links).
+REPO_DIRS = {"edsr_dist", "tests", "launch", "rank_table", "scripts", "data_tools"}
+
+
+def stale_names(page: Path, root: Path = REPO) -> list[str]:
+    """Code spans naming a file of the repository (`launcher/plan.py`, `tests/e2e/test_onnx.py`), a name in a module
+    (`state/checkpoint.save_checkpoint`) or a dotted module path (`edsr_dist.state.weights.load_pretrained`) that is
+    not there: a module moved and the page kept its old place."""
+    prose, _ = split_markdown(page.read_text())
+    stale = []
+    where = page.relative_to(root) if page.is_relative_to(root) else page.name
+    for span in (s for paragraph in prose for s in INLINE_CODE.findall(paragraph)):
+        span = span.strip()
+        if "/" not in span or not re.fullmatch(r"[\w./]+", span):
+            continue
+        path = span.rstrip("/")
+        first = path.split("/")[0]
+        if first in PACKAGES:
+            path = "edsr_dist/" + path
+        elif first not in REPO_DIRS:
+            continue  # runs/sample/..., benchmark/Set5/HR: the user's files
+        if (root / path).exists() or (root / f"{path}.py").is_file():  # a file, a folder, or a module by name
+            continue
+        base, _, name = path.rpartition(".")
+        if base and (root / f"{base}.py").is_file():
+            if not hasattr(importlib.import_module(base.replace("/", ".")), name):
+                stale.append(f"{where}: `{span}`: {base}.py has no {name}")
+        else:
+            stale.append(f"{where}: `{span}` does not exist")
+    for dotted in re.findall(r"\bedsr_dist(?:\.\w+)+", " ".join(prose)):
+        parts = dotted.split(".")
+        found = 1
+        while found < len(parts) and is_module(".".join(parts[:found + 1])):
+            found += 1
+        obj = importlib.import_module(".".join(parts[:found]))
+        for attr in parts[found:]:
+            if not hasattr(obj, attr):
+                stale.append(f"{where}: {dotted}: no {attr} in {obj.__name__}")
+                break
+            obj = getattr(obj, attr)
+    return stale
+
+
+def is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a name inside a module, not a submodule
+        return False
+
+
+def test_every_quoted_module_file_and_name_exists():
+    stale = [s for page in PAGES for s in stale_names(page)]
+    assert not stale, "\n".join(stale)
+
+
 def test_the_architecture_layer_table_is_the_import_test_layers():
     text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
     table = text.split("| layer | modules | holds |", 1)[1].split("\n\n", 1)[0]
@@ -330,6 +387,22 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     bad = [line.rsplit(": ", 1)[1] for line in unknown_in([page], tmp_path)]
     assert bad == ["--no-such-setting", "--no-such-flag", "--bogus", "--chip", "--bogus-too", "--learning-rate", "--epoch",
                    "unknown command 'evaluate'"]
+
+
+def test_a_moved_module_is_caught(tmp_path):
+    page = tmp_path / "PAGE.md"
+    page.write_text(
+        "Fine: `launcher/plan.py`, `state/checkpoint.save_checkpoint`, `inference/torch_runtime`, `tests/e2e/`,\n"
+        "`runs/sample/checkpoints/`, `edsr_dist.state.weights.load_pretrained`.\n"
+        "Stale: `parallel/launcher.py`, `state/checkpoint.save_checkpointz`, `tests/test_onnx.py`,\n"
+        "`edsr_dist.weights.load_pretrained`, `edsr_dist.state.weights.load_pretrainedz`.\n")
+    assert stale_names(page) == [
+        "PAGE.md: `parallel/launcher.py` does not exist",
+        "PAGE.md: `state/checkpoint.save_checkpointz`: edsr_dist/state/checkpoint.py has no save_checkpointz",
+        "PAGE.md: `tests/test_onnx.py` does not exist",
+        "PAGE.md: edsr_dist.weights.load_pretrained: no weights in edsr_dist",
+        "PAGE.md: edsr_dist.state.weights.load_pretrainedz: no load_pretrainedz in edsr_dist.state.weights",
+    ]
 
 
 @pytest.mark.parametrize("heading,slug", [
