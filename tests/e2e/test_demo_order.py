@@ -49,7 +49,7 @@ def test_the_readme_demos_run_one_after_the_other(tmp_path, sample_store):
     assert (clone / "runs" / "sample_2p" / "logs" / "rank_1.log").is_file()
     assert second.stdout.strip().splitlines()[-1].startswith("Result: EDSR ")
 
-    # The next README line, resuming the first demo, finds it complete and repeats its result.
+    # docs/OPERATIONS.md's resume line for the first demo finds it complete and repeats its result.
     again = run_script(["run_1p.sh", "--preset", "sample", "--resume", "auto"], clone, env)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "already complete" in again.stdout + again.stderr
