@@ -358,6 +358,23 @@ def test_the_architecture_layer_table_is_the_import_test_layers():
     assert documented == [sorted(layer) for layer in LAYERS]
 
 
+def test_the_package_maps_list_every_package_and_module():
+    readme = (REPO / "README.md").read_text()
+    table = (REPO / "docs" / "ARCHITECTURE.md").read_text().split("| package | concern | modules |", 1)[1]
+    rows = {row.split("|")[1].replace("`", "").strip(): row for row in table.split("\n\n", 1)[0].splitlines()[2:]}
+    missing = [f"README.md: edsr_dist/{pkg}/" for pkg in sorted(PACKAGES) if f"`edsr_dist/{pkg}/`" not in readme]
+    for pkg in sorted(PACKAGES):
+        if f"{pkg}/" not in rows:
+            missing.append(f"ARCHITECTURE.md: a row for {pkg}/")
+            continue
+        missing += [f"ARCHITECTURE.md: {pkg}/{m.name}" for m in sorted((REPO / "edsr_dist" / pkg).glob("*.py"))
+                    if m.name != "__init__.py" and f"`{m.name}`" not in rows[f"{pkg}/"]]
+    top = rows.get("edsr_dist/ (top level)", "")
+    missing += [f"ARCHITECTURE.md: {m.name}" for m in sorted((REPO / "edsr_dist").glob("*.py"))
+                if m.name != "__init__.py" and f"`{m.name}`" not in top]
+    assert not missing, missing
+
+
 def test_the_checks_catch_what_they_are_for(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
