@@ -3,6 +3,8 @@
 #   bash launch/run_8p.sh [train arguments]            table: $RANK_TABLE_FILE, else rank_table/hccl_8p.json
 #   bash launch/run_8p.sh --nproc 2 [train arguments]  N local workers instead (CPU/GPU rehearsal);
 #                                                      with no train arguments: the CPU demo (--preset sample)
+#                                                      into runs/sample_<N>p, so it runs after run_1p.sh's
+#                                                      demo (runs/sample) instead of being refused
 # On a multi-server job run it on every server; each starts the devices of its own entry in the table.
 # Runs in the current directory; PYTHON picks the interpreter (default: python).
 set -euo pipefail
@@ -28,7 +30,7 @@ esac
 
 if [ -n "$nproc" ]; then
     if [ "$#" -eq 0 ]; then
-        set -- --preset sample
+        set -- --preset sample --out "runs/sample_${nproc}p"
     fi
     exec "$PY" -m edsr_dist launch --nproc "$nproc" -- "$@"
 fi

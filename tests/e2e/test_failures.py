@@ -167,17 +167,17 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path, sa
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
-def _readme_exit_codes() -> dict[str, str]:
-    """The README's exit-code table: code cell -> meaning cell."""
-    section = (REPO / "README.md").read_text().split("### Exit codes", 1)[1].split("\n### ", 1)[0]
+def _documented_exit_codes() -> dict[str, str]:
+    """The exit-code table of docs/OPERATIONS.md: code cell -> meaning cell."""
+    section = (REPO / "docs" / "OPERATIONS.md").read_text().split("### Exit codes", 1)[1].split("\n### ", 1)[0]
     rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     return {code.strip(): meaning.strip() for code, meaning in rows}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_to_a_direct_train_exits_as_the_readme_says(tmp_path, sample_store, sig):
+def test_a_signal_to_a_direct_train_exits_as_the_docs_say(tmp_path, sample_store, sig):
     """`edsr-dist train` without a launcher, Ctrl-C or SIGTERM mid-epoch: a checkpoint, then 128 + the signal,
-    the code the README's exit-code table gives for that signal."""
+    the code the exit-code table (docs/OPERATIONS.md) gives for that signal."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "edsr_dist", "train", *ENDLESS, "--data", str(sample_store),
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -195,4 +195,4 @@ def test_a_signal_to_a_direct_train_exits_as_the_readme_says(tmp_path, sample_st
     assert proc.returncode == 128 + sig
     assert re.search(r"edsr-dist train: interrupted at step \d+; checkpoint saved", stderr), stderr
     assert list((out / "checkpoints").glob("step_*.ckpt"))
-    assert signal.Signals(sig).name in _readme_exit_codes()[str(128 + sig)]
+    assert signal.Signals(sig).name in _documented_exit_codes()[str(128 + sig)]

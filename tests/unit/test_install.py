@@ -1,4 +1,5 @@
-"""The CPU install takes torch's CPU build from PyTorch's CPU index, and the README says so and what GPU/NPU users do."""
+"""The CPU install takes torch's CPU build from PyTorch's CPU index, and docs/INSTALL.md says so and what GPU/NPU
+users do."""
 
 import re
 
@@ -21,8 +22,11 @@ def test_requirements_pin_the_cpu_build_from_its_index():
     assert f'cpu = ["torch=={pins[0].group(1)}"]' in (REPO / "pyproject.toml").read_text()
 
 
-def test_readme_names_the_index_and_the_gpu_npu_route():
+def test_install_page_names_the_index_and_the_gpu_npu_route():
+    page = (REPO / "docs" / "INSTALL.md").read_text()
+    assert "pip install -r requirements-cpu.txt" in page and CPU_INDEX in page
+    assert "--retries 0" in page  # where the index is unreachable
+    assert "GPU and NPU machines" in page and "pip install -e ." in page
+    # The front page sends GPU/NPU users there.
     readme = (REPO / "README.md").read_text()
-    assert "pip install -r requirements-cpu.txt" in readme and CPU_INDEX in readme
-    assert "--retries 0" in readme  # where the index is unreachable
-    assert "GPU and NPU machines" in readme and "pip install -e ." in readme
+    assert "pip install -r requirements-cpu.txt" in readme and "(docs/INSTALL.md)" in readme
