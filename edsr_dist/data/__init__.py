@@ -1,6 +1,8 @@
 """Training data: the HDF5 patch store (format, builder, reader), the embedded sample store and the sampler.
 
-Modules: ``store`` (format constants, PatchStore reader, verify_store), ``builder`` (``edsr-dist build-store``),
-``sample`` (the store built from scikit-image's bundled photos), ``sampler`` (TrainSampler), ``resize``
-(bicubic resizing), ``skimage_benchmarks`` (benchmark-shaped folders from the same photos). Nothing is imported here so that importing the package stays cheap.
+Modules: ``store`` (format constants, PatchStore reader, verify_store), ``builder`` and ``build_store`` (``edsr-dist build-store``),
+``sample_store`` (the store built from scikit-image's bundled photos), ``sampler`` (TrainSampler), ``resize``
+(bicubic resizing), ``skimage_benchmarks`` (benchmark-shaped folders from the same photos), ``images``
+(which files are images), ``prefetch`` (reading ahead). Nothing is imported here so that importing the package
+stays cheap.
 """

@@ -1,2 +1,2 @@
-"""Distributed plumbing: who a worker is (world), how it talks (engine), and how workers are started
-(launcher, from an Ascend rank table, a local process count or a Horovod hostfile)."""
+"""In-process distributed plumbing: who a worker is (world), how it talks (engine, factory, horovod_engine) and the
+Ascend rules (npu, ascend_env). Starting workers is the launcher package's job."""

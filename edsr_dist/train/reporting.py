@@ -127,10 +127,6 @@ def recipe_warnings(cfg: Config, steps_per_epoch: int, store: PatchStore) -> lis
         warnings.append(f"an epoch is only {steps_per_epoch} step(s) ({store.num_train_tiles} tiles / batch "
                         f"{cfg.batch_size}), so validation and checkpoints come every few steps; pass "
                         f"--steps-per-epoch (the paper's code uses 1000) and fewer --epochs")
-    if cfg.patch_size * store.scale == store.tile_size:
-        warnings.append(f"crops have no freedom: patch_size {cfg.patch_size} x scale {store.scale} = the store's "
-                        f"{store.tile_size}px tiles, so every crop is a whole tile; build the store with a larger "
-                        f"--tile-size (build-store) or pass a smaller --patch-size")
     if cfg.scale_lr and cfg.batch_size > PAPER_BATCH and not cfg.warmup_steps:
         warnings.append(f"--scale-lr raises lr to {cfg.lr * cfg.batch_size / PAPER_BATCH:.2e} from the first step; "
                         "linear scaling needs a warm-up: pass --warmup-steps (e.g. 5 epochs' worth)")
