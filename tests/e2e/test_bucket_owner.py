@@ -60,7 +60,7 @@ def bucket(endpoint, request):
 
 def lock_of(bucket, prefix: str = "runs/x2") -> BucketLock:
     fs, name = bucket
-    return BucketLock(fs, f"{name}/{prefix}", f"s3://{name}/{prefix}")
+    return BucketLock(fs, f"{name}/{prefix}", f"s3://{name}/{prefix}", settle_s=0.1)
 
 
 def test_of_several_jobs_starting_at_once_one_gets_the_record(bucket):
@@ -136,6 +136,22 @@ def test_a_stale_record_from_another_host_is_taken_over_by_one_of_two(bucket, ca
     assert "took over --out s3://b/runs/x2 from job J-old on host node-b" in note
     assert note.rstrip().endswith("its heartbeat is 60 min old (more than 120 s: 3 x 30 s + 30 s)")
     held.release()
+
+
+def test_a_store_that_ignores_the_condition_still_has_one_owner(bucket):
+    """Last writer wins on such a store (OBS documents no If-None-Match on PUT): the read-back tells the loser."""
+    fs, name = bucket
+    lock = lock_of(bucket)
+    plain_put = lock._put
+    lock._put = lambda data, **condition: plain_put(data)  # the store drops the condition
+    lock.settle_s = 0.5
+    assert lock.create(b"first") is not None
+    # Another job's put lands while we settle: we are not the owner, although our own put "succeeded".
+    other = threading.Timer(0.1, lambda: fs.pipe_file(f"{name}/runs/x2/.owner.json", b"other job"))
+    other.start()
+    assert lock.create(b"second") is None
+    other.join()
+    assert lock.read()[0] == b"other job"
 
 
 def test_two_prefixes_of_one_bucket_are_two_folders(bucket):
