@@ -98,6 +98,14 @@ def job_identity() -> tuple[str, bool]:
     return os.environ.get("JOB_ID") or f"pid-{os.getpid()}", False
 
 
+def _command_line() -> str:
+    """The command as typed (`python -m edsr_dist` shows as edsr-dist)."""
+    program = sys.argv[0] if sys.argv else ""
+    if program.endswith(("__main__.py", "edsr-dist")):
+        program = "edsr-dist"
+    return shlex.join([program, *sys.argv[1:]])
+
+
 @dataclass
 class OwnerRecord:
     token: str  # unique per owner: what the launcher hands its workers
@@ -117,7 +125,7 @@ class OwnerRecord:
         now = time.time()
         job, restart_safe = job_identity()
         return cls(uuid.uuid4().hex, job, socket.gethostname(), machine_identity(), os.getpid(),
-                   process_start_time(os.getpid()), now, now, heartbeat_s, shlex.join(sys.argv), restart_safe)
+                   process_start_time(os.getpid()), now, now, heartbeat_s, _command_line(), restart_safe)
 
     def to_bytes(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self), indent=1) + "\n").encode()
