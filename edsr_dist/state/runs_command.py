@@ -41,5 +41,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.action != "status":
         raise UserError("choose an action: `edsr-dist runs status FOLDER`")
+    if "://" in args.folder:
+        raise UserError(f"runs status reads a run folder on a local disk or a shared volume, not {args.folder}; "
+                        "pass the local folder the bucket run is staged in")
     print("\n".join(status_lines(Path(args.folder))))
     return 0

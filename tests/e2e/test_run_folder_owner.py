@@ -175,6 +175,8 @@ def test_resume_after_sigkill_takes_over_and_ends_bit_identical(tmp_path, sample
         os.killpg(owner.pid, signal.SIGKILL)
         owner.wait()
     assert read_owner(LocalLock(out)).pid == owner.pid  # a SIGKILL leaves the record behind
+    status = run_cli(["runs", "status", str(out)], cwd=tmp_path)
+    assert f"; dead (its pid {owner.pid} is gone): the next run into this folder takes it over" in status.stdout
     result = run_cli(["train", *train_args(sample_store, out)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     first = result.stderr.splitlines()[0]
@@ -248,3 +250,5 @@ def test_runs_status_of_a_folder_that_is_no_run(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"edsr-dist runs: error: {tmp_path / 'nothing'} is not a run folder (no owner record, checkpoints or "
         "metrics.jsonl); pass the --out of a run"]
+    bucket = run_cli(["runs", "status", "s3://bucket/run"], cwd=tmp_path)
+    assert bucket.returncode == 2 and len(bucket.stderr.strip().splitlines()) == 1
