@@ -19,6 +19,7 @@ COMMANDS = {
     "sr": ("edsr_dist.inference.command", "main", "super-resolve images with a checkpoint or an .onnx model (tiled, optional self-ensemble)"),
     "export": ("edsr_dist.inference.export", "main", "export a model: weights (safetensors, reference/BasicSR names) or verified ONNX"),
     "bench": ("edsr_dist.perf.train_speed", "main", "measure training throughput, overheads and scaling"),
+    "runs": ("edsr_dist.state.runs_command", "main", "show who writes into a run folder (owner, heartbeat age) and its newest checkpoint"),
     "bench-sr": ("edsr_dist.perf.sr_speed", "main", "measure inference speed: PyTorch and ONNX Runtime on the same images"),
 }
 # Commands usable without torch: rank-table only reads and writes text files (a login node); sr checks for torch

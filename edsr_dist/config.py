@@ -82,6 +82,8 @@ class Config:
     out: str = setting("runs/edsr", "run folder: checkpoints, metrics.jsonl, samples, logs")
     resume: str = setting("", "auto (newest valid checkpoint in out, else a fresh start) or a checkpoint path")
     overwrite: bool = setting(False, "a new run in an out that holds one: move the old run aside (never deleted)")
+    take_over: bool = setting(False, "become the writer of an out whose owner record names a job you know is dead "
+                                     "(without it: only once its pid is gone or its heartbeat is stale)")
     samples_png: bool = setting(True, "write labelled bicubic | EDSR | ground truth crops after the final validation")
 
     # Execution.

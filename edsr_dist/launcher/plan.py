@@ -24,7 +24,7 @@ POLL_S = 0.05
 PROG = "edsr-dist launch"
 # Variables a stale launch (or an outer launcher) could leave behind that would confuse a worker's World.
 WORKER_VARS = ("RANK_TABLE_FILE", "RANK_ID", "RANK_SIZE", "DEVICE_ID", "ASCEND_DEVICE_ID", "RANK", "WORLD_SIZE",
-               "LOCAL_RANK", "LOCAL_WORLD_SIZE", "EDSR_DIST_LAUNCHER", "EDSR_DIST_RESTART")
+               "LOCAL_RANK", "LOCAL_WORLD_SIZE", "EDSR_DIST_LAUNCHER", "EDSR_DIST_RESTART", "EDSR_DIST_OWNER")
 
 
 @dataclass

@@ -15,17 +15,26 @@ from edsr_dist.launcher.job_store import JobStore
 from edsr_dist.launcher.plan import POLL_S, PROG, Plan, build_plan
 from edsr_dist.launcher.workers import StopRequest, run_attempt, signal_name
 from edsr_dist.state.checkpoint import newest_checkpoint_quick
-from edsr_dist.state.run_folder import claim_run_folder
+from edsr_dist.state.owner import OWNER_ENV, Ownership
+from edsr_dist.state.run_folder import hold_run_folder
 
 DEFAULT_RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 60.0
 
 
-def claim_out_folder(train_args: list[str]) -> None:
-    """The one-run-per-folder rule, before this launcher opens its logs in --out (only where rank 0 runs: one
-    decision per job)."""
+def claim_out_folder(train_args: list[str]) -> Ownership | None:
+    """The one-writer and one-run-per-folder rules, before this launcher opens its logs in --out (only where rank 0
+    runs: one decision per job). The launcher then owns the folder for the whole job, its restarts included."""
     cfg = parse_train_args(train_args)
-    claim_run_folder(cfg.out, cfg.resume, cfg.overwrite)
+    return hold_run_folder(cfg.out, cfg.resume, cfg.overwrite, cfg.take_over)
+
+
+def _as_owner(plan: Plan, owner: Ownership | None) -> Plan:
+    """The workers are this launcher's job: its token tells rank 0 not to take a second hold."""
+    if owner is not None:
+        for worker in plan.workers:
+            worker.env[OWNER_ENV] = owner.token
+    return plan
 
 
 def restart_delay(first_s: float, restart: int) -> float:
@@ -74,23 +83,25 @@ def run_workers(args: argparse.Namespace, rest: list[str]) -> int:
     launcher's exit code."""
     job_id = os.environ.get("JOB_ID") or str(int(time.time()))
     plan = build_plan(args, rest, job_id=job_id)
-    if not args.exec and plan.workers[0].rank == 0:
-        claim_out_folder(rest)
     if args.min_nproc is not None and plan.servers > 1:
         raise UserError("--min-nproc works with --nproc and single-server rank tables (the servers of a "
                         "multi-server job would have to agree on new ranks); drop --min-nproc")
+    owner = claim_out_folder(rest) if not args.exec and plan.workers[0].rank == 0 else None
     peers = None
-    if plan.servers > 1 and args.max_restarts:
-        peers = JobStore(plan.master_addr, plan.master_port + 1, plan.server_index == 0, plan.server_index,
-                          plan.servers)
     try:
-        return _supervise(args, rest, plan, job_id, peers)
+        if plan.servers > 1 and args.max_restarts:
+            peers = JobStore(plan.master_addr, plan.master_port + 1, plan.server_index == 0, plan.server_index,
+                              plan.servers)
+        return _supervise(args, rest, _as_owner(plan, owner), job_id, peers, owner)
     finally:
         if peers is not None:
             peers.close()
+        if owner is not None:
+            owner.release()
 
 
-def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: str, peers: JobStore | None) -> int:
+def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: str, peers: JobStore | None,
+               owner: Ownership | None) -> int:
     """Run attempts until one finishes, fails in a way a restart cannot help, or the restart budget is spent."""
     restarts = 0
     dropped: frozenset[int] = frozenset()
@@ -138,7 +149,7 @@ def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: st
                 print(f"{PROG}: received {signal_name(stop.signum)} before restart {restarts}; nothing running",
                       file=sys.stderr, flush=True)
                 return 128 + stop.signum
-            plan = build_plan(args, train_args, dropped, job_id, restarts)
+            plan = _as_owner(build_plan(args, train_args, dropped, job_id, restarts), owner)
     after = f"{restarts} restart{'s' if restarts != 1 else ''}"
     if outcome.code == 0:
         if restarts:

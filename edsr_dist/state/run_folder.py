@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from edsr_dist.errors import UserError
+from edsr_dist.state.owner import OWNER_ENV, LocalLock, OwnerLock, Ownership, check_launcher_owns, claim
 
 METRICS = "metrics.jsonl"
 
@@ -74,6 +75,29 @@ def claim_run_folder(out: str | Path, resume: str, overwrite: bool) -> Path | No
     print(f"edsr-dist: moved the previous run in {out} to {aside} (--overwrite); nothing was deleted",
           file=sys.stderr, flush=True)
     return aside
+
+
+def hold_run_folder(out: str | Path, resume: str, overwrite: bool, take_over: bool,
+                    lock: OwnerLock | None = None) -> Ownership | None:
+    """Become the folder's one writer (state/owner.py), then apply the one-run rule; both before anything else is
+    written. Returns the hold to release at the end, or None for a worker whose launcher holds it (EDSR_DIST_OWNER).
+    `lock`: where the record lives when not in `out` itself (a bucket run: state/bucket_lock.BucketLock)."""
+    local = LocalLock(out)
+    lock = lock or local
+    token = os.environ.get(OWNER_ENV, "")
+    if token:
+        check_launcher_owns(lock, str(out), token)
+        claim_run_folder(out, resume, overwrite)
+        return None
+    owner = claim(lock, str(out), take_over)
+    try:
+        aside = claim_run_folder(out, resume, overwrite)
+        if aside is not None and lock is local:
+            local.move_to(aside)
+    except BaseException:
+        owner.release()
+        raise
+    return owner.start()
 
 
 def check_nothing_to_resume(out: str | Path) -> None:

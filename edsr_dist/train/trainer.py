@@ -42,7 +42,7 @@ from edsr_dist.model.schedules import base_lr, learning_rate
 from edsr_dist.train.reporting import (LossMeter, MetricsLog, hms, module_groups, recipe_warnings, result_line,
                                       write_sample_image)
 from edsr_dist.train.step_timer import StepTimer
-from edsr_dist.state.run_folder import check_nothing_to_resume, check_output_folder, claim_run_folder, recorded_result
+from edsr_dist.state.run_folder import check_nothing_to_resume, check_output_folder, hold_run_folder, recorded_result
 from edsr_dist.state.weights import load_matching
 
 CHECKPOINT_FORMAT = 1
@@ -81,10 +81,20 @@ class Trainer:
         self.engine = make_engine(self.engine_name, self.world, self.device, cfg.dist_timeout)
         self.is_main = self.world.is_main
 
+        self.owner = None  # rank 0's hold on the run folder, from before anything is written until close()
         if self.is_main:
             check_output_folder(self.out)
-            claim_run_folder(self.out, cfg.resume, cfg.overwrite)
+            self.owner = hold_run_folder(self.out, cfg.resume, cfg.overwrite, cfg.take_over)
+        try:
+            self._set_up()
+        except BaseException:
+            if self.owner is not None:
+                self.owner.release()
+            raise
 
+    def _set_up(self) -> None:
+        """Data, model, resume: everything after the run folder is ours."""
+        cfg = self.cfg
         self.store = self._open_store()
         # The store's validation images or cfg.val_benchmark's; refuses a run with nothing to validate on.
         self.validation = validation_source(cfg, self.store)
@@ -533,4 +543,6 @@ class Trainer:
     def close(self, clean: bool = True) -> None:
         self.metrics.close()
         self.store.close()
+        if self.owner is not None:
+            self.owner.release()
         self.engine.shutdown(clean)

@@ -196,7 +196,10 @@ def test_kill_mid_write_and_truncated_newest_fall_back_to_the_previous_checkpoin
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     result = run_cli(["train", *train_args(sample_store, out, save_every_steps=5)], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    warnings = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # The killed run left its owner record: taken over, with a note (docs/OPERATIONS.md, "One writer per run folder").
+    assert lines[0].startswith(f"edsr-dist: took over --out {out} from job ") and lines[0].endswith(" is gone")
+    warnings = lines[1:]
     assert len(warnings) == 1, result.stderr
     assert "step_00000010.ckpt" in warnings[0] and "truncated" in warnings[0]
     assert "step_00000005.ckpt at step 5" in result.stdout

@@ -1,0 +1,258 @@
+"""The owner record of a run folder (state/owner.py): exclusive create under a race, stale and pid-gone detection,
+takeover races, the heartbeat, release, and who counts as the same job."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from helpers import REPO
+
+from edsr_dist.errors import UserError
+from edsr_dist.state import owner as owner_mod
+from edsr_dist.state.owner import (LocalLock, OwnerRecord, check_launcher_owns, claim, describe, machine_identity,
+                                   owner_gone, read_owner, stale_after)
+from edsr_dist.state.run_folder import hold_run_folder
+
+
+CREATE_AT = """
+import sys, time
+from edsr_dist.state.owner import LocalLock
+folder, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    pass
+print(LocalLock(folder).create(b"x") is not None)
+"""
+
+
+def test_exclusive_create_has_one_winner_among_processes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for trial in range(3):
+        folder = tmp_path / f"run{trial}"
+        start = time.time() + 1.0  # the interpreters are up by then and create at the same instant
+        procs = [subprocess.Popen([sys.executable, "-c", CREATE_AT, str(folder), str(start)], env=env,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(6)]
+        wins = [p.communicate(timeout=30)[0].strip() for p in procs]
+        assert wins.count("True") == 1 and wins.count("False") == 5, wins
+
+
+def test_exclusive_create_has_one_winner_among_threads(tmp_path):
+    for trial in range(20):
+        lock_path = tmp_path / f"run{trial}"
+        barrier = threading.Barrier(8)
+        wins = []
+
+        def create(n: int) -> None:
+            barrier.wait()
+            wins.append(LocalLock(lock_path).create(str(n).encode()) is not None)
+
+        threads = [threading.Thread(target=create, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wins.count(True) == 1
+
+
+def _record(**changes) -> OwnerRecord:
+    return dataclasses.replace(OwnerRecord.mine(30.0), **changes)
+
+
+def _write(folder, record: OwnerRecord) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".owner.json").write_bytes(record.to_bytes())
+
+
+def test_a_live_owner_on_this_machine_is_refused_in_one_line(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        other = _record(pid=sleeper.pid, pid_started=owner_mod.process_start_time(sleeper.pid), job="J7")
+        _write(tmp_path / "run", other)
+        assert owner_gone(other) is None
+        with pytest.raises(UserError) as caught:
+            claim(LocalLock(tmp_path / "run"), "run")
+        message = str(caught.value)
+        assert re.fullmatch(rf"--out run is in use by job J7 on host {re.escape(other.host)} \(pid {sleeper.pid}, "
+                            r"started .+, last seen \d+ s ago\); wait for it to end, stop it, or use another --out "
+                            r"\(--take-over if you know it is dead\)", message), message
+        assert read_owner(LocalLock(tmp_path / "run")) == other  # untouched
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_gone_pid_is_taken_over_with_a_note(tmp_path, capsys):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = _record(pid=int(finished.stdout), pid_started=time.time() - 5)
+    _write(tmp_path / "run", dead)
+    assert owner_gone(dead) == f"its pid {dead.pid} is gone"
+    held = claim(LocalLock(tmp_path / "run"), "run")
+    assert read_owner(held.lock).token == held.token != dead.token
+    err = capsys.readouterr().err
+    assert err.startswith(f"edsr-dist: took over --out run from job {dead.job} on host {dead.host} (pid {dead.pid}")
+    assert err.rstrip().endswith(f"its pid {dead.pid} is gone")
+    held.release()
+
+
+def test_a_reused_pid_does_not_count_as_alive():
+    # This very process, but started at another time than the record says: the pid was reused.
+    assert owner_gone(_record(pid_started=time.time() - 3600)) == f"its pid {os.getpid()} is gone"
+    assert owner_gone(_record()) is None
+
+
+def test_another_host_is_dead_only_once_its_heartbeat_is_stale():
+    now = time.time()
+    elsewhere = _record(host="node-7", machine="node-7|boot|pid:[1]", heartbeat_s=10.0)
+    assert stale_after(10.0) == 60.0 and stale_after(30.0) == 120.0
+    assert owner_gone(dataclasses.replace(elsewhere, heartbeat=now - 59), now) is None
+    why = owner_gone(dataclasses.replace(elsewhere, heartbeat=now - 61), now)
+    assert why == "its heartbeat is 61 s old (more than 60 s: 3 x 10 s + 30 s)"
+    # The same hostname in another pid namespace (a second container with host networking): pids say nothing there.
+    same_name = _record(machine=f"{elsewhere.host}|other-boot|pid:[2]", pid=1)
+    assert owner_gone(same_name, now) is None
+
+
+def test_take_over_forces_a_live_owner_and_the_old_heartbeat_notices(tmp_path, capsys):
+    first = claim(LocalLock(tmp_path / "run"), "run", heartbeat_s=0.05).start()
+    with pytest.raises(UserError, match="is in use by"):
+        claim(LocalLock(tmp_path / "run"), "run")
+    second = claim(LocalLock(tmp_path / "run"), "run", take_over=True, heartbeat_s=0.05)
+    assert capsys.readouterr().err.rstrip().endswith(": --take-over")
+    deadline = time.monotonic() + 5
+    while first.lost_to is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.lost_to is not None and f"pid {os.getpid()}" in first.lost_to
+    assert "no longer owns the folder" in capsys.readouterr().err
+    first.release()  # must not remove the new owner's record
+    assert read_owner(second.lock).token == second.token
+    second.release()
+    assert read_owner(second.lock) is None
+
+
+def test_two_takers_of_one_dead_record_have_one_winner(tmp_path):
+    for trial in range(20):
+        folder = tmp_path / f"run{trial}"
+        _write(folder, _record(host="gone", machine="gone|x|y", heartbeat=time.time() - 3600))
+        seen = LocalLock(folder).read()[1]
+        barrier = threading.Barrier(4)
+        won = []
+
+        def take(n: int) -> None:
+            barrier.wait()
+            version = LocalLock(folder).take(f"taker {n}".encode(), seen)
+            if version is not None:
+                won.append(n)
+
+        threads = [threading.Thread(target=take, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1, won
+        assert (folder / ".owner.json").read_bytes() == f"taker {won[0]}".encode()
+        assert [p.name for p in folder.iterdir()] == [".owner.json"]  # no .taking-* left
+
+
+def test_take_gives_back_a_record_written_since_it_was_read(tmp_path):
+    lock = LocalLock(tmp_path / "run")
+    stale = lock.create(b"old")
+    lock.refresh(b"fresh heartbeat", stale)
+    assert lock.take(b"mine", stale) is None
+    assert (tmp_path / "run" / ".owner.json").read_bytes() == b"fresh heartbeat"
+
+
+def test_the_heartbeat_refreshes_the_record(tmp_path):
+    held = claim(LocalLock(tmp_path / "run"), "run", heartbeat_s=0.05).start()
+    first = read_owner(held.lock).heartbeat
+    time.sleep(0.3)
+    record = read_owner(held.lock)
+    assert record.heartbeat > first and record.token == held.token and held.lost_to is None
+    held.release()
+
+
+def test_release_leaves_no_record_and_no_empty_folder_it_made(tmp_path):
+    held = claim(LocalLock(tmp_path / "a" / "b"), "a/b")
+    assert (tmp_path / "a" / "b" / ".owner.json").is_file()
+    held.release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_record_cut_short_is_judged_by_its_file_time(tmp_path):
+    (tmp_path / ".owner.json").write_bytes(b"")  # killed between the exclusive create and the write
+    os.utime(tmp_path / ".owner.json", (time.time() - 600, time.time() - 600))
+    record = read_owner(LocalLock(tmp_path))
+    assert record.host == "unknown" and owner_gone(record).startswith("its heartbeat is 10 min old")
+    (tmp_path / ".owner.json").write_bytes(b"{")
+    with pytest.raises(UserError, match="in use by job unknown on host unknown"):
+        claim(LocalLock(tmp_path), "x")  # just created by someone: wait for the bound
+
+
+def test_torchrun_restarts_of_the_same_job_are_the_owner(tmp_path, monkeypatch):
+    elsewhere = dict(host="node-7", machine="node-7|boot|pid:[1]")  # alive as far as anyone can tell
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-abc")
+    _write(tmp_path / "same", _record(job="torchrun:job-abc", restart_safe_job=True, **elsewhere))
+    held = claim(LocalLock(tmp_path / "same"), "same")
+    assert read_owner(held.lock).token == held.token
+    held.release()
+    _write(tmp_path / "other", _record(job="torchrun:job-xyz", restart_safe_job=True, **elsewhere))
+    with pytest.raises(UserError, match="in use by job torchrun:job-xyz"):
+        claim(LocalLock(tmp_path / "other"), "other")
+    # torchrun's default run id names no job: two such jobs are two writers.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert owner_mod.job_identity() == (f"pid-{os.getpid()}", False)
+
+
+def test_a_worker_of_the_launcher_that_owns_the_folder_takes_no_second_hold(tmp_path, monkeypatch):
+    launcher = claim(LocalLock(tmp_path / "run"), "run")
+    monkeypatch.setenv("EDSR_DIST_OWNER", launcher.token)
+    assert hold_run_folder(tmp_path / "run", "auto", False, False) is None
+    monkeypatch.setenv("EDSR_DIST_OWNER", "another-launchers-token")
+    with pytest.raises(UserError, match="no longer owned by this worker's launcher"):
+        hold_run_folder(tmp_path / "run", "auto", False, False)
+    check_launcher_owns(launcher.lock, "run", launcher.token)
+    launcher.release()
+
+
+def test_overwrite_keeps_the_record_in_the_new_folder(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    held = hold_run_folder(run, "", True, False)
+    assert (tmp_path / "run.old-1" / "metrics.jsonl").is_file()
+    assert not (tmp_path / "run.old-1" / ".owner.json").exists()
+    assert read_owner(LocalLock(run)).token == held.token
+    held.release()
+
+
+def test_a_refused_run_leaves_the_folder_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="already holds a run"):
+        hold_run_folder(run, "", False, False)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]
+
+
+def test_the_record_says_who_and_when(tmp_path):
+    held = claim(LocalLock(tmp_path), "x")
+    record = json.loads((tmp_path / ".owner.json").read_text())
+    assert {"host", "pid", "job", "started", "command", "heartbeat", "heartbeat_s", "machine"} <= record.keys()
+    assert record["pid"] == os.getpid() and record["machine"] == machine_identity()
+    assert describe(read_owner(held.lock), record["heartbeat"] + 200).endswith("last seen 3 min ago)")
+    held.release()
+
+
+def test_a_bad_heartbeat_interval_is_one_line(monkeypatch):
+    monkeypatch.setenv("EDSR_DIST_OWNER_HEARTBEAT_S", "soon")
+    with pytest.raises(UserError, match="EDSR_DIST_OWNER_HEARTBEAT_S='soon' is not a number"):
+        owner_mod.heartbeat_interval()
+    monkeypatch.setenv("EDSR_DIST_OWNER_HEARTBEAT_S", "0.5")
+    assert owner_mod.heartbeat_interval() == 0.5
