@@ -234,7 +234,7 @@ def test_real_tables_dry_run(tmp_path, name):
 
 
 def test_written_v1_copy_has_hccls_ranks_and_is_a_regular_file(tmp_path):
-    from edsr_dist.launcher.rank_table import write_v1
+    from edsr_dist.launcher.workers import write_v1
 
     table = load_rank_table(REAL / "group_cloud_2instance_16p_bert.json")
     target = tmp_path / "rank_table_v1.json"
