@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("edsr_dist.train.command", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
     "launch": ("edsr_dist.launcher.command", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
     "rank-table": ("edsr_dist.launcher.table_command", "main", "check or make an Ascend HCCL rank table"),
+    "world": ("edsr_dist.launcher.world_command", "main", "print what a worker started in this environment would be (rank, size, device)"),
     "build-store": ("edsr_dist.data.build_store", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
     "eval": ("edsr_dist.evaluation.command", "main", "evaluate checkpoints on a store or a folder of HR images"),
     "sr": ("edsr_dist.inference.command", "main", "super-resolve images with a checkpoint or an .onnx model (tiled, optional self-ensemble)"),
@@ -21,9 +22,9 @@ COMMANDS = {
     "bench": ("edsr_dist.perf.train_speed", "main", "measure training throughput, overheads and scaling"),
     "bench-sr": ("edsr_dist.perf.sr_speed", "main", "measure inference speed: PyTorch and ONNX Runtime on the same images"),
 }
-# Commands usable without torch: rank-table only reads and writes text files (a login node); sr checks for torch
+# Commands usable without torch: rank-table and world only read text files and the environment; sr checks for torch
 # itself, since `sr --backend onnxruntime` serves an exported model without it.
-WITHOUT_TORCH = {"rank-table", "sr"}
+WITHOUT_TORCH = {"rank-table", "world", "sr"}
 
 
 def usage() -> str:

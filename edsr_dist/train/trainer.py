@@ -528,7 +528,19 @@ class Trainer:
         return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
                 f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
                 f"{self.precision}, {layout}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
-                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {recipe}; {where}")
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {recipe}; {where}"
+                f"{self._unused_devices_note()}")
+
+    def _unused_devices_note(self) -> str:
+        """One process per pod (RANK/WORLD_SIZE only) uses one device; say so where the pod has more."""
+        if self.world.launcher != "env" or self.device.type not in ("npu", "cuda"):
+            return ""
+        count = torch.npu.device_count() if self.device.type == "npu" else torch.cuda.device_count()
+        if count <= 1:
+            return ""
+        kind = "NPUs" if self.device.type == "npu" else "GPUs"
+        return (f"; this process uses 1 of the {count} {kind} it sees (one process per pod, from RANK/WORLD_SIZE): "
+                "run `edsr-dist launch` in the pod to use all of them")
 
     def close(self, clean: bool = True) -> None:
         self.metrics.close()
