@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 
 from edsr_dist import __version__
@@ -34,6 +35,26 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def torch_import_problem() -> str | None:
+    """`import torch` runs every `torch.backends` entry point (torch/__init__.py _import_device_backends); torch_npu
+    registers one (its setup.py), so a broken CANN install makes `import torch` itself raise, in every command. One
+    line naming the cause and both fixes instead of a traceback; None when torch imports."""
+    try:
+        importlib.import_module("torch")
+    except RuntimeError as exc:
+        if "Failed to load the backend extension" not in str(exc):
+            raise
+        match = re.search(r"backend extension: ([^.\s]+)", str(exc))
+        name = match.group(1) if match else "a device extension"
+        cause = exc.__cause__
+        detail = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if cause is not None and str(cause).strip() else (
+            type(cause).__name__ if cause is not None else "unknown error")
+        return (f"`import torch` failed because it auto-loads {name} (a torch.backends entry point), which raised "
+                f"{detail}; for NPU work source CANN's set_env.sh (/usr/local/Ascend/ascend-toolkit/set_env.sh), "
+                "for CPU work set TORCH_DEVICE_BACKEND_AUTOLOAD=0")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -54,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print("edsr-dist: error: PyTorch is not installed; on CPU run `pip install -r requirements-cpu.txt`, "
               "on GPUs/NPUs install the torch build for your hardware first", file=sys.stderr)
         return 2
+    if name not in WITHOUT_TORCH:
+        problem = torch_import_problem()
+        if problem:
+            print(f"edsr-dist {name}: error: {problem}", file=sys.stderr)
+            return 2
     module_name, func_name, _ = COMMANDS[name]
     try:
         func = getattr(importlib.import_module(module_name), func_name)

@@ -5,9 +5,11 @@ docs/ASCEND.md cites the upstream file and line behind each rule (torch_npu = As
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import re
+import tempfile
 
 from edsr_dist.errors import UserError
 
@@ -83,6 +85,35 @@ def physical_device(logical: int, env: dict | None = None, source: str = "LOCAL_
                         f"shows {len(visible)} card(s) (logical 0..{len(visible) - 1}); start fewer workers or "
                         "give the process more cards")
     return visible[logical]
+
+
+_CLAIMS: list = []  # open lock files: held (flock) until the process ends, released by the kernel even on SIGKILL
+
+
+def claim_card(physical: int, logical: int, rank: int, job: str, folder: str | None = None) -> None:
+    """Refuse a second rank of the same job on one card of this host before HCCL starts (HCCL puts one rank per
+    device; two on one card fail or hang inside the communicator). An exclusive lock per (job, card) in the
+    temporary folder: local by nature (two ranks can share a card only on one host, and a container's card ids
+    and /tmp are its own), released by the kernel when the process dies (no stale claims after a crash), and
+    known before any collective, which a check through the rendezvous store after init would not be."""
+    folder = folder or tempfile.gettempdir()
+    safe_job = re.sub(r"[^A-Za-z0-9_.-]", "_", job)
+    path = os.path.join(folder, f"edsr-dist-{safe_job}-npu{physical}.lock")
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another rank"
+        handle.close()
+        raise UserError(f"rank {rank}: card {physical} (logical {logical}) is already used by {holder} of this job; "
+                        "two ranks cannot share a card: give each rank its own DEVICE_ID (or RANK_ID position on "
+                        "its server) in the launch script; `edsr-dist world` shows each rank's card") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"rank {rank} (pid {os.getpid()})")
+    handle.flush()
+    _CLAIMS.append(handle)
 
 
 def watchdog_timeout(dist_timeout_s: int, env: dict | None = None) -> tuple[int, str]:

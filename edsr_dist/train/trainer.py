@@ -29,7 +29,7 @@ from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sample_store import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
-from edsr_dist.parallel import npu
+from edsr_dist.parallel import ascend_env, npu
 from edsr_dist.parallel.factory import make_engine, resolve_engine_name
 from edsr_dist.parallel.world import World, discover_world
 from edsr_dist.model.ema import WeightEMA
@@ -74,6 +74,10 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device, self.precision = resolve_device_and_precision(cfg.device, cfg.precision,
                                                                    self.world.device_index, self.world.physical_device)
+        if self.device.type == "npu" and self.world.size > 1:
+            physical = self.world.physical_device
+            ascend_env.claim_card(self.world.device_index if physical is None else physical, self.world.device_index,
+                                  self.world.rank, f"{self.world.master_addr}:{self.world.master_port}")
         # Training shapes never change, so cuDNN's autotuner pays off; validation turns it off (every image differs).
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
         self.threads = set_threads(cfg)
