@@ -174,11 +174,13 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
     workers = []
     for local_rank, ((rank, device), cores) in enumerate(zip(placements, shares)):
         env = dict(table_env)
-        # DEVICE_ID is the card's own number (as in the table); ASCEND_DEVICE_ID the logical index set_device takes.
+        # DEVICE_ID is the card's own number (as in the table); ASCEND_DEVICE_ID the logical index set_device takes
+        # (--nproc places workers on logical devices 0..N-1: their cards are the visible ones in that order).
         logical = ascend_env.logical_device(device) if table_path is not None else device
+        physical = device if table_path is not None else _card_of(logical)
         env.update({
             "RANK_ID": str(rank), "RANK_SIZE": str(world_size),
-            "DEVICE_ID": str(device), "ASCEND_DEVICE_ID": str(logical),
+            "DEVICE_ID": str(physical), "ASCEND_DEVICE_ID": str(logical),
             "JOB_ID": job_id,
             "RANK": str(rank), "WORLD_SIZE": str(world_size),
             "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local),
@@ -199,6 +201,15 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
                 index if table_path is not None else 0)
 
 
+def _card_of(logical: int) -> int:
+    """The physical card of logical device `logical` where ASCEND_RT_VISIBLE_DEVICES or /dev/davinciN say; the index
+    itself otherwise (and for a malformed list, which the worker reports when it uses an NPU)."""
+    try:
+        return ascend_env.physical_device(logical, source="--nproc")
+    except UserError:
+        return logical
+
+
 def describe_plan(plan: Plan) -> str:
     lines = [f"# {plan.summary}"]
     present = [name for name in plan.unset if name in os.environ]
@@ -212,7 +223,7 @@ def describe_plan(plan: Plan) -> str:
                      f"{plan.workers[0].env['RANK_TABLE_FILE']}")
     for w in plan.workers:
         logical = w.env.get("ASCEND_DEVICE_ID", str(w.device_id))
-        lines.append(f"# rank {w.rank}: device {w.device_id} (logical {logical}), local rank {w.local_rank}, cores "
+        lines.append(f"# rank {w.rank}: device {w.env.get('DEVICE_ID', w.device_id)} (logical {logical}), local rank {w.local_rank}, cores "
                      f"{format_cores(w.cores)}, log {w.log_path}")
         pin = ["taskset", "-c", format_cores(w.cores)] if w.cores is not None else []
         lines.append(" ".join(f"{k}={shlex.quote(v)}" for k, v in w.env.items()) + " " + shlex.join(pin + w.argv))

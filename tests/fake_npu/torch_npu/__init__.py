@@ -45,6 +45,7 @@ import torch.utils.backend_registration as _registration  # noqa: E402
 from torch.futures import Future  # noqa: E402
 from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
 
+from torch_npu import distributed as _distributed  # noqa: E402
 from torch_npu import npu  # noqa: E402
 from torch_npu.npu import utils as _utils  # noqa: E402
 
@@ -280,6 +281,7 @@ def _install() -> None:
     autocast = torch.library.Library("_", "IMPL", "AutocastPrivateUse1")
     autocast.fallback(torch.library.fallthrough_kernel)
     _install.libraries = (factories, autocast)  # keep the registrations alive
+    _distributed._install()
     dist.Backend.register_backend("hccl", lambda store, rank, size, timeout: FakeHCCL(store, rank, size, timeout),
                                   devices=["npu"])
 
