@@ -84,6 +84,7 @@ class _Problems:
 
     def __init__(self, path: str):
         self.path = path
+        self.host_ip_servers: set[str] = set()  # entries whose server gives host_ip (device_ip then optional)
 
     def __call__(self, where: str, problem: str, fix: str) -> UserError:
         prefix = f"rank table {self.path}: " + (f"{where}: " if where else "")
@@ -210,6 +211,10 @@ def _parse_v1(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tu
         where = f"server_list[{i}] ({server_id})"
         raw = _nonempty_list(_field(entry, "device", where, err, '"device": [...]'), "device", where, err,
                              '[{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}]')
+        if entry.get("host_ip", "") != "":
+            # HCCL's GetSingleDevice reads device_ip only when the server's host_ip is invalid (missing).
+            _address(entry["host_ip"], "host_ip", where, err)
+            err.host_ip_servers.add(where)
         parsed.append((server_id, _parse_devices(raw, where, err, with_rank=True, max_id=max_id), where))
     return parsed
 
@@ -281,15 +286,17 @@ def _parse_group_list(doc: dict, err: _Problems, max_id: int) -> list[tuple[str,
 
 
 def _check_device_ips(parsed: list, err: _Problems) -> None:
-    """HCCL (GetSingleDeviceIp): device_ip may be left out on a single server only; every address it lists is
-    unique in the whole table (CheckUniqueAndInsertPool)."""
+    """HCCL (GetSingleDeviceIp): device_ip may be left out on a single server, or where the server gives host_ip
+    (GetSingleDevice reads device_ip only when host_ip is invalid); every address it lists is unique in the whole
+    table (CheckUniqueAndInsertPool)."""
     owner: dict[str, str] = {}
-    for _, devices, _ in parsed:
+    for _, devices, server_where in parsed:
         for _, ip, _, here in devices:
             if not ip:
-                if len(parsed) > 1:
+                if len(parsed) > 1 and server_where not in err.host_ip_servers:
                     raise err(here, "missing device_ip in a multi-server table",
-                              "add the card's address from /etc/hccn.conf (address_N=) or `hccn_tool -i N -ip -g`")
+                              "add the card's address from /etc/hccn.conf (address_N=) or `hccn_tool -i N -ip -g`, "
+                              "or the server's host_ip")
                 continue
             for address in ip.split(","):
                 if address in owner:
