@@ -143,11 +143,18 @@ def test_run_8p_without_a_table_starts_one_worker_per_visible_npu(tmp_path, samp
 
 
 def test_one_process_per_pod_is_one_job(tmp_path, sample_store):
-    """Volcano's pytorch plugin / Kubeflow PyTorchJob: MASTER_ADDR, MASTER_PORT, WORLD_SIZE = pods, RANK = pod index."""
+    """Volcano's pytorch plugin / Kubeflow PyTorchJob: MASTER_ADDR, MASTER_PORT, WORLD_SIZE = pods, RANK = pod index.
+    Each process stands for a pod with 8 NPUs (its own host name and /tmp) and uses one of them."""
     port = str(free_port())
-    envs = [env_for(False, tmp_path, RANK=str(i), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            for i in range(2)]
-    assert_one_job(start_all(envs, train_args(sample_store, tmp_path / "out", npu=False), tmp_path), 2, "env")
+    envs = []
+    for i in range(2):
+        pod = tmp_path / f"pod{i}"
+        pod.mkdir()
+        envs.append(env_for(True, pod, RANK=str(i), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                            FAKE_NPU_HOST=f"pod-{i}"))
+    console = assert_one_job(start_all(envs, train_args(sample_store, tmp_path / "out"), tmp_path), 2, "env")
+    assert "uses 1 of the 8 NPUs it sees (one process per pod" in console
+    assert "run `edsr-dist launch` in the pod" in console
 
 
 @pytest.mark.parametrize("env,fragment", [

@@ -24,7 +24,8 @@ real torch_npu and HCCL enforce (read from Ascend/pytorch at 9e73e70), so code t
   or its rank_id on another card) falls back to root-info, as ProcessGroupHCCL.cpp createHCCLCommEx (L2756-2809)
   and getHCCLComm (L3011-3013) do; when only some ranks fall back, the real job hangs: here that is an error.
 
-Test knobs (environment): FAKE_NPU_COUNT physical cards (default 8); FAKE_NPU_SOC; FAKE_NPU_OVERFLOW_STEPS
+Test knobs (environment): FAKE_NPU_COUNT physical cards (default 8); FAKE_NPU_HOST the host name HCCL sees (for
+processes that stand for separate pods); FAKE_NPU_SOC; FAKE_NPU_OVERFLOW_STEPS
 "rank:n,..." raises the flag during the n-th overflow check (the n-th fp16 step) of that rank;
 FAKE_NPU_INFERENCE_OVERFLOW=1 makes every fp16 op under inference mode (validation) overflow.
 """
@@ -208,7 +209,8 @@ class FakeHCCL(dist.ProcessGroup):
 
     def _check_cards_and_table(self, rank, size):
         """Every rank's (host, card) and whether RANK_TABLE_FILE gave it its entry, compared across ranks."""
-        mine = f"{socket.gethostname()}|{npu._physical(npu.current_device())}|{int(_table_entry_ok(rank))}"
+        host = os.environ.get("FAKE_NPU_HOST") or socket.gethostname()  # FAKE_NPU_HOST: pods on one test machine
+        mine = f"{host}|{npu._physical(npu.current_device())}|{int(_table_entry_ok(rank))}"
         encoded = torch.tensor(list(mine.encode().ljust(128)), dtype=torch.uint8)
         gathered = [torch.empty_like(encoded) for _ in range(size)]
         self._gloo.allgather([gathered], [encoded]).wait()
