@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 
 from edsr_dist import __version__
@@ -14,6 +15,7 @@ COMMANDS = {
     "train": ("edsr_dist.train.command", "main", "train EDSR (one worker; started directly, by the launcher, torchrun, horovodrun or mpirun)"),
     "launch": ("edsr_dist.launcher.command", "main", "start and supervise one worker per device (rank table, --nproc, hostfile)"),
     "rank-table": ("edsr_dist.launcher.table_command", "main", "check or make an Ascend HCCL rank table"),
+    "world": ("edsr_dist.launcher.world_command", "main", "print what a worker started in this environment would be (rank, size, device)"),
     "build-store": ("edsr_dist.data.build_store", "main", "build an HDF5 patch store from DIV2K-style folders or the embedded sample"),
     "eval": ("edsr_dist.evaluation.command", "main", "evaluate checkpoints on a store or a folder of HR images"),
     "sr": ("edsr_dist.inference.command", "main", "super-resolve images with a checkpoint or an .onnx model (tiled, optional self-ensemble)"),
@@ -22,9 +24,9 @@ COMMANDS = {
     "runs": ("edsr_dist.state.runs_command", "main", "show who writes into a run folder (owner, heartbeat age) and its newest checkpoint"),
     "bench-sr": ("edsr_dist.perf.sr_speed", "main", "measure inference speed: PyTorch and ONNX Runtime on the same images"),
 }
-# Commands usable without torch: rank-table only reads and writes text files (a login node); sr checks for torch
+# Commands usable without torch: rank-table and world only read text files and the environment; sr checks for torch
 # itself, since `sr --backend onnxruntime` serves an exported model without it.
-WITHOUT_TORCH = {"rank-table", "sr"}
+WITHOUT_TORCH = {"rank-table", "world", "sr"}
 
 
 def usage() -> str:
@@ -32,6 +34,26 @@ def usage() -> str:
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines += ["", "`edsr-dist <command> --help` for the options of one command."]
     return "\n".join(lines)
+
+
+def torch_import_problem() -> str | None:
+    """`import torch` runs every `torch.backends` entry point (torch/__init__.py _import_device_backends); torch_npu
+    registers one (its setup.py), so a broken CANN install makes `import torch` itself raise, in every command. One
+    line naming the cause and both fixes instead of a traceback; None when torch imports."""
+    try:
+        importlib.import_module("torch")
+    except RuntimeError as exc:
+        if "Failed to load the backend extension" not in str(exc):
+            raise
+        match = re.search(r"backend extension: ([^.\s]+)", str(exc))
+        name = match.group(1) if match else "a device extension"
+        cause = exc.__cause__
+        detail = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if cause is not None and str(cause).strip() else (
+            type(cause).__name__ if cause is not None else "unknown error")
+        return (f"`import torch` failed because it auto-loads {name} (a torch.backends entry point), which raised "
+                f"{detail}; for NPU work source CANN's set_env.sh (/usr/local/Ascend/ascend-toolkit/set_env.sh), "
+                "for CPU work set TORCH_DEVICE_BACKEND_AUTOLOAD=0")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print("edsr-dist: error: PyTorch is not installed; on CPU run `pip install -r requirements-cpu.txt`, "
               "on GPUs/NPUs install the torch build for your hardware first", file=sys.stderr)
         return 2
+    if name not in WITHOUT_TORCH:
+        problem = torch_import_problem()
+        if problem:
+            print(f"edsr-dist {name}: error: {problem}", file=sys.stderr)
+            return 2
     module_name, func_name, _ = COMMANDS[name]
     try:
         func = getattr(importlib.import_module(module_name), func_name)

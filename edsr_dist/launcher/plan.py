@@ -11,11 +11,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import psutil
-
 from edsr_dist.config import check_batch_divides, parse_train_args
 from edsr_dist.errors import UserError
-from edsr_dist.launcher.rank_table import Device, RankTable, Server, wait_for_rank_table
+from edsr_dist.launcher.rank_table import Device, RankTable, Server, select_server, wait_for_rank_table
 from edsr_dist.parallel import ascend_env
 
 V1_TABLE_NAME = "rank_table_v1.json"
@@ -51,48 +49,6 @@ class Plan:
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     server_index: int = 0  # this server's entry in the rank table
-
-
-def local_addresses() -> set[str]:
-    """Every address of this host's interfaces (IPv4 and IPv6), loopback included, and its hostname."""
-    found = {"127.0.0.1", "::1", "localhost", socket.gethostname()}
-    for addrs in psutil.net_if_addrs().values():
-        for addr in addrs:
-            if addr.family in (socket.AF_INET, socket.AF_INET6):
-                found.add(addr.address.split("%", 1)[0])  # drop an IPv6 zone suffix like fe80::1%eth0
-    return found
-
-
-def select_server(table, server_id: str | None = None, server_index: int | None = None,
-                  addresses: set[str] | None = None) -> int:
-    """Index of this server's entry in the table: explicit index, explicit id, or the one local address match."""
-    ids = [s.server_id for s in table.servers]
-    listed = ", ".join(f"[{i}] {sid}" for i, sid in enumerate(ids))
-    if server_index is not None:
-        if not 0 <= server_index < len(ids):
-            raise UserError(f"--server-index {server_index} is out of range: {table.path} has {len(ids)} server(s) "
-                            f"({listed}); pass 0..{len(ids) - 1}")
-        if server_id is not None and ids[server_index] != server_id:
-            raise UserError(f"--server-index {server_index} is {ids[server_index]}, not --server-id {server_id}; "
-                            "pass only one of them")
-        return server_index
-    if server_id is not None:
-        matches = [i for i, sid in enumerate(ids) if sid == server_id]
-        if not matches:
-            raise UserError(f"--server-id {server_id} is not in {table.path} (servers: {listed}); "
-                            "pass one of those, or --server-index")
-    else:
-        addresses = local_addresses() if addresses is None else addresses
-        matches = [i for i, sid in enumerate(ids) if sid in addresses]
-        if not matches:
-            mine = ", ".join(sorted(a for a in addresses if ":" not in a)[:6])
-            raise UserError(f"this host ({mine}) is not in {table.path} (servers: {listed}); run the launcher on a "
-                            "listed server, pass --server-id/--server-index, or make a table for this host with "
-                            "`edsr-dist rank-table make --devices 0-7 --out FILE`")
-    if len(matches) > 1:
-        raise UserError(f"{table.path} lists this host {len(matches)} times (entries "
-                        f"{', '.join(map(str, matches))}); pass --server-index to say which entry this launcher runs")
-    return matches[0]
 
 
 def core_shares(allowed: list[int], workers: int) -> list[list[int]]:
@@ -218,11 +174,13 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
     workers = []
     for local_rank, ((rank, device), cores) in enumerate(zip(placements, shares)):
         env = dict(table_env)
-        # DEVICE_ID is the card's own number (as in the table); ASCEND_DEVICE_ID the logical index set_device takes.
+        # DEVICE_ID is the card's own number (as in the table); ASCEND_DEVICE_ID the logical index set_device takes
+        # (--nproc places workers on logical devices 0..N-1: their cards are the visible ones in that order).
         logical = ascend_env.logical_device(device) if table_path is not None else device
+        physical = device if table_path is not None else _card_of(logical)
         env.update({
             "RANK_ID": str(rank), "RANK_SIZE": str(world_size),
-            "DEVICE_ID": str(device), "ASCEND_DEVICE_ID": str(logical),
+            "DEVICE_ID": str(physical), "ASCEND_DEVICE_ID": str(logical),
             "JOB_ID": job_id,
             "RANK": str(rank), "WORLD_SIZE": str(world_size),
             "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local),
@@ -243,6 +201,15 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
                 index if table_path is not None else 0)
 
 
+def _card_of(logical: int) -> int:
+    """The physical card of logical device `logical` where ASCEND_RT_VISIBLE_DEVICES or /dev/davinciN say; the index
+    itself otherwise (and for a malformed list, which the worker reports when it uses an NPU)."""
+    try:
+        return ascend_env.physical_device(logical, source="--nproc")
+    except UserError:
+        return logical
+
+
 def describe_plan(plan: Plan) -> str:
     lines = [f"# {plan.summary}"]
     present = [name for name in plan.unset if name in os.environ]
@@ -256,7 +223,7 @@ def describe_plan(plan: Plan) -> str:
                      f"{plan.workers[0].env['RANK_TABLE_FILE']}")
     for w in plan.workers:
         logical = w.env.get("ASCEND_DEVICE_ID", str(w.device_id))
-        lines.append(f"# rank {w.rank}: device {w.device_id} (logical {logical}), local rank {w.local_rank}, cores "
+        lines.append(f"# rank {w.rank}: device {w.env.get('DEVICE_ID', w.device_id)} (logical {logical}), local rank {w.local_rank}, cores "
                      f"{format_cores(w.cores)}, log {w.log_path}")
         pin = ["taskset", "-c", format_cores(w.cores)] if w.cores is not None else []
         lines.append(" ".join(f"{k}={shlex.quote(v)}" for k, v in w.env.items()) + " " + shlex.join(pin + w.argv))

@@ -24,11 +24,12 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 
+import psutil
 
-from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.errors import UserError
 
 MAX_DEVICE_ID = 15  # MAX_MODULE_DEVICE_NUM - 1: 910B / A3 chips
@@ -83,6 +84,7 @@ class _Problems:
 
     def __init__(self, path: str):
         self.path = path
+        self.host_ip_servers: set[str] = set()  # entries whose server gives host_ip (device_ip then optional)
 
     def __call__(self, where: str, problem: str, fix: str) -> UserError:
         prefix = f"rank table {self.path}: " + (f"{where}: " if where else "")
@@ -209,6 +211,10 @@ def _parse_v1(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tu
         where = f"server_list[{i}] ({server_id})"
         raw = _nonempty_list(_field(entry, "device", where, err, '"device": [...]'), "device", where, err,
                              '[{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}]')
+        if entry.get("host_ip", "") != "":
+            # HCCL's GetSingleDevice reads device_ip only when the server's host_ip is invalid (missing).
+            _address(entry["host_ip"], "host_ip", where, err)
+            err.host_ip_servers.add(where)
         parsed.append((server_id, _parse_devices(raw, where, err, with_rank=True, max_id=max_id), where))
     return parsed
 
@@ -280,15 +286,17 @@ def _parse_group_list(doc: dict, err: _Problems, max_id: int) -> list[tuple[str,
 
 
 def _check_device_ips(parsed: list, err: _Problems) -> None:
-    """HCCL (GetSingleDeviceIp): device_ip may be left out on a single server only; every address it lists is
-    unique in the whole table (CheckUniqueAndInsertPool)."""
+    """HCCL (GetSingleDeviceIp): device_ip may be left out on a single server, or where the server gives host_ip
+    (GetSingleDevice reads device_ip only when host_ip is invalid); every address it lists is unique in the whole
+    table (CheckUniqueAndInsertPool)."""
     owner: dict[str, str] = {}
-    for _, devices, _ in parsed:
+    for _, devices, server_where in parsed:
         for _, ip, _, here in devices:
             if not ip:
-                if len(parsed) > 1:
+                if len(parsed) > 1 and server_where not in err.host_ip_servers:
                     raise err(here, "missing device_ip in a multi-server table",
-                              "add the card's address from /etc/hccn.conf (address_N=) or `hccn_tool -i N -ip -g`")
+                              "add the card's address from /etc/hccn.conf (address_N=) or `hccn_tool -i N -ip -g`, "
+                              "or the server's host_ip")
                 continue
             for address in ip.split(","):
                 if address in owner:
@@ -363,12 +371,43 @@ def wait_for_rank_table(path: str, timeout_s: float, poll_s: float = 1.0) -> Ran
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
-def write_v1(table: RankTable, path: str) -> None:
-    """The table as a version 1.0 regular file (torch_npu refuses symlinks), written whole or not at all."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {folder} for the version 1.0 rank table ({exc.strerror}); "
-                        "pass a writable --log-dir") from None
-    atomic_write_text(path, json.dumps(table.to_v1(), indent=4) + "\n")
+def local_addresses() -> set[str]:
+    """Every address of this host's interfaces (IPv4 and IPv6), loopback included, and its hostname."""
+    found = {"127.0.0.1", "::1", "localhost", socket.gethostname()}
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family in (socket.AF_INET, socket.AF_INET6):
+                found.add(addr.address.split("%", 1)[0])  # drop an IPv6 zone suffix like fe80::1%eth0
+    return found
+
+
+def select_server(table, server_id: str | None = None, server_index: int | None = None,
+                  addresses: set[str] | None = None) -> int:
+    """Index of this server's entry in the table: explicit index, explicit id, or the one local address match."""
+    ids = [s.server_id for s in table.servers]
+    listed = ", ".join(f"[{i}] {sid}" for i, sid in enumerate(ids))
+    if server_index is not None:
+        if not 0 <= server_index < len(ids):
+            raise UserError(f"--server-index {server_index} is out of range: {table.path} has {len(ids)} server(s) "
+                            f"({listed}); pass 0..{len(ids) - 1}")
+        if server_id is not None and ids[server_index] != server_id:
+            raise UserError(f"--server-index {server_index} is {ids[server_index]}, not --server-id {server_id}; "
+                            "pass only one of them")
+        return server_index
+    if server_id is not None:
+        matches = [i for i, sid in enumerate(ids) if sid == server_id]
+        if not matches:
+            raise UserError(f"--server-id {server_id} is not in {table.path} (servers: {listed}); "
+                            "pass one of those, or --server-index")
+    else:
+        addresses = local_addresses() if addresses is None else addresses
+        matches = [i for i, sid in enumerate(ids) if sid in addresses]
+        if not matches:
+            mine = ", ".join(sorted(a for a in addresses if ":" not in a)[:6])
+            raise UserError(f"this host ({mine}) is not in {table.path} (servers: {listed}); run the launcher on a "
+                            "listed server, pass --server-id/--server-index, or make a table for this host with "
+                            "`edsr-dist rank-table make --devices 0-7 --out FILE`")
+    if len(matches) > 1:
+        raise UserError(f"{table.path} lists this host {len(matches)} times (entries "
+                        f"{', '.join(map(str, matches))}); pass --server-index to say which entry this launcher runs")
+    return matches[0]

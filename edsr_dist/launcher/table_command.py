@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 
@@ -14,9 +16,11 @@ import psutil
 
 from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.launcher.rank_table import MAX_DEVICE_ID, Device, RankTable, Server, load_rank_table
+from edsr_dist.launcher.rank_table import MAX_DEVICE_ID, Device, RankTable, Server, load_rank_table, select_server
 
 HCCN_CONF = "/etc/hccn.conf"
+HCCN_TOOL_DEFAULT = "/usr/local/Ascend/driver/tools/hccn_tool"  # where the Ascend driver installs it
+HCCN_TIMEOUT_S = 15
 
 
 def parse_device_list(spec: str) -> list[int]:
@@ -144,7 +148,52 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if table.is_symlink:
         print(f"note: {table.path} is a symlink to {table.real_path}; torch_npu refuses symlinks, so point "
               f"RANK_TABLE_FILE at the real file (`edsr-dist launch` does this itself)")
+    if args.preflight:
+        print(preflight(table, args.server_index))
     return 0
+
+
+def _hccn_tool() -> str | None:
+    return shutil.which("hccn_tool") or (HCCN_TOOL_DEFAULT if os.access(HCCN_TOOL_DEFAULT, os.X_OK) else None)
+
+
+def _hccn_query(tool: str, device: int, what: str) -> str:
+    """`hccn_tool -i N -link -g` answers `link status: UP`; `-net_health -g` answers `net health status: Success`
+    (or Init, Socket fail, Receive timeout, ...): the value after the last colon."""
+    try:
+        done = subprocess.run([tool, "-i", str(device), f"-{what}", "-g"], capture_output=True, text=True,
+                              timeout=HCCN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"no answer within {HCCN_TIMEOUT_S} s"
+    text = (done.stdout.strip() or done.stderr.strip()).splitlines()
+    return text[-1].rsplit(":", 1)[-1].strip() if text else f"no output (exit {done.returncode})"
+
+
+def preflight(table: RankTable, server_index: int | None = None) -> str:
+    """Ask hccn_tool about the RoCE link and network health of this server's cards before a multi-server job,
+    instead of HCCL timing out minutes later. Returns a summary line; a bad card is a UserError naming it."""
+    if len(table.servers) == 1:
+        return "preflight: one server, HCCL uses no RoCE link between servers; nothing to check"
+    tool = _hccn_tool()
+    if tool is None:
+        return "preflight: hccn_tool not found (PATH, " + HCCN_TOOL_DEFAULT + "); links not checked"
+    index = select_server(table, server_index=server_index)
+    server = table.servers[index]
+    problems = []
+    for device in sorted(server.devices, key=lambda d: d.device_id):
+        link = _hccn_query(tool, device.device_id, "link")
+        health = _hccn_query(tool, device.device_id, "net_health")
+        card = f"card {device.device_id} ({device.device_ip or 'no device_ip'})"
+        if link != "UP":
+            problems.append(f"{card}: link {link}")
+        elif health != "Success":
+            problems.append(f"{card}: net health {health}")
+    if problems:
+        raise UserError(f"preflight on server {index} ({server.server_id}): {'; '.join(problems)}; HCCL would time "
+                        "out on these cards: check the cable and switch port (`hccn_tool -i N -link -g`), the card's "
+                        "address and detect IP (`hccn_tool -i N -ip -g`, `-netdetect -g`) before starting")
+    return (f"preflight on server {index} ({server.server_id}): {len(server.devices)} card(s), every link UP and "
+            "net health Success")
 
 
 def main(argv: list[str]) -> int:
@@ -154,6 +203,11 @@ def main(argv: list[str]) -> int:
     check.add_argument("file", help="rank table JSON (version 1.0 or group_list format)")
     check.add_argument("--chip", choices=("auto", "910", "910b"), default="auto",
                        help="the servers' chip: 910b (also A3) allows device ids 8-15 (default: this host's)")
+    check.add_argument("--preflight", action="store_true",
+                       help="also ask hccn_tool for the link and network health of this server's cards "
+                            "(multi-server tables) and name a card that is down")
+    check.add_argument("--server-index", type=int, metavar="K",
+                       help="with --preflight: this server's position in the table (default: match a local address)")
     make = sub.add_parser("make", help="write a version 1.0 table for this server")
     make.add_argument("--devices", required=True, help="device ids, like 0-7 or 0,1,2,3")
     make.add_argument("--server-ip", default="", help="this host's address (default: the outgoing interface's)")

@@ -3,6 +3,7 @@ failure, and name its root cause in one line (an Outcome)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ import psutil
 from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from edsr_dist.launcher.job_store import JobStore
 from edsr_dist.launcher.plan import POLL_S, PROG, WORKER_VARS, Plan, WorkerSpec
-from edsr_dist.launcher.rank_table import write_v1
+from edsr_dist.launcher.rank_table import RankTable
+from edsr_dist.state.atomic import atomic_write_text
 
 # After a worker failed the others cannot finish a step (every step needs every rank) and usually sit in a
 # collective, where a Python SIGTERM handler does not run: a short wait, then SIGKILL.
@@ -35,6 +37,17 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def write_v1(table: RankTable, path: str) -> None:
+    """The table as a version 1.0 regular file (torch_npu refuses symlinks), written whole or not at all."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {folder} for the version 1.0 rank table ({exc.strerror}); "
+                        "pass a writable --log-dir") from None
+    atomic_write_text(path, json.dumps(table.to_v1(), indent=4) + "\n")
 
 
 class _Worker:

@@ -75,8 +75,9 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(requested: str, device_type: str) -> str:
     if requested != "auto":
         if requested == "bf16" and device_type == "npu" and not npu.bf16_supported():
-            raise UserError("--precision bf16 needs an Ascend 910B or newer (torch.npu.is_bf16_supported() is False "
-                            "here); use --precision fp16 or auto")
+            # torch_npu NpuVariables.cpp IsBF16Supported: SocVersion >= Ascend910B1 (Atlas A2 and later).
+            raise UserError("--precision bf16 needs an Ascend910B1 or later chip (Atlas A2/A3 training series; "
+                            "torch.npu.is_bf16_supported() is False on this one); use --precision fp16 or auto")
         return requested
     if device_type == "npu":
         return "fp16"

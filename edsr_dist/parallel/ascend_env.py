@@ -5,9 +5,11 @@ docs/ASCEND.md cites the upstream file and line behind each rule (torch_npu = As
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import re
+import tempfile
 
 from edsr_dist.errors import UserError
 
@@ -20,16 +22,32 @@ DEFAULT_HCCL_EXEC_TIMEOUT_S = 1836
 WATCHDOG_MARGIN_S = 600
 
 
+def parse_visible_devices(listed: str) -> list[int]:
+    """ASCEND_RT_VISIBLE_DEVICES as torch_npu reads it, or a one-line error where torch_npu would silently read
+    something else than what is written (torch_npu/npu/__init__.py, _parse_visible_devices and
+    _device_count_ascend_hal): entries are physical card ids separated by ',' only; torch_npu stops reading at the
+    first other character or empty entry, and sees no device at all when the ids are not strictly ascending.
+    Logical device k (what set_device takes) is the k-th entry."""
+    name = f"ASCEND_RT_VISIBLE_DEVICES={listed!r}"
+    if listed == "":
+        return []
+    if not re.fullmatch(r"[0-9]+(,[0-9]+)*", listed):
+        readable = re.match(r"[0-9,]*", listed).group(0)
+        kept = [int(part) for part in readable.split(",")[:(readable.split(",") + [""]).index("")] if part]
+        raise UserError(f"{name}: torch_npu reads only ids separated by commas and stops at the first other "
+                        f"character or empty entry (it would see {kept or 'no card'}); write it like 0,1,2,3")
+    ids = [int(part) for part in listed.split(",")]
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        raise UserError(f"{name}: the ids are not in ascending order, and torch_npu then sees no NPU at all; "
+                        f"write them ascending ({','.join(map(str, sorted(set(ids))))})")
+    return ids
+
+
 def visible_devices(env: dict | None = None) -> list[int] | None:
     """Physical ids of the cards this process can use, in logical order; None when nothing says (all cards)."""
     env = os.environ if env is None else env
-    listed = env.get("ASCEND_RT_VISIBLE_DEVICES", "").strip()
-    if listed:
-        try:
-            return [int(part) for part in listed.split(",") if part.strip()]
-        except ValueError:
-            raise UserError(f"ASCEND_RT_VISIBLE_DEVICES={listed!r} is not a comma-separated list of device "
-                            "numbers; fix or unset it") from None
+    if "ASCEND_RT_VISIBLE_DEVICES" in env:
+        return parse_visible_devices(env["ASCEND_RT_VISIBLE_DEVICES"])
     # A container given some cards sees only their device nodes (/dev/davinci4 ...), numbered as on the host;
     # the runtime numbers the visible ones 0.. in that order.
     nodes = sorted(int(m.group(1)) for m in (re.fullmatch(r"/dev/davinci([0-9]+)", p)
@@ -37,18 +55,65 @@ def visible_devices(env: dict | None = None) -> list[int] | None:
     return nodes or None
 
 
-def logical_device(physical: int, env: dict | None = None) -> int:
-    """The index `torch.npu.set_device` takes for the card the rank table calls `physical`."""
+def _visible_source(visible: list[int], env: dict) -> str:
+    if "ASCEND_RT_VISIBLE_DEVICES" in env:
+        return f"ASCEND_RT_VISIBLE_DEVICES={env['ASCEND_RT_VISIBLE_DEVICES']}"
+    return "the visible cards (/dev/davinci" + ",".join(map(str, visible)) + ")"
+
+
+def logical_device(physical: int, env: dict | None = None, source: str = "the rank table") -> int:
+    """The index `torch.npu.set_device` takes for the card whose own number (rank table, DEVICE_ID) is
+    `physical`: its position among the visible cards."""
+    env = os.environ if env is None else env
     visible = visible_devices(env)
     if visible is None:
         return physical
     if physical not in visible:
-        source = ("ASCEND_RT_VISIBLE_DEVICES=" + ",".join(map(str, visible))
-                  if (os.environ if env is None else env).get("ASCEND_RT_VISIBLE_DEVICES") else
-                  "the visible cards (/dev/davinci" + ",".join(map(str, visible)) + ")")
-        raise UserError(f"device {physical} (physical id from the rank table) is not among {source}; give the "
-                        "container that card or fix the rank table")
+        raise UserError(f"device {physical} (physical id from {source}) is not among "
+                        f"{_visible_source(visible, env)}; give the process that card or fix {source}")
     return visible.index(physical)
+
+
+def physical_device(logical: int, env: dict | None = None, source: str = "LOCAL_RANK") -> int:
+    """The card's own number for logical index `logical` (the k-th visible card)."""
+    env = os.environ if env is None else env
+    visible = visible_devices(env)
+    if visible is None:
+        return logical
+    if logical >= len(visible):
+        raise UserError(f"logical device {logical} (from {source}) does not exist: {_visible_source(visible, env)} "
+                        f"shows {len(visible)} card(s) (logical 0..{len(visible) - 1}); start fewer workers or "
+                        "give the process more cards")
+    return visible[logical]
+
+
+_CLAIMS: list = []  # open lock files: held (flock) until the process ends, released by the kernel even on SIGKILL
+
+
+def claim_card(physical: int, logical: int, rank: int, job: str, folder: str | None = None) -> None:
+    """Refuse a second rank of the same job on one card of this host before HCCL starts (HCCL puts one rank per
+    device; two on one card fail or hang inside the communicator). An exclusive lock per (job, card) in the
+    temporary folder: local by nature (two ranks can share a card only on one host, and a container's card ids
+    and /tmp are its own), released by the kernel when the process dies (no stale claims after a crash), and
+    known before any collective, which a check through the rendezvous store after init would not be."""
+    folder = folder or tempfile.gettempdir()
+    safe_job = re.sub(r"[^A-Za-z0-9_.-]", "_", job)
+    path = os.path.join(folder, f"edsr-dist-{safe_job}-npu{physical}.lock")
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another rank"
+        handle.close()
+        raise UserError(f"rank {rank}: card {physical} (logical {logical}) is already used by {holder} of this job; "
+                        "two ranks cannot share a card: give each rank its own DEVICE_ID (or RANK_ID position on "
+                        "its server) in the launch script; `edsr-dist world` shows each rank's card") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"rank {rank} (pid {os.getpid()})")
+    handle.flush()
+    _CLAIMS.append(handle)
 
 
 def watchdog_timeout(dist_timeout_s: int, env: dict | None = None) -> tuple[int, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -58,21 +59,59 @@ class Engine:
         """clean=False after an error: peers may be stuck in a collective, so do not wait for them."""
 
 
-def _rendezvous(world: World, timeout: datetime.timedelta) -> dict:
-    """init_process_group's rendezvous: the TCP store at MASTER_ADDR:MASTER_PORT.
+# How long a rank tries the store address it read before reading it again: an address left by the previous
+# attempt's rank 0 (dead by then) refuses the connection at once.
+ATTEMPT_STORE_CONNECT_S = 2.0
+ATTEMPT_STORE_KEY = "edsr-dist/attempt-store"
 
-    After a torchrun restart its agent's store still holds the previous attempt's keys, Gloo's peer addresses among
-    them, and the new workers then dial the dead ones ("Connection refused"; seen with torch 2.13 --standalone).
-    Under torchrun the keys are therefore kept apart per attempt (TORCHELASTIC_RESTART_COUNT), in the agent's store
-    (TORCHELASTIC_USE_AGENT_STORE: every rank a client) or in rank 0's.
+
+def _rendezvous(world: World, timeout: datetime.timedelta) -> dict:
+    """init_process_group's rendezvous.
+
+    * torch_npu_run: its agent hosts the store on MASTER_PORT (torch_npu/distributed/rendezvous.py:132-144) and
+      torch_npu turns init_method env:// into a client of it, keyed per attempt (distributed_c10d.py:484-498,
+      rendezvous.py:36-67); a second server on that port would fail. Its restart counts agree on every node:
+      its rendezvous never reports waiting nodes (rendezvous.py:155-156), so every restart is a counted one.
+    * torchrun with the agent's shared store (TORCHELASTIC_USE_AGENT_STORE=True; c10d and static rendezvous):
+      that store outlives the workers and keeps the previous attempt's keys (Gloo's peer addresses among them:
+      new workers then dial dead ones). Prefixing the keys with TORCHELASTIC_RESTART_COUNT splits a multi-node
+      job, because torch's agent does not count a restart caused by another node rejoining
+      (torch/distributed/elastic/agent/server/api.py, _invoke_run: "membership changes do not count as
+      retries"), so nodes can restart with different counts. Instead rank 0 of each attempt hosts a fresh store
+      and publishes its address in the agent's store; every other rank connects to the address it reads there,
+      reading again while the address refuses (it was the previous attempt's: the agents stop every worker of
+      an attempt before the next rendezvous completes). No key of an earlier attempt is ever seen.
+    * otherwise (this project's launcher, env:// variables, torchrun without a shared store, where rank 0's
+      agent picks a new MASTER_PORT each round): rank 0 hosts the store at MASTER_ADDR:MASTER_PORT.
     """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
-        return {"init_method": f"tcp://{world.master_addr}:{world.master_port}"}
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(world.master_addr, world.master_port, world.size,
-                          is_master=world.rank == 0 and not agent_store, timeout=timeout)
-    return {"store": dist.PrefixStore(f"edsr-dist/attempt_{attempt}", store)}
+    if os.environ.get("TORCH_NPU_USE_PARALLEL_TCPSTORE") == "True":
+        return {"init_method": "env://"}
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return {"store": _attempt_store(world, timeout)}
+    return {"init_method": f"tcp://{world.master_addr}:{world.master_port}"}
+
+
+def _attempt_store(world: World, timeout: datetime.timedelta) -> dist.Store:
+    agent = dist.TCPStore(world.master_addr, world.master_port, world.size, is_master=False, timeout=timeout)
+    if world.rank == 0:
+        # Global rank 0 runs on the node whose agent hosts the shared store, so MASTER_ADDR reaches it too.
+        store = dist.TCPStore(world.master_addr, 0, world.size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        agent.set(ATTEMPT_STORE_KEY, f"{store.port}")
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        port = int(agent.get(ATTEMPT_STORE_KEY).decode())
+        try:
+            store = dist.TCPStore(world.master_addr, port, world.size, is_master=False, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=ATTEMPT_STORE_CONNECT_S))
+        except (RuntimeError, dist.DistError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
+        store.set_timeout(timeout)
+        return store
 
 
 class DDPEngine(Engine):

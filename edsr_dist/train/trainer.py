@@ -29,7 +29,7 @@ from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sample_store import ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
-from edsr_dist.parallel import npu
+from edsr_dist.parallel import ascend_env, npu
 from edsr_dist.parallel.factory import make_engine, resolve_engine_name
 from edsr_dist.parallel.world import World, discover_world
 from edsr_dist.model.ema import WeightEMA
@@ -74,6 +74,10 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device, self.precision = resolve_device_and_precision(cfg.device, cfg.precision,
                                                                    self.world.device_index, self.world.physical_device)
+        if self.device.type == "npu" and self.world.size > 1:
+            physical = self.world.physical_device
+            ascend_env.claim_card(self.world.device_index if physical is None else physical, self.world.device_index,
+                                  self.world.rank, f"{self.world.master_addr}:{self.world.master_port}")
         # Training shapes never change, so cuDNN's autotuner pays off; validation turns it off (every image differs).
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
         self.threads = set_threads(cfg)
@@ -538,7 +542,19 @@ class Trainer:
         return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
                 f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
                 f"{self.precision}, {layout}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
-                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {recipe}; {where}")
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {recipe}; {where}"
+                f"{self._unused_devices_note()}")
+
+    def _unused_devices_note(self) -> str:
+        """One process per pod (RANK/WORLD_SIZE only) uses one device; say so where the pod has more."""
+        if self.world.launcher != "env" or self.device.type not in ("npu", "cuda"):
+            return ""
+        count = torch.npu.device_count() if self.device.type == "npu" else torch.cuda.device_count()
+        if count <= 1:
+            return ""
+        kind = "NPUs" if self.device.type == "npu" else "GPUs"
+        return (f"; this process uses 1 of the {count} {kind} it sees (one process per pod, from RANK/WORLD_SIZE): "
+                "run `edsr-dist launch` in the pod to use all of them")
 
     def close(self, clean: bool = True) -> None:
         self.metrics.close()

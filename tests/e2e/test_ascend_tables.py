@@ -133,7 +133,7 @@ def test_stale_rank_id_does_not_override_torchrun():
     assert (world.rank, world.launcher) == (3, "torchrun")
     world = discover_world({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "RANK_ID": "0", "RANK_SIZE": "8"})
     assert (world.rank, world.size, world.launcher) == (2, 4, "mpi")
-    assert discover_world({"RANK_ID": "1", "RANK_SIZE": "2"}).launcher == "edsr-dist"  # an Ascend-style script
+    assert discover_world({"RANK_ID": "1", "RANK_SIZE": "2"}).launcher == "ascend-script"  # a per-device loop
 
 
 # ---- item 6: what HCCL refuses or accepts ------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_real_tables_dry_run(tmp_path, name):
 
 
 def test_written_v1_copy_has_hccls_ranks_and_is_a_regular_file(tmp_path):
-    from edsr_dist.launcher.rank_table import write_v1
+    from edsr_dist.launcher.workers import write_v1
 
     table = load_rank_table(REAL / "group_cloud_2instance_16p_bert.json")
     target = tmp_path / "rank_table_v1.json"

@@ -287,7 +287,6 @@ def fake_python(tmp_path: Path) -> Path:
     ("run_1p.sh", ["--epochs", "2"], "-m edsr_dist launch --nproc 1 -- --epochs 2"),
     ("run_8p.sh", ["--nproc", "2"], "-m edsr_dist launch --nproc 2 -- --preset sample --out runs/sample_2p"),
     ("run_8p.sh", ["--nproc=2", "--epochs", "1"], "-m edsr_dist launch --nproc 2 -- --epochs 1"),
-    ("run_8p.sh", ["--epochs", "1"], f"-m edsr_dist launch --rank-table {REPO}/rank_table/hccl_8p.json -- --epochs 1"),
 ])
 def test_shell_wrappers(tmp_path, script, args, expected):
     env = dict(env_without_launch_vars(), PYTHON=str(fake_python(tmp_path)))

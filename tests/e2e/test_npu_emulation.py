@@ -89,7 +89,7 @@ except UserError as exc:
 print("auto ->", resolve_precision("auto", "npu"))
 """
     old = run_py(code, FAKE_NPU_SOC="Ascend910A")
-    assert "refused: --precision bf16 needs an Ascend 910B" in old.stdout, old.stderr[-2000:]
+    assert "refused: --precision bf16 needs an Ascend910B1 or later chip (Atlas A2/A3" in old.stdout, old.stderr[-2000:]
     assert "auto -> fp16" in old.stdout
     new = run_py(code, FAKE_NPU_SOC="Ascend910B1")
     assert "bf16 -> bf16" in new.stdout, new.stderr[-2000:]

@@ -75,3 +75,31 @@ def test_make_without_device_ips_fails_cleanly(tmp_path):
     wrong = rank_table_cli("make", "--devices", "0-1", "--device-ips", "192.168.100.101",
                     "--hccn-conf", str(tmp_path / "absent.conf"))
     assert wrong.returncode == 2 and "2 devices but 1 device IPs" in wrong.stderr
+
+
+def stand_in_hccn_tool(tmp_path, down: int) -> dict:
+    """An `hccn_tool` on PATH answering as the driver's does (`link status: UP`, `net health status: Success`),
+    with card `down`'s link DOWN."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    tool = folder / "hccn_tool"
+    tool.write_text(f"""#!/bin/sh
+case "$3" in
+  -link) if [ "$2" = "{down}" ]; then echo "link status: DOWN"; else echo "link status: UP"; fi ;;
+  -net_health) echo "net health status: Success" ;;
+esac
+""")
+    tool.chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_preflight_names_the_card_whose_link_is_down(tmp_path):
+    table = write_table(tmp_path, v1([("127.0.0.1", [0, 1]), ("10.0.0.2", [0, 1])]))
+    result = run_cli(["rank-table", "check", "--preflight", str(table)], tmp_path, env=stand_in_hccn_tool(tmp_path, 1))
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "preflight on server 0 (127.0.0.1): card 1 (192.168.101.101): link DOWN" in line
+    healthy = run_cli(["rank-table", "check", "--preflight", str(table)], tmp_path,
+                      env=stand_in_hccn_tool(tmp_path / "ok", 7) if (tmp_path / "ok").mkdir() is None else None)
+    assert healthy.returncode == 0, healthy.stderr
+    assert "2 card(s), every link UP and net health Success" in healthy.stdout

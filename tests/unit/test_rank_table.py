@@ -163,3 +163,18 @@ def test_device_list(spec, expected):
 def test_device_list_rejects(spec):
     with pytest.raises(UserError):
         parse_device_list(spec)
+
+
+def test_multi_server_table_without_device_ip_is_valid_with_host_ip(tmp_path):
+    """HCCL's GetSingleDevice (topoinfo_ranktableConcise.cc) reads device_ip only when the server's host_ip is
+    invalid: a server that gives host_ip needs no device_ip."""
+    doc = v1([("10.0.0.1", [0, 1]), ("10.0.0.2", [0, 1])])
+    for server in doc["server_list"]:
+        server["host_ip"] = server["server_id"]
+        for device in server["device"]:
+            del device["device_ip"]
+    table = load_rank_table(write_table(tmp_path, doc))
+    assert table.rank_size == 4
+    del doc["server_list"][1]["host_ip"]
+    with pytest.raises(UserError, match=r"server_list\[1\] \(10.0.0.2\) device\[0\]: missing device_ip"):
+        load_rank_table(write_table(tmp_path, doc))

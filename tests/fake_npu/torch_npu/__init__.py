@@ -6,31 +6,49 @@ real torch_npu and HCCL enforce (read from Ascend/pytorch at 9e73e70), so code t
 * NPU tensors are contiguous only: `empty` refuses other memory formats (torch_npu
   csrc/aten/common/TensorFactories.cpp:192-196) and `.to()` refuses any but contiguous/preserve
   (csrc/aten/common/ToKernelNpu.cpp:69-73).
-* HCCL all-reduce takes int8/16/32/64, fp16, fp32, bf16 only (csrc/distributed/ProcessGroupHCCL.cpp:170-185)
-  and no BAND/BOR/BXOR (ProcessGroupHCCL.cpp:94-97, 159-162).
-* `set_device` takes a logical index below the number of visible devices (ASCEND_RT_VISIBLE_DEVICES).
+* HCCL all-reduce takes int8/16/32/64, fp16, fp32, bf16 only (csrc/distributed/ProcessGroupHCCL.cpp:170-185),
+  bool and uint8 by casting them to int32 and back (allreduce, L4793-4796 and L4819-4823), and no BAND/BOR/BXOR
+  (ProcessGroupHCCL.cpp:94-97, 159-162).
+* ASCEND_RT_VISIBLE_DEVICES is parsed as torch_npu parses it (npu/__init__.py _parse_visible_devices,
+  _device_count_ascend_hal): no device for ids not in ascending order; `set_device` takes a logical index below
+  the number of visible devices.
+* Two ranks of one host on one card stop the process group (HCCL gives each rank its own device).
+* Autoload: tests/fake_npu holds a torch_npu dist-info with the `torch.backends` entry point torch_npu's setup.py
+  registers, so `import torch` imports this module (torch/__init__.py _import_device_backends); as torch_npu does
+  (torch_npu/__init__.py:6-10) it sets TORCH_DEVICE_BACKEND_AUTOLOAD=0 around its own `import torch`.
+  FAKE_NPU_BROKEN_CANN=1 makes the import fail as it does without CANN's libraries (OSError).
 * On 910A-class chips (FAKE_NPU_SOC, default Ascend910A) fp16 overflow saturates to +-65504 and raises a global
   float-status flag; `_amp_foreach_non_finite_check_and_unscale_` reports that flag and clears it when set, as
   op-plugin's NPU kernel does; otherwise only `torch_npu.npu.utils.clear_npu_overflow_flag()` clears it.
-* RANK_TABLE_FILE, when set, must be a readable regular file (csrc/distributed/HCCLUtils.cpp checkFilePathReadable)
-  holding a version 1.0 table with this rank.
+* RANK_TABLE_FILE: a rank whose entry the table does not give (no readable regular file, no version 1.0 table,
+  or its rank_id on another card) falls back to root-info, as ProcessGroupHCCL.cpp createHCCLCommEx (L2756-2809)
+  and getHCCLComm (L3011-3013) do; when only some ranks fall back, the real job hangs: here that is an error.
 
-Test knobs (environment): FAKE_NPU_COUNT physical cards (default 8); FAKE_NPU_SOC; FAKE_NPU_OVERFLOW_STEPS
+Test knobs (environment): FAKE_NPU_COUNT physical cards (default 8); FAKE_NPU_HOST the host name HCCL sees (for
+processes that stand for separate pods); FAKE_NPU_SOC; FAKE_NPU_OVERFLOW_STEPS
 "rank:n,..." raises the flag during the n-th overflow check (the n-th fp16 step) of that rank;
 FAKE_NPU_INFERENCE_OVERFLOW=1 makes every fp16 op under inference mode (validation) overflow.
 """
 
 import json
 import os
+import socket
 
-import torch
-import torch.distributed as dist
-import torch.utils.backend_registration as _registration
-from torch.futures import Future
-from torch.utils._pytree import tree_leaves, tree_map
+if os.environ.get("FAKE_NPU_BROKEN_CANN") == "1":
+    raise OSError("libascendcl.so: cannot open shared object file: No such file or directory")
 
-from torch_npu import npu
-from torch_npu.npu import utils as _utils
+_ORG_AUTOLOAD = os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD", "1")
+os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"  # torch_npu/__init__.py:6-10: no circular autoload
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.utils.backend_registration as _registration  # noqa: E402
+from torch.futures import Future  # noqa: E402
+from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
+
+from torch_npu import distributed as _distributed  # noqa: E402
+from torch_npu import npu  # noqa: E402
+from torch_npu.npu import utils as _utils  # noqa: E402
 
 FP16_MAX = 65504.0
 
@@ -186,20 +204,45 @@ def _cpu(tensors):
 class FakeHCCL(dist.ProcessGroup):
     def __init__(self, store, rank, size, timeout):
         super().__init__(rank, size)
-        _check_rank_table(rank)
         self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("fake-hccl", store), rank, size, timeout)
+        self._check_cards_and_table(rank, size)
+
+    def _check_cards_and_table(self, rank, size):
+        """Every rank's (host, card) and whether RANK_TABLE_FILE gave it its entry, compared across ranks."""
+        host = os.environ.get("FAKE_NPU_HOST") or socket.gethostname()  # FAKE_NPU_HOST: pods on one test machine
+        mine = f"{host}|{npu._physical(npu.current_device())}|{int(_table_entry_ok(rank))}"
+        encoded = torch.tensor(list(mine.encode().ljust(128)), dtype=torch.uint8)
+        gathered = [torch.empty_like(encoded) for _ in range(size)]
+        self._gloo.allgather([gathered], [encoded]).wait()
+        claims = [bytes(t.tolist()).decode().strip().split("|") for t in gathered]
+        cards = {}
+        for other, (host, card, _) in enumerate(claims):
+            if (host, card) in cards:
+                raise RuntimeError(f"fake HCCL: ranks {cards[(host, card)]} and {other} are both on device {card} of "
+                                   f"{host}; HCCL needs one device per rank")
+            cards[(host, card)] = other
+        table_ranks = [r for r, (_, _, ok) in enumerate(claims) if ok == "1"]
+        if table_ranks and len(table_ranks) != size:
+            raise RuntimeError(f"fake HCCL: ranks {table_ranks} build the communicator from RANK_TABLE_FILE, the others "
+                               "fall back to root-info: the real HCCL waits here until its timeout")
 
     def getBackendName(self):
         return "hccl"
 
     def allreduce(self, tensors, opts=None):
         opts = opts if opts is not None else dist.AllreduceOptions()
-        for t in tensors:
-            if t.dtype not in _ALLREDUCE_DTYPES:
-                raise RuntimeError(f"HCCL allreduce: Unsupported data type {t.dtype}")
         if opts.reduceOp in _UNSUPPORTED_OPS:
             raise RuntimeError(f"Cannot use ReduceOp.{_UNSUPPORTED_OPS[opts.reduceOp]} with HCCL")
-        self._gloo.allreduce(_cpu(tensors), opts).wait()
+        inner = _cpu(tensors)
+        # bool and uint8 travel as int32 (ProcessGroupHCCL.cpp:4793-4796), copied back afterwards (L4819-4823).
+        cast = [t.to(torch.int32) if t.dtype in (torch.bool, torch.uint8) else t for t in inner]
+        for t in cast:
+            if t.dtype not in _ALLREDUCE_DTYPES:
+                raise RuntimeError(f"HCCL allreduce: Unsupported data type {t.dtype}")
+        self._gloo.allreduce(cast, opts).wait()
+        for original, reduced in zip(inner, cast):
+            if reduced is not original:
+                original.copy_(reduced)
         return _Done(tensors)
 
     def broadcast(self, tensors, opts=None):
@@ -215,22 +258,19 @@ class FakeHCCL(dist.ProcessGroup):
         return _Done([])
 
 
-def _check_rank_table(rank: int) -> None:
-    """What torch_npu + HCCL need from RANK_TABLE_FILE (ProcessGroupHCCL.cpp:2764-2768, HCCLUtils.cpp:26)."""
+def _table_entry_ok(rank: int) -> bool:
+    """Whether torch_npu + HCCL would build this rank's communicator from RANK_TABLE_FILE
+    (ProcessGroupHCCL.cpp:2764-2768 checkFilePathReadable; HCCL refuses a rank_id whose device_id is another card)."""
     path = os.environ.get("RANK_TABLE_FILE")
-    if not path:
-        return
-    if os.path.islink(path) or not os.path.isfile(path):
-        raise RuntimeError(f"fake HCCL: RANK_TABLE_FILE {path} is not a regular file (torch_npu refuses symlinks)")
+    if not path or os.path.islink(path) or not os.path.isfile(path):
+        return False
     with open(path, encoding="utf-8") as f:
         table = json.load(f)
     if "server_list" not in table or str(table.get("version")) != "1.0":
         raise RuntimeError(f"fake HCCL: RANK_TABLE_FILE {path} is not a version 1.0 table: ranks matched by pod "
                            "identity would hang")
     ranks = {int(d["rank_id"]): int(d["device_id"]) for s in table["server_list"] for d in s["device"]}
-    physical = npu._physical(npu.current_device())
-    if ranks.get(rank) != physical:
-        raise RuntimeError(f"fake HCCL: ranktable config devId[{ranks.get(rank)}], but local devId[{physical}]")
+    return ranks.get(rank) == npu._physical(npu.current_device())
 
 
 def _install() -> None:
@@ -243,8 +283,16 @@ def _install() -> None:
     autocast = torch.library.Library("_", "IMPL", "AutocastPrivateUse1")
     autocast.fallback(torch.library.fallthrough_kernel)
     _install.libraries = (factories, autocast)  # keep the registrations alive
+    _distributed._install()
     dist.Backend.register_backend("hccl", lambda store, rank, size, timeout: FakeHCCL(store, rank, size, timeout),
                                   devices=["npu"])
 
 
+
+def _autoload() -> None:
+    """The `torch.backends` entry point: importing this module did the work; sub processes inherit the setting."""
+    os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = _ORG_AUTOLOAD
+
+
 _install()
+os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = _ORG_AUTOLOAD

@@ -9,13 +9,32 @@ from torch_npu.npu import utils  # noqa: F401
 _current = [0]
 
 
+def _parse_visible(listed: str) -> list[int]:
+    """torch_npu/npu/__init__.py _parse_visible_devices: ids separated by ',' only; reading stops at the first
+    other character and at the first empty entry."""
+    readable = ""
+    for char in listed:
+        if not (char.isdigit() or char == ","):
+            break
+        readable += char
+    ids = []
+    for part in readable.split(","):
+        if not part:
+            break
+        ids.append(int(part))
+    return ids
+
+
 def _visible() -> list[int]:
-    """Physical ids of the visible cards, in logical order (ASCEND_RT_VISIBLE_DEVICES remaps them)."""
+    """Physical ids of the visible cards, in logical order, as torch_npu counts them (_device_count_ascend_hal):
+    none when the ids are not strictly ascending; cut at the first id the machine does not have."""
     count = int(os.environ.get("FAKE_NPU_COUNT", "8"))
-    listed = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
-    if listed:
-        return [int(x) for x in listed.split(",")]
-    return list(range(count))
+    if "ASCEND_RT_VISIBLE_DEVICES" not in os.environ:
+        return list(range(count))
+    ids = _parse_visible(os.environ["ASCEND_RT_VISIBLE_DEVICES"])
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        return []
+    return [i for i in ids[:next((k for k, i in enumerate(ids) if i >= count), len(ids))]]
 
 
 def _physical(logical: int) -> int:
@@ -23,7 +42,7 @@ def _physical(logical: int) -> int:
 
 
 def is_available() -> bool:
-    return True
+    return device_count() > 0
 
 
 def is_initialized() -> bool:
