@@ -6,8 +6,8 @@ one run in the output folder."""
 from __future__ import annotations
 
 import json
-import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +199,50 @@ def test_launch_fills_each_pod(manifest, sample_store, tmp_path):
     logs = tmp_path / "run" / "logs"
     assert sorted(p.name for p in logs.glob("rank_*.log")) == [f"rank_{r}.log" for r in range(world)]
     assert f"{world} worker(s) via edsr-dist" in (logs / "rank_0.log").read_text()
+
+
+# ---- `edsr-dist world --json` under each pod (or each worker the pod's launcher would start) says what the job uses
+
+HAS_WORLD_COMMAND = (REPO / "edsr_dist" / "launcher" / "world_command.py").exists()
+
+
+def world_json(env: dict, cwd: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "edsr_dist", "world", "--json"], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def pod_base_env(pod_env: dict) -> dict:
+    env = {k: v for k, v in clean_env().items() if k not in POD_VARS}
+    env.update(pod_env)
+    return env
+
+
+@pytest.mark.skipif(not HAS_WORLD_COMMAND, reason="`edsr-dist world` comes with issue 20's parallel/world.py")
+@pytest.mark.parametrize("manifest", sorted(p.name for p in MANIFESTS.glob("*.yaml")))
+def test_world_json_under_each_pod(manifest, sample_store, tmp_path):
+    job = with_devices(load(manifest), DEVICES_IN_TEST)
+    pods = OPERATORS[job["kind"]](job)
+    seen = []
+    for pod_env, container in pods:
+        command = pod_command(container, pod_env, sample_store, tmp_path / "run")
+        if command[3] == "train":
+            seen.append(world_json(pod_base_env(pod_env), tmp_path))
+            continue
+        dry = subprocess.run([*command[:4], "--dry-run", *command[4:]], cwd=tmp_path, env=pod_base_env(pod_env),
+                             capture_output=True, text=True, timeout=60)
+        assert dry.returncode == 0, dry.stderr
+        for line in dry.stdout.splitlines():
+            if line.startswith("#"):
+                continue
+            tokens = shlex.split(line)
+            worker_env = dict(t.split("=", 1) for t in tokens[:next(i for i, t in enumerate(tokens) if "=" not in t)])
+            seen.append(world_json(pod_base_env(pod_env) | worker_env, tmp_path))
+    size = len(seen)
+    assert size == len(pods) * (1 if pods[0][1]["command"][1] == "train" else DEVICES_IN_TEST)
+    assert sorted(w["rank"] for w in seen) == list(range(size)) and {w["size"] for w in seen} == {size}
+    assert {(w["master_addr"], w["master_port"]) for w in seen} == {(seen[0]["master_addr"], seen[0]["master_port"])}
 
 
 # ---- the manifests themselves
