@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"writes 'initializing' first; default {DEFAULT_WAIT_TABLE_S:g})")
     p.add_argument("--no-bind", action="store_true", help="do not pin workers to cores")
     p.add_argument("--master-addr", metavar="A",
-                   help="rendezvous host (default: the operator's MASTER_ADDR in a pod, else the first server, or 127.0.0.1)")
+                   help="rendezvous host (default: the operator's MASTER_ADDR in a pod, else the first server, "
+                        "or 127.0.0.1)")
     p.add_argument("--master-port", type=int, metavar="P",
                    help=f"rendezvous port (default: $MASTER_PORT, or PET_MASTER_PORT in a Kubeflow pod; else a "
                         f"free port; {MULTI_SERVER_PORT} for multi-server tables)")
