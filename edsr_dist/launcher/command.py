@@ -5,6 +5,10 @@ Modes (at most one):
                       or --server-id / --server-index); RANK_TABLE_FILE from the environment picks this too.
   --nproc N           N local workers on devices 0..N-1, rendezvous on 127.0.0.1 (the default, with N=1,
                       when there is no rank table).
+  (a Kubernetes pod)  the operator's pod variables (Volcano/PyTorchJob RANK + WORLD_SIZE, Kubeflow PET_*,
+                      AscendJob LOCAL_WORLD_SIZE): one worker per device of the pod (--nproc, else the operator's
+                      count, else the pod's devices), ranks pod index x per pod + local index, the operator's
+                      master (launcher/pod_env.py; docs/KUBERNETES.md).
   --hostfile FILE     GPU clusters: exec `horovodrun -np N -H host:slots,...`; Horovod supervises from there.
 
 The launcher only starts, pins, logs and stops processes; a worker only trains (`python -m edsr_dist train`).
@@ -35,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p = CommandParser(prog=PROG, usage=f"{PROG} [options] -- <train arguments>",
                 description="Start and supervise one worker per device. Everything after `--` goes to "
                             "`edsr-dist train` (or, with --exec, is the whole worker command).")
-    mode = p.add_argument_group("where the workers come from (at most one; default: $RANK_TABLE_FILE, else --nproc 1)")
+    mode = p.add_argument_group("where the workers come from (at most one; default: $RANK_TABLE_FILE, else a "
+                                "Kubernetes pod's operator variables, else --nproc 1)")
     mode.add_argument("--rank-table", metavar="FILE", help="Ascend rank table; start this server's devices")
     mode.add_argument("--nproc", type=int, metavar="N", help="N local workers on devices 0..N-1")
     mode.add_argument("--hostfile", metavar="FILE", help="`hostname slots=N` lines; exec horovodrun")
@@ -45,9 +50,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="wait up to S seconds for a rank table whose status is not yet 'completed' (Kubernetes "
                         f"writes 'initializing' first; default {DEFAULT_WAIT_TABLE_S:g})")
     p.add_argument("--no-bind", action="store_true", help="do not pin workers to cores")
-    p.add_argument("--master-addr", metavar="A", help="rendezvous host (default: first server, or 127.0.0.1)")
+    p.add_argument("--master-addr", metavar="A",
+                   help="rendezvous host (default: the operator's MASTER_ADDR in a pod, else the first server, "
+                        "or 127.0.0.1)")
     p.add_argument("--master-port", type=int, metavar="P",
-                   help=f"rendezvous port (default: $MASTER_PORT, else a free port; {MULTI_SERVER_PORT} for multi-server tables)")
+                   help=f"rendezvous port (default: $MASTER_PORT, or PET_MASTER_PORT in a Kubeflow pod; else a "
+                        f"free port; {MULTI_SERVER_PORT} for multi-server tables)")
     p.add_argument("--log-dir", metavar="DIR", help="per-rank logs rank_<id>.log (default: <out>/logs of the train settings)")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="S",
                    help=f"seconds between SIGTERM and SIGKILL when the launcher is stopped (time for rank 0 to write its "
@@ -57,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--max-restarts", type=int, default=0, metavar="N",
                       help="after a worker dies, hangs past --dist-timeout or fails (not exit 2, a user error, nor 3, "
                            "divergence), stop the group and start it again with --resume auto, up to N times "
-                           "(default 0)")
+                           "(default 0; not in a Kubernetes job of several pods: its restart policy restarts them)")
     heal.add_argument("--restart-delay", type=float, default=DEFAULT_RESTART_DELAY_S, metavar="S",
                       help=f"seconds before the first restart, doubling each time up to {MAX_RESTART_DELAY_S:g} "
                            f"(default {DEFAULT_RESTART_DELAY_S:g})")

@@ -1,5 +1,6 @@
 """What `edsr-dist launch` starts on this machine: one WorkerSpec per device (rank, card, cores, environment,
-command, log), read from a rank table or --nproc; `describe_plan` is what --dry-run prints."""
+command, log), read from a rank table, a Kubernetes operator's pod variables (pod_env) or --nproc;
+`describe_plan` is what --dry-run prints."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from edsr_dist.config import check_batch_divides, parse_train_args
 from edsr_dist.errors import UserError
 from edsr_dist.launcher.rank_table import Device, RankTable, Server, select_server, wait_for_rank_table
 from edsr_dist.parallel import ascend_env
+from edsr_dist.launcher.pod_env import PodJob, read_pod_env, workers_per_pod
 
 V1_TABLE_NAME = "rank_table_v1.json"
 MULTI_SERVER_PORT = 29500  # every server must agree on the port without talking first, so no random one
@@ -49,6 +51,7 @@ class Plan:
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     server_index: int = 0  # this server's entry in the rank table
+    pod: PodJob | None = None  # the Kubernetes job this pod belongs to (its operator's variables), if any
 
 
 def core_shares(allowed: list[int], workers: int) -> list[list[int]]:
@@ -109,12 +112,22 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
     if table_path is None and (args.server_id is not None or args.server_index is not None):
         raise UserError("--server-id/--server-index choose an entry of a rank table; pass --rank-table FILE too")
 
+    pod = read_pod_env(os.environ)
+    if pod is not None:
+        _check_pod_flags(pod, args)
+    cfg = None if args.exec else parse_train_args(rest)
     unset: list[str] = []
     if table_path is not None:
         table = wait_for_rank_table(table_path, args.wait_table)
-        index = select_server(table, args.server_id, args.server_index)
+        if pod is not None and args.server_id is None and args.server_index is None:
+            index = _pod_server(table, pod)
+        else:
+            index = select_server(table, args.server_id, args.server_index)
         server = table.servers[index]
         devices = sorted(server.devices, key=lambda d: d.rank_id)
+        if pod is not None and pod.per_pod is not None and len(devices) != pod.per_pod:
+            raise UserError(f"{table.path} gives server {index} {len(devices)} device(s) but the pod has "
+                            f"{pod.per_pod} ({pod.variables}); mount the job's own rank table")
         if dropped:
             if len(table.servers) > 1:
                 raise UserError(f"--min-nproc cannot leave devices out of the multi-server table {table.path}; "
@@ -125,7 +138,7 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
                               real_path=table.real_path)
         placements = [(d.rank_id, d.device_id) for d in devices]
         world_size = table.rank_size
-        master_addr = args.master_addr or table.servers[0].server_id
+        master_addr = args.master_addr or (pod.master_addr if pod else table.servers[0].server_id)
         fixed_port = MULTI_SERVER_PORT if len(table.servers) > 1 else None
         where = f"server {index} ({server.server_id}) of {table.path}"
         table_env = ascend_env.hccl_env(server.server_id, multi_server=len(table.servers) > 1)
@@ -133,6 +146,19 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
         if table.is_symlink:
             print(f"{PROG}: note: {table.path} is a symlink; workers get RANK_TABLE_FILE={table.real_path} "
                   "(torch_npu refuses symlinks)", file=sys.stderr)
+    elif pod is not None:
+        per_pod, source = workers_per_pod(pod, args.nproc, os.environ, cfg.device if cfg is not None else "auto")
+        # Global rank = pod index x workers per pod + local index: the pods' ranges tile 0..world-1 in pod order.
+        placements = [(pod.pod_index * per_pod + i, d) for i, d in enumerate(d for d in range(per_pod)
+                                                                            if d not in dropped)]
+        world_size = pod.pods * per_pod if not dropped else len(placements)  # dropping: one pod only
+        master_addr = args.master_addr or pod.master_addr
+        fixed_port = None
+        chips = f", chips {','.join(map(str, pod.cards))} (ASCEND_VISIBLE_DEVICES)" if pod.cards else ""
+        where = (f"pod {pod.pod_index} of {pod.pods} ({pod.operator}: {pod.variables}; {per_pod} per pod from "
+                 f"{source}{chips})")
+        table_env = {}
+        unset.append("RANK_TABLE_FILE")
     else:
         nproc = args.nproc or 1
         placements = list(enumerate(d for d in range(nproc) if d not in dropped))
@@ -143,8 +169,12 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
         table_env = {}
         unset.append("RANK_TABLE_FILE")  # a stale table would make torch_npu build the wrong communicator
 
-    master_port = args.master_port or port_from_env() or fixed_port or free_port()
-    cfg = None if args.exec else parse_train_args(rest)
+    pod_port = pod.master_port if pod is not None else None
+    if pod is not None and pod.pods > 1 and not (args.master_port or pod_port or fixed_port):
+        raise UserError(f"{pod.variables} describe pod {pod.pod_index} of {pod.pods} but MASTER_PORT is not set; "
+                        "every pod must meet on the same port: set it (the operator normally does) or pass "
+                        "--master-port")
+    master_port = args.master_port or pod_port or port_from_env() or fixed_port or free_port()
     if cfg is not None:
         check_batch_divides(cfg.batch_size, world_size)  # bad train arguments fail once, before any worker starts
     default_out = os.path.join("runs", "launch") if cfg is None else cfg.out
@@ -196,9 +226,30 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
     rank_text = f"rank {ranks[0]}" if local == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     summary = (f"{local} worker{'s' if local != 1 else ''} on {where}: {rank_text} of {world_size}, devices "
                f"{','.join(str(w.device_id) for w in workers)}; master {master_addr}:{master_port}; logs in {log_dir}")
-    return Plan(workers, summary, unset, v1_table, world_size, len(table.servers) if table_path is not None else 1,
+    servers = len(table.servers) if table_path is not None else pod.pods if pod is not None else 1
+    return Plan(workers, summary, unset, v1_table, world_size, servers,
                 "" if cfg is None else cfg.out, 0 if cfg is None else cfg.batch_size, master_addr, master_port,
-                index if table_path is not None else 0)
+                index if table_path is not None else pod.pod_index if pod is not None else 0, pod)
+
+
+def _check_pod_flags(pod: PodJob, args: argparse.Namespace) -> None:
+    """Restarts inside a pod: this launcher reaches only its own pod's workers. With several pods Kubernetes
+    restarts failed pods itself (a fresh launcher cannot rejoin the others' job store), so the job's restart
+    policy restarts all pods and `--resume auto` continues (docs/KUBERNETES.md, Restarts)."""
+    if pod.pods > 1 and args.max_restarts:
+        raise UserError(f"--max-restarts {args.max_restarts} in pod {pod.pod_index} of a {pod.pods}-pod "
+                        f"{pod.operator} job: a pod's launcher cannot restart the other pods' workers, and "
+                        "Kubernetes restarts failed pods itself; drop --max-restarts and let the job's restart "
+                        "policy restart all pods with --resume auto (docs/KUBERNETES.md)")
+
+
+def _pod_server(table: RankTable, pod: PodJob) -> int:
+    """The rank-table entry of this pod: its index. A pod's address is not the server_id (a host address), and
+    ascend-operator writes its table's servers in rank order (docs/KUBERNETES.md)."""
+    if len(table.servers) != pod.pods:
+        raise UserError(f"{table.path} lists {len(table.servers)} server(s) but the job has {pod.pods} pod(s) "
+                        f"({pod.variables}); mount the job's own rank table, or pass --server-index")
+    return pod.pod_index
 
 
 def _card_of(logical: int) -> int:

@@ -26,9 +26,6 @@ from test_imports import LAYERS
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "BENCHMARKS.md", REPO / "SECURITY.md",
          REPO / "rank_table" / "README.md"]
-# Pages that other work is writing now: links to them are allowed while they are missing. Once a page exists its
-# entry must go (test_pages_written_elsewhere_are_still_missing fails), so the allowance cannot outlive its reason.
-WRITTEN_ELSEWHERE = {"docs/KUBERNETES.md"}
 # `train` flags handled before the Config fields (config.parse_train_args).
 TRAIN_OWN_FLAGS = {"--preset", "--config", "--print-config", "--help", "-h"}
 # Scripts whose arguments are train arguments; run_8p.sh first takes an optional --nproc N.
@@ -101,13 +98,12 @@ def broken_links(page: Path, root: Path = REPO) -> list[str]:
             file = (page.parent / path).resolve() if path else page
             name = f"{page.relative_to(root)}: ({target})"
             try:
-                relative = file.relative_to(root.resolve()).as_posix()
+                file.relative_to(root.resolve())
             except ValueError:
                 broken.append(f"{name} leaves the repository")
                 continue
             if not file.exists():
-                if relative not in WRITTEN_ELSEWHERE:
-                    broken.append(f"{name} does not exist")
+                broken.append(f"{name} does not exist")
             elif anchor and file.suffix == ".md" and anchor not in anchors(file):
                 broken.append(f"{name}: no heading makes #{anchor}")
     return broken
@@ -264,11 +260,6 @@ def unknown_in(pages: list[Path], root: Path = REPO) -> list[str]:
 def test_every_relative_link_resolves():
     broken = [b for page in PAGES for b in broken_links(page)]
     assert not broken, "\n".join(broken)
-
-
-def test_pages_written_elsewhere_are_still_missing():
-    landed = sorted(p for p in WRITTEN_ELSEWHERE if (REPO / p).exists())
-    assert not landed, f"{landed} exist now: remove them from WRITTEN_ELSEWHERE in {__file__}"
 
 
 def test_every_quoted_command_and_flag_exists():

@@ -17,7 +17,7 @@ LAYERS = [
      "edsr_dist.parallel.ascend_env", "edsr_dist.evaluation.reference_numbers", "edsr_dist.inference.tiling"],
     ["edsr_dist.model.edsr", "edsr_dist.model.precision", "edsr_dist.evaluation.metrics", "edsr_dist.data", "edsr_dist.data.resize",
      "edsr_dist.data.store", "edsr_dist.data.images", "edsr_dist.parallel.world", "edsr_dist.launcher.hostfile",
-     "edsr_dist.state.checkpoint", "edsr_dist.model.schedules", "edsr_dist.state.owner"],
+     "edsr_dist.state.checkpoint", "edsr_dist.model.schedules", "edsr_dist.state.owner", "edsr_dist.launcher.pod_env"],
     ["edsr_dist.data.builder", "edsr_dist.data.sampler", "edsr_dist.data.prefetch", "edsr_dist.parallel.engine", "edsr_dist.state.weights",
      "edsr_dist.state.run_folder", "edsr_dist.state.bucket_lock", "edsr_dist.evaluation.protocols", "edsr_dist.data.skimage_benchmarks", "edsr_dist.inference.onnx_runtime",
      "edsr_dist.model.ema", "edsr_dist.train.reporting", "edsr_dist.launcher.plan", "edsr_dist.perf.machine", "edsr_dist.launcher.world_command",
