@@ -15,7 +15,7 @@ from edsr_dist.launcher.job_store import JobStore
 from edsr_dist.launcher.plan import POLL_S, PROG, Plan, build_plan
 from edsr_dist.launcher.workers import StopRequest, run_attempt, signal_name
 from edsr_dist.state.checkpoint import newest_checkpoint_quick
-from edsr_dist.state.run_folder import claim_run_folder
+from edsr_dist.state.mirror import claim_out
 
 DEFAULT_RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 60.0
@@ -25,7 +25,7 @@ def claim_out_folder(train_args: list[str]) -> None:
     """The one-run-per-folder rule, before this launcher opens its logs in --out (only where rank 0 runs: one
     decision per job)."""
     cfg = parse_train_args(train_args)
-    claim_run_folder(cfg.out, cfg.resume, cfg.overwrite)
+    claim_out(cfg.out, cfg.cache_dir, cfg.resume, cfg.overwrite, cfg.endpoint_url)
 
 
 def restart_delay(first_s: float, restart: int) -> float:
