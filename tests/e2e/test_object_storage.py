@@ -21,26 +21,26 @@ from s3_server import Relay
 
 STEPS_PER_EPOCH = 10
 
-# Rank 0 stops after saving the checkpoint of a listed step, says so with a file, and goes on when the test
+# Rank 0 stops after saving (and queueing the upload of) the checkpoint of a listed step, says so with a file, and goes on when the test
 # writes go_<step> (or never, for a SIGKILL). Nothing in the trainer is told.
 HOOKED_TRAIN = r"""
 import os, sys, time
 from pathlib import Path
-import edsr_dist.state.checkpoint as checkpoint
+from edsr_dist.state.mirror import RunMirror
 
 pause_steps = {int(s) for s in os.environ.get("PAUSE_STEPS", "").split(",") if s}
 pause_dir = Path(os.environ.get("PAUSE_DIR", "."))
-real_save = checkpoint.save_checkpoint
+real_saved = RunMirror.checkpoint_saved
 
-def save(out_dir, state, step, keep_last, psnr=None):
-    path = real_save(out_dir, state, step, keep_last, psnr)
+def saved(self, step_file):
+    real_saved(self, step_file)  # queued for upload: the upload thread goes on while we wait
+    step = int(step_file.stem.split("_")[1])
     if step in pause_steps:
         (pause_dir / f"saved_{step}").touch()
         while not (pause_dir / f"go_{step}").exists():
             time.sleep(0.02)
-    return path
 
-checkpoint.save_checkpoint = save
+RunMirror.checkpoint_saved = saved
 from edsr_dist.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -137,7 +137,7 @@ def test_sigkill_then_resume_auto_from_the_bucket_is_bit_identical(s3_server, bu
                                      **s3_server.env()),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 120
         # Killed once step 7's checkpoint is in the bucket (the upload thread sends it while rank 0 waits).
         while not (fs.exists(f"{run}/checkpoints/latest")
                    and fs.cat_file(f"{run}/checkpoints/latest").decode().strip() == "step_00000007.ckpt"):
