@@ -81,6 +81,10 @@ class Relay:
     def cut(self) -> None:
         listener, self.listener = self.listener, None
         if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread; close() alone leaves it listening
+            except OSError:
+                pass
             listener.close()
         with self.lock:
             for conn in self.connections:

@@ -159,6 +159,7 @@ class RunMirror:
         self.upload_seconds = 0.0
         self.uploaded_bytes = 0
         shutil.rmtree(local / PENDING, ignore_errors=True)  # links a killed run left; the final sync covers them
+        self._saves = 0
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="edsr-dist-upload", daemon=True)
         self._thread.start()
@@ -167,9 +168,9 @@ class RunMirror:
 
     def checkpoint_saved(self, step_file: Path) -> None:
         """Called right after save_checkpoint returned: queue the step file and the pointers as they are now."""
-        pending = self.local / PENDING / step_file.name
+        self._saves += 1  # one link per save: a step saved twice (step and epoch cadence) is queued twice
+        pending = self.local / PENDING / f"{self._saves}-{step_file.name}"
         make_parent_folder(pending)
-        pending.unlink(missing_ok=True)
         try:
             os.link(step_file, pending)  # same inode: pruning the step file later does not remove the data
         except OSError:

@@ -57,12 +57,24 @@ def filesystem(url: str, endpoint_url: str = ""):
         if endpoint_url:
             options["endpoint_url"] = endpoint_url
     try:
-        return fsspec.filesystem(protocol, **options), path
+        fs = fsspec.filesystem(protocol, **options)
     except ImportError:
         raise UserError(f"{url}: the {scheme}:// protocol needs a package that is not installed; "
                         f"{INSTALL_HINT if protocol == 's3' else 'install the fsspec package for ' + scheme}") from None
     except ValueError as exc:
         raise UserError(f"{url}: {exc}; use s3://BUCKET/KEY (or another fsspec protocol)") from None
+    loop = getattr(fs, "loop", None)
+    if loop is not None:
+        loop.set_exception_handler(_quiet_connection_errors)
+    return fs, path
+
+
+def _quiet_connection_errors(loop, context: dict) -> None:
+    """aiohttp leaves a 'Task exception was never retrieved' traceback on stderr when a connection drops under a
+    request; the request itself fails, is retried and reported in one line, so that traceback is noise."""
+    if isinstance(context.get("exception"), ConnectionError) or "aiohttp" in type(context.get("exception")).__module__:
+        return
+    loop.default_exception_handler(context)
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -214,7 +214,7 @@ def test_server_cut_mid_upload_training_goes_on_and_the_upload_is_retried(s3_ser
     assert proc.returncode == 0, out + err
     assert "Result:" in out
     assert "failed" in err and "retrying in the background" in err
-    assert "gave up" not in err
+    assert "gave up" not in err and "Traceback" not in err
     assert fs.cat_file(f"{run}/checkpoints/latest").decode().strip() == "step_00000020.ckpt"
     assert_pointers_resolve(fs, run)
     for step in (10, 20):
@@ -242,6 +242,9 @@ def test_two_launchers_on_one_machine_download_once_per_cache_folder(s3_server, 
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     logs = [(tmp_path / f"out{n}" / "logs" / f"rank_{r}.log").read_text() for n in range(2) for r in range(2)]
-    fetched = [log.count("fetched patch store") for log in logs]
-    assert sum(fetched[:2]) == (1 if caches == "separate" else sum(fetched[:2]))
-    assert sum(fetched) == (2 if caches == "separate" else 1), fetched
+    fetched = [log.count("fetched patch store") for log in logs]  # per launcher: its rank 0 and rank 1 logs
+    per_launcher = [fetched[0] + fetched[1], fetched[2] + fetched[3]]
+    if caches == "separate":
+        assert per_launcher == [1, 1], fetched
+    else:
+        assert sum(per_launcher) == 1, fetched
