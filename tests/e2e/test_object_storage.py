@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -192,21 +193,31 @@ def test_server_cut_mid_upload_training_goes_on_and_the_upload_is_retried(s3_ser
     def wait_for(name: str) -> None:
         deadline = time.monotonic() + 120
         while not (tmp_path / name).exists():
-            assert proc.poll() is None, proc.communicate()
+            assert proc.poll() is None, "".join(err_lines)
             assert time.monotonic() < deadline, f"{name} never came"
             time.sleep(0.02)
 
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
     fs = s3_server.filesystem()
     try:
         wait_for("saved_5")
         relay.cut()  # the server stops answering: step 5 may be in flight, step 10 surely is not sent
         (tmp_path / "go_5").touch()
         wait_for("saved_10")  # training went on while the bucket was unreachable
-        time.sleep(2.0)  # at least one failed try of step 10's upload
-        assert_pointers_resolve(fs, run) if fs.exists(f"{run}/checkpoints") else None
+        deadline = time.monotonic() + 60
+        while not any("retrying in the background" in line for line in err_lines):  # a try failed (and said so)
+            assert time.monotonic() < deadline, "no upload failure was reported"
+            time.sleep(0.05)
+        if fs.exists(f"{run}/checkpoints"):
+            assert_pointers_resolve(fs, run)
         relay.restore()
         (tmp_path / "go_10").touch()
-        out, err = proc.communicate(timeout=180)
+        out = proc.stdout.read()
+        proc.wait(timeout=180)
+        reader.join(10)
+        err = "".join(err_lines)
     finally:
         if proc.poll() is None:
             proc.kill()
