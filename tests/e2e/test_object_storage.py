@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from edsr_dist.state.checkpoint import load_checkpoint
-from helpers import REPO, TINY, run_cli
+from helpers import REPO, TINY, make_hr_folder, run_cli
 from s3_server import Relay
 
 STEPS_PER_EPOCH = 10
@@ -259,3 +259,42 @@ def test_two_launchers_on_one_machine_download_once_per_cache_folder(s3_server, 
         assert per_launcher == [1, 1], fetched
     else:
         assert sum(per_launcher) == 1, fetched
+
+
+def test_every_input_flag_takes_a_bucket_url(s3_server, bucket, sample_store, trained_run, tmp_path):
+    """--init-from, --resume PATH, --val-benchmark, eval --checkpoints/--data and sr --checkpoint read s3:// URLs."""
+    fs = s3_server.filesystem()
+    checkpoint = trained_run / "checkpoints" / "step_00000010.ckpt"
+    put(s3_server, checkpoint, f"{bucket}/weights/step_00000010.ckpt")
+    put(s3_server, sample_store, f"{bucket}/sample.h5")
+    make_hr_folder(tmp_path / "Set2", [(48, 48), (60, 36)])
+    fs.put(str(tmp_path / "Set2"), f"{bucket}/benchmarks/", recursive=True)
+    assert len(fs.find(f"{bucket}/benchmarks/Set2")) == 2
+    cache, env, url = tmp_path / "cache", s3_server.env(), f"s3://{bucket}/weights/step_00000010.ckpt"
+    common = [*TINY, "--data", f"s3://{bucket}/sample.h5", "--cache-dir", str(cache), "--max-steps", "2",
+              "--steps-per-epoch", "2", "--epochs", "1"]
+
+    init = run_cli(["train", *common, "--out", str(tmp_path / "init"), "--init-from", url, "--val-benchmark",
+                    f"s3://{bucket}/benchmarks/Set2"], cwd=tmp_path, env=env)
+    assert init.returncode == 0, init.stdout + init.stderr
+    assert f"init from {url}: loaded" in init.stdout
+    records = [json.loads(line) for line in (tmp_path / "init" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("val_set") == "Set2" and r.get("images") == 2 for r in records)
+
+    resumed = run_cli(["train", *common, "--out", str(tmp_path / "resumed"), "--resume", url, "--epochs", "2",
+                       "--max-steps", "12"], cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "at step 10" in resumed.stdout
+
+    evaluated = run_cli(["eval", "--checkpoints", url, "--data", f"s3://{bucket}/sample.h5", "--cache-dir",
+                         str(cache), "--max-images", "1", "--json", str(tmp_path / "eval.json")], cwd=tmp_path, env=env)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert (tmp_path / "eval.json").is_file()
+
+    upscaled = run_cli(["sr", str(tmp_path / "Set2"), "--checkpoint", url, "--cache-dir", str(cache), "--out",
+                        str(tmp_path / "sr")], cwd=tmp_path, env=env)
+    assert upscaled.returncode == 0, upscaled.stdout + upscaled.stderr
+    assert len(list((tmp_path / "sr").glob("*.png"))) == 2
+    # Each object was downloaded once over all these commands.
+    fetched = init.stderr + resumed.stderr + evaluated.stderr + upscaled.stderr
+    assert fetched.count(f"fetched weights {url}") == 1 and fetched.count("fetched patch store") == 1
