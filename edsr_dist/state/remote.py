@@ -54,6 +54,10 @@ def filesystem(url: str, endpoint_url: str = ""):
         options["config_kwargs"] = {"connect_timeout": 10, "read_timeout": 120,
                                     "retries": {"max_attempts": 3, "mode": "standard"}}
         options["use_listings_cache"] = False  # a resume must see checkpoints another process wrote
+        if scheme == "obs":
+            # OBS refuses path-style requests (403 VirtualHostDomainRequired), botocore's choice for a custom
+            # endpoint; s3:// keeps botocore's choice (or the config file's `s3 = addressing_style = ...`).
+            options["config_kwargs"]["s3"] = {"addressing_style": "virtual"}
         if endpoint_url:
             options["endpoint_url"] = endpoint_url
     try:
