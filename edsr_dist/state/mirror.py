@@ -137,6 +137,9 @@ def pull_run(url: str, local: Path, endpoint_url: str = "") -> set[str]:
             print(f"pulled {join_url(url, CHECKPOINT_DIR, name)} ({size / 1e6:.1f} MB in "
                   f"{time.perf_counter() - start:.1f} s) into {folder}", flush=True)
             pulled.add(name)
+        if not pulled:  # as check_nothing_to_resume for a local folder: never start over on top of a run
+            raise UserError(f"--resume auto: no checkpoint in {join_url(url, CHECKPOINT_DIR)} can be used (see the "
+                            "warnings above); copy a good one there, or start a new run with another --out prefix")
         return pulled
     except UserError:
         raise

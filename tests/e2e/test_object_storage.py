@@ -298,3 +298,19 @@ def test_every_input_flag_takes_a_bucket_url(s3_server, bucket, sample_store, tr
     # Each object was downloaded once over all these commands.
     fetched = init.stderr + resumed.stderr + evaluated.stderr + upscaled.stderr
     assert fetched.count(f"fetched weights {url}") == 1 and fetched.count("fetched patch store") == 1
+
+
+def test_resume_auto_refuses_a_bucket_run_with_no_usable_checkpoint(s3_server, bucket, sample_store, trained_run,
+                                                                     tmp_path):
+    good = (trained_run / "checkpoints" / "step_00000010.ckpt").read_bytes()
+    fs = s3_server.filesystem()
+    fs.pipe_file(f"{bucket}/run/checkpoints/step_00000010.ckpt", good[: len(good) // 2])  # cut short
+    fs.pipe_file(f"{bucket}/run/checkpoints/latest", b"step_00000010.ckpt\n")
+    result = run_cli(["train", *train_args(str(sample_store), f"s3://{bucket}/run", tmp_path / "cache")],
+                     cwd=tmp_path, env=s3_server.env())
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and "skipping" in lines[0] and "truncated" in lines[0], result.stderr
+    assert "no checkpoint in" in lines[1] and "can be used" in lines[1]
+    assert fs.cat_file(f"{bucket}/run/checkpoints/latest") == b"step_00000010.ckpt\n"  # nothing written over it
+    assert not fs.exists(f"{bucket}/run/metrics.jsonl")
