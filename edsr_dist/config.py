@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from edsr_dist.errors import UserError, did_you_mean
+from edsr_dist.state.locations import is_url
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
@@ -40,7 +41,8 @@ class Config:
     res_scale: float = setting(0.1, "residual scaling (0.1 for 256 filters, 1.0 for the baseline)")
 
     # Data.
-    data: str = setting("", "patch store (.h5) from build-store; empty: the embedded sample store, cached")
+    data: str = setting("", "patch store (.h5) from build-store, a path or s3://BUCKET/KEY (fetched once into the "
+                            "cache); empty: the embedded sample store, cached")
     batch_size: int = setting(16, "global batch over all workers (divides by the number of workers)")
     patch_size: int = setting(48, "LR patch side in pixels; the HR patch is scale times it")
     steps_per_epoch: int = setting(0, "steps per epoch; 0 = one pass over the store's training tiles")
@@ -79,11 +81,15 @@ class Config:
     val_benchmark: str = setting("", "a benchmark set folder (Set5/ ...) to validate on instead of the store")
     val_protocol: str = setting("", "also score validation as `eval --protocol`: paper | rgb | edsr-div2k "
                                     "(with val_benchmark, empty means paper)")
-    out: str = setting("runs/edsr", "run folder: checkpoints, metrics.jsonl, samples, logs")
+    out: str = setting("runs/edsr", "run folder: checkpoints, metrics.jsonl, samples, logs; or s3://BUCKET/PREFIX "
+                                    "(staged under the cache folder, uploaded by rank 0 as it is written)")
     resume: str = setting("", "auto (newest valid checkpoint in out, else a fresh start) or a checkpoint path")
     overwrite: bool = setting(False, "a new run in an out that holds one: move the old run aside (never deleted)")
     take_over: bool = setting(False, "become the writer of an out whose owner record names a job you know is dead "
                                      "(without it: only once its pid is gone or its heartbeat is stale)")
+    cache_dir: str = setting("", "local copies of s3:// inputs and staged bucket runs; empty: EDSR_DIST_CACHE, "
+                                 "else ~/.cache/edsr-dist")
+    endpoint_url: str = setting("", "object store endpoint (OBS, MinIO, ...); empty: AWS_ENDPOINT_URL(_S3) or AWS")
     samples_png: bool = setting(True, "write labelled bicubic | EDSR | ground truth crops after the final validation")
 
     # Execution.
@@ -118,7 +124,7 @@ class Config:
         need(self.validate_every >= 1, f"validate_every must be >= 1 epoch, got {self.validate_every}")
         need(self.save_every_minutes >= 0, f"save_every_minutes must be >= 0 (0 = off), got {self.save_every_minutes}")
         need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
-        need(not self.val_benchmark or Path(self.val_benchmark).is_dir(),
+        need(not self.val_benchmark or is_url(self.val_benchmark) or Path(self.val_benchmark).is_dir(),
              f"val_benchmark {self.val_benchmark} is not a folder; pass one benchmark set's folder "
              "(such as benchmark/Set5) or leave it empty to validate on the store")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -137,7 +143,7 @@ class Config:
              "lr_schedule multistep needs --milestones, e.g. --milestones 200000,400000")
         need(not (self.init_from and self.resume and self.resume != "auto"),
              f"--init-from starts a new run and --resume {self.resume} continues one; pass only one of them")
-        need(not self.init_from or Path(self.init_from).is_file(),
+        need(not self.init_from or is_url(self.init_from) or Path(self.init_from).is_file(),
              f"init_from {self.init_from} is not a file; pass a .ckpt, .pt, .pth or .safetensors file with the "
              "weights to start from")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")

@@ -10,6 +10,9 @@ import difflib
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # loss or gradients stayed NaN/inf; the last good checkpoint is kept
 EXIT_COLLECTIVE_FAILED = 4  # another rank died or stopped responding during a collective
+# --out s3://...: the run ended but part of it could not be uploaded (the staging folder holds it all); a restart
+# with --resume auto uploads what is missing, so the launcher retries it like a failure.
+EXIT_UPLOAD_FAILED = 5
 # Stopped at a step boundary after rank 0 wrote a checkpoint: 128 + the signal, as if it had ended the process.
 # 143 (SIGTERM) is what the launcher sends its workers, so it is the code the launcher looks for; a `train`
 # interrupted by Ctrl-C (SIGINT) exits 130.

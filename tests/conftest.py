@@ -7,6 +7,7 @@ import pytest
 
 from edsr_dist.data.sample_store import build_sample_store
 from helpers import TINY, run_cli
+from s3_server import MotoServer, require_moto_or_skip
 
 E2E = Path(__file__).resolve().parent / "e2e"
 
@@ -33,3 +34,12 @@ def trained_run(tmp_path_factory, sample_store) -> Path:
     assert result.returncode == 0, result.stderr
     assert (out / "checkpoints" / "step_00000010.ckpt").is_file()
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto_server on 127.0.0.1 (a real S3 endpoint); each test makes its own bucket."""
+    require_moto_or_skip(pytest)
+    server = MotoServer()
+    yield server
+    server.stop()

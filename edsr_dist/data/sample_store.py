@@ -7,7 +7,6 @@ to train a useful model; it only exercises the whole pipeline with real photogra
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ import skimage.data
 from edsr_dist.data.builder import SourceFolder, SourceImage, write_store
 from edsr_dist.data.store import FORMAT_VERSION, store_info
 from edsr_dist.errors import UserError
+from edsr_dist.state.locations import cache_root
 
 SAMPLE_TILE_SIZE = 144  # divisible by 2, 3 and 4
 SAMPLE_SCALES = (2, 3, 4)
@@ -102,11 +102,9 @@ def build_sample_store(
     )
 
 
-def default_sample_store_path() -> str:
-    """Where the sample store is cached: $EDSR_DIST_CACHE, else $XDG_CACHE_HOME/edsr-dist, else ~/.cache/edsr-dist."""
-    root = os.environ.get("EDSR_DIST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "edsr-dist"
-    )
+def default_sample_store_path(cache_dir: str = "") -> str:
+    """Where the sample store is cached: in `cache_dir` or the cache folder (locations.cache_root)."""
+    root = cache_root(cache_dir)
     scales = "".join(map(str, SAMPLE_SCALES))
     return os.path.join(root, f"sample_v{FORMAT_VERSION}_t{SAMPLE_TILE_SIZE}_x{scales}.h5")
 

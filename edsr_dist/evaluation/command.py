@@ -27,6 +27,7 @@ from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.evaluation.benchmark_suite import run as run_benchmarks
 from edsr_dist.evaluation.candidates import collect_candidates, load_candidate
 from edsr_dist.state.checkpoint import CHECKPOINT_DIR
+from edsr_dist.state.inputs import FOLDER, STORE, WEIGHTS, local_input
 from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
@@ -219,6 +220,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (0 = all)")
     p.add_argument("--num-threads", type=int, default=0, metavar="N",
                    help="CPU threads (0 = torch's default)")
+    p.add_argument("--cache-dir", default="", metavar="DIR",
+                   help="where s3:// inputs are cached (default: EDSR_DIST_CACHE, else ~/.cache/edsr-dist)")
+    p.add_argument("--endpoint-url", default="", metavar="URL",
+                   help="object store endpoint for s3:// inputs (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     p.add_argument("--csv", metavar="FILE", help="CSV output (default: eval_<data>.csv next to the checkpoints)")
     p.add_argument("--json", metavar="FILE",
                    help="JSON output; with --data per-image numbers (default: eval_<data>.json next to the "
@@ -248,8 +253,10 @@ def main(argv: list[str]) -> int:
         return run_benchmarks(args)
     if len(args.checkpoints) != 1:
         raise UserError("--data takes one --checkpoints value; use --benchmarks to score several models")
-    args.checkpoints = args.checkpoints[0]
-    data = Path(args.data)
+    args.checkpoints = local_input(args.checkpoints[0], WEIGHTS, args.cache_dir, args.endpoint_url)
+    # A store object (.h5) is fetched whole and CRC-checked; any other URL is a prefix of HR images.
+    data = Path(local_input(args.data, STORE if args.data.endswith(".h5") else FOLDER, args.cache_dir,
+                            args.endpoint_url))
     if not data.exists():
         raise UserError(f"--data {data} does not exist; pass a patch store (.h5) or a folder of HR PNG images")
     if data.is_dir():

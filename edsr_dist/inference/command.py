@@ -20,6 +20,8 @@ from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import IMAGE_SUFFIXES, is_image_file
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
+from edsr_dist.state.locations import is_url
+from edsr_dist.state.remote import fetch_file
 
 BACKENDS = ("pytorch", "onnxruntime")
 
@@ -168,6 +170,10 @@ def main(argv: list[str]) -> int:
                         help="a .ckpt file, a run folder (newest valid checkpoint) or weights (.pt/.pth/.safetensors); "
                              "with --backend onnxruntime a .onnx file from `edsr-dist export`")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--cache-dir", default="", metavar="DIR",
+                        help="where an s3:// --checkpoint is cached (default: EDSR_DIST_CACHE, else ~/.cache/edsr-dist)")
+    parser.add_argument("--endpoint-url", default="", metavar="URL",
+                        help="object store endpoint for an s3:// --checkpoint (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
                         help="pytorch (default) or onnxruntime (an exported .onnx; torch not needed)")
     parser.add_argument("--tile", type=int, default=None,
@@ -195,6 +201,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--checkpoint {args.checkpoint} is an ONNX model; pass --backend onnxruntime")
 
     files = collect_inputs(args.inputs)
+    if is_url(args.checkpoint):
+        # Size and ETag checked here; a .ckpt's SHA-256 when the PyTorch backend loads it (torch stays optional).
+        args.checkpoint = str(fetch_file(args.checkpoint, args.cache_dir, args.endpoint_url, what="weights"))
     if args.backend == "onnxruntime":
         upscaler = onnx_upscaler(args.checkpoint, device=args.device, tile=args.tile, pad=args.tile_pad,
                                  ensemble=args.self_ensemble)

@@ -17,6 +17,7 @@ from edsr_dist.errors import UserError
 from edsr_dist.launcher.rank_table import Device, RankTable, Server, select_server, wait_for_rank_table
 from edsr_dist.parallel import ascend_env
 from edsr_dist.launcher.pod_env import PodJob, read_pod_env, workers_per_pod
+from edsr_dist.state.locations import staging_folder
 
 V1_TABLE_NAME = "rank_table_v1.json"
 MULTI_SERVER_PORT = 29500  # every server must agree on the port without talking first, so no random one
@@ -177,7 +178,8 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
     master_port = args.master_port or pod_port or port_from_env() or fixed_port or free_port()
     if cfg is not None:
         check_batch_divides(cfg.batch_size, world_size)  # bad train arguments fail once, before any worker starts
-    default_out = os.path.join("runs", "launch") if cfg is None else cfg.out
+    # A bucket --out is staged locally: logs go to the staging folder (uploaded with the run at its end).
+    default_out = os.path.join("runs", "launch") if cfg is None else str(staging_folder(cfg.out, cfg.cache_dir))
     log_dir = args.log_dir or os.path.join(default_out, "logs")
     v1_table = None
     if table_path is not None and dropped:
@@ -228,7 +230,7 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
                f"{','.join(str(w.device_id) for w in workers)}; master {master_addr}:{master_port}; logs in {log_dir}")
     servers = len(table.servers) if table_path is not None else pod.pods if pod is not None else 1
     return Plan(workers, summary, unset, v1_table, world_size, servers,
-                "" if cfg is None else cfg.out, 0 if cfg is None else cfg.batch_size, master_addr, master_port,
+                "" if cfg is None else default_out, 0 if cfg is None else cfg.batch_size, master_addr, master_port,
                 index if table_path is not None else pod.pod_index if pod is not None else 0, pod)
 
 

@@ -16,7 +16,7 @@ from edsr_dist.launcher.plan import POLL_S, PROG, Plan, build_plan
 from edsr_dist.launcher.workers import StopRequest, run_attempt, signal_name
 from edsr_dist.state.checkpoint import newest_checkpoint_quick
 from edsr_dist.state.owner import OWNER_ENV, Ownership
-from edsr_dist.state.run_folder import hold_run_folder
+from edsr_dist.state.mirror import claim_out
 
 DEFAULT_RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 60.0
@@ -26,7 +26,7 @@ def claim_out_folder(train_args: list[str]) -> Ownership | None:
     """The one-writer and one-run-per-folder rules, before this launcher opens its logs in --out (only where rank 0
     runs: one decision per job). The launcher then owns the folder for the whole job, its restarts included."""
     cfg = parse_train_args(train_args)
-    return hold_run_folder(cfg.out, cfg.resume, cfg.overwrite, cfg.take_over)
+    return claim_out(cfg.out, cfg.cache_dir, cfg.resume, cfg.overwrite, cfg.take_over, cfg.endpoint_url)
 
 
 def _as_owner(plan: Plan, owner: Ownership | None) -> Plan:

@@ -6,7 +6,7 @@ import os
 import sys
 
 from edsr_dist.config import Config, parse_train_args
-from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED
+from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_UPLOAD_FAILED
 from edsr_dist.parallel.engine import describe_collective_failure
 from edsr_dist.state.checkpoint import find_checkpoint
 from edsr_dist.train.trainer import MAX_BAD_STEPS, Interrupted, Trainer, TrainingDiverged
@@ -55,6 +55,9 @@ def main(argv: list[str]) -> int:
         code = _collective_failure_exit(exc, cfg, trainer.world.rank)
     finally:
         trainer.close(clean)
+    if trainer.upload_problem:
+        print(f"edsr-dist train: error: {trainer.upload_problem}", file=sys.stderr, flush=True)
+        code = code or EXIT_UPLOAD_FAILED
     if trainer.world.distributed:
         _exit_before_interpreter_teardown(code)
     return code

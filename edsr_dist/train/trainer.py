@@ -8,6 +8,7 @@ says so) -> the `Result:` line. `state_dict`/`load_state_dict` are what checkpoi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -23,10 +24,10 @@ from tqdm import tqdm
 from edsr_dist import __version__
 from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.evaluation.benchmark_sets import score_shards, validation_source
-from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from edsr_dist.state.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from edsr_dist.config import Config, check_batch_divides
 from edsr_dist.data.prefetch import Prefetcher
-from edsr_dist.data.sample_store import ensure_sample_store
+from edsr_dist.data.sample_store import default_sample_store_path, ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
 from edsr_dist.parallel import ascend_env, npu
@@ -42,7 +43,10 @@ from edsr_dist.model.schedules import base_lr, learning_rate
 from edsr_dist.train.reporting import (LossMeter, MetricsLog, hms, module_groups, recipe_warnings, result_line,
                                       write_sample_image)
 from edsr_dist.train.step_timer import StepTimer
-from edsr_dist.state.run_folder import check_nothing_to_resume, check_output_folder, hold_run_folder, recorded_result
+from edsr_dist.state.inputs import FOLDER, STORE, WEIGHTS, local_input
+from edsr_dist.state.locations import is_url, staging_folder
+from edsr_dist.state.mirror import RunMirror, claim_out, pull_run
+from edsr_dist.state.run_folder import check_nothing_to_resume, check_output_folder, recorded_result
 from edsr_dist.state.weights import load_matching
 
 CHECKPOINT_FORMAT = 1
@@ -71,7 +75,7 @@ class Trainer:
         self.world = world or discover_world()
         self.timer = timer or StepTimer()
         check_batch_divides(cfg.batch_size, self.world.size)
-        self.out = Path(cfg.out)
+        self.out = staging_folder(cfg.out, cfg.cache_dir)  # the run folder itself, or a bucket run's local stage
         self.device, self.precision = resolve_device_and_precision(cfg.device, cfg.precision,
                                                                    self.world.device_index, self.world.physical_device)
         if self.device.type == "npu" and self.world.size > 1:
@@ -86,9 +90,11 @@ class Trainer:
         self.is_main = self.world.is_main
 
         self.owner = None  # rank 0's hold on the run folder, from before anything is written until close()
+        self.mirror: RunMirror | None = None  # rank 0's upload thread when --out is a bucket
+        self.upload_problem: str | None = None  # set by close() when the bucket lacks part of the run
         if self.is_main:
             check_output_folder(self.out)
-            self.owner = hold_run_folder(self.out, cfg.resume, cfg.overwrite, cfg.take_over)
+            self.owner = claim_out(cfg.out, cfg.cache_dir, cfg.resume, cfg.overwrite, cfg.take_over, cfg.endpoint_url)
         try:
             self._set_up()
         except BaseException:
@@ -101,7 +107,8 @@ class Trainer:
         cfg = self.cfg
         self.store = self._open_store()
         # The store's validation images or cfg.val_benchmark's; refuses a run with nothing to validate on.
-        self.validation = validation_source(cfg, self.store)
+        benchmark = local_input(cfg.val_benchmark, FOLDER, cfg.cache_dir, cfg.endpoint_url)
+        self.validation = validation_source(dataclasses.replace(cfg, val_benchmark=benchmark), self.store)
         self.sampler = TrainSampler(self.store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
                                     rank=self.world.rank, world_size=self.world.size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -126,6 +133,11 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.best_psnr: float | None = None
+        if self.is_main and is_url(cfg.out):
+            # A fresh server after preemption: its stage is empty, the bucket holds the run.
+            pulled = (pull_run(cfg.out, self.out, cfg.endpoint_url)
+                      if cfg.resume == "auto" and not list_checkpoints(self.out) else set())
+            self.mirror = RunMirror(cfg.out, self.out, cfg.endpoint_url, known=pulled)
         self.resumed_from = self._resume()
         # --init-from applies to a fresh start only: with --resume auto the same command line continues the run.
         self.initialized_from = None if self.resumed_from else self._init_from()
@@ -178,11 +190,15 @@ class Trainer:
         path = self.cfg.data
         if not path:
             # Rank 0 builds (or repairs) the cached sample store while the others wait.
-            path = ensure_sample_store() if self.is_main else None
+            cached = default_sample_store_path(self.cfg.cache_dir)
+            path = ensure_sample_store(cached) if self.is_main else None
             if self.is_main:
-                print(f"sample store: {path} (cached; EDSR_DIST_CACHE sets the folder)", flush=True)
+                print(f"sample store: {path} (cached; --cache-dir or EDSR_DIST_CACHE sets the folder)", flush=True)
             self.engine.barrier()
-            path = path or ensure_sample_store()
+            path = path or ensure_sample_store(cached)
+        elif is_url(path):
+            # Every rank asks; one process per server (cache folder) downloads while the others wait on its lock.
+            path = local_input(path, STORE, self.cfg.cache_dir, self.cfg.endpoint_url)
         elif not Path(path).exists():
             raise UserError(f"store {path} does not exist; build one with `edsr-dist build-store` or omit --data for the sample")
         return PatchStore(path, self.cfg.scale)
@@ -190,7 +206,11 @@ class Trainer:
     def _resume(self) -> str | None:
         if not self.cfg.resume:
             return None
-        where = self.out if self.cfg.resume == "auto" else Path(self.cfg.resume)
+        if self.cfg.resume == "auto":
+            where = self.out
+        else:  # a checkpoint in a bucket is fetched (and verified) by rank 0; the others get its state below
+            where = Path(local_input(self.cfg.resume, WEIGHTS, self.cfg.cache_dir, self.cfg.endpoint_url)
+                         if self.is_main else self.cfg.resume)
         # Rank 0 chooses (and reports skipped damaged files once); everyone resumes from the same file.
         path = self.engine.broadcast_object(find_checkpoint(where) if self.is_main else None)
         if path is None:
@@ -219,7 +239,8 @@ class Trainer:
         """Fresh optimizer, schedule and step count; weights whose name and shape match come from the file."""
         if not self.cfg.init_from:
             return None
-        loaded, left, skipped = load_matching(self.model, self.cfg.init_from)
+        loaded, left, skipped = load_matching(
+            self.model, local_input(self.cfg.init_from, WEIGHTS, self.cfg.cache_dir, self.cfg.endpoint_url))
         if self.ema is not None:
             self.ema.reset(self.model)
         if self.is_main:
@@ -383,7 +404,10 @@ class Trainer:
             "meta": {"format_version": CHECKPOINT_FORMAT, "world_size": self.world.size, "engine": self.engine_name,
                      "precision": self.precision, "package_version": __version__, "time": time.time()},
         }
-        return save_checkpoint(self.out, state, step=self.step, keep_last=self.cfg.keep_last, psnr=psnr)
+        path = save_checkpoint(self.out, state, step=self.step, keep_last=self.cfg.keep_last, psnr=psnr)
+        if self.mirror is not None:
+            self.mirror.checkpoint_saved(path)  # queued for the upload thread; the step goes on at once
+        return path
 
     # ---- cadences: each concern decides when it is due ------------------------------------------------------
 
@@ -558,6 +582,8 @@ class Trainer:
 
     def close(self, clean: bool = True) -> None:
         self.metrics.close()
+        if self.mirror is not None:
+            self.upload_problem = self.mirror.close()  # the final checkpoint and the records reach the bucket
         self.store.close()
         if self.owner is not None:
             self.owner.release()

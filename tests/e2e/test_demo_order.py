@@ -5,7 +5,6 @@ The scripts run exactly as a user runs them, with no arguments of their own; onl
 the scripts' documented knob) appends flags that shorten the schedule (a later `--field value` wins), so the test
 takes seconds instead of the demos' 1,500 steps each. The launcher, the run-folder rule and training are real."""
 
-import os
 import shutil
 import subprocess
 import sys

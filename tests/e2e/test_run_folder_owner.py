@@ -25,7 +25,7 @@ import torch
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.state.owner import LocalLock, read_owner
-from helpers import REPO, TINY, Job, clean_env, run_cli
+from helpers import TINY, Job, clean_env, run_cli
 
 HOOKED_TRAIN = r"""
 import os, sys, time

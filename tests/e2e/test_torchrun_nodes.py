@@ -6,7 +6,6 @@ until --dist-timeout."""
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import signal
