@@ -94,7 +94,7 @@ def claim_out(out: str, cache_dir: str, resume: str, overwrite: bool, take_over:
     if is_url(out):
         check_remote_out(out, resume, overwrite, endpoint_url)
         lock = BucketLock(*filesystem(out, endpoint_url), out)
-    return hold_run_folder(local, resume, overwrite, take_over, lock)
+    return hold_run_folder(local, resume, overwrite, take_over, lock, shown=out)
 
 
 def _download(fs, remote: str, target: Path) -> bool:

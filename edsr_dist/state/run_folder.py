@@ -78,18 +78,19 @@ def claim_run_folder(out: str | Path, resume: str, overwrite: bool) -> Path | No
 
 
 def hold_run_folder(out: str | Path, resume: str, overwrite: bool, take_over: bool,
-                    lock: OwnerLock | None = None) -> Ownership | None:
+                    lock: OwnerLock | None = None, shown: str = "") -> Ownership | None:
     """Become the folder's one writer (state/owner.py), then apply the one-run rule; both before anything else is
     written. Returns the hold to release at the end, or None for a worker whose launcher holds it (EDSR_DIST_OWNER).
-    `lock`: where the record lives when not in `out` itself (a bucket run: state/bucket_lock.BucketLock)."""
+    `lock`: where the record lives when not in `out` itself (a bucket run: state/bucket_lock.BucketLock); `shown`:
+    the --out the user gave, for messages (a bucket run's URL rather than its staging folder)."""
     local = LocalLock(out)
     lock = lock or local
     token = os.environ.get(OWNER_ENV, "")
     if token:
-        check_launcher_owns(lock, str(out), token)
+        check_launcher_owns(lock, shown or str(out), token)
         claim_run_folder(out, resume, overwrite)
         return None
-    owner = claim(lock, str(out), take_over)
+    owner = claim(lock, shown or str(out), take_over)
     try:
         aside = claim_run_folder(out, resume, overwrite)
         if aside is not None and lock is local:

@@ -314,3 +314,38 @@ def test_resume_auto_refuses_a_bucket_run_with_no_usable_checkpoint(s3_server, b
     assert "no checkpoint in" in lines[1] and "can be used" in lines[1]
     assert fs.cat_file(f"{bucket}/run/checkpoints/latest") == b"step_00000010.ckpt\n"  # nothing written over it
     assert not fs.exists(f"{bucket}/run/metrics.jsonl")
+
+
+def test_a_second_server_staging_the_same_bucket_run_is_refused(s3_server, bucket, sample_store, tmp_path):
+    """Two servers (own caches, so own staging folders) given one bucket --out: the bucket's owner record keeps
+    the second out before it writes anything; the first finishes and releases the record."""
+    put(s3_server, sample_store, f"{bucket}/sample.h5")
+    run = f"{bucket}/run"
+    first_args = train_args(f"s3://{bucket}/sample.h5", f"s3://{run}", tmp_path / "server_a")
+    first = subprocess.Popen([sys.executable, "-c", HOOKED_TRAIN, "train", *first_args], cwd=tmp_path,
+                             env=dict(os.environ, PYTHONPATH=str(REPO), PAUSE_STEPS="10", PAUSE_DIR=str(tmp_path),
+                                      **s3_server.env()),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "saved_10").exists():
+            assert first.poll() is None, f"the first server ended with {first.returncode}: {first.communicate()}"
+            assert time.monotonic() < deadline, "the first server never reached step 10"
+            time.sleep(0.05)
+        second = run_cli(["train", *train_args(f"s3://{bucket}/sample.h5", f"s3://{run}", tmp_path / "server_b")],
+                         cwd=tmp_path, env=s3_server.env())
+        assert second.returncode == 2, second.stdout + second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"s3://{run} is in use by job" in lines[0], second.stderr
+        assert not list((tmp_path / "server_b").rglob("*.ckpt")), "the refused server wrote a checkpoint"
+        (tmp_path / "go_10").touch()
+        out, err = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 0, err
+    assert "Result:" in out
+    fs = s3_server.filesystem()
+    assert not fs.exists(f"{run}/.owner.json"), "the finished run left its owner record in the bucket"
+    assert_pointers_resolve(fs, run)
