@@ -47,9 +47,13 @@ class WeightEMA:
         now_tensors = self._tensors(bare_model(model))
         floats = [(e, n) for e, n in zip(ema_tensors, now_tensors) if e.is_floating_point()]
         taken = None if skipped is None else (skipped <= 0)
-        weight = 1.0 - self.decay if taken is None else taken.float() * (1.0 - self.decay)
         if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [n for _, n in floats], weight)
+            ema_floats, now_floats = [e for e, _ in floats], [n for _, n in floats]
+            if taken is None:
+                torch._foreach_lerp_(ema_floats, now_floats, 1.0 - self.decay)
+            else:  # a weight of 0 on a skipped step; per-tensor weights, since a tensor Scalar would be read (.item())
+                weight = taken.float() * (1.0 - self.decay)
+                torch._foreach_lerp_(ema_floats, now_floats, [weight.to(e.dtype).expand_as(e) for e in ema_floats])
         for e, n in zip(ema_tensors, now_tensors):
             if not e.is_floating_point():  # counters and the like are copied, not averaged
                 e.copy_(n if taken is None else torch.where(taken, n, e))

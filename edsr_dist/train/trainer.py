@@ -104,7 +104,10 @@ class Trainer:
         self.memory_format = npu.memory_format(self.device, cfg.channels_last)
         # The chip's overflow mode does not change during a run: asked once, not every step.
         self._saturation_mode = npu.saturation_mode(self.device)
+        # Ascend: precompiled operator kernels, so that no operator is compiled just in time (docs/ASCEND.md).
+        self.kernels = npu.use_binary_kernels() if self.device.type == "npu" else ""
         self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)  # the bare network
+        self.compiled = self._compile()
         self.optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg, self.device)
         # Where the optimizer takes the overflow flag as a tensor (fused Adam on CUDA), the skip is decided on the
         # device and no step waits for the device; elsewhere the host reads the flag (free on the CPU).
@@ -209,6 +212,19 @@ class Trainer:
             self._drop_metrics_after(self.step)
         return str(path)
 
+    def _compile(self) -> bool:
+        """--compile: torch.compile of the network's forward, in place (Module.compile: parameter names and
+        checkpoints unchanged), before DDP wraps it. CUDA only: elsewhere one note and the eager model."""
+        if not self.cfg.compile:
+            return False
+        if self.device.type != "cuda":
+            if self.is_main:
+                print(f"edsr-dist train: note: --compile applies to CUDA only; ignored on {self.device.type}",
+                      file=sys.stderr, flush=True)
+            return False
+        self.model.compile()
+        return True
+
     def _init_from(self) -> str | None:
         """Fresh optimizer, schedule and step count; weights whose name and shape match come from the file."""
         if not self.cfg.init_from:
@@ -285,8 +301,10 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
 
-    def to_device(self, batch_uint8: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(batch_uint8).to(self.device, non_blocking=True)
+    def to_device(self, batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A uint8 NHWC batch (an array, or a page-locked tensor from the prefetcher) as float on the device."""
+        x = batch_uint8 if torch.is_tensor(batch_uint8) else torch.from_numpy(batch_uint8)
+        x = x.to(self.device, non_blocking=True)
         # NHWC uint8 -> logical NCHW float; permute keeps the NHWC storage, i.e. channels_last, for free.
         x = x.permute(0, 3, 1, 2).float()
         return x.contiguous(memory_format=self.memory_format)
@@ -493,7 +511,8 @@ class Trainer:
         """Steps from step_in_epoch to the end of the epoch (or of the run); returns the epoch's losses."""
         epoch_loss, window = LossMeter(self.device), LossMeter(self.device)
         batches = Prefetcher(lambda s: self.sampler.batch(self.epoch, s),
-                             range(self.step_in_epoch, self.steps_per_epoch), self.timer)
+                             range(self.step_in_epoch, self.steps_per_epoch), self.timer,
+                             pin=self.device.type in ("cuda", "npu"))
         try:
             for step_in_epoch, (lr_batch, hr_batch) in batches:
                 loss, skipped = self.train_step(lr_batch, hr_batch)
@@ -594,8 +613,19 @@ class Trainer:
             layout += " (NPU tensors are contiguous only; channels_last ignored)"
         return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
                 f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
-                f"{self.precision}, {layout}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
+                f"{self.precision}, {layout}, {self._speed_settings()}, {self.threads} thread(s)/worker, "
+                f"global batch {self.cfg.batch_size}, "
                 f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {recipe}; {where}")
+
+    def _speed_settings(self) -> str:
+        parts = [self.optimizer_name]
+        if self.cfg.grad_comm != "none" and self.world.size > 1:
+            parts.append(f"{self.cfg.grad_comm} gradient all-reduce")
+        if self.compiled:
+            parts.append("torch.compile")
+        if self.kernels:
+            parts.append(self.kernels)
+        return ", ".join(parts)
 
     def close(self, clean: bool = True) -> None:
         self.metrics.close()
