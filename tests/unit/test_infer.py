@@ -63,6 +63,24 @@ def test_tiled_equals_untiled(scale):
         assert torch.equal(forward_tiled(model, lr, tile=0, pad=0, scale=scale), whole)
 
 
+def test_every_tile_window_has_one_shape():
+    """A JIT-compiling device (Ascend before 910B1) compiles each new input shape: fixed tiles give one."""
+    model = _model(2)
+    shapes = []
+
+    def network(x):
+        shapes.append(tuple(x.shape))
+        return model(x)
+
+    lr = torch.rand(1, 3, 23, 30) * 255
+    radius = receptive_field_radius(model)
+    with torch.no_grad():
+        tiled = forward_tiled(network, lr, tile=7, pad=radius, scale=2)
+        assert (tiled - model(lr)).abs().max().item() < 1e-3
+    side = 7 + 2 * radius
+    assert set(shapes) == {(1, 3, min(side, 23), min(side, 30))} and len(shapes) == 4 * 5
+
+
 def _manual_ensemble(model, lr):
     outs = []
     x = lr.numpy()
