@@ -131,7 +131,6 @@ class Trainer:
         # read during step k+1 (or at once where a save or the epoch's end needs them), so the host never waits
         # for the step it has just queued. Every rank reads them at the same steps, so every rank acts alike.
         self._pending_flags: list[tuple[int, torch.Tensor, object]] = []
-        self._saved_at_step = self.step  # timed-save requests issued before the last save are stale
         self._stop_requested = False  # set by a signal, on this rank, at any moment
         self.stop_signal: int | None = None  # which signal, when this rank got one (for the exit code)
         self._stop_agreed = False  # set in a step, on every rank at once: the only one the loop acts on
@@ -339,8 +338,10 @@ class Trainer:
         # One small all-reduce carries the overflow flag, a pending stop request and rank 0's "a timed checkpoint
         # is due", so all ranks skip the same steps, stop at the same step boundary and save at the same step.
         # new_full fills on the device: torch.tensor(list, device=...) would be a blocking host-to-device copy.
-        flags = torch.stack([bad, bad.new_full((), float(self._stop_requested)),
-                             bad.new_full((), float(self.is_main and self._minutes_elapsed()))])
+        timed_save = self.is_main and self._minutes_elapsed()
+        if timed_save:  # rank 0's clock restarts at the request: the save it asks for comes a step later
+            self._last_save = time.monotonic()
+        flags = torch.stack([bad, bad.new_full((), float(self._stop_requested)), bad.new_full((), float(timed_save))])
         with timer.phase("overflow_check"):
             flags = self.engine.all_reduce_max(flags)
         found_inf = flags[0]
@@ -400,7 +401,7 @@ class Trainer:
             bad, stop, minutes = host.tolist() if torch.is_tensor(host) else host
             if stop > 0:
                 self._stop_agreed = True
-            if minutes > 0 and step > self._saved_at_step:  # asked before the last save: that save answered it
+            if minutes > 0:
                 self._minutes_due_agreed = True
             self._count_bad_step(bad > 0, step)
 
@@ -439,7 +440,6 @@ class Trainer:
 
     def save(self, psnr: float | None = None) -> Path | None:
         self._last_save = time.monotonic()
-        self._saved_at_step, self._minutes_due_agreed = self.step, False
         if not self.is_main:
             return None
         if psnr is not None and (self.best_psnr is None or psnr > self.best_psnr):
@@ -463,7 +463,10 @@ class Trainer:
         if (self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0) or self.should_save_minutes():
             self._save_due = True
         if self._save_due:
-            self._read_all_flags()  # whether this very step was finite: a read at save steps only
+            # This save answers the timed-save requests read so far; reading this very step's flags (whether it was
+            # finite: a read at save steps only) may bring a new one, which the next step's save answers.
+            self._minutes_due_agreed = False
+            self._read_all_flags()
         return self._save_due and not self._bad_steps
 
     def should_save_minutes(self) -> bool:
