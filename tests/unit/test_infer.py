@@ -7,7 +7,8 @@ from torch import nn
 from edsr_dist.state.checkpoint import save_checkpoint
 from edsr_dist.cli import main as cli_main
 from edsr_dist.config import Config
-from edsr_dist.inference.torch_runtime import forward_tiled, receptive_field_radius, self_ensemble, super_resolve
+from edsr_dist.inference.torch_runtime import (forward_tiled, frozen_cpu_network, receptive_field_radius, self_ensemble,
+                                              super_resolve)
 from edsr_dist.evaluation.metrics import to_uint8
 from edsr_dist.model.edsr import EDSR, build_model
 
@@ -170,3 +171,13 @@ def test_sr_command_end_to_end(tmp_path, capsys):
     for text in ("missing.png does not exist", "nothing does not exist", "has no images (.png, .bmp, .tif",
                  "cannot read image", "would both be written"):
         assert text in err, text
+
+
+def test_frozen_cpu_network_matches_the_eager_model_at_any_size():
+    model = _model(2)
+    frozen = frozen_cpu_network(_model(2), "fp32")
+    img = (np.random.default_rng(0).random((19, 27, 3)) * 255).astype(np.uint8)
+    eager = super_resolve(model, img, "cpu", tile=0)
+    fast = super_resolve(_model(2), img, "cpu", tile=0, compiled=frozen)
+    assert np.abs(eager.astype(int) - fast.astype(int)).max() <= 1  # float rounding in uint8
+    assert frozen_cpu_network(_model(2), "bf16") is None  # autocast runs the eager model
