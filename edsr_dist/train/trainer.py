@@ -381,10 +381,11 @@ class Trainer:
         return loss.detach(), skipped
 
     def _copy_to_host(self, flags: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """Start copying the flags to the host without waiting; an event tells when they have arrived.
-        `.to("cpu", non_blocking=True)` from CUDA lands in pinned memory, so it does not block."""
+        """Start copying the flags to the host without waiting; an event tells when they have arrived. The host
+        buffer is page-locked: a copy into pageable memory would make the host wait."""
         if self.device.type == "cuda":
-            host = flags.to("cpu", non_blocking=True)
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
             return host, ready
