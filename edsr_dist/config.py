@@ -20,6 +20,7 @@ from edsr_dist.state.locations import is_url
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
 ENGINES = ("auto", "ddp", "horovod")
+GRAD_COMMS = ("none", "fp16", "bf16")
 LR_SCHEDULES = ("staircase", "multistep", "cosine")  # schedules.py defines each
 # Presets that fine-tune a trained x2 model, as the paper does for x3 and x4: they need --init-from.
 PRESETS_FROM_X2 = ("paper_x3", "paper_x4")
@@ -97,6 +98,9 @@ class Config:
     precision: str = setting("auto", "auto | fp32 | bf16 | fp16 (auto: fp16 on NPUs, bf16 where native, else fp32)")
     channels_last: bool = setting(True, "NHWC activations on CPUs and GPUs (NPUs stay contiguous)")
     engine: str = setting("auto", "auto | ddp | horovod (auto: horovod under horovodrun, else DDP)")
+    grad_comm: str = setting("none", "none | fp16 | bf16: dtype of DDP's gradient all-reduce (half the bytes; "
+                                     "none = fp32)")
+    compile: bool = setting(False, "torch.compile the model (CUDA only; elsewhere a one-line note and ignored)")
     dist_timeout: int = setting(1800, "seconds to wait for other ranks at start-up and in each collective")
     num_threads: int = setting(0, "CPU threads per worker; 0 = OMP_NUM_THREADS or all cores")
     log_every: int = setting(10, "steps between `Step nr:` lines")
@@ -148,6 +152,7 @@ class Config:
              "weights to start from")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
+                              ("grad_comm", GRAD_COMMS),
                               ("lr_schedule", LR_SCHEDULES),
                               ("val_protocol", ("", *PROTOCOL_NAMES))):
             value = getattr(self, name)

@@ -55,4 +55,38 @@ EOF
 
 run bf16 --precision bf16 --compare-fp32
 run fp16 --precision fp16
+
+# No host wait inside a training step: torch.cuda.set_sync_debug_mode("error") raises on any synchronising CUDA
+# call (a blocking copy to the host, .item(), .tolist(); collectives are not covered, torch/cuda/__init__.py
+# set_sync_debug_mode docstring) from the start to the end of every steady-state train_step, with fp16 loss scaling
+# and an EMA on (the trainer's StepTimer seam switches it on and off).
+"$python" - <<'EOF'
+import tempfile, torch
+from edsr_dist.config import parse_train_args
+from edsr_dist.parallel.world import World
+from edsr_dist.train.step_timer import StepTimer
+from edsr_dist.train.trainer import Trainer
+
+class SyncDebug(StepTimer):
+    steps = 0
+    def begin_step(self):
+        self.steps += 1
+        if self.steps > 3:
+            torch.cuda.set_sync_debug_mode("error")
+    def end_step(self, skipped):
+        torch.cuda.set_sync_debug_mode("default")
+
+for precision in ("fp16", "bf16"):
+    cfg = parse_train_args(["--preset", "paper", "--device", "cuda", "--precision", precision, "--epochs", "1",
+                            "--steps-per-epoch", "12", "--log-every", "1000", "--max-val-images", "1",
+                            "--val-tile", "64", "--ema-decay", "0.999", "--progress", "false",
+                            "--tensorboard", "false", "--samples-png", "false", "--out", tempfile.mkdtemp()])
+    timer = SyncDebug()
+    trainer = Trainer(cfg, World(), timer=timer)
+    assert trainer.skip_on_device, trainer.optimizer_name
+    trainer.fit()
+    trainer.close()
+    print(f"gpu_bench: sync-debug check {precision}: {timer.steps - 3} steady-state steps without a host sync "
+          f"({trainer.optimizer_name})", flush=True)
+EOF
 echo "gpu_bench: JSON reports in $out/"

@@ -43,14 +43,16 @@ def pytorch_upscaler(checkpoint: str, device: str = "auto", precision: str = "fp
         raise UserError("--backend pytorch needs PyTorch; install it (pip install -r requirements-cpu.txt), or "
                         "export the model to ONNX and pass --backend onnxruntime")
     # torch is optional for `sr` (ONNX Runtime serves without it), so the PyTorch side is imported when chosen.
-    from edsr_dist.inference.torch_runtime import load_inference_model, model_scale, super_resolve
+    from edsr_dist.inference.torch_runtime import frozen_cpu_network, load_inference_model, model_scale, super_resolve
     from edsr_dist.model.precision import resolve_device_and_precision
 
     torch_device, precision = resolve_device_and_precision(device, precision)
     model = load_inference_model(checkpoint, res_scale=res_scale, raw=raw).to(torch_device).eval()
+    compiled = frozen_cpu_network(model, precision)
 
     def run(lr: np.ndarray) -> np.ndarray:
-        return super_resolve(model, lr, torch_device, tile=tile, pad=pad, ensemble=ensemble, precision=precision)
+        return super_resolve(model, lr, torch_device, tile=tile, pad=pad, ensemble=ensemble, precision=precision,
+                             compiled=compiled)
 
     return Upscaler("pytorch", model_scale(model), torch_device.type, run)
 

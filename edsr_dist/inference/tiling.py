@@ -7,7 +7,10 @@ operations that differ between torch tensors and numpy arrays.
 Tiling: each LR tile is cut with `pad` extra LR pixels of real context on every side (fewer at the image
 border), run through the network, and only the tile's own part of the output is kept. With `pad` at least
 the network's receptive-field radius the result equals the whole-image pass up to float rounding, because
-no output pixel that is kept ever sees the zero padding at a tile's cut edge.
+no output pixel that is kept ever sees the zero padding at a tile's cut edge. Every window has the same size
+(tile + 2 pad, or the image side): windows at the border and the last, shorter tile are shifted inwards and
+carry more context instead, so one image (and every image at least that large) runs one input shape, which a
+just-in-time compiling device (Ascend before 910B1) compiles once.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ def forward_tiled(network: Network, lr, tile: int, pad: int, scale: int, ops: Ar
         bottom = min(top + tile, height)
         for left in range(0, width, tile):
             right = min(left + tile, width)
-            y0, y1 = max(top - pad, 0), min(bottom + pad, height)
-            x0, x1 = max(left - pad, 0), min(right + pad, width)
+            y0, y1 = _window(top, bottom, tile, pad, height)
+            x0, x1 = _window(left, right, tile, pad, width)
             piece = network(lr[:, :, y0:y1, x0:x1])
             if out is None:
                 out = ops.new_output((n, piece.shape[1], height * scale, width * scale), piece)
@@ -58,6 +61,14 @@ def forward_tiled(network: Network, lr, tile: int, pad: int, scale: int, ops: Ar
             out[:, :, top * scale:bottom * scale, left * scale:right * scale] = \
                 ops.float32(piece[:, :, oy:oy + (bottom - top) * scale, ox:ox + (right - left) * scale])
     return out
+
+
+def _window(start: int, stop: int, tile: int, pad: int, side: int) -> tuple[int, int]:
+    """The input window for the tile [start, stop): tile + 2 pad wide (at most the side), covering the tile and at
+    least `pad` real pixels on each side where the image has them."""
+    size = min(tile + 2 * pad, side)
+    first = min(max(start - pad, 0), side - size)
+    return first, first + size
 
 
 def self_ensemble(network: Network, lr, ops: ArrayOps):

@@ -5,6 +5,7 @@ receptive field that makes tiles exact, and loading a model for inference.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -79,14 +80,42 @@ def _memory_format(model: nn.Module) -> torch.memory_format:
     return torch.channels_last if not kernel.is_contiguous() else torch.contiguous_format
 
 
+def frozen_cpu_network(model: nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For fp32 inference on the CPU: the network as a frozen TorchScript graph in channels_last, whose convolutions
+    oneDNN runs with prepacked weights (torch.jit.freeze + torch.jit.optimize_for_inference); None elsewhere (the
+    eager model then runs). The eager fp32 path reorders activations and weights for oneDNN in every convolution:
+    on this project's CPU it was 1.6-3.5x slower than ONNX Runtime, the frozen graph about 1.1x (BENCHMARKS.md).
+    Only for fixed weights (`sr`, `eval`, `bench-sr`), not for validation during training."""
+    bare = bare_model(model)
+    if precision != "fp32" or next(bare.parameters()).device.type != "cpu":
+        return None
+    example = torch.zeros(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    # TorchScript is deprecated in torch 2.13 (DeprecationWarning) but still the way to oneDNN's prepacked inference
+    # convolutions without a C++ compiler (torch.compile needs one on the CPU); where it is gone, the eager model runs.
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            layout = bare.to(memory_format=torch.channels_last)
+            graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(layout.eval(), example)))
+    except (AttributeError, RuntimeError):
+        return None
+
+    def network(t: torch.Tensor) -> torch.Tensor:
+        return graph(t.contiguous(memory_format=torch.channels_last))
+
+    return network
+
+
 def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int | None = None, pad: int | None = None,
-                  ensemble: bool = False, precision: str = "fp32") -> np.ndarray:
+                  ensemble: bool = False, precision: str = "fp32",
+                  compiled: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """One RGB uint8 (H, W, 3) image -> (sH, sW, 3) uint8. The model must already be on `device`.
 
     The one inference path: validation, `eval` and `sr` all call it.
     tile None = the whole image unless it is too large (`auto_tile`), 0 = always whole;
     pad None = the model's receptive-field radius (tiles then match the whole-image result);
-    precision (fp32, bf16, fp16; resolved, not auto) is the network's autocast, as in training.
+    precision (fp32, bf16, fp16; resolved, not auto) is the network's autocast, as in training;
+    compiled: a faster forward of the same model (`frozen_cpu_network`), used instead of the eager one.
     """
     img = check_rgb_uint8(lr_uint8_hwc)
     device = torch.device(device)
@@ -100,6 +129,8 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
     x = torch.from_numpy(img).to(device).permute(2, 0, 1)[None].float()
 
     def network(t: torch.Tensor) -> torch.Tensor:
+        if compiled is not None:
+            return compiled(t)
         return bare(t.contiguous(memory_format=memory_format))
 
     with torch.inference_mode(), autocast(device, precision):

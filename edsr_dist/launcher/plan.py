@@ -64,6 +64,31 @@ def core_shares(allowed: list[int], workers: int) -> list[list[int]]:
     return [[allowed[i % len(allowed)]] for i in range(workers)]  # more workers than cores: share round-robin
 
 
+def card_core_shares(allowed: list[int], cards: list[int]) -> list[list[int]]:
+    """One share per card, chosen by the card's own number rather than the worker's position: cores are split into
+    max(card)+1 blocks (taskset style, as ModelZoo's train_full_8p.sh pins `KERNEL_NUM*RANK_ID`) and card k gets
+    block k, so a server given cards 4-7 keeps cards 4-7 on the upper blocks, the NUMA side they sit on in an
+    8-card server. torch_npu's own default split goes by logical index (NPUAffinityController.cpp:97-106,
+    getNPUDefaultCores); only its `npu_affine:1` reads each card's affine CPUs from the driver
+    (GetAffinityCPUInfo.cpp:74-136): set CPU_AFFINITY_CONF for that and the launcher leaves binding to it."""
+    blocks = max(len(cards), max(cards) + 1)
+    if blocks > len(allowed):
+        return core_shares(allowed, len(cards))
+    every = core_shares(allowed, blocks)
+    return [every[card] for card in cards]
+
+
+def torch_npu_binds() -> bool:
+    """CPU_AFFINITY_CONF set to a binding mode: torch_npu binds each thread itself, and skips all of it when the
+    process already has a narrower affinity (NPUAffinityController.cpp:322-342, checkThreadAffinityConflict), so
+    the launcher must not pin. Mode 0 or unset: torch_npu binds nothing (:275-280, :354-356)."""
+    # The mode: a bare number or `mode:N` among the comma-separated items, the first one (parseModeOnly, :187-215);
+    # absent means 0 (:275).
+    items = [item.strip() for item in os.environ.get("CPU_AFFINITY_CONF", "").split(",")]
+    modes = [item.removeprefix("mode:") for item in items if item.isdigit() or item.startswith("mode:")]
+    return bool(modes) and modes[0] not in ("", "0")  # the first one counts (parseModeOnly returns at it)
+
+
 def allowed_cores() -> list[int]:
     """The cores this process may run on (a container or an outer taskset may have narrowed them)."""
     if hasattr(os, "sched_getaffinity"):
@@ -196,12 +221,13 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
 
     local = len(placements)
     shares: list[list[int] | None]
-    if args.no_bind or not hasattr(os, "sched_setaffinity"):
+    if args.no_bind or not hasattr(os, "sched_setaffinity") or (table_path is not None and torch_npu_binds()):
         shares = [None] * local
         inherited = os.environ.get("OMP_NUM_THREADS")
         threads = inherited or str(max(1, len(allowed_cores()) // local))
     else:
-        shares = list(core_shares(allowed_cores(), local))
+        shares = list(card_core_shares(allowed_cores(), [device for _, device in placements])
+                      if table_path is not None else core_shares(allowed_cores(), local))
         threads = ""
     workers = []
     for local_rank, ((rank, device), cores) in enumerate(zip(placements, shares)):
@@ -271,6 +297,8 @@ def describe_plan(plan: Plan) -> str:
     inherited = sorted(k for k in os.environ if k.startswith(("HCCL_", "ASCEND_RT_")) and k not in plan.workers[0].env)
     if inherited:
         lines.append("# passed through to every worker: " + " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in inherited))
+    if plan.workers[0].cores is None and "RANK_TABLE_FILE" in plan.workers[0].env and torch_npu_binds():
+        lines.append(f"# CPU binding: left to torch_npu (CPU_AFFINITY_CONF={os.environ['CPU_AFFINITY_CONF']})")
     if plan.v1_table is not None:
         lines.append(f"# {plan.v1_table.path} is a group_list table: workers get a version 1.0 copy written to "
                      f"{plan.workers[0].env['RANK_TABLE_FILE']}")

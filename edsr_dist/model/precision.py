@@ -107,22 +107,37 @@ class LossScaler:
     The overflow decision is made by the trainer after reducing the flag over all ranks, so every rank
     skips the same steps and changes its scale in lockstep (`update` gets the global flag).
     Disabled (scale 1, never skips) for fp32 and bf16, whose range makes scaling unnecessary.
+
+    The scale and the count of good steps live on the device and `update` is tensor arithmetic, as in
+    torch.amp.GradScaler.update (torch/amp/grad_scaler.py, "we do not check the scale factor value to avoid
+    synchronizations"): a step never reads them on the host. `scale` (logs) and `state_dict` (checkpoints) do.
     """
 
     # 2**10 rather than the usual 2**16: EDSR works on pixel values in [0, 255], so its gradients are large and a
     # 2**16 start overflows for the first several steps (Ascend's own fp16 EDSR recipe uses a static 128).
     def __init__(self, enabled: bool, init_scale: float = 2.0 ** 10, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000, min_scale: float = 1.0):
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, min_scale: float = 1.0,
+                 device: torch.device | None = None):
         self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
+        device = device or torch.device("cpu")
+        self._scale = torch.full((), init_scale if enabled else 1.0, dtype=torch.float32, device=device)
+        self._good_steps = torch.zeros((), dtype=torch.int32, device=device)
         self.growth_factor = growth_factor
         self.backoff_factor = backoff_factor
         self.growth_interval = growth_interval
         self.min_scale = min_scale
-        self.good_steps = 0
+
+    @property
+    def scale(self) -> float:
+        """The current scale, read on the host (a device sync): for logs and probes, not for the step."""
+        return float(self._scale)
+
+    @property
+    def good_steps(self) -> int:
+        return int(self._good_steps)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale if self.enabled else loss
+        return loss * self._scale if self.enabled else loss
 
     def unscale_(self, params) -> torch.Tensor:
         """Divide gradients by the scale in place; return a 0-d float tensor, 1.0 if any gradient is inf/nan."""
@@ -132,29 +147,33 @@ class LossScaler:
         if not grads:
             return found_inf[0]
         if self.enabled:
-            inv = torch.full((1,), 1.0 / self.scale, device=device)
+            # The scale is a power of two, so its float32 reciprocal is exact.
+            inv = self._scale.reciprocal().reshape(1)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
         else:
             norms = torch._foreach_norm(grads)
             found_inf = (~torch.isfinite(torch.stack(norms).sum())).float().reshape(1)
         return found_inf[0]
 
-    def update(self, found_inf: bool) -> None:
+    def update(self, found_inf) -> None:
+        """`found_inf`: the step's global overflow flag, a bool or a 0-d device tensor (> 0: overflow)."""
         if not self.enabled:
             return
-        if found_inf:
-            self.scale = max(self.scale * self.backoff_factor, self.min_scale)
-            self.good_steps = 0
-        else:
-            self.good_steps += 1
-            if self.good_steps >= self.growth_interval:
-                self.scale *= self.growth_factor
-                self.good_steps = 0
+        if not torch.is_tensor(found_inf):
+            found_inf = torch.tensor(float(found_inf))
+        overflow = found_inf.to(self._scale.device) > 0
+        counted = self._good_steps + 1
+        grown = counted >= self.growth_interval
+        backed_off = (self._scale * self.backoff_factor).clamp(min=self.min_scale)
+        new_scale = torch.where(overflow, backed_off, torch.where(grown, self._scale * self.growth_factor, self._scale))
+        new_good = torch.where(overflow | grown, torch.zeros_like(counted), counted)
+        self._scale.copy_(new_scale)
+        self._good_steps.copy_(new_good)
 
     def state_dict(self) -> dict:
         return {"enabled": self.enabled, "scale": self.scale, "good_steps": self.good_steps}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("enabled") == self.enabled:
-            self.scale = float(state["scale"])
-            self.good_steps = int(state["good_steps"])
+            self._scale.fill_(float(state["scale"]))
+            self._good_steps.fill_(int(state["good_steps"]))

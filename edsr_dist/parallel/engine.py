@@ -17,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from edsr_dist.parallel.ascend_env import watchdog_timeout
@@ -24,6 +25,18 @@ from edsr_dist.parallel.world import World
 from edsr_dist.errors import UserError
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+GRAD_COMM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def half_precision_allreduce(dtype: torch.dtype):
+    """A DDP comm hook: gradients cast to `dtype` for the all-reduce (half the bytes), averaged, copied back into
+    the fp32 bucket; torch's own `_compress_hook` (torch/distributed/algorithms/ddp_comm_hooks/default_hooks.py:57-93:
+    divide by the world size before the cast, so fp16 sums do not overflow). Not torch's `bf16_compress_hook` by
+    name: DDP refuses that name unless NCCL >= 2.10 (torch/nn/parallel/distributed.py:2485-2504, _check_comm_hook),
+    which rules out Gloo and HCCL; the same function under another name is accepted."""
+    def grad_comm_hook(process_group, bucket):
+        return default_hooks._compress_hook(dtype, process_group, bucket)
+    return grad_comm_hook
 
 
 class Engine:
@@ -117,8 +130,9 @@ def _attempt_store(world: World, timeout: datetime.timedelta) -> dist.Store:
 class DDPEngine(Engine):
     name = "ddp"
 
-    def __init__(self, world: World, device: torch.device, timeout_s: int):
+    def __init__(self, world: World, device: torch.device, timeout_s: int, grad_comm: str = "none"):
         super().__init__(world, device)
+        self.grad_comm = grad_comm
         backend = BACKENDS[device.type]
         if backend == "hccl":
             timeout_s, note = watchdog_timeout(timeout_s)
@@ -146,12 +160,17 @@ class DDPEngine(Engine):
 
     def wrap(self, model, optimizer):
         # DDP broadcasts rank 0's parameters at wrap time, so every rank starts from the same weights.
+        # A flat-buffer optimizer (torch_npu's NpuFusedAdam) re-points .grad into its own buffer on its first step;
+        # bucket views would re-point them back, leaving it a stale copy, so DDP then copies into .grad instead
+        # (as ModelZoo's EDSR runs it: DDP's default, edsr_x2/main_8p.py:224-226).
         ddp = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type in ("cuda", "npu") else None,
-            gradient_as_bucket_view=True,
+            gradient_as_bucket_view=not getattr(optimizer, "is_fused_optimizer", False),
             bucket_cap_mb=25,
         )
+        if self.grad_comm != "none":
+            ddp.register_comm_hook(None, half_precision_allreduce(GRAD_COMM_DTYPES[self.grad_comm]))
         return ddp, optimizer
 
     def all_reduce_sum(self, tensor):

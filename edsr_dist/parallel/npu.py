@@ -52,3 +52,32 @@ def clear_overflow_flag() -> None:
     reports the flag, so an overflow from earlier work (fp16 validation) would be charged to this step. Only for
     devices in saturation_mode."""
     import_torch_npu().npu.utils.clear_npu_overflow_flag()
+
+
+def fused_adam_class():
+    """torch_npu.optim.NpuFusedAdam where the installed torch_npu ships it (torch_npu/optim/__init__.py:3,11), else
+    None."""
+    optim = getattr(import_torch_npu(), "optim", None)
+    return getattr(optim, "NpuFusedAdam", None)
+
+
+# torch_npu's SocVersion enum (csrc/core/npu/NpuVariables.h:5-35): 910PremiumA=100 .. Ascend910B=104, 310P*=200,
+# Ascend910B1=220 and later.
+FIRST_BINARY_DEFAULT_SOC = 220
+
+
+def use_binary_kernels() -> str:
+    """Binary (precompiled) operator kernels instead of just-in-time compilation, where torch_npu would otherwise
+    compile: its default is JIT before Ascend910B1 (csrc/framework/interface/EnvVariables.cpp:172-186,
+    CheckJitDisableInner), and ModelZoo's scripts switch it off with set_compile_mode(jit_compile=False)
+    (torch_npu/npu/npu_config.py:98-102). Returns what was done, for the banner."""
+    torch_npu = import_torch_npu()
+    soc = torch_npu.npu.get_soc_version() if hasattr(torch_npu.npu, "get_soc_version") else None
+    if soc is not None and soc >= FIRST_BINARY_DEFAULT_SOC:
+        return "binary kernels (torch_npu's default on this SoC)"
+    try:
+        torch_npu.npu.set_compile_mode(jit_compile=False)
+    except RuntimeError as exc:  # ACL_OP_INIT_MODE=2 refuses the change (EnvVariables.cpp:193-198)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"JIT compile kept ({first})"
+    return "binary kernels (set_compile_mode(jit_compile=False))"

@@ -27,6 +27,7 @@ from edsr_dist.data.store import PatchStore
 from edsr_dist.parallel.npu import memory_format as device_memory_format
 from edsr_dist.errors import UserError
 from edsr_dist.model.edsr import build_model
+from edsr_dist.model.optim import clear_gradients, make_optimizer
 from edsr_dist.model.precision import autocast
 from edsr_dist.train.step_timer import StepTimer
 from edsr_dist.train.trainer import Trainer, TrainingDiverged
@@ -173,6 +174,7 @@ def measure_trainer(cfg: Config, warmup: int, steps: int, world=None, phase_sync
             "engine": trainer.engine_name,
             "device": str(trainer.device),
             "precision": trainer.precision,
+            "optimizer": trainer.optimizer_name,
             "threads": trainer.threads,
             "median_step_s": median,
             "mean_step_s": total / steps,
@@ -192,7 +194,7 @@ def measure_bare(cfg: Config, device, precision: str, channels_last: bool, warmu
     memory_format = device_memory_format(device, channels_last)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon)
+    optimizer, optimizer_name = make_optimizer(model.parameters(), cfg, device)  # the trainer's own choice
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     p, s, b = cfg.patch_size, cfg.scale, cfg.batch_size
     lr = (torch.rand(b, 3, p, p, device=device) * 255).contiguous(memory_format=memory_format)
@@ -212,7 +214,7 @@ def measure_bare(cfg: Config, device, precision: str, channels_last: bool, warmu
             else:
                 loss.backward()
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            clear_gradients(optimizer)
             sync()
             times.append(time.perf_counter() - start)
     finally:
@@ -221,7 +223,7 @@ def measure_bare(cfg: Config, device, precision: str, channels_last: bool, warmu
             torch.cuda.empty_cache()
     timed = times[warmup:]
     median = median_of(timed)
-    return {"precision": precision, "channels_last": channels_last, "median_step_s": median,
+    return {"precision": precision, "channels_last": channels_last, "optimizer": optimizer_name, "median_step_s": median,
             "step_times_s": timed, "images_per_s": b / median}
 
 

@@ -10,6 +10,7 @@ of load on a shared machine hits one pass of each; the best pass counts.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ import torch
 
 from edsr_dist.data.sample_store import load_sample_image
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.inference.torch_runtime import load_inference_model, super_resolve
+from edsr_dist.inference.torch_runtime import frozen_cpu_network, load_inference_model, super_resolve
 from edsr_dist.model.edsr import EDSR
 from edsr_dist.inference.onnx_runtime import OnnxModel, onnxruntime_module, super_resolve_onnx
 from edsr_dist.inference.onnx_export import export_onnx, verification_image
@@ -89,10 +90,21 @@ def main(argv: list[str]) -> int:
             path = Path(folder) / "model.onnx"
             export_onnx(model, path, verification_image(None)[0])
             session = OnnxModel(path, device="cpu", threads=threads)
+            frozen_model = copy.deepcopy(model)  # frozen_cpu_network turns its model channels_last
+            frozen = frozen_cpu_network(frozen_model, "fp32")
+            bf16_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
             runners = {
-                "pytorch": lambda img: super_resolve(model, img, "cpu", tile=args.tile, ensemble=args.self_ensemble),
+                # `sr`'s PyTorch path: fp32 through the frozen oneDNN graph on the CPU.
+                "pytorch": lambda img: super_resolve(frozen_model, img, "cpu", tile=args.tile,
+                                                     ensemble=args.self_ensemble, compiled=frozen),
                 "onnxruntime": lambda img: super_resolve_onnx(session, img, tile=args.tile,
                                                               ensemble=args.self_ensemble),
+                # For comparison: the eager fp32 model (sr's path before the frozen graph), and bf16 autocast
+                # (`sr --precision bf16`; needs native bf16 to be fast).
+                "pytorch_eager": lambda img: super_resolve(model, img, "cpu", tile=args.tile,
+                                                           ensemble=args.self_ensemble),
+                "pytorch_bf16": lambda img: super_resolve(bf16_model, img, "cpu", tile=args.tile,
+                                                          ensemble=args.self_ensemble, precision="bf16"),
             }
             passes = measure(runners, images, args.repeat)
     finally:
@@ -111,15 +123,19 @@ def main(argv: list[str]) -> int:
         "torch": torch.__version__, "onnxruntime": onnxruntime_module().__version__,
         "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0], "results": results,
         "onnxruntime_speedup": results["onnxruntime"]["images_per_s"] / results["pytorch"]["images_per_s"],
+        # `sr`'s default (PyTorch fp32) against the fastest fp32 backend: the target is <= 1.2.
+        "default_vs_fastest_fp32": max(results[n]["images_per_s"] for n in ("pytorch", "onnxruntime", "pytorch_eager"))
+        / results["pytorch"]["images_per_s"],
     }
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
     print(f"{model_name}, {len(images)} images ({', '.join(report['images'])}), {threads} thread(s), fp32, "
           f"best of {args.repeat} passes; load average {load_before[0]:.1f} -> {report['load_average_after']:.1f}")
-    print(f"{'backend':<12} {'images/s':>9} {'SR MP/s':>8} {'LR MP/s':>8}  passes (s)")
+    print(f"{'backend':<14} {'images/s':>9} {'SR MP/s':>8} {'LR MP/s':>8}  passes (s)")
     for name, r in results.items():
-        print(f"{name:<12} {r['images_per_s']:9.3f} {r['sr_megapixels_per_s']:8.3f} {r['lr_megapixels_per_s']:8.3f}  "
+        print(f"{name:<14} {r['images_per_s']:9.3f} {r['sr_megapixels_per_s']:8.3f} {r['lr_megapixels_per_s']:8.3f}  "
               + " ".join(f"{s:.2f}" for s in r["pass_seconds"]))
-    print(f"onnxruntime / pytorch: {report['onnxruntime_speedup']:.2f}x")
+    print(f"onnxruntime / pytorch: {report['onnxruntime_speedup']:.2f}x; fastest fp32 / sr's default (pytorch): "
+          f"{report['default_vs_fastest_fp32']:.2f}x")
     return 0

@@ -232,7 +232,7 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
         "batch_size": cfg.batch_size, "patch_size": cfg.patch_size, "precision": precision,
         "channels_last": cfg.channels_last, "device": str(device), "nproc": args.nproc, "threads": total_threads,
         "threads_per_worker": trainer["threads"], "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat,
-        "compare_nproc": args.compare_nproc,
+        "compare_nproc": args.compare_nproc, "optimizer": trainer.get("optimizer", bare.get("optimizer")),
         "data": cfg.data, "log_every": cfg.log_every,
     }
     report["machine"] = machine_info(device)
@@ -254,7 +254,8 @@ def format_report(r: dict) -> str:
     repeats = f", best of {s['repeat']} repeats" if s["repeat"] > 1 else ""
     lines = [
         f"{PROG}: EDSR x{s['scale']} {s['num_blocks']}x{s['num_filters']} ({s['preset']}), global batch "
-        f"{s['batch_size']}, {s['patch_size']}x{s['patch_size']} LR patches, {s['precision']}, {fmt}, {s['device']}",
+        f"{s['batch_size']}, {s['patch_size']}x{s['patch_size']} LR patches, {s['precision']}, {fmt}, {s['device']}, "
+        f"{s.get('optimizer')} (trainer and bare loop)",
         f"machine: {m['device_name'] + '; ' if not s['device'].startswith('cpu') else ''}{m['cpus_allowed']} of "
         f"{m['cpus']} CPUs ({m['cpu_model']}{', native bf16' if m['cpu_native_bf16'] else ''}), torch {m['torch']}; "
         f"load average {m['load_average_before']:.2f} before, {m['load_average_after']:.2f} after",

@@ -24,16 +24,23 @@ SAMPLE_LABEL_HEIGHT = 16
 
 
 class LossMeter:
-    """Sum of the losses of the steps that were not skipped, kept on the device (no sync per step)."""
+    """Sum and count of the losses of the steps that were not skipped, kept on the device (no sync per step):
+    whether a step was skipped is a device-side flag the host does not read."""
 
     def __init__(self, device: torch.device):
         self.sum = torch.zeros((), device=device)
-        self.steps = 0
+        self.count = torch.zeros((), device=device)
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.sum += loss
-        self.steps += 1
+    def add(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
+        taken = skipped <= 0
+        self.sum += torch.where(taken, loss, torch.zeros_like(loss))  # a skipped step's loss may be NaN
+        self.count += taken.float()
+
+    @property
+    def steps(self) -> int:
+        """Steps counted so far, read on the host (a device sync): at log and epoch boundaries only."""
+        return int(self.count)
 
 
 class MetricsLog:

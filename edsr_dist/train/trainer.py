@@ -38,6 +38,7 @@ from edsr_dist.errors import UserError
 from edsr_dist.inference.torch_runtime import super_resolve
 from edsr_dist.evaluation.metrics import bicubic_upscale
 from edsr_dist.model.edsr import build_model
+from edsr_dist.model.optim import clear_gradients, fit_state_to, make_optimizer, skips_on_device
 from edsr_dist.model.precision import LossScaler, autocast, resolve_device_and_precision
 from edsr_dist.model.schedules import base_lr, learning_rate
 from edsr_dist.train.reporting import (LossMeter, MetricsLog, hms, module_groups, recipe_warnings, result_line,
@@ -86,7 +87,7 @@ class Trainer:
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
         self.threads = set_threads(cfg)
         self.engine_name = resolve_engine_name(cfg.engine, self.world)
-        self.engine = make_engine(self.engine_name, self.world, self.device, cfg.dist_timeout)
+        self.engine = make_engine(self.engine_name, self.world, self.device, cfg.dist_timeout, cfg.grad_comm)
         self.is_main = self.world.is_main
 
         self.owner = None  # rank 0's hold on the run folder, from before anything is written until close()
@@ -124,10 +125,15 @@ class Trainer:
         self.memory_format = npu.memory_format(self.device, cfg.channels_last)
         # The chip's overflow mode does not change during a run: asked once, not every step.
         self._saturation_mode = npu.saturation_mode(self.device)
+        # Ascend: precompiled operator kernels, so that no operator is compiled just in time (docs/ASCEND.md).
+        self.kernels = npu.use_binary_kernels() if self.device.type == "npu" else ""
         self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)  # the bare network
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                          eps=cfg.epsilon)
-        self.scaler = LossScaler(enabled=self.precision == "fp16")
+        self.compiled = self._compile()
+        self.optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg, self.device)
+        # Where the optimizer takes the overflow flag as a tensor (fused Adam on CUDA), the skip is decided on the
+        # device and no step waits for the device; elsewhere the host reads the flag (free on the CPU).
+        self.skip_on_device = skips_on_device(self.optimizer, self.device)
+        self.scaler = LossScaler(enabled=self.precision == "fp16", device=self.device)
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.step = 0
         self.epoch = 0
@@ -145,8 +151,12 @@ class Trainer:
         self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer)
         self.metrics = MetricsLog(self.out, self.is_main, cfg.tensorboard)
         self._bar = None  # tqdm on rank 0 while fit() runs
-        self._bad_steps = 0  # consecutive skipped (non-finite) steps
+        self._bad_steps = 0  # consecutive skipped (non-finite) steps, as far as the host has read the flags
         self._save_due = False  # a step-cadence checkpoint waiting for a finite step
+        # Each step's all-reduced flags (overflow, stop, timed save) on their way to the host: those of step k are
+        # read during step k+1 (or at once where a save or the epoch's end needs them), so the host never waits
+        # for the step it has just queued. Every rank reads them at the same steps, so every rank acts alike.
+        self._pending_flags: list[tuple[int, torch.Tensor, object]] = []
         self._stop_requested = False  # set by a signal, on this rank, at any moment
         self.stop_signal: int | None = None  # which signal, when this rank got one (for the exit code)
         self._stop_agreed = False  # set in a step, on every rank at once: the only one the loop acts on
@@ -177,7 +187,7 @@ class Trainer:
             if name == "ema" and name not in state:  # EMA switched on when resuming: it starts from the weights
                 part.reset(self.model)
                 continue
-            part.load_state_dict(state[name])
+            part.load_state_dict(fit_state_to(part, state[name]) if name == "optimizer" else state[name])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.best_psnr = state.get("best_psnr")
         if self.step_in_epoch >= self.steps_per_epoch:  # saved at the very end of an epoch
@@ -234,6 +244,19 @@ class Trainer:
         if self.is_main:
             self._drop_metrics_after(self.step)
         return str(path)
+
+    def _compile(self) -> bool:
+        """--compile: torch.compile of the network's forward, in place (Module.compile: parameter names and
+        checkpoints unchanged), before DDP wraps it. CUDA only: elsewhere one note and the eager model."""
+        if not self.cfg.compile:
+            return False
+        if self.device.type != "cuda":
+            if self.is_main:
+                print(f"edsr-dist train: note: --compile applies to CUDA only; ignored on {self.device.type}",
+                      file=sys.stderr, flush=True)
+            return False
+        self.model.compile()
+        return True
 
     def _init_from(self) -> str | None:
         """Fresh optimizer, schedule and step count; weights whose name and shape match come from the file."""
@@ -312,13 +335,20 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
 
-    def to_device(self, batch_uint8: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(batch_uint8).to(self.device, non_blocking=True)
+    def to_device(self, batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A uint8 NHWC batch (an array, or a page-locked tensor from the prefetcher) as float on the device."""
+        x = batch_uint8 if torch.is_tensor(batch_uint8) else torch.from_numpy(batch_uint8)
+        x = x.to(self.device, non_blocking=True)
         # NHWC uint8 -> logical NCHW float; permute keeps the NHWC storage, i.e. channels_last, for free.
         x = x.permute(0, 3, 1, 2).float()
         return x.contiguous(memory_format=self.memory_format)
 
-    def train_step(self, lr_batch: np.ndarray, hr_batch: np.ndarray) -> tuple[torch.Tensor, bool]:
+    def train_step(self, lr_batch: np.ndarray, hr_batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step; returns the loss and the step's global skip flag, both device tensors (> 0: skipped).
+
+        Nothing here waits for the device where the skip is decided on it: the overflow flag goes to the fused
+        optimizer as a tensor, the loss scale and the EMA are updated by tensor arithmetic, and the flags of the
+        previous step are read from the host copy made then."""
         timer = self.timer
         timer.begin_step()
         for group in self.optimizer.param_groups:
@@ -334,34 +364,86 @@ class Trainer:
         with timer.phase("finish_gradients"):
             self.engine.finish_gradients(self.optimizer)
         bad = self.scaler.unscale_(self.model.parameters()) if self.scaler.enabled else (~torch.isfinite(loss.detach())).float()
+        bad = bad.reshape(())
         if self.cfg.grad_clip_norm:
             # The gradients are the all-reduced (and unscaled) ones, identical on every rank, so is their norm.
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads)
-            bad = torch.maximum(bad.reshape(()), (~torch.isfinite(grad_norm)).float().to(bad.device))
+            bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float().to(bad.device))
         # One small all-reduce carries the overflow flag, a pending stop request and rank 0's "a timed checkpoint
         # is due", so all ranks skip the same steps, stop at the same step boundary and save at the same step.
-        requests = [float(self._stop_requested), float(self.is_main and self._minutes_elapsed())]
-        flags = torch.cat([bad.reshape(1), torch.tensor(requests, device=bad.device)])
+        # new_full fills on the device: torch.tensor(list, device=...) would be a blocking host-to-device copy.
+        timed_save = self.is_main and self._minutes_elapsed()
+        if timed_save:  # rank 0's clock restarts at the request: the save it asks for comes a step later
+            self._last_save = time.monotonic()
+        flags = torch.stack([bad, bad.new_full((), float(self._stop_requested)), bad.new_full((), float(timed_save))])
         with timer.phase("overflow_check"):
             flags = self.engine.all_reduce_max(flags)
-        flags = flags.tolist()
-        skipped = flags[0] > 0
-        if not skipped:
+        found_inf = flags[0]
+        if self.skip_on_device:
+            self._pending_flags.append((self.step + 1, *self._copy_to_host(flags)))
             with timer.phase("optimizer"):
                 if self.cfg.grad_clip_norm:
                     torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip_norm, grad_norm)
-                self.engine.step(self.optimizer)
+                # The fused kernel leaves parameters and moments alone, and takes back its step count, when the
+                # flag is 1 (torch/optim/adam.py _fused_adam; as torch.amp.GradScaler.step passes it).
+                self.optimizer.found_inf = found_inf
+                try:
+                    self.engine.step(self.optimizer)
+                finally:
+                    del self.optimizer.found_inf
                 if self.ema is not None:
-                    self.ema.update(self.model)
-        self.scaler.update(skipped)
-        self.optimizer.zero_grad(set_to_none=True)
+                    self.ema.update(self.model, skipped=found_inf)
+        else:
+            host = flags.tolist()  # the skip is a host decision here: on the CPU a read, not a wait
+            self._pending_flags.append((self.step + 1, host, None))
+            if not host[0] > 0:
+                with timer.phase("optimizer"):
+                    if self.cfg.grad_clip_norm:
+                        torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip_norm,
+                                                             grad_norm)
+                    self.engine.step(self.optimizer)
+                    if self.ema is not None:
+                        self.ema.update(self.model)
+        self.scaler.update(found_inf)
+        clear_gradients(self.optimizer)
         # Never act on the local flag directly: a signal landing between this all-reduce and the loop's check
         # would stop this rank one step before the others, leaving them waiting in the next step's collectives.
-        self._stop_agreed = flags[1] > 0
-        self._minutes_due_agreed = flags[2] > 0
+        # The previous step's flags, copied while this step was queued: by now they are on the host.
+        self._read_flags(through_step=self.step)
+        skipped = found_inf > 0
         timer.end_step(skipped)
         return loss.detach(), skipped
+
+    def _copy_to_host(self, flags: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Start copying the flags to the host without waiting; an event tells when they have arrived. The host
+        buffer is page-locked: a copy into pageable memory would make the host wait."""
+        if self.device.type == "cuda":
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return host, ready
+        return flags.to("cpu", non_blocking=True), None
+
+    def _read_flags(self, through_step: int) -> None:
+        """Act on the flags of every step up to `through_step` not read yet, oldest first: count non-finite
+        steps (divergence is declared after MAX_BAD_STEPS of them, so it may be seen one step after the last of
+        them), and take up agreed stop and timed-save requests."""
+        while self._pending_flags and self._pending_flags[0][0] <= through_step:
+            step, host, ready = self._pending_flags.pop(0)
+            if ready is not None:
+                ready.synchronize()
+            bad, stop, minutes = host.tolist() if torch.is_tensor(host) else host
+            if stop > 0:
+                self._stop_agreed = True
+            if minutes > 0:
+                self._minutes_due_agreed = True
+            self._count_bad_step(bad > 0, step)
+
+    def _read_all_flags(self) -> None:
+        """At a step boundary every rank reaches together (a save, the end of an epoch): read this step's too."""
+        self._read_flags(through_step=self.step)
 
     # ---- validation -----------------------------------------------------------------------------------------
 
@@ -419,10 +501,16 @@ class Trainer:
         blew up, and retention would delete the good checkpoints before divergence is declared."""
         if (self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0) or self.should_save_minutes():
             self._save_due = True
+        if self._save_due:
+            # This save answers the timed-save requests read so far; reading this very step's flags (whether it was
+            # finite: a read at save steps only) may bring a new one, which the next step's save answers.
+            self._minutes_due_agreed = False
+            self._read_all_flags()
         return self._save_due and not self._bad_steps
 
     def should_save_minutes(self) -> bool:
-        """--save-every-minutes: rank 0's clock decided in this step's flags all-reduce, so every rank agrees."""
+        """--save-every-minutes: rank 0's clock decided in a step's flags all-reduce, read by every rank at the same
+        later step, so every rank agrees."""
         return self._minutes_due_agreed
 
     def _minutes_elapsed(self) -> bool:
@@ -435,10 +523,10 @@ class Trainer:
     def should_save_epoch(self, epoch_number: int, last: bool) -> bool:
         return epoch_number % self.cfg.save_every == 0 or last
 
-    def _count_bad_step(self, skipped: bool) -> None:
+    def _count_bad_step(self, skipped: bool, step: int) -> None:
         self._bad_steps = self._bad_steps + 1 if skipped else 0
         if self._bad_steps >= MAX_BAD_STEPS[self.precision]:
-            raise TrainingDiverged(self.step)
+            raise TrainingDiverged(step)
 
     # ---- the loop -------------------------------------------------------------------------------------------
 
@@ -465,7 +553,8 @@ class Trainer:
         """Steps from step_in_epoch to the end of the epoch (or of the run); returns the epoch's losses."""
         epoch_loss, window = LossMeter(self.device), LossMeter(self.device)
         batches = Prefetcher(lambda s: self.sampler.batch(self.epoch, s),
-                             range(self.step_in_epoch, self.steps_per_epoch), self.timer)
+                             range(self.step_in_epoch, self.steps_per_epoch), self.timer,
+                             pin=self.device.type in ("cuda", "npu"))
         try:
             for step_in_epoch, (lr_batch, hr_batch) in batches:
                 loss, skipped = self.train_step(lr_batch, hr_batch)
@@ -473,10 +562,8 @@ class Trainer:
                 self.step_in_epoch = step_in_epoch + 1
                 if self._bar is not None:
                     self._bar.update(1)
-                self._count_bad_step(skipped)
-                if not skipped:
-                    epoch_loss.add(loss)
-                    window.add(loss)
+                epoch_loss.add(loss, skipped)
+                window.add(loss, skipped)
                 if self.should_log(window):
                     self._log_window(window)
                     window = LossMeter(self.device)
@@ -487,6 +574,9 @@ class Trainer:
                     raise Interrupted()
                 if self.step >= self.total_steps:
                     break
+            self._read_all_flags()  # the last step's flags, before validation and the epoch's checkpoint
+            if self._stop_agreed:
+                raise Interrupted()
         finally:
             batches.close()
         return epoch_loss
@@ -507,7 +597,7 @@ class Trainer:
         return report
 
     def _mean_over_ranks(self, meter: LossMeter) -> float:
-        both = torch.stack([meter.sum.detach().float(), torch.tensor(float(meter.steps), device=meter.sum.device)])
+        both = torch.stack([meter.sum.detach().float(), meter.count.float()])
         both = self.engine.all_reduce_sum(both).cpu()
         return both[0].item() / max(both[1].item(), 1.0)
 
@@ -565,7 +655,8 @@ class Trainer:
             layout += " (NPU tensors are contiguous only; channels_last ignored)"
         return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
                 f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
-                f"{self.precision}, {layout}, {self.threads} thread(s)/worker, global batch {self.cfg.batch_size}, "
+                f"{self.precision}, {layout}, {self._speed_settings()}, {self.threads} thread(s)/worker, "
+                f"global batch {self.cfg.batch_size}, "
                 f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {recipe}; {where}"
                 f"{self._unused_devices_note()}")
 
@@ -579,6 +670,16 @@ class Trainer:
         kind = "NPUs" if self.device.type == "npu" else "GPUs"
         return (f"; this process uses 1 of the {count} {kind} it sees (one process per pod, from RANK/WORLD_SIZE): "
                 "run `edsr-dist launch` in the pod to use all of them")
+
+    def _speed_settings(self) -> str:
+        parts = [self.optimizer_name]
+        if self.cfg.grad_comm != "none" and self.world.size > 1:
+            parts.append(f"{self.cfg.grad_comm} gradient all-reduce")
+        if self.compiled:
+            parts.append("torch.compile")
+        if self.kernels:
+            parts.append(self.kernels)
+        return ", ".join(parts)
 
     def close(self, clean: bool = True) -> None:
         self.metrics.close()

@@ -15,7 +15,7 @@ LAYERS = [
      "edsr_dist.launcher", "edsr_dist.evaluation", "edsr_dist.inference", "edsr_dist.perf", "edsr_dist.state.locations"],
     ["edsr_dist.config", "edsr_dist.state.atomic", "edsr_dist.launcher.rank_table", "edsr_dist.train.step_timer", "edsr_dist.state.safe_load", "edsr_dist.parallel.npu",
      "edsr_dist.parallel.ascend_env", "edsr_dist.evaluation.reference_numbers", "edsr_dist.inference.tiling"],
-    ["edsr_dist.model.edsr", "edsr_dist.model.precision", "edsr_dist.evaluation.metrics", "edsr_dist.data", "edsr_dist.data.resize",
+    ["edsr_dist.model.edsr", "edsr_dist.model.precision", "edsr_dist.model.optim", "edsr_dist.evaluation.metrics", "edsr_dist.data", "edsr_dist.data.resize",
      "edsr_dist.data.store", "edsr_dist.data.images", "edsr_dist.parallel.world", "edsr_dist.launcher.hostfile",
      "edsr_dist.state.checkpoint", "edsr_dist.model.schedules", "edsr_dist.state.owner", "edsr_dist.launcher.pod_env", "edsr_dist.state.remote"],
     ["edsr_dist.data.builder", "edsr_dist.data.sampler", "edsr_dist.data.prefetch", "edsr_dist.parallel.engine", "edsr_dist.state.weights",

@@ -7,7 +7,8 @@ from torch import nn
 from edsr_dist.state.checkpoint import save_checkpoint
 from edsr_dist.cli import main as cli_main
 from edsr_dist.config import Config
-from edsr_dist.inference.torch_runtime import forward_tiled, receptive_field_radius, self_ensemble, super_resolve
+from edsr_dist.inference.torch_runtime import (forward_tiled, frozen_cpu_network, receptive_field_radius, self_ensemble,
+                                              super_resolve)
 from edsr_dist.evaluation.metrics import to_uint8
 from edsr_dist.model.edsr import EDSR, build_model
 
@@ -61,6 +62,24 @@ def test_tiled_equals_untiled(scale):
         short = forward_tiled(model, lr, tile=10, pad=radius - 1, scale=scale)
         assert (short - whole).abs().max().item() > 1e-3
         assert torch.equal(forward_tiled(model, lr, tile=0, pad=0, scale=scale), whole)
+
+
+def test_every_tile_window_has_one_shape():
+    """A JIT-compiling device (Ascend before 910B1) compiles each new input shape: fixed tiles give one."""
+    model = _model(2)
+    shapes = []
+
+    def network(x):
+        shapes.append(tuple(x.shape))
+        return model(x)
+
+    lr = torch.rand(1, 3, 23, 30) * 255
+    radius = receptive_field_radius(model)
+    with torch.no_grad():
+        tiled = forward_tiled(network, lr, tile=7, pad=radius, scale=2)
+        assert (tiled - model(lr)).abs().max().item() < 1e-3
+    side = 7 + 2 * radius
+    assert set(shapes) == {(1, 3, min(side, 23), min(side, 30))} and len(shapes) == 4 * 5
 
 
 def _manual_ensemble(model, lr):
@@ -152,3 +171,13 @@ def test_sr_command_end_to_end(tmp_path, capsys):
     for text in ("missing.png does not exist", "nothing does not exist", "has no images (.png, .bmp, .tif",
                  "cannot read image", "would both be written"):
         assert text in err, text
+
+
+def test_frozen_cpu_network_matches_the_eager_model_at_any_size():
+    model = _model(2)
+    frozen = frozen_cpu_network(_model(2), "fp32")
+    img = (np.random.default_rng(0).random((19, 27, 3)) * 255).astype(np.uint8)
+    eager = super_resolve(model, img, "cpu", tile=0)
+    fast = super_resolve(_model(2), img, "cpu", tile=0, compiled=frozen)
+    assert np.abs(eager.astype(int) - fast.astype(int)).max() <= 1  # float rounding in uint8
+    assert frozen_cpu_network(_model(2), "bf16") is None  # autocast runs the eager model

@@ -24,6 +24,9 @@ real torch_npu and HCCL enforce (read from Ascend/pytorch at 9e73e70), so code t
   or its rank_id on another card) falls back to root-info, as ProcessGroupHCCL.cpp createHCCLCommEx (L2756-2809)
   and getHCCLComm (L3011-3013) do; when only some ranks fall back, the real job hangs: here that is an error.
 
+Records (torch_npu._record): FAKE_NPU_RECORD=<file> gets a JSON line for the optimizer built and each
+set_compile_mode; `_record.counters` counts blocking device reads and pageable non_blocking copies to the device.
+
 Test knobs (environment): FAKE_NPU_COUNT physical cards (default 8); FAKE_NPU_HOST the host name HCCL sees (for
 processes that stand for separate pods); FAKE_NPU_SOC; FAKE_NPU_OVERFLOW_STEPS
 "rank:n,..." raises the flag during the n-th overflow check (the n-th fp16 step) of that rank;
@@ -47,7 +50,7 @@ from torch.futures import Future  # noqa: E402
 from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
 
 from torch_npu import distributed as _distributed  # noqa: E402
-from torch_npu import npu  # noqa: E402
+from torch_npu import _record, npu, optim  # noqa: E402,F401  (torch_npu.optim is part of the module)
 from torch_npu.npu import utils as _utils  # noqa: E402
 
 FP16_MAX = 65504.0
@@ -67,6 +70,7 @@ class NPUTensor(torch.Tensor):
         return out
 
     def tolist(self):
+        _record.counters["device_reads"] += 1
         return self.elem.tolist()
 
     def __repr__(self):
@@ -118,6 +122,7 @@ def _run(func, args, kwargs):
     _check_memory_format(func, kwargs)
     if func is torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default:
         return _non_finite_check_and_unscale(*args)
+    _count_host_reads(func, args, kwargs)
     unwrap = lambda t: t.elem if isinstance(t, NPUTensor) else t  # noqa: E731
     kwargs = dict(kwargs)
     device = kwargs.get("device")
@@ -130,6 +135,34 @@ def _run(func, args, kwargs):
         return out
     out = _saturate(out)
     return tree_map(lambda t: NPUTensor(t, index) if type(t) is torch.Tensor else t, out)
+
+
+def _count_host_reads(func, args, kwargs) -> None:
+    """A read of an npu tensor by the host that waits for the device: a scalar, or a blocking copy to the CPU."""
+    if func is torch.ops.aten._local_scalar_dense.default:
+        _record.counters["device_reads"] += 1
+    elif func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None \
+            and torch.device(kwargs["device"]).type == "cpu" and not kwargs.get("non_blocking", False):
+        _record.counters["device_reads"] += 1
+    elif func is torch.ops.aten.copy_.default:
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        if not isinstance(args[0], NPUTensor) and not non_blocking:
+            _record.counters["device_reads"] += 1
+        elif isinstance(args[0], NPUTensor) and not isinstance(args[1], NPUTensor) and non_blocking \
+                and not _is_pinned(args[1]):
+            _record.counters["pageable_async_copies"] += 1
+
+
+def _pin_memory(self, device=None):
+    """Page-locked memory for the npu (torch_npu registers _pin_memory/is_pinned: npu_native_functions.yaml:6,33):
+    here a copy the fake remembers as pinned."""
+    out = self.clone()
+    out._fake_pinned = True
+    return out
+
+
+def _is_pinned(self, device=None):
+    return bool(getattr(self, "_fake_pinned", False))
 
 
 def _non_finite_check_and_unscale(grads, found_inf, inv_scale):
@@ -162,6 +195,8 @@ def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memor
 
 def _copy_from(src, dst, non_blocking=False):
     """Copies that bypass Python dispatch (torch.tensor(..., device=npu) fills its result this way)."""
+    if non_blocking and not isinstance(src, NPUTensor) and not _is_pinned(src):
+        _record.counters["pageable_async_copies"] += 1
     dst.elem.copy_(src.elem if isinstance(src, NPUTensor) else src)
     return dst
 
@@ -275,6 +310,7 @@ def _table_entry_ok(rank: int) -> bool:
 
 def _install() -> None:
     _registration._setup_privateuseone_for_python_backend(rename="npu", backend_module=npu)
+    torch.Tensor.pin_memory, torch.Tensor.is_pinned = _pin_memory, _is_pinned
     factories = torch.library.Library("aten", "IMPL")
     factories.impl("empty.memory_format", _empty, "PrivateUse1")
     factories.impl("empty_strided", _empty_strided, "PrivateUse1")

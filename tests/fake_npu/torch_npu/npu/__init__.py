@@ -81,6 +81,31 @@ def get_device_name(device=None) -> str:
     return os.environ.get("FAKE_NPU_SOC", "Ascend910A")
 
 
+# torch_npu's SocVersion values (csrc/core/npu/NpuVariables.h:5-35) for the names the tests use.
+_SOC_VERSIONS = {"Ascend910PremiumA": 100, "Ascend910ProA": 101, "Ascend910A": 102, "Ascend910ProB": 103,
+                 "Ascend910B": 104, "Ascend910B1": 220, "Ascend910B2": 221, "Ascend910B3": 223, "Ascend910B4": 224,
+                 "Ascend910_9391": 250}
+_compile = {"jit_compile": None}  # None: never set, torch_npu's per-SoC default applies
+
+
+def get_soc_version() -> int:
+    return _SOC_VERSIONS[get_device_name()]
+
+
+def set_compile_mode(jit_compile=False) -> None:
+    """torch_npu/npu/npu_config.py:98-102; the choice is recorded for the tests."""
+    from torch_npu import _record
+    _compile["jit_compile"] = bool(jit_compile)
+    _record.event("compile_mode", jit_compile=bool(jit_compile))
+
+
+def is_jit_compile_false() -> bool:
+    """EnvVariables.cpp:172-186: unset means binary kernels from Ascend910B1 only."""
+    if _compile["jit_compile"] is None:
+        return get_soc_version() >= 220
+    return not _compile["jit_compile"]
+
+
 def manual_seed_all(seed) -> None:
     pass
 
