@@ -203,7 +203,7 @@ class Trainer:
             cached = default_sample_store_path(self.cfg.cache_dir)
             path = ensure_sample_store(cached) if self.is_main else None
             if self.is_main:
-                print(f"sample store: {path} (cached; --cache-dir or EDSR_DIST_CACHE sets the folder)", flush=True)
+                print(f"sample store: {path} (cached; EDSR_DIST_CACHE sets the folder)", flush=True)
             self.engine.barrier()
             path = path or ensure_sample_store(cached)
         elif is_url(path):
