@@ -106,9 +106,33 @@ def discover_world(env: dict | None = None) -> World:
         return _mpi(env)
     if any(name in env for name in ("RANK_ID", "RANK_SIZE", "DEVICE_ID")):
         return _ascend_script(env)
+    _check_kubeflow_pod(env)
     if any(name in env for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return _env_style(env)
     return World()
+
+
+KUBEFLOW_VARS = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK")
+
+
+def _check_kubeflow_pod(env: dict) -> None:
+    """Kubeflow writes torchrun's flags as PET_* variables (kubeflow/trainer pkg/runtime/framework/plugins/torch/
+    torch.go L110-176; training-operator v1.9 pkg/controller.v1/pytorch/envvar.go L99-123, where WORLD_SIZE = pods x
+    nprocPerNode but RANK stays the pod's index). Past torchrun's branch above nobody read them: a process started
+    directly is one process of a pod meant to run PET_NPROC_PER_NODE, or a pod with no rank at all."""
+    present = [name for name in KUBEFLOW_VARS if name in env]
+    if not present:
+        return
+    fix = ("make the container's command `edsr-dist launch -- <train arguments>` (it reads the pod's variables and "
+           "starts one worker per device), or torchrun")
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        shown = " ".join(f"{name}={env[name]}" for name in present)
+        raise UserError(f"{shown}: Kubeflow sets these for torchrun, which did not start this process; {fix}")
+    nproc = env.get("PET_NPROC_PER_NODE", "")
+    if nproc.isdigit() and int(nproc) > 1:
+        raise UserError(f"PET_NPROC_PER_NODE={nproc}: this pod is meant to run {nproc} workers, but a process started "
+                        f"alone is only one of them (RANK={env['RANK']} of WORLD_SIZE={env['WORLD_SIZE']} would wait "
+                        f"for the others); {fix}")
 
 
 def _our_launcher(env: dict) -> World:

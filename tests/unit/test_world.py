@@ -146,3 +146,24 @@ def test_torchrun_with_a_rank_table_maps_this_server_and_local_rank_to_the_entry
         discover_world({**base, "RANK": "0", "LOCAL_RANK": "0"})
     with pytest.raises(UserError, match="--nnodes 2 --nproc-per-node 2"):
         discover_world({**base, "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"})
+
+
+KUBEFLOW_POD = {"MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456", "PET_MASTER_ADDR": "job-master-0",
+                "PET_MASTER_PORT": "23456", "PET_NNODES": "2", "PET_NODE_RANK": "1", "RANK": "1"}
+
+
+@pytest.mark.parametrize("env, fragment", [
+    # A TrainJob pod: only torchrun's PET_* flags (kubeflow/trainer torch.go).
+    ({"PET_NNODES": "2", "PET_NPROC_PER_NODE": "auto", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "job-node-0-0",
+      "PET_MASTER_PORT": "29500"}, "Kubeflow sets these for torchrun.*edsr-dist launch"),
+    # A PyTorchJob pod with nprocPerNode 8: WORLD_SIZE = 2 x 8, RANK = the pod's index (training-operator envvar.go).
+    (dict(KUBEFLOW_POD, WORLD_SIZE="16", PET_NPROC_PER_NODE="8"), "meant to run 8 workers.*RANK=1 of WORLD_SIZE=16"),
+])
+def test_a_kubeflow_pod_meant_for_torchrun_is_one_line_not_a_solo_or_hung_worker(env, fragment):
+    with pytest.raises(UserError, match=fragment):
+        discover_world(env)
+
+
+def test_a_kubeflow_pod_of_one_process_is_one_rank_of_the_pods():
+    world = discover_world(dict(KUBEFLOW_POD, WORLD_SIZE="2", PET_NPROC_PER_NODE="auto"))
+    assert (world.rank, world.size, world.local_rank, world.launcher) == (1, 2, 0, "env")
