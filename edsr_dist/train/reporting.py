@@ -10,10 +10,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from edsr_dist import __version__
 from edsr_dist.config import Config
 from edsr_dist.data.store import PatchStore
 from edsr_dist.evaluation.metrics import psnr_y
-from edsr_dist.model.schedules import PAPER_BATCH
+from edsr_dist.model.schedules import PAPER_BATCH, base_lr
+from edsr_dist.state.atomic import atomic_write_text
 
 # Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
 # every few steps: the README's `--epochs 300` on a small store once gave one step per epoch.
@@ -138,3 +140,65 @@ def recipe_warnings(cfg: Config, steps_per_epoch: int, store: PatchStore) -> lis
         warnings.append(f"--scale-lr raises lr to {cfg.lr * cfg.batch_size / PAPER_BATCH:.2e} from the first step; "
                         "linear scaling needs a warm-up: pass --warmup-steps (e.g. 5 epochs' worth)")
     return warnings
+
+
+def banner(trainer) -> str:
+    w = trainer.world
+    where = f"resumed from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from else "fresh start"
+    if trainer.initialized_from:
+        where += f" from the weights of {trainer.initialized_from}"
+    elif trainer.resumed_from and trainer.cfg.init_from:
+        where += f" (--init-from {trainer.cfg.init_from} applies to a fresh start only)"
+    recipe = f"lr {trainer.cfg.lr_schedule}, peak {base_lr(trainer.cfg):.3e}" + (
+        f" after {trainer.cfg.warmup_steps} warm-up steps" if trainer.cfg.warmup_steps else "")
+    if trainer.ema is not None:
+        recipe += f", EMA {trainer.cfg.ema_decay}"
+    if trainer.cfg.grad_clip_norm:
+        recipe += f", grad clip {trainer.cfg.grad_clip_norm}"
+    layout = "channels_last" if trainer.memory_format == torch.channels_last else "contiguous"
+    if trainer.device.type == "npu" and trainer.cfg.channels_last:
+        layout += " (NPU tensors are contiguous only; channels_last ignored)"
+    return (f"edsr-dist {__version__}: EDSR x{trainer.cfg.scale} {trainer.cfg.num_blocks}x{trainer.cfg.num_filters}, "
+            f"{w.size} worker(s) via {w.launcher}, engine {trainer.engine_name}, device {trainer.device}, "
+            f"{trainer.precision}, {layout}, {_speed_settings(trainer)}, {trainer.threads} thread(s)/worker, "
+            f"global batch {trainer.cfg.batch_size}, "
+            f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps, {recipe}; {where}"
+            f"{_unused_devices_note(trainer)}")
+
+
+def _unused_devices_note(trainer) -> str:
+    """One process per pod (RANK/WORLD_SIZE only) uses one device; say so where the pod has more."""
+    if trainer.world.launcher != "env" or trainer.device.type not in ("npu", "cuda"):
+        return ""
+    count = torch.npu.device_count() if trainer.device.type == "npu" else torch.cuda.device_count()
+    if count <= 1:
+        return ""
+    kind = "NPUs" if trainer.device.type == "npu" else "GPUs"
+    return (f"; this process uses 1 of the {count} {kind} it sees (one process per pod, from RANK/WORLD_SIZE): "
+            "run `edsr-dist launch` in the pod to use all of them")
+
+
+def _speed_settings(trainer) -> str:
+    parts = [trainer.optimizer_name]
+    if trainer.cfg.grad_comm != "none" and trainer.world.size > 1:
+        parts.append(f"{trainer.cfg.grad_comm} gradient all-reduce")
+    if trainer.compiled:
+        parts.append("torch.compile")
+    if trainer.kernels:
+        parts.append(trainer.kernels)
+    return ", ".join(parts)
+
+
+def drop_metrics_after(out: Path, step: int) -> None:
+    """A killed run logged steps past its last checkpoint; the resumed run logs them again."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -22,33 +21,29 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from edsr_dist import __version__
-from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.evaluation.benchmark_sets import score_shards, validation_source
-from edsr_dist.state.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from edsr_dist.state.checkpoint import list_checkpoints, save_checkpoint
 from edsr_dist.config import Config, check_batch_divides
 from edsr_dist.data.prefetch import Prefetcher
-from edsr_dist.data.sample_store import default_sample_store_path, ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
-from edsr_dist.data.store import PatchStore
 from edsr_dist.parallel import ascend_env, npu
 from edsr_dist.parallel.factory import make_engine, resolve_engine_name
 from edsr_dist.parallel.world import World, discover_world
 from edsr_dist.model.ema import WeightEMA
-from edsr_dist.errors import UserError
 from edsr_dist.inference.torch_runtime import super_resolve
 from edsr_dist.evaluation.metrics import bicubic_upscale
 from edsr_dist.model.edsr import build_model
 from edsr_dist.model.optim import clear_gradients, fit_state_to, make_optimizer, skips_on_device
 from edsr_dist.model.precision import LossScaler, autocast, resolve_device_and_precision
-from edsr_dist.model.schedules import base_lr, learning_rate
-from edsr_dist.train.reporting import (LossMeter, MetricsLog, hms, module_groups, recipe_warnings, result_line,
-                                      write_sample_image)
+from edsr_dist.model.schedules import learning_rate
+from edsr_dist.train.reporting import (LossMeter, MetricsLog, banner, hms, recipe_warnings,
+                                      result_line, write_sample_image)
+from edsr_dist.train.start import compile_model, init_weights, open_store, resume_run
 from edsr_dist.train.step_timer import StepTimer
-from edsr_dist.state.inputs import FOLDER, STORE, WEIGHTS, local_input
+from edsr_dist.state.inputs import FOLDER, local_input
 from edsr_dist.state.locations import is_url, staging_folder
 from edsr_dist.state.mirror import RunMirror, claim_out, pull_run
-from edsr_dist.state.run_folder import check_nothing_to_resume, check_output_folder, recorded_result
-from edsr_dist.state.weights import load_matching
+from edsr_dist.state.run_folder import check_output_folder, recorded_result
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs
@@ -106,7 +101,7 @@ class Trainer:
     def _set_up(self) -> None:
         """Data, model, resume: everything after the run folder is ours."""
         cfg = self.cfg
-        self.store = self._open_store()
+        self.store = open_store(self)
         # The store's validation images or cfg.val_benchmark's; refuses a run with nothing to validate on.
         benchmark = local_input(cfg.val_benchmark, FOLDER, cfg.cache_dir, cfg.endpoint_url)
         self.validation = validation_source(dataclasses.replace(cfg, val_benchmark=benchmark), self.store)
@@ -128,7 +123,7 @@ class Trainer:
         # Ascend: precompiled operator kernels, so that no operator is compiled just in time (docs/ASCEND.md).
         self.kernels = npu.use_binary_kernels() if self.device.type == "npu" else ""
         self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)  # the bare network
-        self.compiled = self._compile()
+        self.compiled = compile_model(self)
         self.optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg, self.device)
         # Where the optimizer takes the overflow flag as a tensor (fused Adam on CUDA), the skip is decided on the
         # device and no step waits for the device; elsewhere the host reads the flag (free on the CPU).
@@ -144,9 +139,9 @@ class Trainer:
             pulled = (pull_run(cfg.out, self.out, cfg.endpoint_url)
                       if cfg.resume == "auto" and not list_checkpoints(self.out) else set())
             self.mirror = RunMirror(cfg.out, self.out, cfg.endpoint_url, known=pulled)
-        self.resumed_from = self._resume()
+        self.resumed_from = resume_run(self)
         # --init-from applies to a fresh start only: with --resume auto the same command line continues the run.
-        self.initialized_from = None if self.resumed_from else self._init_from()
+        self.initialized_from = None if self.resumed_from else init_weights(self)
         # After resume: Horovod's optimizer wrapper broadcasts the loaded state from rank 0.
         self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer)
         self.metrics = MetricsLog(self.out, self.is_main, cfg.tensorboard)
@@ -195,97 +190,6 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
 
     # ---- set-up ---------------------------------------------------------------------------------------------
-
-    def _open_store(self):
-        path = self.cfg.data
-        if not path:
-            # Rank 0 builds (or repairs) the cached sample store while the others wait.
-            cached = default_sample_store_path(self.cfg.cache_dir)
-            path = ensure_sample_store(cached) if self.is_main else None
-            if self.is_main:
-                print(f"sample store: {path} (cached; EDSR_DIST_CACHE sets the folder)", flush=True)
-            self.engine.barrier()
-            path = path or ensure_sample_store(cached)
-        elif is_url(path):
-            # Every rank asks; one process per server (cache folder) downloads while the others wait on its lock.
-            path = local_input(path, STORE, self.cfg.cache_dir, self.cfg.endpoint_url)
-        elif not Path(path).exists():
-            raise UserError(f"store {path} does not exist; build one with `edsr-dist build-store` or omit --data for the sample")
-        return PatchStore(path, self.cfg.scale)
-
-    def _resume(self) -> str | None:
-        if not self.cfg.resume:
-            return None
-        if self.cfg.resume == "auto":
-            where = self.out
-        else:  # a checkpoint in a bucket is fetched (and verified) by rank 0; the others get its state below
-            where = Path(local_input(self.cfg.resume, WEIGHTS, self.cfg.cache_dir, self.cfg.endpoint_url)
-                         if self.is_main else self.cfg.resume)
-        # Rank 0 chooses (and reports skipped damaged files once); everyone resumes from the same file.
-        path = self.engine.broadcast_object(find_checkpoint(where) if self.is_main else None)
-        if path is None:
-            if self.cfg.resume == "auto":
-                if self.is_main:
-                    check_nothing_to_resume(self.out)
-                    self._drop_metrics_after(0)  # records of an attempt stopped before its first checkpoint
-                return None  # nothing yet: a fresh start, so the same command line works for the first run too
-            raise UserError(f"no valid checkpoint at {self.cfg.resume}; pass --resume auto or an existing .ckpt file")
-        if self.any_rank(not Path(path).exists()):
-            # Another server without a shared file system: rank 0 sends the state.
-            state = self.engine.broadcast_object(load_checkpoint(path) if self.is_main else None)
-        else:
-            state = load_checkpoint(path)
-        saved = state["config"]
-        for key in ("scale", "num_blocks", "num_filters"):
-            if saved[key] != getattr(self.cfg, key):
-                raise UserError(f"checkpoint {path} has {key}={saved[key]} but this run has {getattr(self.cfg, key)}; "
-                                f"pass --{key.replace('_', '-')} {saved[key]} or start a new --out")
-        self.load_state_dict(state)
-        if self.is_main:
-            self._drop_metrics_after(self.step)
-        return str(path)
-
-    def _compile(self) -> bool:
-        """--compile: torch.compile of the network's forward, in place (Module.compile: parameter names and
-        checkpoints unchanged), before DDP wraps it. CUDA only: elsewhere one note and the eager model."""
-        if not self.cfg.compile:
-            return False
-        if self.device.type != "cuda":
-            if self.is_main:
-                print(f"edsr-dist train: note: --compile applies to CUDA only; ignored on {self.device.type}",
-                      file=sys.stderr, flush=True)
-            return False
-        self.model.compile()
-        return True
-
-    def _init_from(self) -> str | None:
-        """Fresh optimizer, schedule and step count; weights whose name and shape match come from the file."""
-        if not self.cfg.init_from:
-            return None
-        loaded, left, skipped = load_matching(
-            self.model, local_input(self.cfg.init_from, WEIGHTS, self.cfg.cache_dir, self.cfg.endpoint_url))
-        if self.ema is not None:
-            self.ema.reset(self.model)
-        if self.is_main:
-            unused = f"; not loaded from the file: {', '.join(skipped)}" if skipped else ""
-            print(f"init from {self.cfg.init_from}: loaded {len(loaded)} of {len(loaded) + len(left)} tensors "
-                  f"({', '.join(module_groups(loaded))}); left at their initial values: {', '.join(left) or 'none'}"
-                  f"{unused}", flush=True)
-        return self.cfg.init_from
-
-    def _drop_metrics_after(self, step: int) -> None:
-        """A killed run logged steps past its last checkpoint; the resumed run logs them again."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except ValueError:  # a line cut short by the kill
-                continue
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def any_rank(self, flag: bool) -> bool:
         value = torch.tensor([float(flag)], device=self.device)
@@ -533,7 +437,7 @@ class Trainer:
     def fit(self) -> dict:
         if self.resumed_from and not (self.epoch < self.cfg.epochs and self.step < self.total_steps):
             return self._report_finished()
-        self.log(self._banner())
+        self.log(banner(self))
         self._fit_start, self._fit_start_step = time.perf_counter(), self.step
         report: dict = {}
         with self._progress_bar(), self._stop_on_signals():
@@ -624,7 +528,7 @@ class Trainer:
 
     def _report_finished(self) -> dict:
         """Resuming a run that already reached its last step: say so and repeat its Result line."""
-        self.log(self._banner())
+        self.log(banner(self))
         self.log(f"The run is already complete (step {self.step} of {self.total_steps}); nothing to train.")
         report = self.engine.broadcast_object(recorded_result(self.out, self.step) if self.is_main else None)
         if report is None:  # stopped after its last checkpoint, before writing the result
@@ -636,50 +540,6 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
         self.stop_signal = signum
-
-    def _banner(self) -> str:
-        w = self.world
-        where = f"resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "fresh start"
-        if self.initialized_from:
-            where += f" from the weights of {self.initialized_from}"
-        elif self.resumed_from and self.cfg.init_from:
-            where += f" (--init-from {self.cfg.init_from} applies to a fresh start only)"
-        recipe = f"lr {self.cfg.lr_schedule}, peak {base_lr(self.cfg):.3e}" + (
-            f" after {self.cfg.warmup_steps} warm-up steps" if self.cfg.warmup_steps else "")
-        if self.ema is not None:
-            recipe += f", EMA {self.cfg.ema_decay}"
-        if self.cfg.grad_clip_norm:
-            recipe += f", grad clip {self.cfg.grad_clip_norm}"
-        layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
-        if self.device.type == "npu" and self.cfg.channels_last:
-            layout += " (NPU tensors are contiguous only; channels_last ignored)"
-        return (f"edsr-dist {__version__}: EDSR x{self.cfg.scale} {self.cfg.num_blocks}x{self.cfg.num_filters}, "
-                f"{w.size} worker(s) via {w.launcher}, engine {self.engine_name}, device {self.device}, "
-                f"{self.precision}, {layout}, {self._speed_settings()}, {self.threads} thread(s)/worker, "
-                f"global batch {self.cfg.batch_size}, "
-                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {recipe}; {where}"
-                f"{self._unused_devices_note()}")
-
-    def _unused_devices_note(self) -> str:
-        """One process per pod (RANK/WORLD_SIZE only) uses one device; say so where the pod has more."""
-        if self.world.launcher != "env" or self.device.type not in ("npu", "cuda"):
-            return ""
-        count = torch.npu.device_count() if self.device.type == "npu" else torch.cuda.device_count()
-        if count <= 1:
-            return ""
-        kind = "NPUs" if self.device.type == "npu" else "GPUs"
-        return (f"; this process uses 1 of the {count} {kind} it sees (one process per pod, from RANK/WORLD_SIZE): "
-                "run `edsr-dist launch` in the pod to use all of them")
-
-    def _speed_settings(self) -> str:
-        parts = [self.optimizer_name]
-        if self.cfg.grad_comm != "none" and self.world.size > 1:
-            parts.append(f"{self.cfg.grad_comm} gradient all-reduce")
-        if self.compiled:
-            parts.append("torch.compile")
-        if self.kernels:
-            parts.append(self.kernels)
-        return ", ".join(parts)
 
     def close(self, clean: bool = True) -> None:
         self.metrics.close()

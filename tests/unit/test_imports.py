@@ -25,7 +25,7 @@ LAYERS = [
     ["edsr_dist.launcher.job_store", "edsr_dist.state.runs_command", "edsr_dist.evaluation.benchmark_sets", "edsr_dist.data.sample_store", "edsr_dist.parallel.horovod_engine", "edsr_dist.inference.torch_runtime",
      "edsr_dist.state.mirror"],
     ["edsr_dist.data.build_store", "edsr_dist.parallel.factory", "edsr_dist.evaluation.candidates", "edsr_dist.inference.command",
-     "edsr_dist.launcher.workers"],
+     "edsr_dist.launcher.workers", "edsr_dist.train.start"],
     ["edsr_dist.evaluation.benchmark_suite", "edsr_dist.train.trainer", "edsr_dist.inference.onnx_export",
      "edsr_dist.launcher.supervise"],
     ["edsr_dist.perf.measure"],
