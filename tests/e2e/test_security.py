@@ -197,4 +197,4 @@ def test_the_package_reads_pickles_in_one_place_only():
         for needle in ("torch.load(", "pickle.load", "weights_only=False", "yaml.load(", "allow_pickle=True"):
             if needle in text:
                 calls.setdefault(needle, []).append(path.relative_to(REPO).as_posix())
-    assert calls == {"torch.load(": ["edsr_dist/safe_load.py"]}
+    assert calls == {"torch.load(": ["edsr_dist/state/safe_load.py"]}
