@@ -1,58 +1,23 @@
 """The owner record of a bucket --out (state/bucket_lock.py) against a real S3 server: moto's `moto_server` on
-127.0.0.1, spoken to by s3fs/botocore over HTTP (no client mocked). Skipped where moto or s3fs is missing, a
-failure when CI=true."""
+127.0.0.1, spoken to by s3fs/botocore over HTTP (no client mocked), started by the shared `s3_server` fixture."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from edsr_dist.errors import UserError
 from edsr_dist.state.bucket_lock import BucketLock
 from edsr_dist.state.owner import OwnerRecord, claim, read_owner
-from helpers import free_port
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    missing = [name for name in ("moto_server",) if shutil.which(name) is None]
-    try:
-        import s3fs  # noqa: F401
-    except ImportError:
-        missing.append("s3fs")
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{missing} missing in CI: install the test extra (moto[server], s3fs)")
-        pytest.skip(f"{missing} not installed")
-    port = free_port()
-    proc = subprocess.Popen([shutil.which("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/", timeout=1).read()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture
-def bucket(endpoint, request):
-    import s3fs
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", use_listings_cache=False,
-                           skip_instance_cache=True)
+def bucket(s3_server, request):
+    """The shared moto_server (tests/conftest.py `s3_server`), a bucket per test."""
+    fs = s3_server.filesystem()
     name = "own-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
     fs.mkdir(name)
     return fs, name
