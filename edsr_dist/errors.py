@@ -19,6 +19,15 @@ EXIT_UPLOAD_FAILED = 5
 EXIT_INTERRUPTED = 143
 
 
+class Terminated(BaseException):
+    """SIGTERM (a preemption, `kill`, the launcher stopping its workers) outside a loop that handles it itself: it
+    unwinds the command like Ctrl-C does, so every `finally` runs and an owner record is released."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class UserError(Exception):
     """A problem the user can fix (bad flag, bad file, missing device).
 
@@ -26,6 +35,9 @@ class UserError(Exception):
     """
 
     exit_code = EXIT_USER_ERROR
+    # Set where freeing what the failed work left would crash the process (h5py after a failed write): the command
+    # line prints the message and ends the process without Python's teardown.
+    end_process_at_once = False
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -46,6 +58,10 @@ class CommandParser(argparse.ArgumentParser):
             if isinstance(action, argparse._SubParsersAction):
                 found += list(action.choices.values())
         return found
+
+
+class DiskFull(UserError):
+    """A write failed for want of space (a full disk, a quota, a file size limit); the message names the file."""
 
 
 def did_you_mean(word: str, choices) -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from edsr_dist.errors import UserError
-from edsr_dist.state.owner import OWNER_ENV, LocalLock, OwnerLock, Ownership, check_launcher_owns, claim
+from edsr_dist.state.owner import (OWNER_ENV, LocalLock, OwnerLock, Ownership, check_launcher_owns, claim,
+                                   stop_this_process)
 
 METRICS = "metrics.jsonl"
 
@@ -98,7 +99,7 @@ def hold_run_folder(out: str | Path, resume: str, overwrite: bool, take_over: bo
     except BaseException:
         owner.release()
         raise
-    return owner.start()
+    return owner.start(on_lost=stop_this_process)
 
 
 def check_nothing_to_resume(out: str | Path) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
 from edsr_dist.config import Config, parse_train_args
-from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_UPLOAD_FAILED
+from edsr_dist.errors import (EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_UPLOAD_FAILED,
+                              EXIT_USER_ERROR, DiskFull, UserError)
 from edsr_dist.parallel.engine import describe_collective_failure
-from edsr_dist.state.checkpoint import find_checkpoint
+from edsr_dist.state.checkpoint import find_checkpoint, newest_checkpoint_quick
 from edsr_dist.train.trainer import MAX_BAD_STEPS, Interrupted, Trainer, TrainingDiverged
 
 
@@ -20,6 +22,25 @@ def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -
     where = f"rank {rank}: " if rank is not None else ""
     print(f"edsr-dist train: error: {where}{message}", file=sys.stderr, flush=True)
     return EXIT_COLLECTIVE_FAILED
+
+
+def _disk_full_exit(trainer: Trainer, exc: Exception) -> int:
+    """A write during training found the disk full: try a last checkpoint where space allows (it is refused before
+    writing when it cannot fit), then say in one line which step the folder holds."""
+    cause = str(exc) if isinstance(exc, UserError) else f"cannot write {exc.filename}: {exc.strerror}"
+    if trainer.is_main:
+        saved = ""
+        if not cause.startswith("cannot write a checkpoint"):  # another write failed: is there room for one?
+            try:
+                trainer.save()
+                saved = f"saved a last checkpoint at step {trainer.step}; "
+            except (UserError, OSError):
+                pass
+        newest = newest_checkpoint_quick(trainer.out)
+        held = (f"the folder holds step {newest[1]} ({newest[0]})" if newest else "no checkpoint was written yet")
+        print(f"edsr-dist train: error: {cause}; {saved}{held}; free space there and continue with --resume auto",
+              file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
 
 
 def main(argv: list[str]) -> int:
@@ -51,6 +72,10 @@ def main(argv: list[str]) -> int:
         print(f"edsr-dist train: error: loss became NaN/inf for {MAX_BAD_STEPS[trainer.precision]} consecutive steps "
               f"(at step {exc.args[0]}); {kept}; {fix}, then --resume auto or start again", file=sys.stderr)
         code = EXIT_DIVERGED
+    except (DiskFull, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        code = _disk_full_exit(trainer, exc)
     except RuntimeError as exc:
         code = _collective_failure_exit(exc, cfg, trainer.world.rank)
     finally:

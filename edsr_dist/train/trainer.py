@@ -542,10 +542,12 @@ class Trainer:
         self.stop_signal = signum
 
     def close(self, clean: bool = True) -> None:
-        self.metrics.close()
-        if self.mirror is not None:
-            self.upload_problem = self.mirror.close()  # the final checkpoint and the records reach the bucket
-        self.store.close()
-        if self.owner is not None:
-            self.owner.release()
-        self.engine.shutdown(clean)
+        try:
+            self.metrics.close()
+            if self.mirror is not None:
+                self.upload_problem = self.mirror.close()  # the final checkpoint and the records reach the bucket
+            self.store.close()
+        finally:  # a signal during the final upload still leaves no owner record behind
+            if self.owner is not None:
+                self.owner.release()
+            self.engine.shutdown(clean)
