@@ -24,6 +24,11 @@ def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -
     return EXIT_COLLECTIVE_FAILED
 
 
+def stopped_by_owner(trainer: Trainer) -> bool:
+    """The owner record's heartbeat stopped the run (record taken over, or not refreshed within the bound)."""
+    return trainer.owner is not None and trainer.owner.stopped_job is not None
+
+
 def _disk_full_exit(trainer: Trainer, exc: Exception) -> int:
     """A write during training found the disk full: try a last checkpoint where space allows (it is refused before
     writing when it cannot fit), then say in one line which step the folder holds."""
@@ -56,8 +61,9 @@ def main(argv: list[str]) -> int:
         clean = True
     except Interrupted:
         clean = True
-        print(f"edsr-dist train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume auto",
-              file=sys.stderr)
+        if not stopped_by_owner(trainer):  # else the heartbeat said why, in its one line
+            print(f"edsr-dist train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume "
+                  "auto", file=sys.stderr)
         # 128 + the signal, as a shell reports a process the signal ended (130 for Ctrl-C); a rank that stopped
         # only because another rank was signalled says 143, as for the launcher's SIGTERM.
         code = 128 + trainer.stop_signal if trainer.stop_signal else EXIT_INTERRUPTED
@@ -82,7 +88,8 @@ def main(argv: list[str]) -> int:
         trainer.close(clean)
     if trainer.upload_problem:
         print(f"edsr-dist train: error: {trainer.upload_problem}", file=sys.stderr, flush=True)
-        code = code or EXIT_UPLOAD_FAILED
+        # A run the lost endpoint stopped is complete locally up to its last step, not in the bucket: exit 5.
+        code = EXIT_UPLOAD_FAILED if not code or stopped_by_owner(trainer) else code
     if trainer.world.distributed:
         _exit_before_interpreter_teardown(code)
     return code
