@@ -85,6 +85,8 @@ def main(argv: list[str]) -> int:
     except RuntimeError as exc:
         code = _collective_failure_exit(exc, cfg, trainer.world.rank)
     finally:
+        if trainer.owner is not None:
+            trainer.owner.on_lost = None  # training is over: a lost record no longer stops anything
         trainer.close(clean)
     if trainer.upload_problem:
         print(f"edsr-dist train: error: {trainer.upload_problem}", file=sys.stderr, flush=True)
