@@ -93,7 +93,7 @@ def _read_index(folder: Path) -> dict:
         data = json.loads((folder / INDEX).read_text())
         if isinstance(data, dict) and isinstance(data.get("checkpoints"), list):
             return data
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a damaged or crafted index is rebuilt from the files
         pass
     return {"format": 1, "checkpoints": [], "best": None}
 

@@ -143,7 +143,7 @@ class OwnerRecord:
             fields = json.loads(data.decode())
             names = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in fields.items() if k in names})
-        except (ValueError, TypeError, UnicodeDecodeError):
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
             return cls("", "unknown", "unknown", "", 0, None, modified, modified, DEFAULT_HEARTBEAT_S, "")
 
 

@@ -120,7 +120,7 @@ def recorded_result(out: str | Path, step: int) -> dict | None:
     for line in reversed(lines):
         try:
             entry = json.loads(line)
-        except ValueError:  # a line cut short by a kill
+        except (ValueError, RecursionError):  # a line cut short by a kill
             continue
         if isinstance(entry, dict) and entry.get("type") == "result" and entry.get("step") == step:
             return entry

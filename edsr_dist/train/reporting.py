@@ -231,6 +231,6 @@ def drop_metrics_after(out: Path, step: int) -> None:
         try:
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line)
-        except ValueError:  # a line cut short by the kill
+        except (ValueError, RecursionError):  # a line cut short by the kill
             continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
