@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -293,7 +294,7 @@ def test_the_endpoint_lost_for_good_mid_run_stops_in_one_line_with_exit_5(s3_ser
     stops = [line for line in lines if "could not be refreshed for" in line]
     assert len(stops) == 1 and stops[0].endswith("so this job stops now"), stderr
     stage = cache / "runs" / "s3" / bucket / "run"
-    assert lines[-1].startswith(f"edsr-dist train: error: could not upload ") and \
+    assert lines[-1].startswith("edsr-dist train: error: could not upload ") and \
         lines[-1].endswith(f"the complete run is in {stage}: copy it to the bucket, or run the same command again "
                            "(--resume auto uploads what is missing)"), lines[-1]
     held = sorted(p.name for p in (stage / "checkpoints").glob("step_*.ckpt"))
@@ -428,3 +429,51 @@ def test_the_bucket_is_pruned_by_what_it_holds_after_a_resume_from_a_wiped_cache
     index = json.loads(fs.cat_file(f"{bucket}/run/checkpoints/index.json"))
     assert steps() == sorted(entry["file"] for entry in index["checkpoints"]) == \
         ["step_00000015.ckpt", "step_00000020.ckpt"]  # step 10, named by nothing, is gone from the bucket too
+
+
+# ---- values that reached torch unchecked, through the real command line ---------------------------------------
+
+def test_train_with_a_beta_adam_refuses_is_one_line(sample_store, tmp_path):
+    result = run_cli(train_args(sample_store, tmp_path / "run", "--beta1", "1"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert one_line(result.stderr) == ("edsr-dist train: error: beta1 must be in [0, 1), got 1.0; the paper uses "
+                                       "--beta1 0.9")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-5"])
+def test_world_and_train_agree_on_master_port(tmp_path, port):
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    world = run_cli(["world"], cwd=tmp_path, env=env)
+    assert world.returncode == 2
+    assert one_line(world.stderr) == (f"edsr-dist world: error: MASTER_PORT='{port}' is not a port number; set it "
+                                      "to 1..65535 or unset it")
+
+
+def test_a_deeply_nested_rank_table_is_one_line(tmp_path):
+    table = tmp_path / "table.json"
+    table.write_text("[" * 100000)
+    for command in (["rank-table", "check", str(table)], ["launch", "--rank-table", str(table), "--", *TINY]):
+        result = run_cli(command, cwd=tmp_path, env={"RANK_TABLE_FILE": ""})
+        assert result.returncode == 2, result.stderr
+        assert "the JSON is nested too deeply to read; a rank table is a few levels deep" in one_line(result.stderr)
+
+
+def test_eval_of_weights_of_another_scale_and_of_a_raw_pickle_is_one_line(trained_run, sample_store, tmp_path):
+    weights = tmp_path / "x2.pth"
+    exported = run_cli(["export", "--checkpoint", str(trained_run), "--out", str(weights)], cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    wrong = run_cli(["eval", "--data", str(sample_store), "--checkpoints", str(weights), "--scale", "3"],
+                    cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert one_line(wrong.stderr) == (f"edsr-dist eval: error: {weights} is a x2 model but --scale is 3; pass "
+                                      "--scale 2 or the checkpoints of a x3 run")
+    for name in ("raw.pt", "raw.ckpt"):
+        raw = tmp_path / name
+        raw.write_bytes(pickle.dumps({"weights": [1, 2]}, protocol=4))
+        result = run_cli(["eval", "--data", str(sample_store), "--checkpoints", str(raw), "--scale", "2"],
+                         cwd=tmp_path)
+        assert result.returncode == 2
+        line = one_line(result.stderr)
+        assert line.startswith(f"edsr-dist eval: error: refusing to load {raw}: it contains objects a ") and \
+            "(Unsupported operand 149); nothing in it was run" in line, line
