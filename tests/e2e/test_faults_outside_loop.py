@@ -210,27 +210,46 @@ def test_export_onto_a_full_disk_is_one_line(small_disk, trained_run, tmp_path, 
 
 # ---- signals from the first moment -------------------------------------------------------------------------
 
-def test_sigterm_during_start_up_prints_one_line_and_leaves_no_owner_record(sample_store, tmp_path):
-    out = tmp_path / "run"
-    # Paused at its first checkpoint? No: stopped while it starts, once its owner record exists (the store, the
-    # model and the resume come after it).
-    proc = subprocess.Popen([sys.executable, "-m", "edsr_dist", *train_args(sample_store, out)], cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / ".owner.json").exists(), proc, what="the owner record")
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_sigterm_during_start_up_prints_one_line_and_leaves_no_owner_record(s3_server, sample_store, tmp_path,
+                                                                            where):
+    """Stopped while it starts, once its owner record exists (the store, the model and the resume come after it;
+    in a bucket, the record's 2 s read-back)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if where == "folder":
+        out = tmp_path / "run"
+        record_exists = (out / ".owner.json").exists
+    else:
+        name = f"faults-{uuid.uuid4().hex[:12]}"
+        fs = s3_server.filesystem()
+        fs.mkdir(name)
+        out = f"s3://{name}/run"
+        env.update(s3_server.env())
+
+        def record_exists() -> bool:
+            return fs.exists(f"{name}/run/.owner.json")
+    proc = subprocess.Popen([sys.executable, "-m", "edsr_dist",
+                             *train_args(sample_store, out, "--cache-dir", str(tmp_path / "cache"))],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(record_exists, proc, what="the owner record")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stdout + stderr
     assert one_line(stderr) == ("edsr-dist train: stopped by SIGTERM before it finished; nothing half-written was "
                                 "kept; run the same command again (train: --resume auto continues a run)")
-    assert not (out / ".owner.json").exists()
+    assert not record_exists()
+
+
+READY_THEN_MAIN = "import sys; from edsr_dist.cli import main; print('ready', flush=True); sys.exit(main(sys.argv[1:]))"
 
 
 def test_ctrl_c_while_importing_is_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "edsr_dist", "eval", "--help"], cwd=tmp_path,
+    # The interpreter itself is up (a Ctrl-C before that is Python's own); the command then imports torch (seconds).
+    proc = subprocess.Popen([sys.executable, "-c", READY_THEN_MAIN, "eval", "--help"], cwd=tmp_path,
                             env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # inside `import torch` (seconds here), after the interpreter itself started
+    assert proc.stdout.readline() == "ready\n"
+    time.sleep(0.3)  # into main(), well before `import torch` ends
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stdout + stderr
