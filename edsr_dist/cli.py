@@ -129,7 +129,7 @@ def _run(argv: list[str]) -> int:
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"edsr-dist {name}: error: {exc.strerror or errno.errorcode.get(exc.errno)}{where}; free space "
-              "there (or raise the file size limit, `ulimit -f`) and run again", file=sys.stderr)
+        where = f" writing {exc.filename}" if exc.filename else " writing an output file"
+        print(f"edsr-dist {name}: error: {exc.strerror or errno.errorcode.get(exc.errno)}{where}; free space on "
+              "that disk (or raise the file size limit, `ulimit -f`) and run again", file=sys.stderr)
         return 2
