@@ -28,12 +28,11 @@ import numpy as np
 from tqdm import tqdm
 
 from edsr_dist import __version__
-from edsr_dist.state.atomic import atomic_path
-from edsr_dist.data.images import (find_image, image_size, list_images, listing_notes, load_image_rgb,
-                                   no_images_message)
+from edsr_dist.data.images import find_image, image_size, list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import downscale
 from edsr_dist.data.store import CHECKSUM, FORMAT_VERSION, crc32_of, lr_name, tile_starts, valid_key
 from edsr_dist.errors import UserError
+from edsr_dist.state.atomic import atomic_path
 
 DEFAULT_TILE_SIZE = 192
 DEFAULT_SCALES = (2, 3, 4)
@@ -311,7 +310,7 @@ def write_store(
                                            dtype=text)
                 valid_group.create_dataset("source_index", data=np.asarray([n for n, _ in valid], np.int32))
                 valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
-                for key, name in groups.items():
+                for name in groups.values():
                     valid_group.create_group(name)
                 for index, (_, img) in enumerate(valid):
                     hr = _loaded_hr(img)

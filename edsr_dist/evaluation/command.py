@@ -23,21 +23,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from edsr_dist.state.atomic import atomic_write_text
-from edsr_dist.evaluation.benchmark_suite import run as run_benchmarks
-from edsr_dist.evaluation.candidates import collect_candidates, load_candidate
-from edsr_dist.state.checkpoint import CHECKPOINT_DIR
-from edsr_dist.state.inputs import FOLDER, STORE, WEIGHTS, local_input
 from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
-from edsr_dist.data.store import PatchStore
-from edsr_dist.parallel.npu import memory_format
+from edsr_dist.data.store import PatchStore, verify_store
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.inference.torch_runtime import super_resolve
+from edsr_dist.evaluation.benchmark_suite import run as run_benchmarks
+from edsr_dist.evaluation.candidates import collect_candidates, load_candidate
 from edsr_dist.evaluation.metrics import score_sr
-from edsr_dist.model.precision import resolve_device_and_precision, resolve_precision
 from edsr_dist.evaluation.protocols import PROTOCOLS
+from edsr_dist.inference.torch_runtime import super_resolve
+from edsr_dist.model.precision import resolve_device_and_precision, resolve_precision
+from edsr_dist.parallel.npu import memory_format
+from edsr_dist.state.atomic import atomic_write_text
+from edsr_dist.state.checkpoint import CHECKPOINT_DIR
+from edsr_dist.state.inputs import FOLDER, STORE, WEIGHTS, local_input
 
 # One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.
 EvalImage = tuple[str, np.ndarray, np.ndarray]
@@ -256,7 +256,7 @@ def main(argv: list[str]) -> int:
     args.checkpoints = local_input(args.checkpoints[0], WEIGHTS, args.cache_dir, args.endpoint_url)
     # A store object (.h5) is fetched whole and CRC-checked; any other URL is a prefix of HR images.
     data = Path(local_input(args.data, STORE if args.data.endswith(".h5") else FOLDER, args.cache_dir,
-                            args.endpoint_url))
+                            args.endpoint_url, verify_store=verify_store))
     if not data.exists():
         raise UserError(f"--data {data} does not exist; pass a patch store (.h5) or a folder of HR PNG images")
     if data.is_dir():

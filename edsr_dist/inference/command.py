@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from edsr_dist.state.atomic import atomic_path
 from edsr_dist.config import DEVICES, PRECISIONS
-from edsr_dist.data.images import IMAGE_SUFFIXES, is_image_file
+from edsr_dist.data.images import collect_inputs, open_image
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
-from edsr_dist.state.locations import is_url
+from edsr_dist.locations import is_url
+from edsr_dist.state.atomic import atomic_path
 from edsr_dist.state.remote import fetch_file
 
 BACKENDS = ("pytorch", "onnxruntime")
@@ -70,37 +70,6 @@ def onnx_upscaler(path: str, device: str = "auto", threads: int = 0, tile: int |
     return Upscaler("onnxruntime", model.scale, model.session.get_providers()[0], run)
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if is_image_file(p))
-            if not found:
-                raise UserError(f"folder {path} has no images ({', '.join(IMAGE_SUFFIXES)}); pass image files or a "
-                                "folder of images")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"input {path} does not exist; pass existing image files or folders")
-    return files
-
-
-def _open(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read image {path} ({exc}); pass PNG or JPEG files") from None
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """The image as RGB uint8 (H, W, 3), whatever its mode (alpha dropped: for exports and benchmarks)."""
-    return np.array(_open(path).convert("RGB"))
-
-
 @dataclass
 class SourceImage:
     """An input split into what the network sees (RGB) and what it does not (alpha), with how it was read."""
@@ -114,7 +83,7 @@ class SourceImage:
 def read_source(path: Path) -> SourceImage:
     """Grayscale (L, 1, I;16) is replicated to RGB, as the reference code feeds gray images, and written back as L;
     alpha (RGBA, LA, a palette with transparency) is kept apart and upscaled on its own."""
-    im = _open(path)
+    im = open_image(path)
     notes = []
     if im.mode == "P":
         notes.append("palette expanded")

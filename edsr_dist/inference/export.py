@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.inference.onnx_export import export_command
-from edsr_dist.state.weights import export_safetensors, export_torch
+from edsr_dist.inference.weights import export_safetensors, export_torch
 
 
 def main(argv: list[str]) -> int:

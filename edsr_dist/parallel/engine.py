@@ -20,9 +20,9 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from edsr_dist.errors import UserError
 from edsr_dist.parallel.ascend_env import watchdog_timeout
 from edsr_dist.parallel.world import World
-from edsr_dist.errors import UserError
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 GRAD_COMM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from edsr_dist.state.atomic import atomic_write_bytes
 from edsr_dist.errors import UserError
+from edsr_dist.state.atomic import atomic_write_bytes
 from edsr_dist.state.safe_load import load_tensors
 
 MAGIC = b"EDSRCKPT1"

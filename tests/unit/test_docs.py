@@ -1,7 +1,7 @@
 """The docs stay true to the tree: every relative link in README.md, docs/*.md and the other pages resolves (files, and #anchors as
 GitHub makes them from headings), every `edsr-dist <command> --flag` they quote (also through `python -m edsr_dist`,
-torchrun, horovodrun, mpirun and the launch/ scripts) names a real command and a real flag, and ARCHITECTURE.md's
-layer table is test_imports.LAYERS.
+torchrun, horovodrun, mpirun and the launch/ scripts) names a real command and a real flag, ARCHITECTURE.md's
+package order is test_imports.ORDER, and every `edsr_dist/...` path a docstring or comment names exists.
 
 A command's flags come from the parser the command itself builds: its `main` is called with no arguments and stopped
 at the first parse (nothing after it runs); `train` takes `--<field>` for every Config field (config.parse_train_args).
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import REPO
+from test_imports import ORDER
 
 from edsr_dist.cli import COMMANDS
 from edsr_dist.config import field_names
-from helpers import REPO
-from test_imports import LAYERS
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "BENCHMARKS.md", REPO / "SECURITY.md",
          REPO / "rank_table" / "README.md"]
@@ -289,7 +289,7 @@ REPO_DIRS = {"edsr_dist", "tests", "launch", "rank_table", "scripts", "data_tool
 
 def stale_names(page: Path, root: Path = REPO) -> list[str]:
     """Code spans naming a file of the repository (`launcher/plan.py`, `tests/e2e/test_onnx.py`), a name in a module
-    (`state/checkpoint.save_checkpoint`) or a dotted module path (`edsr_dist.state.weights.load_pretrained`) that is
+    (`state/checkpoint.save_checkpoint`) or a dotted module path (`edsr_dist.inference.weights.load_pretrained`) that is
     not there: a module moved and the page kept its old place."""
     prose, _ = split_markdown(page.read_text())
     stale = []
@@ -338,15 +338,11 @@ def test_every_quoted_module_file_and_name_exists():
     assert not stale, "\n".join(stale)
 
 
-def test_the_architecture_layer_table_is_the_import_test_layers():
+def test_the_architecture_package_order_is_the_import_test_order():
     text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
-    table = text.split("| layer | modules | holds |", 1)[1].split("\n\n", 1)[0]
-    documented = []
-    for row in table.splitlines()[2:]:
-        cells = row.split("|")
-        names = INLINE_CODE.findall(cells[2])
-        documented.append(sorted(n if n == "edsr_dist" else "edsr_dist." + n.replace("/", ".") for n in names))
-    assert documented == [sorted(layer) for layer in LAYERS]
+    table = text.split("| order | package | holds |", 1)[1].split("\n\n", 1)[0]
+    documented = [INLINE_CODE.findall(row.split("|")[2])[0] for row in table.splitlines()[2:]]
+    assert documented == ORDER
 
 
 def test_the_package_maps_list_every_package_and_module():
@@ -401,15 +397,15 @@ def test_a_moved_module_is_caught(tmp_path):
     page = tmp_path / "PAGE.md"
     page.write_text(
         "Fine: `launcher/plan.py`, `state/checkpoint.save_checkpoint`, `inference/torch_runtime`, `tests/e2e/`,\n"
-        "`runs/sample/checkpoints/`, `edsr_dist.state.weights.load_pretrained`.\n"
+        "`runs/sample/checkpoints/`, `edsr_dist.inference.weights.load_pretrained`.\n"
         "Stale: `parallel/launcher.py`, `state/checkpoint.save_checkpointz`, `tests/test_onnx.py`,\n"
-        "`edsr_dist.weights.load_pretrained`, `edsr_dist.state.weights.load_pretrainedz`.\n")
+        "`edsr_dist.weights.load_pretrained`, `edsr_dist.inference.weights.load_pretrainedz`.\n")
     assert stale_names(page) == [
         "PAGE.md: `parallel/launcher.py` does not exist",
         "PAGE.md: `state/checkpoint.save_checkpointz`: edsr_dist/state/checkpoint.py has no save_checkpointz",
         "PAGE.md: `tests/test_onnx.py` does not exist",
         "PAGE.md: edsr_dist.weights.load_pretrained: no weights in edsr_dist",
-        "PAGE.md: edsr_dist.state.weights.load_pretrainedz: no load_pretrainedz in edsr_dist.state.weights",
+        "PAGE.md: edsr_dist.inference.weights.load_pretrainedz: no load_pretrainedz in edsr_dist.inference.weights",
     ]
 
 

@@ -319,7 +319,7 @@ def _check_ranks(parsed: list, err: _Problems) -> None:
         raise err("", f"rank_id {shown} missing: {total} devices need ranks 0..{total - 1}",
                   "number the devices 0..N-1 without gaps")
     previous_max = -1
-    for _, devices, where in parsed:
+    for _, devices, _ in parsed:
         ranks = [rank for _, _, rank, _ in devices]
         if min(ranks) < previous_max:
             bad = next(here for _, _, rank, here in devices if rank < previous_max)
