@@ -27,7 +27,15 @@ from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore, verify_store
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.errors import (
+    CommandParser,
+    UserError,
+    add_device_flags,
+    add_object_store_flags,
+    add_raw_weights_flag,
+    add_res_scale_flag,
+    at_least,
+)
 from edsr_dist.evaluation.benchmark_suite import run as run_benchmarks
 from edsr_dist.evaluation.candidates import collect_candidates, load_candidate
 from edsr_dist.evaluation.metrics import score_sr
@@ -207,23 +215,18 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="LR tile side in pixels, 0 = whole image (default: as validation: val_tile, else whole "
                         "image unless it is too large)")
     p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="autocast dtype of the network (default: with --data each checkpoint's training precision, "
+    add_device_flags(p, DEVICES, PRECISIONS, None,
+                     "autocast dtype of the network (default: with --data each checkpoint's training precision, "
                         "so its val PSNR is repeated, fp32 for weights files; with --benchmarks fp32; auto: as "
                         "training would choose; metrics are always float64)")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="bicubic-pil",
                    help="how LR is made from a folder of HR images (default bicubic-pil, as build-store)")
-    p.add_argument("--res-scale", type=float, default=None,
-                   help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
-    p.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
+    add_res_scale_flag(p)
+    add_raw_weights_flag(p)
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (0 = all)")
     p.add_argument("--num-threads", type=int, default=0, metavar="N",
                    help="CPU threads (0 = torch's default)")
-    p.add_argument("--cache-dir", default="", metavar="DIR",
-                   help="where s3:// inputs are cached (default: EDSR_DIST_CACHE, else ~/.cache/edsr-dist)")
-    p.add_argument("--endpoint-url", default="", metavar="URL",
-                   help="object store endpoint for s3:// inputs (default: AWS_ENDPOINT_URL(_S3), else AWS)")
+    add_object_store_flags(p)
     p.add_argument("--csv", metavar="FILE", help="CSV output (default: eval_<data>.csv next to the checkpoints)")
     p.add_argument("--json", metavar="FILE",
                    help="JSON output; with --data per-image numbers (default: eval_<data>.json next to the "
@@ -233,14 +236,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _build_parser().parse_args(argv)
-    if args.tile is not None and args.tile < 0:
-        raise UserError(f"--tile must be >= 0, got {args.tile}")
-    if args.max_images < 0:
-        raise UserError(f"--max-images must be >= 0, got {args.max_images}")
+    at_least("--tile", args.tile, 0)
+    at_least("--max-images", args.max_images, 0)
     if args.scale is not None and args.scale < 2:
         raise UserError(f"--scale must be an integer >= 2, got {args.scale}")
-    if args.num_threads < 0:
-        raise UserError(f"--num-threads must be >= 0, got {args.num_threads}")
+    at_least("--num-threads", args.num_threads, 0)
     if (args.data is None) == (args.benchmarks is None):
         raise UserError("pass exactly one of --data (a store or one folder of HR images) and --benchmarks (a folder "
                         "of benchmark sets)")

@@ -17,7 +17,15 @@ from PIL import Image
 
 from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import collect_inputs, open_image
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.errors import (
+    CommandParser,
+    UserError,
+    add_device_flags,
+    add_object_store_flags,
+    add_raw_weights_flag,
+    add_res_scale_flag,
+    at_least,
+)
 from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
 from edsr_dist.locations import is_url
 from edsr_dist.state.atomic import atomic_path
@@ -141,10 +149,7 @@ def main(argv: list[str]) -> int:
                         help="a .ckpt file, a run folder (newest valid checkpoint) or weights (.pt/.pth/.safetensors); "
                              "with --backend onnxruntime a .onnx file from `edsr-dist export`")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--cache-dir", default="", metavar="DIR",
-                        help="where an s3:// --checkpoint is cached (default: EDSR_DIST_CACHE, else ~/.cache/edsr-dist)")
-    parser.add_argument("--endpoint-url", default="", metavar="URL",
-                        help="object store endpoint for an s3:// --checkpoint (default: AWS_ENDPOINT_URL(_S3), else AWS)")
+    add_object_store_flags(parser, inputs="an s3:// --checkpoint", cached="an s3:// --checkpoint is cached")
     parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
                         help="pytorch (default) or onnxruntime (an exported .onnx; torch not needed)")
     parser.add_argument("--tile", type=int, default=None,
@@ -152,19 +157,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tile-pad", type=int, default=None,
                         help="LR context pixels around each tile (default: the receptive field, exact result)")
     parser.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
-    parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="PyTorch backend: autocast dtype of the network (fp32 = none; auto: as training would "
-                             "choose); an ONNX model's "
-                             "precision is chosen at export")
-    parser.add_argument("--res-scale", type=float, default=None,
-                        help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
-    parser.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
+    add_device_flags(parser, DEVICES, PRECISIONS, "fp32",
+                     "PyTorch backend: autocast dtype of the network (fp32 = none; auto: as training would choose); "
+                     "an ONNX model's precision is chosen at export")
+    add_res_scale_flag(parser)
+    add_raw_weights_flag(parser)
     args = parser.parse_args(argv)
-    if args.tile is not None and args.tile < 0:
-        raise UserError(f"--tile must be >= 0, got {args.tile}")
-    if args.tile_pad is not None and args.tile_pad < 0:
-        raise UserError(f"--tile-pad must be >= 0, got {args.tile_pad}")
+    at_least("--tile", args.tile, 0)
+    at_least("--tile-pad", args.tile_pad, 0)
     if args.backend == "onnxruntime" and args.precision != "fp32":
         raise UserError(f"--precision {args.precision} applies to the PyTorch backend; for ONNX Runtime export an "
                         "fp16 model with `edsr-dist export --precision fp16`")

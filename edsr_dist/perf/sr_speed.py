@@ -22,7 +22,7 @@ import torch
 
 from edsr_dist.data.images import collect_inputs, read_rgb
 from edsr_dist.data.sample_store import load_sample_image
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.errors import CommandParser, at_least
 from edsr_dist.inference.onnx_export import export_onnx, verification_image
 from edsr_dist.inference.onnx_runtime import OnnxModel, onnxruntime_module, super_resolve_onnx
 from edsr_dist.inference.torch_runtime import frozen_cpu_network, load_inference_model, super_resolve
@@ -75,10 +75,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--self-ensemble", action="store_true", help="x8 self-ensemble, as in `sr`")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
-    if args.repeat < 1:
-        raise UserError(f"--repeat must be >= 1, got {args.repeat}")
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    at_least("--repeat", args.repeat, 1)
+    at_least("--threads", args.threads, 0)
     threads = args.threads or torch.get_num_threads()
     images = _images(args.inputs)
     model, model_name = _model(args)
