@@ -9,7 +9,7 @@ of the whole image, so LR tile i covers exactly the region of HR tile i. Validat
 cropped (bottom/right) to a multiple of lcm(scales) so that every LR size is exact.
 
 Building streams: one image (and one row of its tiles) is in memory at a time. The file is written to a temporary
-file and renamed over `<out>` only when complete (edsr_dist/atomic.py).
+file and renamed over `<out>` only when complete (edsr_dist/state/atomic.py).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def write_store(
     resize_method: str = "bicubic-pil",
     progress: bool = False,
 ) -> dict[str, object]:
-    """Write a complete store atomically (edsr_dist/atomic.py) from `folders` (in order). Returns a summary of
+    """Write a complete store atomically (edsr_dist/state/atomic.py) from `folders` (in order). Returns a summary of
     what was written: counts, the images too small for a tile, and one record per folder (also stored, as JSON,
     in the `sources` attribute)."""
     out = os.fspath(out)

@@ -1,6 +1,6 @@
 """`edsr-dist eval`: PSNR/SSIM of every checkpoint of a run (or of one checkpoint or weights file) on a patch
 store's validation images or on a folder of HR images (--data), or of several models on the standard benchmark
-sets under a named protocol (--benchmarks; edsr_dist/benchmark_eval.py).
+sets under a named protocol (--benchmarks; edsr_dist/evaluation/benchmark_suite.py).
 
 The numbers are computed exactly as the trainer's validation computes them (same tiling, autocast, memory
 format, uint8 rounding and metrics), so evaluating a checkpoint on the store it was trained with repeats the

@@ -4,7 +4,7 @@ The training loop talks to an `Engine` and never branches on which one it has:
 - `Engine` itself: one process, nothing to synchronise (the base class is the local engine).
 - `DDPEngine`: torch.distributed + DistributedDataParallel over hccl (Ascend), nccl (CUDA) or gloo (CPU).
 - `HorovodEngine` (edsr_dist/parallel/horovod_engine.py): horovod.torch, for jobs started by horovodrun.
-Which one a run gets is decided in edsr_dist/parallel/engine_factory.py.
+Which one a run gets is decided in edsr_dist/parallel/factory.py.
 """
 
 from __future__ import annotations

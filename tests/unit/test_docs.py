@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import re
 import shlex
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -417,3 +418,35 @@ def test_a_moved_module_is_caught(tmp_path):
 ])
 def test_github_slugs(heading, slug):
     assert github_slug(heading) == slug
+
+
+PATH_IN_TEXT = re.compile(r"\bedsr_dist/[\w/]*\w(?:\.py)?")
+
+
+def stale_source_paths(files) -> list[str]:
+    """`edsr_dist/...` paths named in the comments and strings (docstrings among them) of Python files that are not
+    there: a module moved and a comment kept its old place."""
+    stale = []
+    for path in files:
+        with open(path, "rb") as f:
+            for token in tokenize.tokenize(f.readline):
+                if token.type not in (tokenize.COMMENT, tokenize.STRING):
+                    continue
+                for named in PATH_IN_TEXT.findall(token.string):
+                    if not (REPO / named).exists() and not (REPO / f"{named}.py").is_file():
+                        where = Path(path).relative_to(REPO) if Path(path).is_relative_to(REPO) else Path(path).name
+                        stale.append(f"{where}:{token.start[0]}: {named}")
+    return stale
+
+
+def test_every_source_path_named_in_comments_and_docstrings_exists():
+    files = [p for folder in ("edsr_dist", "tests", "scripts", "data_tools") for p in sorted((REPO / folder).rglob("*.py"))]
+    stale = stale_source_paths(files)
+    assert not stale, "\n".join(stale)
+
+
+def test_the_source_path_check_sees_a_moved_module(tmp_path):
+    old = "edsr_dist" + "/atomic.py"  # split, so that this file does not name it
+    source = tmp_path / "moved.py"
+    source.write_text(f'"""Writes atomically ({old})."""\n# see edsr_dist/state/atomic.py\n')
+    assert [line.split(": ", 1)[1] for line in stale_source_paths([source])] == [old]
