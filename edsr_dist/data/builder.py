@@ -202,33 +202,7 @@ def write_store(
     check_tile_size(tile_size, scales)
     check_output_file(out)
     multiple = math.lcm(*scales)
-    train: list[tuple[int, SourceImage, list[int], list[int]]] = []  # (folder, image, tile y origins, x origins)
-    valid: list[tuple[int, SourceImage]] = []
-    records: list[dict[str, object]] = []
-    for number, folder in enumerate(folders):
-        if folder.role not in ("train", "valid"):
-            raise ValueError(f"folder role {folder.role!r} is neither 'train' nor 'valid'")
-        small: list[str] = []
-        tiles = 0
-        for img in folder.images:
-            height, width = covered_size(img.size, multiple)
-            if folder.role == "valid":
-                if height == 0 or width == 0:
-                    raise UserError(
-                        f"validation image {img.name} is {img.size[1]}x{img.size[0]}, smaller than "
-                        f"lcm(scales)={multiple}; remove it"
-                    )
-                valid.append((number, img))
-                continue
-            ys, xs = tile_starts(height, tile_size), tile_starts(width, tile_size)
-            if not ys or not xs:
-                small.append(f"{img.name} ({img.size[1]}x{img.size[0]})")
-                continue
-            train.append((number, img, ys, xs))
-            tiles += len(ys) * len(xs)
-        records.append({"role": folder.role, "hr": folder.hr, "lr": folder.lr,
-                        "images": len(folder.images) - len(small), "tiles": tiles,
-                        "skipped_small": small, "skipped_files": list(folder.skipped)})
+    train, valid, records = _place_tiles(folders, tile_size, multiple)
     num_tiles = sum(len(ys) * len(xs) for _, _, ys, xs in train)
     side = {0: tile_size}
     side.update({s: tile_size // s for s in scales})
@@ -264,75 +238,17 @@ def write_store(
                 train_group.create_dataset("image_size", data=np.asarray(
                     [covered_size(img.size, multiple) for _, img, _, _ in train], dtype=np.int32).reshape(-1, 2))
                 train_group.create_dataset("source_index", data=np.asarray([n for n, _, _, _ in train], np.int32))
-                tile_ds = {}
-                for key, name in groups.items():
-                    shape = (num_tiles, side[key], side[key], 3)
-                    # One tile per chunk (a read touches exactly one chunk); maxshape lets an empty store be
-                    # chunked too.
-                    tile_ds[key] = train_group.create_dataset(
-                        name, shape=shape, dtype=np.uint8, chunks=(1,) + shape[1:], maxshape=(None,) + shape[1:]
-                    )
-                tile_crc = {key: np.zeros(num_tiles, dtype=np.uint32) for key in groups}
-                image_index = np.zeros(num_tiles, dtype=np.int32)
-                tile_origin = np.zeros((num_tiles, 2), dtype=np.int32)
-
                 bar = tqdm(total=total_bytes, desc="build-store", unit="B", unit_scale=True, unit_divisor=1024,
                            disable=not progress)
-                done_images = 0
-                cursor = 0
-                for number, (_, img, ys, xs) in enumerate(train):
-                    hr = _loaded_hr(img)
-                    for key in groups:
-                        image = hr if key == 0 else img.load_lr(key, hr, resize_method)
-                        factor = max(key, 1)
-                        for row, y in enumerate(ys):
-                            # One row of tiles at a time: memory stays at one image plus one row, whatever its size.
-                            tiles = np.stack([image[y // factor: y // factor + side[key],
-                                                    x // factor: x // factor + side[key]] for x in xs])
-                            start = cursor + row * len(xs)
-                            tile_ds[key][start:start + len(xs)] = tiles
-                            tile_crc[key][start:start + len(xs)] = [crc32_of(t) for t in tiles]
-                        del image
-                    count = len(ys) * len(xs)
-                    image_index[cursor:cursor + count] = number
-                    tile_origin[cursor:cursor + count] = [(y, x) for y in ys for x in xs]
-                    cursor += count
-                    done_images += 1
-                    bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
-                    bar.update(count * bytes_per_tile)
-                for key, name in groups.items():
-                    train_group.create_dataset(f"{name}_crc32", data=tile_crc[key])
-                train_group.create_dataset("image_index", data=image_index)
-                train_group.create_dataset("tile_origin", data=tile_origin)
-
+                done_images = _write_train(train_group, train, groups, side, num_tiles, resize_method, bar,
+                                           total_images, bytes_per_tile)
                 valid_group = f.create_group("valid")
                 valid_group.create_dataset("names", data=np.asarray([img.name for _, img in valid], dtype=object),
                                            dtype=text)
                 valid_group.create_dataset("source_index", data=np.asarray([n for n, _ in valid], np.int32))
-                valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
-                for name in groups.values():
-                    valid_group.create_group(name)
-                for index, (_, img) in enumerate(valid):
-                    hr = _loaded_hr(img)
-                    height, width = covered_size(img.size, multiple)
-                    hr_cropped = np.ascontiguousarray(hr[:height, :width])
-                    for key, name in groups.items():
-                        if key == 0:
-                            image = hr_cropped
-                        elif img.lr_files is None:
-                            image = img.load_lr(key, hr_cropped, resize_method)
-                        else:
-                            # The official LR covers the uncropped HR; its top-left part matches the crop exactly.
-                            full_lr = img.load_lr(key, hr, resize_method)
-                            image = np.ascontiguousarray(full_lr[: height // key, : width // key])
-                        valid_group[name].create_dataset(valid_key(index), data=image)
-                        valid_crc[key][index] = crc32_of(image)
-                    done_images += 1
-                    bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
-                    bar.update(valid_bytes(img))
+                _write_valid(valid_group, valid, groups, multiple, resize_method, bar, done_images, total_images,
+                             valid_bytes)
                 bar.close()
-                for key, name in groups.items():
-                    valid_group.create_dataset(f"{name}_crc32", data=valid_crc[key])
     except BaseException as exc:
         if isinstance(exc, OSError):
             raise UserError(
@@ -350,6 +266,109 @@ def write_store(
         "bytes": os.path.getsize(out),
         "seconds": time.monotonic() - started,
     }
+
+
+def _place_tiles(folders: Sequence[SourceFolder], tile_size: int, multiple: int):
+    """(train images with their tile origins, validation images, one record per folder), in folder order."""
+    train: list[tuple[int, SourceImage, list[int], list[int]]] = []  # (folder, image, tile y origins, x origins)
+    valid: list[tuple[int, SourceImage]] = []
+    records: list[dict[str, object]] = []
+    for number, folder in enumerate(folders):
+        if folder.role not in ("train", "valid"):
+            raise ValueError(f"folder role {folder.role!r} is neither 'train' nor 'valid'")
+        small: list[str] = []
+        tiles = 0
+        for img in folder.images:
+            height, width = covered_size(img.size, multiple)
+            if folder.role == "valid":
+                if height == 0 or width == 0:
+                    raise UserError(
+                        f"validation image {img.name} is {img.size[1]}x{img.size[0]}, smaller than "
+                        f"lcm(scales)={multiple}; remove it"
+                    )
+                valid.append((number, img))
+                continue
+            ys, xs = tile_starts(height, tile_size), tile_starts(width, tile_size)
+            if not ys or not xs:
+                small.append(f"{img.name} ({img.size[1]}x{img.size[0]})")
+                continue
+            train.append((number, img, ys, xs))
+            tiles += len(ys) * len(xs)
+        records.append({"role": folder.role, "hr": folder.hr, "lr": folder.lr,
+                        "images": len(folder.images) - len(small), "tiles": tiles,
+                        "skipped_small": small, "skipped_files": list(folder.skipped)})
+    return train, valid, records
+
+
+def _write_train(train_group, train, groups: dict[int, str], side: dict[int, int], num_tiles: int, resize_method,
+                 bar, total_images: int, bytes_per_tile: int) -> int:
+    """The train tiles of every scale with their CRCs, image index and origins; returns the images written."""
+    tile_ds = {}
+    for key, name in groups.items():
+        shape = (num_tiles, side[key], side[key], 3)
+        # One tile per chunk (a read touches exactly one chunk); maxshape lets an empty store be chunked too.
+        tile_ds[key] = train_group.create_dataset(
+            name, shape=shape, dtype=np.uint8, chunks=(1,) + shape[1:], maxshape=(None,) + shape[1:]
+        )
+    tile_crc = {key: np.zeros(num_tiles, dtype=np.uint32) for key in groups}
+    image_index = np.zeros(num_tiles, dtype=np.int32)
+    tile_origin = np.zeros((num_tiles, 2), dtype=np.int32)
+
+    done_images = 0
+    cursor = 0
+    for number, (_, img, ys, xs) in enumerate(train):
+        hr = _loaded_hr(img)
+        for key in groups:
+            image = hr if key == 0 else img.load_lr(key, hr, resize_method)
+            factor = max(key, 1)
+            for row, y in enumerate(ys):
+                # One row of tiles at a time: memory stays at one image plus one row, whatever its size.
+                tiles = np.stack([image[y // factor: y // factor + side[key],
+                                        x // factor: x // factor + side[key]] for x in xs])
+                start = cursor + row * len(xs)
+                tile_ds[key][start:start + len(xs)] = tiles
+                tile_crc[key][start:start + len(xs)] = [crc32_of(t) for t in tiles]
+            del image
+        count = len(ys) * len(xs)
+        image_index[cursor:cursor + count] = number
+        tile_origin[cursor:cursor + count] = [(y, x) for y in ys for x in xs]
+        cursor += count
+        done_images += 1
+        bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
+        bar.update(count * bytes_per_tile)
+    for key, name in groups.items():
+        train_group.create_dataset(f"{name}_crc32", data=tile_crc[key])
+    train_group.create_dataset("image_index", data=image_index)
+    train_group.create_dataset("tile_origin", data=tile_origin)
+    return done_images
+
+
+def _write_valid(valid_group, valid, groups: dict[int, str], multiple: int, resize_method, bar, done_images: int,
+                 total_images: int, valid_bytes) -> None:
+    """The validation images, whole (cropped to a multiple of every scale), with their CRCs."""
+    valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
+    for name in groups.values():
+        valid_group.create_group(name)
+    for index, (_, img) in enumerate(valid):
+        hr = _loaded_hr(img)
+        height, width = covered_size(img.size, multiple)
+        hr_cropped = np.ascontiguousarray(hr[:height, :width])
+        for key, name in groups.items():
+            if key == 0:
+                image = hr_cropped
+            elif img.lr_files is None:
+                image = img.load_lr(key, hr_cropped, resize_method)
+            else:
+                # The official LR covers the uncropped HR; its top-left part matches the crop exactly.
+                full_lr = img.load_lr(key, hr, resize_method)
+                image = np.ascontiguousarray(full_lr[: height // key, : width // key])
+            valid_group[name].create_dataset(valid_key(index), data=image)
+            valid_crc[key][index] = crc32_of(image)
+        done_images += 1
+        bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
+        bar.update(valid_bytes(img))
+    for key, name in groups.items():
+        valid_group.create_dataset(f"{name}_crc32", data=valid_crc[key])
 
 
 def _loaded_hr(img: SourceImage) -> np.ndarray:
