@@ -235,6 +235,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    args = _parse_args(argv)
+    return run_benchmarks(args) if args.benchmarks is not None else _evaluate_on_data(args)
+
+
+def _parse_args(argv: list[str]):
     args = _build_parser().parse_args(argv)
     at_least("--tile", args.tile, 0)
     at_least("--max-images", args.max_images, 0)
@@ -249,8 +254,11 @@ def main(argv: list[str]) -> int:
                                              ("--degradation", args.degradation != "bicubic-pil")) if used]
         if data_only:
             raise UserError(f"{', '.join(data_only)} only apply to --data; drop them with --benchmarks")
+    return args
 
-        return run_benchmarks(args)
+
+def _evaluate_on_data(args) -> int:
+    """`eval --data`: every candidate on a store's validation images or a folder of HR images, a table, CSV, JSON."""
     if len(args.checkpoints) != 1:
         raise UserError("--data takes one --checkpoints value; use --benchmarks to score several models")
     args.checkpoints = local_input(args.checkpoints[0], WEIGHTS, args.cache_dir, args.endpoint_url)
@@ -304,7 +312,11 @@ def main(argv: list[str]) -> int:
         print(table_row(result), flush=True)
     if not results:
         raise UserError(f"no readable checkpoint in {args.checkpoints}; every file was damaged (see the warnings)")
+    _report(args, data, device, chosen, results, csv_path, json_path)
+    return 0
 
+
+def _report(args, data: Path, device, chosen: str, results: list[dict], csv_path: Path, json_path: Path) -> None:
     print(f"bicubic baseline: PSNR-Y {results[-1]['bicubic_psnr_y']:.3f} dB on {results[-1]['images']} image(s)")
     if not args.precision:
         used = sorted({r["precision"] for r in results})
@@ -315,4 +327,3 @@ def main(argv: list[str]) -> int:
     _write_report(csv_path, csv_text(results), "--csv")
     _write_report(json_path, json.dumps(report, indent=1) + "\n", "--json")
     print(f"wrote {csv_path} and {json_path}")
-    return 0

@@ -139,7 +139,7 @@ def _out_of_memory(exc: Exception) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in text or "failed to allocate" in text
 
 
-def main(argv: list[str]) -> int:
+def _build_parser() -> CommandParser:
     parser = CommandParser(
         prog="edsr-dist sr",
         description="Super-resolve PNG/JPEG images with a trained EDSR; writes <stem>_x<scale>.png into --out. "
@@ -162,7 +162,11 @@ def main(argv: list[str]) -> int:
                      "an ONNX model's precision is chosen at export")
     add_res_scale_flag(parser)
     add_raw_weights_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _build_parser().parse_args(argv)
     at_least("--tile", args.tile, 0)
     at_least("--tile-pad", args.tile_pad, 0)
     if args.backend == "onnxruntime" and args.precision != "fp32":
@@ -182,19 +186,7 @@ def main(argv: list[str]) -> int:
         upscaler = pytorch_upscaler(args.checkpoint, device=args.device, precision=args.precision,
                                     res_scale=args.res_scale, tile=args.tile, pad=args.tile_pad,
                                     ensemble=args.self_ensemble, raw=args.raw_weights)
-    out_dir = Path(args.out)
-    targets: dict[Path, Path] = {}
-    for src in files:
-        dst = out_dir / f"{src.stem}_x{upscaler.scale}.png"
-        if dst in targets.values():
-            other = next(k for k, v in targets.items() if v == dst)
-            raise UserError(f"inputs {other} and {src} would both be written to {dst}; rename one of them")
-        targets[src] = dst
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {out_dir} ({exc.strerror}); pass another --out") from None
-
+    targets = _output_files(files, Path(args.out), upscaler.scale)
     for src, dst in targets.items():
         image = read_source(src)
         lr = image.rgb
@@ -211,3 +203,19 @@ def main(argv: list[str]) -> int:
         print(f"{src} ({lr.shape[1]}x{lr.shape[0]}) -> {dst} ({sr.shape[1]}x{sr.shape[0]} {out.mode}) "
               f"in {time.perf_counter() - start:.2f} s{'; ' + image.note if image.note else ''}", flush=True)
     return 0
+
+
+def _output_files(files: list[Path], out_dir: Path, scale: int) -> dict[Path, Path]:
+    """input -> `<out>/<stem>_x<scale>.png`, every name once; the output folder made before the first image."""
+    targets: dict[Path, Path] = {}
+    for src in files:
+        dst = out_dir / f"{src.stem}_x{scale}.png"
+        if dst in targets.values():
+            other = next(k for k, v in targets.items() if v == dst)
+            raise UserError(f"inputs {other} and {src} would both be written to {dst}; rename one of them")
+        targets[src] = dst
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out_dir} ({exc.strerror}); pass another --out") from None
+    return targets
