@@ -202,10 +202,8 @@ def _parse_v1(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tu
     for i, entry in enumerate(servers):
         where = f"server_list[{i}]"
         server_id = _address(_field(entry, "server_id", where, err, '"server_id": "10.0.0.1"'), "server_id", where, err)
-        if server_id in seen_servers:
-            raise err(where, f"duplicate server_id {server_id} (also {seen_servers[server_id]})",
-                      "HCCL refuses a table listing a server twice; merge the two entries into one")
-        seen_servers[server_id] = where
+        _once(seen_servers, server_id, f"server_id {server_id}", where, err,
+              "HCCL refuses a table listing a server twice; merge the two entries into one")
         where = f"server_list[{i}] ({server_id})"
         raw = _nonempty_list(_field(entry, "device", where, err, '"device": [...]'), "device", where, err,
                              '[{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}]')
@@ -215,6 +213,13 @@ def _parse_v1(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tu
             err.host_ip_servers.add(where)
         parsed.append((server_id, _parse_devices(raw, where, err, with_rank=True, max_id=max_id), where))
     return parsed
+
+
+def _once(seen: dict[str, str], key: str, shown: str, where: str, err: _Problems, fix: str) -> None:
+    """`key` must not repeat an earlier entry's (`seen`: key -> where it was)."""
+    if key in seen:
+        raise err(where, f"duplicate {shown} (also {seen[key]})", fix)
+    seen[key] = where
 
 
 def _check_count(entry: dict, key: str, listed: int, what: str, where: str, err: _Problems, fix_more: str = "") -> None:
@@ -251,10 +256,7 @@ def _parse_group_list(doc: dict, err: _Problems, max_id: int) -> list[tuple[str,
                 where = f"{where} (rank {rank}, {server_id})"
             else:
                 pod = str(_field(inst, "pod_name", where, err, '"pod_name": "job-0"'))
-                if pod in seen_pods:
-                    raise err(where, f"duplicate pod_name {pod!r} (also {seen_pods[pod]})",
-                              "give every instance its own pod_name")
-                seen_pods[pod] = where
+                _once(seen_pods, pod, f"pod_name {pod!r}", where, err, "give every instance its own pod_name")
                 where = f"{where} ({pod}, {server_id})"
             raw = _nonempty_list(_field(inst, "devices", where, err, '"devices": [...]'), "devices", where, err,
                                  '[{"device_id": "0", "device_ip": "192.168.100.101"}]')
