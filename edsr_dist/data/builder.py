@@ -221,16 +221,7 @@ def write_store(
     try:
         with atomic_path(out) as tmp:
             with h5py.File(tmp, "w") as f:
-                f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["scales"] = np.asarray(scales, dtype=np.int64)
-                f.attrs["tile_size"] = tile_size
-                f.attrs["degradation"] = degradation
-                f.attrs["source"] = source
-                f.attrs["sources"] = json.dumps(records)
-                f.attrs["checksum"] = CHECKSUM
-                f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                f.attrs["builder_version"] = f"edsr-dist {__version__}"
-
+                _write_attributes(f, scales, tile_size, degradation, source, records)
                 text = h5py.string_dtype("utf-8")
                 train_group = f.create_group("train")
                 train_group.create_dataset("names", data=np.asarray([img.name for _, img, _, _ in train],
@@ -266,6 +257,18 @@ def write_store(
         "bytes": os.path.getsize(out),
         "seconds": time.monotonic() - started,
     }
+
+
+def _write_attributes(f, scales: list[int], tile_size: int, degradation: str, source: str, records: list) -> None:
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["scales"] = np.asarray(scales, dtype=np.int64)
+    f.attrs["tile_size"] = tile_size
+    f.attrs["degradation"] = degradation
+    f.attrs["source"] = source
+    f.attrs["sources"] = json.dumps(records)
+    f.attrs["checksum"] = CHECKSUM
+    f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    f.attrs["builder_version"] = f"edsr-dist {__version__}"
 
 
 def _place_tiles(folders: Sequence[SourceFolder], tile_size: int, multiple: int):
