@@ -13,10 +13,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from edsr_dist.errors import UserError
-from edsr_dist.state.owner import (OWNER_ENV, LocalLock, OwnerLock, Ownership, check_launcher_owns, claim,
-                                   stop_this_process)
+from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
+from edsr_dist.state.owner import (
+    OWNER_ENV,
+    LocalLock,
+    OwnerLock,
+    Ownership,
+    check_launcher_owns,
+    claim,
+    stop_this_process,
+)
 
 METRICS = "metrics.jsonl"
 

@@ -7,8 +7,15 @@ import os
 import sys
 
 from edsr_dist.config import Config, parse_train_args
-from edsr_dist.errors import (EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_UPLOAD_FAILED,
-                              EXIT_USER_ERROR, DiskFull, UserError)
+from edsr_dist.errors import (
+    EXIT_COLLECTIVE_FAILED,
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_UPLOAD_FAILED,
+    EXIT_USER_ERROR,
+    DiskFull,
+    UserError,
+)
 from edsr_dist.parallel.engine import describe_collective_failure
 from edsr_dist.state.checkpoint import find_checkpoint, newest_checkpoint_quick
 from edsr_dist.train.trainer import MAX_BAD_STEPS, Interrupted, Trainer, TrainingDiverged

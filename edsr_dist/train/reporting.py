@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw
 
 from edsr_dist import __version__
 from edsr_dist.config import Config
-from edsr_dist.errors import DiskFull
 from edsr_dist.data.store import PatchStore
+from edsr_dist.errors import DiskFull
 from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
 from edsr_dist.state.atomic import atomic_write_text

@@ -25,7 +25,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, run_cli
 from s3_server import Relay
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edsr_dist.config import parse_train_args
-from edsr_dist.errors import UserError
+from edsr_dist.errors import CommandParser, UserError, add_res_scale_flag
 
 
 @pytest.mark.parametrize("args, message", [
@@ -43,3 +43,12 @@ def test_the_edges_that_torch_accepts_still_pass():
     cfg = parse_train_args(["--preset", "sample", "--beta1", "0", "--beta2", "0.999999", "--epsilon", "0",
                             "--max-steps", "0"])
     assert (cfg.beta1, cfg.beta2, cfg.epsilon, cfg.max_steps) == (0.0, 0.999999, 0.0, 0)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_res_scale_of_eval_sr_and_export_is_finite(value):
+    parser = CommandParser(prog="edsr-dist export")
+    add_res_scale_flag(parser)
+    with pytest.raises(UserError, match=rf"^argument --res-scale: '{value}' is not a finite number; see "):
+        parser.parse_args(["--res-scale", value])
+    assert parser.parse_args(["--res-scale", "0.1"]).res_scale == 0.1
