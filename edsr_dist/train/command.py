@@ -39,7 +39,7 @@ def stopped_by_owner(trainer: Trainer) -> bool:
 def _disk_full_exit(trainer: Trainer, exc: Exception) -> int:
     """A write during training found the disk full: try a last checkpoint where space allows (it is refused before
     writing when it cannot fit), then say in one line which step the folder holds."""
-    cause = str(exc) if isinstance(exc, UserError) else f"cannot write {exc.filename}: {exc.strerror}"
+    cause = str(exc) if isinstance(exc, UserError) else f"cannot write {exc.filename or 'an output file'}: {exc.strerror}"
     if trainer.is_main:
         saved = ""
         if not cause.startswith("cannot write a checkpoint"):  # another write failed: is there room for one?
