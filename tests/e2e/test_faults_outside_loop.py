@@ -11,6 +11,7 @@ A run is paused or made to fill its disk at a chosen checkpoint by one test-only
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -27,6 +28,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO, TINY, run_cli
 from s3_server import Relay
+
+from edsr_dist.errors import UserError
+from edsr_dist.state.bucket_lock import BucketLock
+from edsr_dist.state.owner import OwnerRecord, claim
 
 HOOK = r"""
 import errno, os, sys, time
@@ -495,3 +500,34 @@ def test_eval_of_weights_of_another_scale_and_of_a_raw_pickle_is_one_line(traine
         line = one_line(result.stderr)
         assert line.startswith(f"edsr-dist eval: error: refusing to load {raw}: it contains objects a ") and \
             "(Unsupported operand 149); nothing in it was run" in line, line
+
+
+def test_on_a_store_ignoring_conditions_a_dead_owner_is_taken_over_with_the_line(s3_server, bucket, capsys):
+    """In process, through the same stripping relay: a dead owner's record is read first, so taking it over says
+    so (before, the unconditional put replaced it silently); a live one is refused; the heartbeat of an owner whose
+    record another job overwrote notices at its next beat."""
+    relay = ConditionStrippingRelay(s3_server.port)
+    try:
+        fs = s3_server.filesystem(relay.endpoint)
+        url = f"s3://{bucket}/run"
+        lock = BucketLock(fs, f"{bucket}/run", url, settle_s=0.1)
+        dead = dataclasses.replace(OwnerRecord.mine(30.0), host="node-b", machine="node-b|boot|pid:[1]",
+                                   heartbeat=time.time() - 3600, job="J-dead")
+        s3_server.filesystem().pipe_file(f"{bucket}/run/.owner.json", dead.to_bytes())
+        held = claim(lock, url, heartbeat_s=0.2).start()
+        err = capsys.readouterr().err
+        assert f"edsr-dist: took over --out {url} from job J-dead on host node-b" in err
+        assert "ignores conditional writes (If-None-Match and If-Match on PutObject)" in err
+        with pytest.raises(UserError, match=rf"^--out {url} is in use by job "):
+            claim(BucketLock(fs, f"{bucket}/run", url, settle_s=0.1), url)
+        other = dataclasses.replace(OwnerRecord.mine(30.0), token="t-other", job="J-other")
+        s3_server.filesystem().pipe_file(f"{bucket}/run/.owner.json", other.to_bytes())  # ignoring If-Match
+        deadline = time.monotonic() + 10
+        while held.lost_to is None:
+            assert time.monotonic() < deadline, "the owner never noticed"
+            time.sleep(0.05)
+        assert "J-other" in held.lost_to
+        held.release()
+        assert json.loads(s3_server.filesystem().cat_file(f"{bucket}/run/.owner.json"))["token"] == "t-other"
+    finally:
+        relay.cut()
