@@ -30,7 +30,8 @@ from edsr_dist.model.edsr import build_model
 from edsr_dist.model.optim import clear_gradients, make_optimizer
 from edsr_dist.model.precision import autocast
 from edsr_dist.train.step_timer import StepTimer
-from edsr_dist.train.trainer import Trainer, TrainingDiverged
+from edsr_dist.train.agreement import TrainingDiverged
+from edsr_dist.train.trainer import Trainer
 from edsr_dist.perf.machine import median_of, peak_memory, synchronizer
 
 # Phases of one trainer step, in the order they happen.

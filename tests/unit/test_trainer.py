@@ -94,7 +94,7 @@ def test_sample_png_has_a_label_strip_over_the_three_crops(make_trainer):
     hr = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     sr = np.clip(hr.astype(int) + rng.integers(-6, 7, hr.shape), 0, 255).astype(np.uint8)
     bicubic = np.clip(hr.astype(int) + rng.integers(-20, 21, hr.shape), 0, 255).astype(np.uint8)
-    trainer._write_sample("img", bicubic, sr, hr)
+    trainer.validator.write_sample("img", bicubic, sr, hr)
     image = np.asarray(Image.open(trainer.out / "samples" / "img_bicubic_edsr_gt.png"))
     side = 40
     assert image.shape == (SAMPLE_LABEL_HEIGHT + side, 3 * side + 2 * SAMPLE_GAP, 3)
