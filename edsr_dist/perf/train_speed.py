@@ -33,7 +33,7 @@ from edsr_dist.data.sample_store import ensure_sample_store
 from edsr_dist.parallel.world import World
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.model.precision import resolve_device_and_precision
-from edsr_dist.train.trainer import set_threads
+from edsr_dist.train.device import set_threads
 from edsr_dist.perf.machine import machine_info, train_flops_per_image
 from edsr_dist.perf.measure import (PHASE_LABELS, PHASES, measure_bare, measure_store, measure_trainer, measure_workers,
                                     run_worker)

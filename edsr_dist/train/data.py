@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from edsr_dist.config import Config
 from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sample_store import default_sample_store_path, ensure_sample_store
@@ -39,8 +42,10 @@ def open_store(cfg: Config, is_main: bool, engine: Engine) -> PatchStore:
 class TrainingData:
     """This rank's share of every step's global batch, epoch by epoch; owns the open store."""
 
-    def __init__(self, store: PatchStore, cfg: Config, world: World, pin: bool):
-        self.store, self.pin = store, pin  # pin: page-locked batches, for a CUDA or NPU device
+    def __init__(self, store: PatchStore, cfg: Config, world: World, device: torch.device,
+                 memory_format: torch.memory_format):
+        self.store, self.device, self.memory_format = store, device, memory_format
+        self.pin = device.type in ("cuda", "npu")  # page-locked batches, so the copy to the device is asynchronous
         self.sampler = TrainSampler(store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
                                     rank=world.rank, world_size=world.size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -49,6 +54,14 @@ class TrainingData:
         """(step in epoch, (lr, hr)) from first_step to the epoch's end, read ahead; close() it when done."""
         return Prefetcher(lambda s: self.sampler.batch(epoch, s), range(first_step, self.steps_per_epoch), timer,
                           pin=self.pin)
+
+    def to_device(self, batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A uint8 NHWC batch (an array, or a page-locked tensor from the prefetcher) as float on the device."""
+        x = batch_uint8 if torch.is_tensor(batch_uint8) else torch.from_numpy(batch_uint8)
+        x = x.to(self.device, non_blocking=True)
+        # NHWC uint8 -> logical NCHW float; permute keeps the NHWC storage, i.e. channels_last, for free.
+        x = x.permute(0, 3, 1, 2).float()
+        return x.contiguous(memory_format=self.memory_format)
 
     def close(self) -> None:
         self.store.close()

@@ -9,8 +9,6 @@ Progress (log lines and records). Reading order: `__init__` -> `fit` (`_train_ep
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 
 import numpy as np
@@ -21,9 +19,9 @@ from edsr_dist.config import Config, check_batch_divides
 from edsr_dist.model.edsr import build_model
 from edsr_dist.model.ema import WeightEMA
 from edsr_dist.model.optim import clear_gradients, fit_state_to, make_optimizer, skips_on_device
-from edsr_dist.model.precision import LossScaler, autocast, resolve_device_and_precision
+from edsr_dist.model.precision import LossScaler, autocast
 from edsr_dist.model.schedules import learning_rate
-from edsr_dist.parallel import ascend_env, npu
+from edsr_dist.parallel import npu
 from edsr_dist.parallel.factory import make_engine, resolve_engine_name
 from edsr_dist.parallel.world import World, discover_world
 from edsr_dist.state.locations import staging_folder
@@ -31,6 +29,7 @@ from edsr_dist.state.run_folder import recorded_result
 from edsr_dist.train.agreement import MAX_BAD_STEPS, StepAgreement
 from edsr_dist.train.checkpointer import Checkpointer
 from edsr_dist.train.data import TrainingData, open_store
+from edsr_dist.train.device import compile_network, place_worker
 from edsr_dist.train.progress import Progress
 from edsr_dist.train.reporting import LossMeter, banner, recipe_warnings, result_line
 from edsr_dist.train.step_timer import StepTimer
@@ -41,12 +40,6 @@ class Interrupted(Exception):
     """SIGTERM/SIGINT (preemption): stopped at a step boundary after writing a checkpoint."""
 
 
-def set_threads(cfg: Config) -> int:
-    threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    return threads
-
-
 class Trainer:
     def __init__(self, cfg: Config, world: World | None = None, timer: StepTimer | None = None):
         self.cfg = cfg
@@ -54,15 +47,7 @@ class Trainer:
         self.timer = timer or StepTimer()
         check_batch_divides(cfg.batch_size, self.world.size)
         self.out = staging_folder(cfg.out, cfg.cache_dir)  # the run folder itself, or a bucket run's local stage
-        self.device, self.precision = resolve_device_and_precision(cfg.device, cfg.precision,
-                                                                   self.world.device_index, self.world.physical_device)
-        if self.device.type == "npu" and self.world.size > 1:
-            physical = self.world.physical_device
-            ascend_env.claim_card(self.world.device_index if physical is None else physical, self.world.device_index,
-                                  self.world.rank, f"{self.world.master_addr}:{self.world.master_port}")
-        # Training shapes never change, so cuDNN's autotuner pays off; validation turns it off (every image differs).
-        torch.backends.cudnn.benchmark = self.device.type == "cuda"
-        self.threads = set_threads(cfg)
+        self.device, self.precision, self.threads = place_worker(cfg, self.world)
         self.engine_name = resolve_engine_name(cfg.engine, self.world)
         self.engine = make_engine(self.engine_name, self.world, self.device, cfg.dist_timeout, cfg.grad_comm)
         self.is_main = self.world.is_main
@@ -78,17 +63,16 @@ class Trainer:
     def _set_up(self) -> None:
         """Data, model, resume: everything after the run folder is ours."""
         cfg = self.cfg
+        self.memory_format = npu.memory_format(self.device, cfg.channels_last)
         store = open_store(cfg, self.is_main, self.engine)
         validation = open_validation(cfg, store)
-        self.data = TrainingData(store, cfg, self.world, pin=self.device.type in ("cuda", "npu"))
+        self.data = TrainingData(store, cfg, self.world, self.device, self.memory_format)
         self.steps_per_epoch = self.data.steps_per_epoch
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.schedule_steps = self.total_steps  # the schedule's horizon: not cut by max_steps, so a resume continues it
+        self.schedule_steps = cfg.epochs * self.steps_per_epoch  # not cut by max_steps, so a resume continues it
+        self.total_steps = min(self.schedule_steps, cfg.max_steps or self.schedule_steps)
         if self.is_main:
             for warning in recipe_warnings(cfg, self.steps_per_epoch, store):
                 print(f"edsr-dist train: warning: {warning}", file=sys.stderr, flush=True)
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
         self._build_model()
         self.step = self.epoch = self.step_in_epoch = 0
         self.checkpointer.start(self.load_state_dict, self.model, self.ema)
@@ -102,32 +86,18 @@ class Trainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank, before DDP's broadcast makes sure
-        self.memory_format = npu.memory_format(self.device, cfg.channels_last)
         # The chip's overflow mode does not change during a run: asked once, not every step.
         self._saturation_mode = npu.saturation_mode(self.device)
         # Ascend: precompiled operator kernels, so that no operator is compiled just in time (docs/ASCEND.md).
         self.kernels = npu.use_binary_kernels() if self.device.type == "npu" else ""
         self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)  # the bare network
-        self.compiled = self._compile()
+        self.compiled = compile_network(self.model, cfg, self.device, self.is_main)
         self.optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg, self.device)
         # Where the optimizer takes the overflow flag as a tensor (fused Adam on CUDA), the skip is decided on the
         # device and no step waits for the device; elsewhere the host reads the flag (free on the CPU).
         self.skip_on_device = skips_on_device(self.optimizer, self.device)
         self.scaler = LossScaler(enabled=self.precision == "fp16", device=self.device)
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
-
-    def _compile(self) -> bool:
-        """--compile: torch.compile of the network's forward, in place (Module.compile: parameter names and
-        checkpoints unchanged), before DDP wraps it. CUDA only: elsewhere one note and the eager model."""
-        if not self.cfg.compile:
-            return False
-        if self.device.type != "cuda":
-            if self.is_main:
-                print(f"edsr-dist train: note: --compile applies to CUDA only; ignored on {self.device.type}",
-                      file=sys.stderr, flush=True)
-            return False
-        self.model.compile()
-        return True
 
     # ---- state ----------------------------------------------------------------------------------------------
 
@@ -161,14 +131,6 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
 
-    def to_device(self, batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """A uint8 NHWC batch (an array, or a page-locked tensor from the prefetcher) as float on the device."""
-        x = batch_uint8 if torch.is_tensor(batch_uint8) else torch.from_numpy(batch_uint8)
-        x = x.to(self.device, non_blocking=True)
-        # NHWC uint8 -> logical NCHW float; permute keeps the NHWC storage, i.e. channels_last, for free.
-        x = x.permute(0, 3, 1, 2).float()
-        return x.contiguous(memory_format=self.memory_format)
-
     def train_step(self, lr_batch: np.ndarray, hr_batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One step; returns the loss and the step's global skip flag, both device tensors (> 0: skipped).
 
@@ -180,7 +142,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step, self.schedule_steps)
         with timer.phase("to_device"):
-            lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
+            lr_t, hr_t = self.data.to_device(lr_batch), self.data.to_device(hr_batch)
         if self._saturation_mode:
             npu.clear_overflow_flag()
         with autocast(self.device, self.precision):
@@ -227,23 +189,17 @@ class Trainer:
         then runs whatever the flag says, and the flag makes it a no-op), None where the host already has."""
         if self.cfg.grad_clip_norm:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip_norm, grad_norm)
-        with self._skip_flag(device_skip):
+        if device_skip is not None:
+            # The fused kernel leaves parameters and moments alone, and takes back its step count, when the flag is
+            # 1 (torch/optim/adam.py _fused_adam; as torch.amp.GradScaler.step passes it).
+            self.optimizer.found_inf = device_skip
+        try:
             self.engine.step(self.optimizer)
+        finally:
+            if device_skip is not None:
+                del self.optimizer.found_inf
         if self.ema is not None:
             self.ema.update(self.model, skipped=device_skip)
-
-    @contextlib.contextmanager
-    def _skip_flag(self, device_skip: torch.Tensor | None):
-        """The fused kernel leaves parameters and moments alone, and takes back its step count, when the flag is 1
-        (torch/optim/adam.py _fused_adam; as torch.amp.GradScaler.step passes it)."""
-        if device_skip is None:
-            yield
-            return
-        self.optimizer.found_inf = device_skip
-        try:
-            yield
-        finally:
-            del self.optimizer.found_inf
 
     # ---- the loop -------------------------------------------------------------------------------------------
 

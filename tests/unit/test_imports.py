@@ -20,7 +20,7 @@ LAYERS = [
      "edsr_dist.state.checkpoint", "edsr_dist.model.schedules", "edsr_dist.state.owner", "edsr_dist.launcher.pod_env", "edsr_dist.state.remote"],
     ["edsr_dist.data.builder", "edsr_dist.data.sampler", "edsr_dist.data.prefetch", "edsr_dist.parallel.engine", "edsr_dist.state.weights",
      "edsr_dist.state.run_folder", "edsr_dist.state.bucket_lock", "edsr_dist.evaluation.protocols", "edsr_dist.data.skimage_benchmarks", "edsr_dist.inference.onnx_runtime",
-     "edsr_dist.model.ema", "edsr_dist.train.reporting", "edsr_dist.train.agreement", "edsr_dist.launcher.plan", "edsr_dist.perf.machine", "edsr_dist.launcher.world_command",
+     "edsr_dist.model.ema", "edsr_dist.train.reporting", "edsr_dist.train.agreement", "edsr_dist.train.device", "edsr_dist.launcher.plan", "edsr_dist.perf.machine", "edsr_dist.launcher.world_command",
      "edsr_dist.launcher.table_command", "edsr_dist.state.inputs"],
     ["edsr_dist.launcher.job_store", "edsr_dist.state.runs_command", "edsr_dist.evaluation.benchmark_sets", "edsr_dist.data.sample_store", "edsr_dist.parallel.horovod_engine", "edsr_dist.inference.torch_runtime",
      "edsr_dist.state.mirror", "edsr_dist.train.progress"],
