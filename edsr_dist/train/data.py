@@ -9,15 +9,15 @@ import numpy as np
 import torch
 
 from edsr_dist.config import Config
-from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sample_store import default_sample_store_path, ensure_sample_store
 from edsr_dist.data.sampler import TrainSampler
-from edsr_dist.data.store import PatchStore
+from edsr_dist.data.store import PatchStore, verify_store
 from edsr_dist.errors import UserError
+from edsr_dist.locations import is_url
 from edsr_dist.parallel.engine import Engine
 from edsr_dist.parallel.world import World
 from edsr_dist.state.inputs import STORE, local_input
-from edsr_dist.state.locations import is_url
+from edsr_dist.train.prefetch import Prefetcher
 from edsr_dist.train.step_timer import StepTimer
 
 
@@ -33,7 +33,7 @@ def open_store(cfg: Config, is_main: bool, engine: Engine) -> PatchStore:
         path = path or ensure_sample_store(cached)
     elif is_url(path):
         # Every rank asks; one process per server (cache folder) downloads while the others wait on its lock.
-        path = local_input(path, STORE, cfg.cache_dir, cfg.endpoint_url)
+        path = local_input(path, STORE, cfg.cache_dir, cfg.endpoint_url, verify_store=verify_store)
     elif not Path(path).exists():
         raise UserError(f"store {path} does not exist; build one with `edsr-dist build-store` or omit --data for the sample")
     return PatchStore(path, cfg.scale)

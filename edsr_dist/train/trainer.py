@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from edsr_dist.config import Config, check_batch_divides
+from edsr_dist.locations import staging_folder
 from edsr_dist.model.edsr import build_model
 from edsr_dist.model.ema import WeightEMA
 from edsr_dist.model.optim import clear_gradients, fit_state_to, make_optimizer, skips_on_device
@@ -24,7 +25,6 @@ from edsr_dist.model.schedules import learning_rate
 from edsr_dist.parallel import npu
 from edsr_dist.parallel.factory import make_engine, resolve_engine_name
 from edsr_dist.parallel.world import World, discover_world
-from edsr_dist.state.locations import staging_folder
 from edsr_dist.state.run_folder import recorded_result
 from edsr_dist.train.agreement import MAX_BAD_STEPS, StepAgreement
 from edsr_dist.train.checkpointer import Checkpointer

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY
 
 from edsr_dist.config import parse_train_args
 from edsr_dist.data.store import PatchStore
@@ -25,7 +26,6 @@ from edsr_dist.train.progress import Progress
 from edsr_dist.train.reporting import LossMeter
 from edsr_dist.train.step_timer import StepTimer
 from edsr_dist.train.validator import Validator, open_validation
-from helpers import TINY
 
 CPU = torch.device("cpu")
 
