@@ -18,7 +18,8 @@ from edsr_dist.errors import (
 )
 from edsr_dist.parallel.engine import describe_collective_failure
 from edsr_dist.state.checkpoint import find_checkpoint, newest_checkpoint_quick
-from edsr_dist.train.trainer import MAX_BAD_STEPS, Interrupted, Trainer, TrainingDiverged
+from edsr_dist.train.agreement import MAX_BAD_STEPS, TrainingDiverged
+from edsr_dist.train.trainer import Interrupted, Trainer
 
 
 def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -> int:
@@ -33,7 +34,7 @@ def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -
 
 def stopped_by_owner(trainer: Trainer) -> bool:
     """The owner record's heartbeat stopped the run (record taken over, or not refreshed within the bound)."""
-    return trainer.owner is not None and trainer.owner.stopped_job is not None
+    return trainer.checkpointer.owner is not None and trainer.checkpointer.owner.stopped_job is not None
 
 
 def _disk_full_exit(trainer: Trainer, exc: Exception) -> int:
@@ -44,7 +45,7 @@ def _disk_full_exit(trainer: Trainer, exc: Exception) -> int:
         saved = ""
         if not cause.startswith("cannot write a checkpoint"):  # another write failed: is there room for one?
             try:
-                trainer.save()
+                trainer.checkpointer.save(trainer.step, trainer.state_dict)
                 saved = f"saved a last checkpoint at step {trainer.step}; "
             except (UserError, OSError):
                 pass
@@ -73,7 +74,8 @@ def main(argv: list[str]) -> int:
                   "auto", file=sys.stderr)
         # 128 + the signal, as a shell reports a process the signal ended (130 for Ctrl-C); a rank that stopped
         # only because another rank was signalled says 143, as for the launcher's SIGTERM.
-        code = 128 + trainer.stop_signal if trainer.stop_signal else EXIT_INTERRUPTED
+        stop_signal = trainer.agreement.stop_signal
+        code = 128 + stop_signal if stop_signal else EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         clean = True  # every rank saw the same flags and stops at the same step
         if trainer.is_main:
@@ -92,11 +94,11 @@ def main(argv: list[str]) -> int:
     except RuntimeError as exc:
         code = _collective_failure_exit(exc, cfg, trainer.world.rank)
     finally:
-        if trainer.owner is not None:
-            trainer.owner.on_lost = None  # training is over: a lost record no longer stops anything
+        if trainer.checkpointer.owner is not None:
+            trainer.checkpointer.owner.on_lost = None  # training is over: a lost record no longer stops anything
         trainer.close(clean)
-    if trainer.upload_problem:
-        print(f"edsr-dist train: error: {trainer.upload_problem}", file=sys.stderr, flush=True)
+    if trainer.checkpointer.upload_problem:
+        print(f"edsr-dist train: error: {trainer.checkpointer.upload_problem}", file=sys.stderr, flush=True)
         # A run the lost endpoint stopped is complete locally up to its last step, not in the bucket: exit 5.
         code = EXIT_UPLOAD_FAILED if not code or stopped_by_owner(trainer) else code
     if trainer.world.distributed:
