@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, check_batch_divides
+from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, check_batch_splits
 from edsr_dist.data.sample_store import ensure_sample_store
 from edsr_dist.parallel.world import World
 from edsr_dist.errors import CommandParser, UserError
@@ -129,7 +129,7 @@ def bench_config(args: argparse.Namespace) -> Config:
     cfg = build_config(preset=args.preset, overrides=overrides)
     for flag, workers in (("--nproc", args.nproc), ("--compare-nproc", args.compare_nproc)):
         if workers:
-            check_batch_divides(cfg.batch_size, workers, flag)
+            check_batch_splits(cfg.batch_size, workers, cfg.accumulate, flag)
     return cfg
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from edsr_dist import __version__
 from edsr_dist.evaluation.benchmark_sets import score_shards, validation_source
 from edsr_dist.state.checkpoint import list_checkpoints, save_checkpoint
-from edsr_dist.config import Config, check_batch_divides
+from edsr_dist.config import Config, check_batch_splits
 from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.parallel import ascend_env, npu
@@ -70,7 +70,7 @@ class Trainer:
         self.cfg = cfg
         self.world = world or discover_world()
         self.timer = timer or StepTimer()
-        check_batch_divides(cfg.batch_size, self.world.size)
+        check_batch_splits(cfg.batch_size, self.world.size, cfg.accumulate)
         self.out = staging_folder(cfg.out, cfg.cache_dir)  # the run folder itself, or a bucket run's local stage
         self.device, self.precision = resolve_device_and_precision(cfg.device, cfg.precision,
                                                                    self.world.device_index, self.world.physical_device)
@@ -106,7 +106,7 @@ class Trainer:
         benchmark = local_input(cfg.val_benchmark, FOLDER, cfg.cache_dir, cfg.endpoint_url)
         self.validation = validation_source(dataclasses.replace(cfg, val_benchmark=benchmark), self.store)
         self.sampler = TrainSampler(self.store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
-                                    rank=self.world.rank, world_size=self.world.size)
+                                    rank=self.world.rank, world_size=self.world.size, accumulate=cfg.accumulate)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.schedule_steps = self.total_steps  # the schedule's horizon: not cut by max_steps, so a resume continues it
@@ -143,7 +143,7 @@ class Trainer:
         # --init-from applies to a fresh start only: with --resume auto the same command line continues the run.
         self.initialized_from = None if self.resumed_from else init_weights(self)
         # After resume: Horovod's optimizer wrapper broadcasts the loaded state from rank 0.
-        self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer)
+        self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer, cfg.accumulate)
         self.metrics = MetricsLog(self.out, self.is_main, cfg.tensorboard)
         self._bar = None  # tqdm on rank 0 while fit() runs
         self._bad_steps = 0  # consecutive skipped (non-finite) steps, as far as the host has read the flags
@@ -257,14 +257,9 @@ class Trainer:
         timer.begin_step()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step, self.schedule_steps)
-        with timer.phase("to_device"):
-            lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
-        if self._saturation_mode:
+        if self._saturation_mode:  # once per optimizer step: an overflow in any micro-step stays flagged
             npu.clear_overflow_flag()
-        with autocast(self.device, self.precision):
-            sr = self.train_model(lr_t)
-        loss = F.l1_loss(sr.float(), hr_t)
-        self.scaler.scale_loss(loss).backward()
+        loss = self._forward_backward(self.sampler.micro_batches(lr_batch, hr_batch))
         with timer.phase("finish_gradients"):
             self.engine.finish_gradients(self.optimizer)
         bad = self.scaler.unscale_(self.model.parameters()) if self.scaler.enabled else (~torch.isfinite(loss.detach())).float()
@@ -318,6 +313,30 @@ class Trainer:
         skipped = found_inf > 0
         timer.end_step(skipped)
         return loss.detach(), skipped
+
+    def _forward_backward(self, micro_batches: list) -> torch.Tensor:
+        """Forward and backward of this rank's share, one micro-batch at a time (--accumulate); gradients add up
+        in .grad and are all-reduced on the last micro-step only. Each micro-batch's mean loss is weighted by its
+        share of the global batch (Engine.gradient_weight), so the averaged gradient is the full-batch mean
+        whatever the split over ranks and micro-steps. Returns the share's mean loss (detached)."""
+        share = self.sampler.local_batch_size
+        total = None
+        for index, (lr_batch, hr_batch) in enumerate(micro_batches):
+            samples = len(lr_batch)
+            last = index == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else self.engine.accumulating(self.train_model):
+                with self.timer.phase("to_device"):
+                    lr_t, hr_t = self.to_device(lr_batch), self.to_device(hr_batch)
+                with autocast(self.device, self.precision):
+                    sr = self.train_model(lr_t)
+                loss = F.l1_loss(sr.float(), hr_t)
+                weight = self.engine.gradient_weight(samples, self.cfg.batch_size)
+                with self.timer.phase("backward"):
+                    # An even split without accumulation has weight 1: the loss is left as it was.
+                    self.scaler.scale_loss(loss if weight == 1 else loss * weight).backward()
+            part = loss.detach() if samples == share else loss.detach() * (samples / share)
+            total = part if total is None else total + part
+        return total
 
     def _copy_to_host(self, flags: torch.Tensor) -> tuple[torch.Tensor, object]:
         """Start copying the flags to the host without waiting; an event tells when they have arrived. The host
