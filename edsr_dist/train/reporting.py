@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from edsr_dist import __version__
-from edsr_dist.config import Config
+from edsr_dist.config import Config, describe_split
 from edsr_dist.data.store import PatchStore
 from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
@@ -161,9 +161,19 @@ def banner(trainer) -> str:
     return (f"edsr-dist {__version__}: EDSR x{trainer.cfg.scale} {trainer.cfg.num_blocks}x{trainer.cfg.num_filters}, "
             f"{w.size} worker(s) via {w.launcher}, engine {trainer.engine_name}, device {trainer.device}, "
             f"{trainer.precision}, {layout}, {_speed_settings(trainer)}, {trainer.threads} thread(s)/worker, "
-            f"global batch {trainer.cfg.batch_size}, "
+            f"global batch {trainer.cfg.batch_size}{_split(trainer)}, "
             f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps, {recipe}; {where}"
             f"{_unused_devices_note(trainer)}")
+
+
+def _split(trainer) -> str:
+    """How the global batch is shared, where it is not simply one even share per worker."""
+    parts = []
+    if trainer.world.size > 1 and "each" not in (split := describe_split(trainer.cfg.batch_size, trainer.world.size)):
+        parts.append(f"{split} per worker")
+    if trainer.cfg.accumulate > 1:
+        parts.append(f"{trainer.cfg.accumulate} micro-batches per step")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _unused_devices_note(trainer) -> str:

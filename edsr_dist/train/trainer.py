@@ -331,9 +331,8 @@ class Trainer:
                     sr = self.train_model(lr_t)
                 loss = F.l1_loss(sr.float(), hr_t)
                 weight = self.engine.gradient_weight(samples, self.cfg.batch_size)
-                with self.timer.phase("backward"):
-                    # An even split without accumulation has weight 1: the loss is left as it was.
-                    self.scaler.scale_loss(loss if weight == 1 else loss * weight).backward()
+                # An even split without accumulation has weight 1: the loss is left as it was.
+                self.scaler.scale_loss(loss if weight == 1 else loss * weight).backward()
             part = loss.detach() if samples == share else loss.detach() * (samples / share)
             total = part if total is None else total + part
         return total

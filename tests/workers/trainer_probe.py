@@ -38,7 +38,7 @@ class OverflowProbe(StepTimer):
     def __init__(self, mode: str = "overflow"):
         self.mode = mode
         self.trainer = None
-        self.micro_steps: list[int] = []  # backward passes per optimizer step
+        self.micro_steps: list[int] = []  # micro-batches of each optimizer step
         self.local_flags, self.skipped, self.scales = [], [], []
         self.norms_before, self.norms_after = [], []
 
@@ -49,25 +49,30 @@ class OverflowProbe(StepTimer):
     def begin_step(self):
         self.micro_steps.append(0)
 
-    def _after_micro_step(self):
+    def _micro_step_begins(self):
+        """At each to_device, the seam's mark of a micro-batch: the second one of a step follows the first
+        micro-step's backward."""
         self.micro_steps[-1] += 1
+        if self.micro_steps[-1] == 2:
+            self._after_first_micro_step()
+
+    def _after_first_micro_step(self):
         trainer = self.trainer
-        first_of_target = self.micro_steps[-1] == 1 and trainer.step + 1 == INJECT_AT_STEP
-        if self.mode == "overflow-micro" and trainer.world.rank == 1 and first_of_target:
+        if self.mode == "overflow-micro" and trainer.world.rank == 1 and trainer.step + 1 == INJECT_AT_STEP:
             grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
             grads[0][(0,) * grads[0].dim()] = float("inf")
-        if self.mode == "kill" and self.micro_steps[-1] == 1 and trainer.step + 1 == KILL_AT_STEP:
+        if self.mode == "kill" and trainer.step + 1 == KILL_AT_STEP:
             os.kill(os.getpid(), signal.SIGKILL)
 
     @contextlib.contextmanager
     def phase(self, name):
+        if name == "to_device":
+            self._micro_step_begins()
         if name == "optimizer":  # clipping and the step happen inside this phase
             self.norms_before.append(self._grad_norm())
         yield
         if name == "optimizer":
             self.norms_after.append(self._grad_norm())
-        if name == "backward":
-            self._after_micro_step()
         if name != "finish_gradients":
             return
         trainer = self.trainer
