@@ -428,7 +428,8 @@ def check_batch_splits(batch_size: int, workers: int, accumulate: int = 1, flag:
     self-healing and bench all ask here); `flag` names the option that set the number of workers, when one did."""
     if batch_size < workers * accumulate:
         of = f" of {flag} {workers}" if flag else ""
-        times = f" x --accumulate {accumulate}" if accumulate > 1 else ""
-        raise UserError(f"batch_size {batch_size} (global) is smaller than the {workers} workers{of}{times}: every "
-                        f"worker needs at least {accumulate} sample(s) per step; pass --batch-size "
-                        f"{workers * accumulate} or more" + (" or a smaller --accumulate" if accumulate > 1 else ""))
+        what = (f"--accumulate {accumulate}" if workers == 1 else
+                f"the {workers} workers{of}" + (f" x --accumulate {accumulate}" if accumulate > 1 else ""))
+        raise UserError(f"batch_size {batch_size} (global) is smaller than {what}: every worker needs at least "
+                        f"{accumulate} sample(s) per step; pass --batch-size {workers * accumulate} or more"
+                        + (" or a smaller --accumulate" if accumulate > 1 else ""))
