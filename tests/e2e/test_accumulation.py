@@ -8,9 +8,10 @@ import json
 import sys
 
 import pytest
+import torch
+from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
-from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 
 STEPS = 12
 ARGS = [*TINY, "--batch-size", "16", "--steps-per-epoch", str(STEPS), "--ema-decay", "0.9", "--max-val-images", "1"]
@@ -101,8 +102,6 @@ def test_sigkill_in_the_middle_of_an_accumulation_then_resume_is_bit_identical(s
 
 def _flat(value) -> list:
     """A nested state as a list of (path, bytes or value), for an exact comparison."""
-    import torch
-
     if torch.is_tensor(value):
         return [value.cpu().numpy().tobytes()]
     if isinstance(value, dict):
