@@ -288,7 +288,10 @@ class Trainer:
         return report
 
     def _mean_over_ranks(self, meter: LossMeter) -> float:
-        both = torch.stack([meter.sum.detach().float(), meter.count.float()])
+        # Each rank's steps count by its share of the batch (weight 1 for an even split): with uneven shares the
+        # epoch's loss is still the mean over its samples, as one worker reports it.
+        weight = self.engine.gradient_weight(self.data.sampler.local_batch_size, self.cfg.batch_size)
+        both = torch.stack([meter.sum.detach().float(), meter.count.float()]) * weight
         both = self.engine.all_reduce_sum(both).cpu()
         return both[0].item() / max(both[1].item(), 1.0)
 

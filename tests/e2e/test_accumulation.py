@@ -5,6 +5,7 @@ workers; 12 steps of the sample preset, as the 4-worker figure of docs/TRAINING.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -23,16 +24,20 @@ ROUNDING = 5e-5
 
 
 def train(tmp_path, name: str, workers: int, sample_store, *extra: str) -> dict:
+    """The final checkpoint's state, with rank 0's epoch loss line added as "epoch_loss"."""
     out = tmp_path / name
     args = [*ARGS, "--data", str(sample_store), "--out", str(out), *extra]
     if workers == 1:
         result = run_cli(["train", *args], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
+        console = result.stdout
     else:
         codes, outputs = spawn_ranks([sys.executable, "-m", "edsr_dist", "train", *args], workers, cwd=tmp_path)
         assert codes == [0] * workers, outputs
+        console = outputs[0]
     state = load_checkpoint(find_checkpoint(out))
     assert state["step"] == STEPS
+    state["epoch_loss"] = float(re.search(r"Epoch nr: \[1/1\] - Loss: ([0-9.]+)", console).group(1))
     return state
 
 
@@ -57,6 +62,8 @@ def test_accumulation_and_uneven_shares_end_where_one_worker_ends(sample_store, 
         # No further from the 1-worker run than the even split's bound, and at the level of float rounding.
         assert weights < min(EVEN_SPLIT_BOUND, ROUNDING) and ema < min(EVEN_SPLIT_BOUND, ROUNDING), (name, found)
         assert runs[name]["ema"]["updates"] == STEPS  # EMA counts optimizer steps, not micro-steps
+        # The epoch's loss is the mean over its samples however they were shared (each rank counted by its share).
+        assert runs[name]["epoch_loss"] == pytest.approx(one["epoch_loss"], rel=1e-5), name
     # One worker with accumulation adds the same per-sample gradients as one worker without, in another order:
     # float rounding only (the 1-worker run is the reference of every distributed exactness test).
     assert found["1 worker x accumulate 4"][0] < 1e-4, found
