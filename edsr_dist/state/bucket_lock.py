@@ -103,7 +103,21 @@ class BucketLock:
                   file=sys.stderr, flush=True)
 
     def create(self, data: bytes) -> str | None:
-        return self._still_ours(data, self._put(data, IfNoneMatch="*"))
+        try:
+            version = self._put(data, IfNoneMatch="*")
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # a signal while the put was in flight: it may have landed
+                self._remove_if_ours(data)
+            raise
+        return self._still_ours(data, version)
+
+    def _remove_if_ours(self, data: bytes) -> None:
+        try:
+            found = self.read()
+            if found is not None and found[0] == data:
+                self.remove(found[1])
+        except Exception:  # noqa: BLE001 - the endpoint is away: the next run takes the record over
+            pass
 
     def read(self) -> tuple[bytes, str, float] | None:
         async def get():
