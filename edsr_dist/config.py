@@ -8,6 +8,7 @@ Unknown keys and values of the wrong type are user errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,10 @@ class Config:
             if not ok:
                 raise UserError(msg)
 
+        for name, kind in _field_types().items():  # inf passes every "> 0" below and reaches torch as it is
+            value = getattr(self, name)
+            need(kind is not float or math.isfinite(value),
+                 f"{name} must be a finite number, got {value}; pass --{name.replace('_', '-')} with a number")
         need(self.scale in (2, 3, 4), f"scale must be 2, 3 or 4, got {self.scale}; pass --scale 2|3|4")
         need(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
         need(self.num_filters >= 1, f"num_filters must be >= 1, got {self.num_filters}")
@@ -125,7 +130,11 @@ class Config:
         check_batch_splits(self.batch_size, 1, self.accumulate)
         need(self.patch_size >= 4, f"patch_size must be >= 4, got {self.patch_size}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}; pass for example --lr 1e-4")
-        need(0 < self.decay_rate <= 1, f"decay_rate must be in (0, 1], got {self.decay_rate}")
+        # torch.optim.Adam's own checks (torch/optim/adam.py, Adam.__init__), as one line instead of its traceback.
+        need(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}; the paper uses --beta1 0.9")
+        need(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}; the paper uses --beta2 0.999")
+        need(self.epsilon >= 0, f"epsilon must be >= 0, got {self.epsilon}; the paper uses --epsilon 1e-8")
+        need(self.decay_rate > 0 and self.decay_rate <= 1, f"decay_rate must be in (0, 1], got {self.decay_rate}")
         need(self.decay_step >= 1, f"decay_step must be >= 1, got {self.decay_step}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
@@ -156,6 +165,13 @@ class Config:
              f"init_from {self.init_from} is not a file; pass a .ckpt, .pt, .pth or .safetensors file with the "
              "weights to start from")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
+        need(self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
+        need(self.log_every >= 1, f"log_every must be >= 1 step, got {self.log_every}")
+        need(self.num_threads >= 0, f"num_threads must be >= 0 (0 = OMP_NUM_THREADS or all cores), got "
+             f"{self.num_threads}")
+        need(self.save_every_steps >= 0, f"save_every_steps must be >= 0 (0 = off), got {self.save_every_steps}")
+        need(self.max_val_images >= 0, f"max_val_images must be >= 0 (0 = all), got {self.max_val_images}")
+        need(self.val_tile >= 0, f"val_tile must be >= 0 (0 = whole image), got {self.val_tile}")
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
                               ("grad_comm", GRAD_COMMS),
                               ("lr_schedule", LR_SCHEDULES),

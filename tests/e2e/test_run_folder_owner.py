@@ -75,9 +75,10 @@ def latest_is(out: Path, step: int):
 
 
 def snapshot(folder: Path) -> dict:
-    """Every file but the owner record (whose heartbeat changes) with its size and time."""
+    """Every file but the owner record (whose heartbeat changes, through a temporary `.owner.json.tmp-PID` renamed
+    over it) with its size and time."""
     return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file() and p.name != ".owner.json"}
+            if not p.name.startswith(".owner.json") and p.is_file()}
 
 
 def final_state(out: Path) -> dict:
