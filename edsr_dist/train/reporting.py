@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from edsr_dist import __version__
-from edsr_dist.config import Config
+from edsr_dist.config import Config, tracker_names
 from edsr_dist.data.store import PatchStore
 from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
 from edsr_dist.state.atomic import atomic_write_text
+from edsr_dist.state.checkpoint import BEST, CHECKPOINT_DIR, follow_pointer
+from edsr_dist.train.tracking import TRACKER_FILE, RunIds, TrackerChannel, metrics_of, open_channels, run_name
 
 # Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
 # every few steps: the README's `--epochs 300` on a small store once gave one step per epoch.
@@ -46,13 +49,19 @@ class LossMeter:
 
 
 class MetricsLog:
-    """metrics.jsonl, and TensorBoard when asked for, on rank 0 only; the folder and files are created with the
-    first entry, so a run stopped by bad input writes nothing."""
+    """metrics.jsonl, TensorBoard and the experiment trackers of cfg.tracker (train/tracking.py), on rank 0 only;
+    the folder, files and tracker runs are created with the first entry, so a run stopped by bad input writes
+    nothing. The trackers get each entry through their own queue: none of them can hold up a step."""
 
-    def __init__(self, out: Path, is_main: bool, tensorboard: bool):
-        self.out, self.is_main, self.tensorboard = out, is_main, tensorboard
+    def __init__(self, out: Path, is_main: bool, cfg: Config):
+        self.out, self.is_main, self.cfg = out, is_main, cfg
+        trackers = tracker_names(cfg.tracker)
+        self.tensorboard = cfg.tensorboard and "tensorboard" in trackers
+        self.tracker_names = [name for name in trackers if name != "tensorboard"]
         self.file = None
         self.tb = None
+        self.channels: list[TrackerChannel] = []
+        self.completed = False  # a Result entry was recorded: the tracker runs end as finished
 
     def record(self, entry: dict, step: int) -> None:
         if not self.is_main:
@@ -61,12 +70,26 @@ class MetricsLog:
             self.out.mkdir(parents=True, exist_ok=True)
             self.file = open(self.out / "metrics.jsonl", "a")
             self._open_tensorboard()
+            self.channels = open_channels(self.tracker_names, self.cfg.tracker_project, run_name(self.cfg.out),
+                                          self.out, RunIds(self.out / TRACKER_FILE), self.cfg.to_dict())
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
+        values, at = metrics_of(entry), entry.get("step", step)
         if self.tb is not None:
-            for key, value in entry.items():
-                if key not in ("type", "step", "epoch") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{entry['type']}/{key}", value, entry.get("step", step))
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, at)
+        files = self._result_files() if entry.get("type") == "result" else ()
+        self.completed = self.completed or entry.get("type") == "result"
+        for channel in self.channels:
+            channel.metrics(values, at, files)
+
+    def _result_files(self) -> tuple[tuple[Path, str], ...]:
+        """What the trackers get with the Result: the sample images and, when asked, the best checkpoint."""
+        files = [(path, "samples") for path in sorted((self.out / "samples").glob("*.png"))]
+        best = self.out / CHECKPOINT_DIR / BEST
+        if self.cfg.track_checkpoint and best.is_file():
+            files.append((follow_pointer(best), "checkpoint"))
+        return tuple(files)
 
     def _open_tensorboard(self) -> None:
         if not self.tensorboard:
@@ -82,6 +105,10 @@ class MetricsLog:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        for channel in self.channels:  # rank 0 only: the channels open with the first entry
+            problem = channel.close(self.completed)
+            if problem:
+                print(f"edsr-dist train: warning: {problem}", file=sys.stderr, flush=True)
 
 
 def write_sample_image(path: Path, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int) -> None:

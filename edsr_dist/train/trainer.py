@@ -144,7 +144,7 @@ class Trainer:
         self.initialized_from = None if self.resumed_from else init_weights(self)
         # After resume: Horovod's optimizer wrapper broadcasts the loaded state from rank 0.
         self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer)
-        self.metrics = MetricsLog(self.out, self.is_main, cfg.tensorboard)
+        self.metrics = MetricsLog(self.out, self.is_main, cfg)
         self._bar = None  # tqdm on rank 0 while fit() runs
         self._bad_steps = 0  # consecutive skipped (non-finite) steps, as far as the host has read the flags
         self._save_due = False  # a step-cadence checkpoint waiting for a finite step

@@ -14,10 +14,12 @@ LAYERS = [
     ["edsr_dist", "edsr_dist.parallel", "edsr_dist.errors", "edsr_dist.model", "edsr_dist.state", "edsr_dist.train",
      "edsr_dist.launcher", "edsr_dist.evaluation", "edsr_dist.inference", "edsr_dist.perf", "edsr_dist.state.locations"],
     ["edsr_dist.config", "edsr_dist.state.atomic", "edsr_dist.launcher.rank_table", "edsr_dist.train.step_timer", "edsr_dist.state.safe_load", "edsr_dist.parallel.npu",
-     "edsr_dist.parallel.ascend_env", "edsr_dist.evaluation.reference_numbers", "edsr_dist.inference.tiling"],
+     "edsr_dist.parallel.ascend_env", "edsr_dist.evaluation.reference_numbers", "edsr_dist.inference.tiling",
+     "edsr_dist.train.tracking_mlflow", "edsr_dist.train.tracking_wandb"],
     ["edsr_dist.model.edsr", "edsr_dist.model.precision", "edsr_dist.model.optim", "edsr_dist.evaluation.metrics", "edsr_dist.data", "edsr_dist.data.resize",
      "edsr_dist.data.store", "edsr_dist.data.images", "edsr_dist.parallel.world", "edsr_dist.launcher.hostfile",
-     "edsr_dist.state.checkpoint", "edsr_dist.model.schedules", "edsr_dist.state.owner", "edsr_dist.launcher.pod_env", "edsr_dist.state.remote"],
+     "edsr_dist.state.checkpoint", "edsr_dist.model.schedules", "edsr_dist.state.owner", "edsr_dist.launcher.pod_env", "edsr_dist.state.remote",
+     "edsr_dist.train.tracking"],
     ["edsr_dist.data.builder", "edsr_dist.data.sampler", "edsr_dist.data.prefetch", "edsr_dist.parallel.engine", "edsr_dist.state.weights",
      "edsr_dist.state.run_folder", "edsr_dist.state.bucket_lock", "edsr_dist.evaluation.protocols", "edsr_dist.data.skimage_benchmarks", "edsr_dist.inference.onnx_runtime",
      "edsr_dist.model.ema", "edsr_dist.train.reporting", "edsr_dist.launcher.plan", "edsr_dist.perf.machine", "edsr_dist.launcher.world_command",
@@ -36,7 +38,8 @@ LAYERS = [
     ["edsr_dist.__main__"],
 ]
 # Optional dependencies are imported where they are switched on; everything else at the top of the file.
-OPTIONAL = ("horovod", "torch_npu", "onnx", "onnxruntime", "safetensors", "torch.utils.tensorboard", "fsspec")
+OPTIONAL = ("horovod", "torch_npu", "onnx", "onnxruntime", "safetensors", "torch.utils.tensorboard", "fsspec",
+            "mlflow", "wandb")
 # torch itself is optional for `sr` (ONNX Runtime serves without it): its PyTorch backend imports these when chosen.
 TORCH_SIDE_OF = {"edsr_dist.inference.command": ("edsr_dist.inference.torch_runtime", "edsr_dist.model.precision")}
 
