@@ -6,6 +6,7 @@ start their own on a free port with their own folder."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import struct
 import subprocess
@@ -101,7 +102,6 @@ def wandb_records(path: Path) -> list:
 
 def wandb_offline_runs(folder: Path) -> list[tuple[str, dict[str, dict[int, float]]]]:
     """Each offline run under `folder` (oldest first): its run id and history, metric -> {step: value}."""
-    import json
     runs = []
     for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
         run_id, history = None, {}

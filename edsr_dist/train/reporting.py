@@ -68,10 +68,9 @@ class MetricsLog:
             return
         if self.file is None:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._open_trackers()
             self.file = open(self.out / "metrics.jsonl", "a")
             self._open_tensorboard()
-            self.channels = open_channels(self.tracker_names, self.cfg.tracker_project, run_name(self.cfg.out),
-                                          self.out, RunIds(self.out / TRACKER_FILE), self.cfg.to_dict())
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
         values, at = metrics_of(entry), entry.get("step", step)
@@ -82,6 +81,18 @@ class MetricsLog:
         self.completed = self.completed or entry.get("type") == "result"
         for channel in self.channels:
             channel.metrics(values, at, files)
+
+    def _open_trackers(self) -> None:
+        """Continue the tracker runs of earlier attempts (TRACKER_FILE), handing them first what metrics.jsonl holds
+        from those attempts: records a killed attempt still had queued reach the tracker now; what the tracker
+        acknowledged before is not sent again."""
+        self.channels = open_channels(self.tracker_names, self.cfg.tracker_project, run_name(self.cfg.out),
+                                      self.out, RunIds(self.out / TRACKER_FILE), self.cfg.to_dict())
+        if not self.channels:
+            return
+        for earlier in read_entries(self.out / "metrics.jsonl"):
+            for channel in self.channels:
+                channel.metrics(metrics_of(earlier), earlier.get("step", 0))
 
     def _result_files(self) -> tuple[tuple[Path, str], ...]:
         """What the trackers get with the Result: the sample images and, when asked, the best checkpoint."""
@@ -214,6 +225,19 @@ def _speed_settings(trainer) -> str:
     if trainer.kernels:
         parts.append(trainer.kernels)
     return ", ".join(parts)
+
+
+def read_entries(path: Path) -> list[dict]:
+    """The entries of a metrics.jsonl (none where it does not exist), without a line cut short by a kill."""
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        try:
+            found.append(json.loads(line))
+        except ValueError:  # a line cut short by the kill
+            continue
+    return found
 
 
 def drop_metrics_after(out: Path, step: int) -> None:

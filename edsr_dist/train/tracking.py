@@ -114,27 +114,30 @@ class TrackerChannel:
             kind = item[0]
             if kind == "metrics":
                 _, values, step, files = item
-                fresh = {k: v for k, v in values.items() if step > self.state["logged"].get(k, -1)}
-                if values and not fresh:
-                    continue  # logged by an earlier attempt of this run
-                if self._deliver(lambda: self._send(fresh, step, files)):
-                    self.sent += 1
-                else:
+                sent = self._deliver(lambda: self._send(values, step, files))
+                if sent is None:
                     self.lost.append(step)
+                elif sent:
+                    self.sent += 1
             elif kind == "text":
-                self._deliver(lambda: self.tracker.log_text(item[1], item[2]))
-            elif kind == "finish" and self.state["run_id"]:
+                self._deliver(lambda: self._start() or self.tracker.log_text(item[1], item[2]))
+            elif kind == "finish" and self._started:
                 self._deliver(lambda: self.tracker.finish(self.completed))
 
-    def _send(self, values: dict[str, float], step: int, files) -> None:
+    def _send(self, values: dict[str, float], step: int, files) -> bool:
+        """Send what the tracker does not hold yet; False when it held all of it (an earlier attempt sent it)."""
         self._start()
-        if values:
-            self.tracker.log_metrics(values, step)
-            self.state["logged"].update({key: step for key in values})
+        fresh = {key: value for key, value in values.items() if step > self.state["logged"].get(key, -1)}
+        if values and not fresh:
+            return False
+        if fresh:
+            self.tracker.log_metrics(fresh, step)
+            self.state["logged"].update({key: step for key in fresh})
             self.ids.save()
         for path, folder in files:
             if path.is_file():
                 self.tracker.log_file(path, folder, step)
+        return True
 
     def _start(self) -> None:
         if self._started:
@@ -144,17 +147,20 @@ class TrackerChannel:
         if self.state["run_id"] != known:
             self.state["logged"] = {}
             self.ids.save()
+        else:
+            for key, step in self.tracker.last_steps().items():
+                self.state["logged"][key] = max(step, self.state["logged"].get(key, -1))
         self._started = True
         print(f"tracking: {'continuing' if known else 'started'} {self.tracker.where()}", flush=True)
 
-    def _deliver(self, send) -> bool:
-        """One record, retried with back-off while the tracker answers; True once it is delivered."""
+    def _deliver(self, send):
+        """One record, retried with back-off while the tracker answers: what `send` returns, None if it failed."""
         delays = self.retry_delays if self.reachable else ()
         for attempt in range(len(delays) + 1):
             try:
-                send()
+                result = send()
                 self.reachable = True
-                return True
+                return result
             except Exception as exc:  # noqa: BLE001 - any client or network error: never the training's problem
                 if not self.warned:
                     self.warned = True
@@ -164,7 +170,7 @@ class TrackerChannel:
                 if attempt < len(delays):
                     time.sleep(delays[attempt])
         self.reachable = False
-        return False
+        return None
 
 
 def _one_line(exc: BaseException) -> str:

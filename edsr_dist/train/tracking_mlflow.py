@@ -60,6 +60,12 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=items[first:first + MAX_PARAMS_PER_BATCH])
         return self.run_id
 
+    def last_steps(self) -> dict[str, int]:
+        """The highest step the server holds for each metric of the run: what a killed attempt sent but could not
+        note down in the run folder."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in keys}
+
     def where(self) -> str:
         from mlflow import get_tracking_uri
         return f"MLflow run {self.run_id} (experiment {self.project!r} at {shown_uri(get_tracking_uri())})"

@@ -29,6 +29,10 @@ class WandbTracker:
                               dir=str(self.folder), config=None if run_id else params, settings=settings)
         return self.run.id
 
+    def last_steps(self) -> dict[str, int]:
+        """W&B keeps a continued run's step itself (and drops a log below it); offline it cannot be asked."""
+        return {}
+
     def where(self) -> str:
         return f"W&B run {self.run.id} (project {self.project!r}{', offline' if self.run.offline else ''})"
 

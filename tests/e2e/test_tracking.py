@@ -1,0 +1,176 @@
+"""Experiment trackers against the real thing: a real `mlflow server` (tests/tracker_servers.py) read back with
+MlflowClient, and W&B in offline mode read back from its own run files. Each test logs to its own experiment."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, clean_env, run_cli
+from s3_server import Relay
+from tracker_servers import require_or_skip, wandb_offline_runs
+
+# Look-alike credentials in the trackers' own variables (and S3's): none may reach a file of the run or its output.
+SECRETS = {"MLFLOW_TRACKING_TOKEN": "mlflow-token-5e1f0c9a33", "WANDB_API_KEY": "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567",
+           "AWS_SECRET_ACCESS_KEY": "aws-secret-77c1d2e3f4"}
+
+
+def tracker_file(out: Path) -> dict:
+    return json.loads((out / "tracker.json").read_text())
+
+
+def entries(out: Path, kind: str) -> dict[int, dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {e["step"]: e for e in map(json.loads, lines) if e["type"] == kind}
+
+
+def assert_no_secret(out: Path, *texts: str) -> None:
+    for path in [p for p in out.rglob("*") if p.is_file()]:
+        data = path.read_bytes()
+        leaked = [name for name, value in SECRETS.items() if value.encode() in data]
+        assert not leaked, f"{leaked} in {path}"
+    for text in texts:
+        assert not [name for name, value in SECRETS.items() if value in text]
+
+
+def start_train(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edsr_dist", "train", *args], cwd=cwd,
+                            env={**clean_env(), **env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_logged(out: Path, tracker: str, step: int, proc: subprocess.Popen, timeout: float = 180) -> int:
+    """Until the tracker has acknowledged step/loss at `step` or later (tracker.json); returns that step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            logged = tracker_file(out)[tracker]["logged"].get("step/loss", 0)
+        except (OSError, ValueError, KeyError):
+            logged = 0
+        if logged >= step:
+            return logged
+        assert proc.poll() is None, f"training ended before the tracker got step {step}: {proc.communicate()}"
+        time.sleep(0.05)
+    raise AssertionError(f"the tracker never acknowledged step {step}")
+
+
+@pytest.fixture
+def mlflow_env(mlflow_server, tmp_path) -> dict:
+    return {"MLFLOW_TRACKING_URI": mlflow_server.uri, **SECRETS}
+
+
+def test_mlflow_run_holds_settings_metrics_samples_and_result(mlflow_server, mlflow_env, sample_store, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(["train", *TINY, "--data", str(sample_store), "--out", str(out), "--tracker", "mlflow",
+                      "--tracker-project", tmp_path.name, "--samples-png", "true"], cwd=tmp_path, env=mlflow_env)
+    assert result.returncode == 0, result.stderr
+    run_id = tracker_file(out)["mlflow"]["run_id"]
+    assert f"tracking: started MLflow run {run_id}" in result.stdout
+    client = mlflow_server.client()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == tmp_path.name
+    assert run.data.params["num_blocks"] == "2" and run.data.params["tracker"] == "mlflow"
+    assert run.data.params["out"] == str(out)
+    steps = entries(out, "step")
+    history = client.get_metric_history(run_id, "step/loss")
+    assert [(m.step, m.value) for m in history] == [(s, pytest.approx(e["loss"])) for s, e in sorted(steps.items())]
+    assert [m.step for m in client.get_metric_history(run_id, "step/lr")] == [5, 10, 15, 20]
+    epoch, final = entries(out, "epoch")[20], entries(out, "result")[20]
+    assert run.data.metrics["epoch/psnr_y"] == pytest.approx(epoch["psnr_y"])
+    assert run.data.metrics["result/psnr_y"] == pytest.approx(final["psnr_y"])
+    assert run.data.metrics["result/bicubic_psnr_y"] == pytest.approx(final["bicubic_psnr_y"])
+    samples = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert samples and [Path(a.path).name for a in client.list_artifacts(run_id, "samples")] == samples
+    assert_no_secret(out, result.stdout, result.stderr)
+
+
+def test_sigkill_and_resume_auto_continue_the_mlflow_run_without_a_step_twice(mlflow_server, mlflow_env,
+                                                                               sample_store, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--data", str(sample_store), "--out", str(out), "--tracker", "mlflow", "--tracker-project",
+            tmp_path.name, "--steps-per-epoch", "1000", "--log-every", "2", "--save-every-steps", "10"]
+    proc = start_train(args, tmp_path, mlflow_env)
+    try:
+        wait_for_logged(out, "mlflow", 14, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    run_id = tracker_file(out)["mlflow"]["run_id"]
+    # The resume starts at the last checkpoint (after the steps the tracker holds, or before them: the upload
+    # thread runs behind) and stops 16 steps past both.
+    saved = max(int(p.stem.split("_")[1]) for p in (out / "checkpoints").glob("step_*.ckpt"))
+    last = max(saved, tracker_file(out)["mlflow"]["logged"]["step/loss"]) + 16
+    result = run_cli(["train", *args, "--resume", "auto", "--max-steps", str(last)], cwd=tmp_path, env=mlflow_env)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and f"tracking: continuing MLflow run {run_id}" in result.stdout
+    assert tracker_file(out)["mlflow"]["run_id"] == run_id
+    client = mlflow_server.client()
+    assert [r.info.run_id for r in client.search_runs([client.get_run(run_id).info.experiment_id])] == [run_id]
+    history = client.get_metric_history(run_id, "step/loss")
+    assert [m.step for m in history] == list(range(2, last + 1, 2))  # every logged step, each once
+    steps = entries(out, "step")
+    assert [m.value for m in history][-3:] == [pytest.approx(steps[s]["loss"]) for s in (last - 4, last - 2, last)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_tracking_server_stopping_mid_run_costs_one_warning_and_training_finishes(mlflow_server, sample_store,
+                                                                                  tmp_path):
+    relay = Relay(mlflow_server.port)
+    out = tmp_path / "run"
+    proc = start_train([*TINY, "--data", str(sample_store), "--out", str(out), "--tracker", "mlflow",
+                        "--tracker-project", tmp_path.name, "--steps-per-epoch", "400", "--log-every", "4"],
+                       tmp_path, {"MLFLOW_TRACKING_URI": relay.endpoint, **SECRETS})
+    try:
+        wait_for_logged(out, "mlflow", 8, proc)
+        relay.cut()  # the server stops answering: connections refused from now on
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr  # docs/TRACKING.md: a tracker never fails the run
+    assert "Result: EDSR" in stdout
+    assert len(re.findall(r"warning: mlflow does not answer", stderr)) == 1, stderr
+    run_id = tracker_file(out)["mlflow"]["run_id"]
+    held = [m.step for m in mlflow_server.client().get_metric_history(run_id, "step/loss")]
+    steps = entries(out, "step")
+    assert sorted(steps) == list(range(4, 401, 4))  # metrics.jsonl has every entry
+    missing = len(steps) - len(held)
+    assert missing > 0
+    lacks = re.search(rf"warning: MLflow run {run_id} .* lacks (\d+) of (\d+) records \(steps \d+ to 400\); "
+                      "metrics.jsonl holds them all", stderr)
+    assert lacks, stderr
+    assert len(stderr.strip().splitlines()) == 2, stderr  # the first failure and the final account, nothing else
+    assert_no_secret(out, stdout, stderr)
+
+
+def test_wandb_offline_run_is_continued_by_resume_with_each_step_once(sample_store, tmp_path):
+    require_or_skip(pytest, "wandb")
+    env = {"WANDB_MODE": "offline", **SECRETS}
+    out = tmp_path / "run"
+    args = [*TINY, "--data", str(sample_store), "--out", str(out), "--tracker", "wandb", "--tracker-project",
+            tmp_path.name, "--samples-png", "true"]
+    first = run_cli(["train", *args, "--max-steps", "10"], cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    second = run_cli(["train", *args, "--resume", "auto"], cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr
+    run_id = tracker_file(out)["wandb"]["run_id"]
+    assert f"tracking: continuing W&B run {run_id}" in second.stdout
+    runs = wandb_offline_runs(out)
+    assert [rid for rid, _ in runs] == [run_id, run_id]
+    steps = entries(out, "step")
+    for (_, history), expected in zip(runs, ([5, 10], [15, 20])):
+        assert sorted(history["step/loss"]) == expected
+        assert [history["step/loss"][s] for s in expected] == [pytest.approx(steps[s]["loss"]) for s in expected]
+    assert runs[1][1]["result/psnr_y"] == {20: pytest.approx(entries(out, "result")[20]["psnr_y"])}
+    assert "samples/coffee_bicubic_edsr_gt/path" in runs[1][1]  # the sample images, as W&B images
+    assert_no_secret(out, first.stdout, first.stderr, second.stdout, second.stderr)
