@@ -28,7 +28,7 @@ from edsr_dist.evaluation.benchmark_suite import run as run_benchmarks
 from edsr_dist.evaluation.candidates import collect_candidates, load_candidate
 from edsr_dist.state.checkpoint import CHECKPOINT_DIR
 from edsr_dist.state.inputs import FOLDER, STORE, WEIGHTS, local_input
-from edsr_dist.config import DEVICES, PRECISIONS
+from edsr_dist.config import DEVICES, PRECISIONS, check_trackers, tracker_names
 from edsr_dist.data.images import list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore
@@ -225,6 +225,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", default="", metavar="URL",
                    help="object store endpoint for s3:// inputs (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     p.add_argument("--csv", metavar="FILE", help="CSV output (default: eval_<data>.csv next to the checkpoints)")
+    p.add_argument("--tracker", default="", metavar="NAMES",
+                   help="with --benchmarks: also log the results and the table to these trackers (mlflow, wandb; "
+                        "docs/TRACKING.md): to the training run of the first checkpoint when its run folder names "
+                        "one, else to a new run")
+    p.add_argument("--tracker-new-run", action="store_true",
+                   help="with --tracker: always a new tracker run, never the checkpoint's")
+    p.add_argument("--tracker-project", default="edsr-dist", metavar="NAME",
+                   help="with --tracker: the MLflow experiment / W&B project of a new run")
     p.add_argument("--json", metavar="FILE",
                    help="JSON output; with --data per-image numbers (default: eval_<data>.json next to the "
                         "checkpoints), with --benchmarks the protocol and one result per model and set (default: none)")
@@ -249,8 +257,13 @@ def main(argv: list[str]) -> int:
                                              ("--degradation", args.degradation != "bicubic-pil")) if used]
         if data_only:
             raise UserError(f"{', '.join(data_only)} only apply to --data; drop them with --benchmarks")
+        check_trackers(tracker_names(args.tracker), "--tracker")
+        if "tensorboard" in tracker_names(args.tracker):
+            raise UserError("--tracker tensorboard applies to training only; eval logs to mlflow or wandb")
 
         return run_benchmarks(args)
+    if args.tracker or args.tracker_new_run:
+        raise UserError("--tracker logs the --benchmarks table only; drop it with --data, or score with --benchmarks")
     if len(args.checkpoints) != 1:
         raise UserError("--data takes one --checkpoints value; use --benchmarks to score several models")
     args.checkpoints = local_input(args.checkpoints[0], WEIGHTS, args.cache_dir, args.endpoint_url)

@@ -85,7 +85,8 @@ class TrackerChannel:
     def text(self, text: str, name: str) -> None:
         self._queue.put(("text", text, name))
 
-    def close(self, completed: bool, wait_s: float = CLOSE_WAIT_S) -> str | None:
+    def close(self, completed: bool, kept_in: str = "metrics.jsonl holds them all",
+              wait_s: float = CLOSE_WAIT_S) -> str | None:
         """Finish the tracker run and wait (up to wait_s) for the queue; one line about what it lacks, or None."""
         self.completed = completed
         self._queue.put(("finish",))
@@ -105,7 +106,7 @@ class TrackerChannel:
         run = self.tracker.where() if self.state["run_id"] else f"the {self.tracker.name} run"
         what = (f"{len(lost)} of {len(lost) + self.sent} records (steps {min(lost)} to {max(lost)})" if lost
                 else "its end (the tracker did not answer in time)")
-        return f"{run} lacks {what}; metrics.jsonl holds them all"
+        return f"{run} lacks {what}; {kept_in}"
 
     # ---- the tracker thread ----------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from edsr_dist.data.skimage_benchmarks import write_benchmarks
 from helpers import REPO, TINY, clean_env, run_cli
 from s3_server import Relay
 from tracker_servers import require_or_skip, wandb_offline_runs
@@ -91,6 +92,26 @@ def test_mlflow_run_holds_settings_metrics_samples_and_result(mlflow_server, mlf
     samples = sorted(p.name for p in (out / "samples").glob("*.png"))
     assert samples and [Path(a.path).name for a in client.list_artifacts(run_id, "samples")] == samples
     assert_no_secret(out, result.stdout, result.stderr)
+
+    # eval --benchmarks adds its results and table to the checkpoint's run, or to a new run when asked.
+    benchmarks = write_benchmarks(tmp_path / "benchmarks", "hr-folder", scales=(2,), size=2)
+    scored = run_cli(["eval", "--checkpoints", str(out), "--benchmarks", str(benchmarks), "--tracker", "mlflow",
+                      "--json", str(tmp_path / "eval.json")], cwd=tmp_path, env=mlflow_env)
+    assert scored.returncode == 0, scored.stderr
+    assert f"tracking: continuing MLflow run {run_id}" in scored.stdout
+    report = json.loads((tmp_path / "eval.json").read_text())["results"]
+    run = client.get_run(run_id)
+    for row in report:
+        key = f"benchmark/paper/{row['set']}/x2/psnr"
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)] == [(20, pytest.approx(row["psnr"]))]
+    assert run.info.status == "FINISHED"
+    table = client.download_artifacts(run_id, "benchmarks_paper.txt", str(tmp_path))
+    assert report[0]["set"] in Path(table).read_text()
+    separate = run_cli(["eval", "--checkpoints", str(out), "--benchmarks", str(benchmarks), "--tracker", "mlflow",
+                        "--tracker-new-run", "--tracker-project", tmp_path.name], cwd=tmp_path, env=mlflow_env)
+    assert separate.returncode == 0, separate.stderr
+    runs = client.search_runs([run.info.experiment_id])
+    assert len(runs) == 2 and {r.data.params.get("command") for r in runs} == {None, "eval --benchmarks"}
 
 
 def test_sigkill_and_resume_auto_continue_the_mlflow_run_without_a_step_twice(mlflow_server, mlflow_env,
