@@ -72,6 +72,7 @@ class TrackerChannel:
         self.sent = 0
         self.completed = False
         self._started = False
+        self._sending: int | None = None  # the step of the record on its way
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=f"edsr-dist-{tracker.name}", daemon=True)
         self._thread.start()
@@ -92,7 +93,7 @@ class TrackerChannel:
         self._queue.put(("finish",))
         self._queue.put(None)
         self._thread.join(wait_s)
-        left = []
+        left = [self._sending] if self._thread.is_alive() and self._sending is not None else []
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -100,6 +101,7 @@ class TrackerChannel:
                 break
             if item is not None and item[0] == "metrics":
                 left.append(item[2])
+        self._queue.put(None)  # a thread still stuck in a call ends when the call returns
         lost = self.lost + left
         if not lost and not self._thread.is_alive():
             return None
@@ -115,7 +117,9 @@ class TrackerChannel:
             kind = item[0]
             if kind == "metrics":
                 _, values, step, files = item
+                self._sending = step
                 sent = self._deliver(lambda: self._send(values, step, files))
+                self._sending = None
                 if sent is None:
                     self.lost.append(step)
                 elif sent:
