@@ -35,12 +35,14 @@ class LossMeter:
     def __init__(self, device: torch.device):
         self.sum = torch.zeros((), device=device)
         self.count = torch.zeros((), device=device)
+        self.seen = 0  # steps added, skipped ones included (a host count: no sync)
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
         taken = skipped <= 0
         self.sum += torch.where(taken, loss, torch.zeros_like(loss))  # a skipped step's loss may be NaN
         self.count += taken.float()
+        self.seen += 1
 
     @property
     def steps(self) -> int:

@@ -216,7 +216,7 @@ class Trainer:
             line += " - " + self._elapsed_and_eta()
         self.log(line)
         self.record(type="step", step=self.step, epoch=self.epoch + 1, loss=mean, lr=lr, images_per_s=rate,
-                    loss_scale=self.scaler.scale)
+                    loss_scale=self.scaler.scale, skipped_steps=window.seen - window.steps)
 
     def _elapsed_and_eta(self) -> str:
         """Time since this process started training, and the rest of the steps at the rate seen so far

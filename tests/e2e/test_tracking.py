@@ -85,6 +85,7 @@ def test_mlflow_run_holds_settings_metrics_samples_and_result(mlflow_server, mlf
     history = client.get_metric_history(run_id, "step/loss")
     assert [(m.step, m.value) for m in history] == [(s, pytest.approx(e["loss"])) for s, e in sorted(steps.items())]
     assert [m.step for m in client.get_metric_history(run_id, "step/lr")] == [5, 10, 15, 20]
+    assert [m.value for m in client.get_metric_history(run_id, "step/skipped_steps")] == [0, 0, 0, 0]
     epoch, final = entries(out, "epoch")[20], entries(out, "result")[20]
     assert run.data.metrics["epoch/psnr_y"] == pytest.approx(epoch["psnr_y"])
     assert run.data.metrics["result/psnr_y"] == pytest.approx(final["psnr_y"])
