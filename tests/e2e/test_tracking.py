@@ -4,12 +4,12 @@ MlflowClient, and W&B in offline mode read back from its own run files. Each tes
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -196,3 +196,25 @@ def test_wandb_offline_run_is_continued_by_resume_with_each_step_once(sample_sto
     assert runs[1][1]["result/psnr_y"] == {20: pytest.approx(entries(out, "result")[20]["psnr_y"])}
     assert "samples/coffee_bicubic_edsr_gt/path" in runs[1][1]  # the sample images, as W&B images
     assert_no_secret(out, first.stdout, first.stderr, second.stdout, second.stderr)
+
+
+def test_a_bucket_run_resumed_on_a_fresh_server_continues_its_tracker_run(s3_server, sample_store, tmp_path):
+    """tracker.json travels with the run: uploaded with the checkpoints, pulled back by --resume auto."""
+    require_or_skip(pytest, "wandb")
+    bucket = f"edsr-{uuid.uuid4().hex[:12]}"
+    fs = s3_server.filesystem()
+    fs.mkdir(bucket)
+    env = {**s3_server.env(), "WANDB_MODE": "offline"}
+    args = [*TINY, "--data", str(sample_store), "--out", f"s3://{bucket}/run", "--tracker", "wandb",
+            "--tracker-project", tmp_path.name, "--resume", "auto"]
+    first = run_cli(["train", *args, "--cache-dir", str(tmp_path / "server1"), "--max-steps", "10"], cwd=tmp_path,
+                    env=env)
+    assert first.returncode == 0, first.stderr
+    run_id = json.loads(fs.cat_file(f"{bucket}/run/tracker.json"))["wandb"]["run_id"]
+    # Another server: an empty cache, so the run (and which tracker run it continues) comes from the bucket.
+    second = run_cli(["train", *args, "--cache-dir", str(tmp_path / "server2")], cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and f"tracking: continuing W&B run {run_id}" in second.stdout
+    staged = next((tmp_path / "server2" / "runs").rglob("tracker.json")).parent
+    assert [rid for rid, _ in wandb_offline_runs(staged)] == [run_id]
+    assert sorted(wandb_offline_runs(staged)[0][1]["step/loss"]) == [15, 20]
