@@ -48,8 +48,16 @@ class RunIds:
                 self.data = {}
 
     def of(self, tracker: str) -> dict:
+        """This tracker's entry; one that is not run id and steps (a damaged or edited file) starts a new run."""
         with self.lock:
-            return self.data.setdefault(tracker, {"run_id": None, "logged": {}})
+            entry = self.data.get(tracker) if isinstance(self.data, dict) else None
+            if not (isinstance(entry, dict) and isinstance(entry.get("run_id"), (str, type(None)))
+                    and isinstance(entry.get("logged"), dict)
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in entry["logged"].values())):
+                if not isinstance(self.data, dict):
+                    self.data = {}
+                entry = self.data[tracker] = {"run_id": None, "logged": {}}
+            return entry
 
     def save(self) -> None:
         if self.path is None or not self.writable:

@@ -143,3 +143,15 @@ def test_tracker_setting_is_checked_with_one_line_naming_the_fix(monkeypatch):
                                 "or drop wandb from --tracker")
     with pytest.raises(UserError, match="tracker_project must not be empty"):
         build_config(overrides={"tracker_project": " "})
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"memory": {"run_id": 7, "logged": {}}}',
+                                     '{"memory": {"run_id": "r", "logged": {"step/loss": "x"}}}'])
+def test_a_damaged_tracker_file_starts_a_new_tracker_run(tmp_path, content):
+    (tmp_path / TRACKER_FILE).write_text(content)
+    tracker = MemoryTracker()
+    channel = TrackerChannel(tracker, RunIds(tmp_path / TRACKER_FILE), {}, retry_delays=(0.0,))
+    channel.metrics({"step/loss": 1.0}, 5)
+    assert channel.close(completed=True) is None
+    assert tracker.runs_started == [None] and tracker.logged == [(5, {"step/loss": 1.0})]
+    assert json.loads((tmp_path / TRACKER_FILE).read_text())["memory"]["run_id"] == "run-1"
