@@ -3,11 +3,11 @@ rank 0's upload thread; pulled back from the bucket by `--resume auto` on a serv
 
 Order of uploads, so the bucket never names a checkpoint it does not hold: the step file first (hard-linked when it
 was saved, so local pruning cannot take it away before it is sent), then index.json, `best` and `latest` as they
-were right after that save, then metrics.jsonl and tracker.json (train/tracking.py); old step files pruned locally are deleted from the bucket last.
-Each object is one PUT (or a multipart upload that becomes visible only when complete), so a reader sees either the
-old object or the new one. A failed upload is retried with back-off on the upload thread and reported in one line;
-training never waits for it. `close()` sends everything still missing (the final checkpoint, samples, the Result
-record) before the process exits.
+were right after that save, then metrics.jsonl and tracker.json (train/tracking.py); old step files pruned locally
+are deleted from the bucket last. Each object is one PUT (or a multipart upload that becomes visible only when
+complete), so a reader sees either the old object or the new one. A failed upload is retried with back-off on the
+upload thread and reported in one line; training never waits for it. `close()` sends everything still missing (the
+final checkpoint, samples, the Result record) before the process exits.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
 from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.state.checkpoint import BEST, CHECKPOINT_DIR, follow_pointer
-from edsr_dist.train.tracking import TRACKER_FILE, RunIds, TrackerChannel, metrics_of, open_channels, run_name
+from edsr_dist.train.tracking import (CLOSE_WAIT_S, TRACKER_FILE, RunIds, TrackerChannel, metrics_of, open_channels,
+                                      run_name)
 
 # Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
 # every few steps: the README's `--epochs 300` on a small store once gave one step per epoch.
@@ -118,8 +119,9 @@ class MetricsLog:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        deadline = time.monotonic() + CLOSE_WAIT_S  # one wait for all the trackers, which drain side by side
         for channel in self.channels:  # rank 0 only: the channels open with the first entry
-            problem = channel.close(self.completed)
+            problem = channel.close(self.completed, wait_s=max(0.0, deadline - time.monotonic()))
             if problem:
                 print(f"edsr-dist train: warning: {problem}", file=sys.stderr, flush=True)
 

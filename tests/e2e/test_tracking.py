@@ -20,8 +20,8 @@ from s3_server import Relay
 from tracker_servers import require_or_skip, wandb_offline_runs
 
 # Look-alike credentials in the trackers' own variables (and S3's): none may reach a file of the run or its output.
-SECRETS = {"MLFLOW_TRACKING_TOKEN": "mlflow-token-5e1f0c9a33", "WANDB_API_KEY": "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567",
-           "AWS_SECRET_ACCESS_KEY": "aws-secret-77c1d2e3f4"}
+SECRETS = {"MLFLOW_TRACKING_TOKEN": "mlflow-token-5e1f0c9a33",
+           "WANDB_API_KEY": "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567", "AWS_SECRET_ACCESS_KEY": "aws-secret-77c1d2e3f4"}
 
 
 def tracker_file(out: Path) -> dict:
