@@ -13,7 +13,9 @@ repeats the steps after its checkpoint, and only the steps past that mark are se
 from __future__ import annotations
 
 import json
+import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -26,6 +28,10 @@ from edsr_dist.train.tracking_wandb import WandbTracker
 TRACKER_FILE = "tracker.json"  # {"mlflow": {"run_id": ..., "logged": {metric: last step}}, "wandb": {...}}
 RETRY_DELAYS_S = (1.0, 2.0, 4.0)  # between the tries of one record while the tracker has been answering
 CLOSE_WAIT_S = 60.0  # at the end, how long the tracker may take to send what is still queued
+USERINFO = re.compile(r"://[^/\s@]+@")
+# The trackers' (and S3's) credential variables; a message never shows their values.
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                    "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def make_tracker(name: str, project: str, run_name: str, folder: Path):
@@ -177,7 +183,7 @@ class TrackerChannel:
             except Exception as exc:  # noqa: BLE001 - any client or network error: never the training's problem
                 if not self.warned:
                     self.warned = True
-                    print(f"edsr-dist train: warning: {self.tracker.name} does not answer "
+                    print(f"edsr-dist: warning: {self.tracker.name} does not answer "
                           f"({_one_line(exc)}); training goes on, the tracker gets what it can in the background "
                           "and the end of the run says what it lacks", file=sys.stderr, flush=True)
                 if attempt < len(delays):
@@ -187,7 +193,13 @@ class TrackerChannel:
 
 
 def _one_line(exc: BaseException) -> str:
+    """A client's error for the console: one line, without credentials (a tracking URI's user:password@, or the
+    value of a variable that holds a secret, which a client may quote back)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    text = USERINFO.sub("://***@", text)
+    for name in SECRET_VARIABLES:
+        if os.environ.get(name):
+            text = text.replace(os.environ[name], "***")
     return text if len(text) <= 200 else text[:197] + "..."
 
 

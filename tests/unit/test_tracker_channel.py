@@ -155,3 +155,18 @@ def test_a_damaged_tracker_file_starts_a_new_tracker_run(tmp_path, content):
     assert channel.close(completed=True) is None
     assert tracker.runs_started == [None] and tracker.logged == [(5, {"step/loss": 1.0})]
     assert json.loads((tmp_path / TRACKER_FILE).read_text())["memory"]["run_id"] == "run-1"
+
+
+def test_a_clients_error_never_shows_credentials(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-8c1f2e")
+
+    class Quoting(MemoryTracker):
+        def start(self, run_id, params):
+            raise ConnectionError("API request to http://me:pw-93a1@mlflow.example.org/api failed (token tok-8c1f2e)")
+
+    channel = TrackerChannel(Quoting(), RunIds(tmp_path / TRACKER_FILE), {}, retry_delays=())
+    channel.metrics({"step/loss": 1.0}, 5)
+    channel.close(completed=True)
+    err = capsys.readouterr().err
+    assert "http://***@mlflow.example.org/api failed (token ***)" in err
+    assert "pw-93a1" not in err and "tok-8c1f2e" not in err
