@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from edsr_dist.errors import UserError, did_you_mean
-from edsr_dist.state.locations import is_url
+from edsr_dist.locations import is_url
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
@@ -27,7 +27,7 @@ LR_SCHEDULES = ("staircase", "multistep", "cosine")  # schedules.py defines each
 PRESETS_FROM_X2 = ("paper_x3", "paper_x4")
 # Scoring protocols by name; protocols.py defines each (and checks it defines exactly these).
 PROTOCOL_NAMES = ("paper", "rgb", "edsr-div2k")
-# Experiment trackers (train/tracking.py) and the pip extra that installs each; TensorBoard, the default, is
+# Experiment trackers (tracking/channel.py) and the pip extra that installs each; TensorBoard, the default, is
 # skipped quietly where its package is missing, as before trackers were a setting.
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 

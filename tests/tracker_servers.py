@@ -48,7 +48,8 @@ class MlflowServer:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"mlflow server did not start on port {self.port}; see {folder}/server.log")
+                    raise RuntimeError(f"mlflow server did not start on port {self.port}; see {folder}/server.log") \
+                        from None
                 time.sleep(0.5)
 
     def client(self, uri: str | None = None):

@@ -3,7 +3,7 @@ rank 0's upload thread; pulled back from the bucket by `--resume auto` on a serv
 
 Order of uploads, so the bucket never names a checkpoint it does not hold: the step file first (hard-linked when it
 was saved, so local pruning cannot take it away before it is sent), then index.json, `best` and `latest` as they
-were right after that save, then metrics.jsonl and tracker.json (train/tracking.py); old step files pruned locally
+were right after that save, then metrics.jsonl and tracker.json (tracking/channel.py); old step files pruned locally
 are deleted from the bucket last. Each object is one PUT (or a multipart upload that becomes visible only when
 complete), so a reader sees either the old object or the new one. A failed upload is retried with back-off on the
 upload thread and reported in one line; training never waits for it. `close()` sends everything still missing (the
@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edsr_dist.errors import UserError
+from edsr_dist.locations import is_url, join_url, staging_folder
 from edsr_dist.state.atomic import atomic_path, make_parent_folder
 from edsr_dist.state.bucket_lock import BucketLock
-from edsr_dist.state.checkpoint import (BEST, CHECKPOINT_DIR, INDEX, LATEST, list_checkpoints, verify_checkpoint)
-from edsr_dist.state.locations import is_url, join_url, staging_folder
-from edsr_dist.state.remote import describe_failure, filesystem
+from edsr_dist.state.checkpoint import BEST, CHECKPOINT_DIR, INDEX, LATEST, list_checkpoints, verify_checkpoint
 from edsr_dist.state.owner import Ownership
-from edsr_dist.state.run_folder import METRICS, hold_run_folder
-from edsr_dist.train.tracking import TRACKER_FILE
+from edsr_dist.state.remote import describe_failure, filesystem
+from edsr_dist.state.run_folder import METRICS, TRACKER_FILE, hold_run_folder
 
 # Back-off between tries of one upload (seconds); after the last one the upload is given up and reported.
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)

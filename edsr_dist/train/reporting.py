@@ -18,8 +18,8 @@ from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
 from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.state.checkpoint import BEST, CHECKPOINT_DIR, follow_pointer
-from edsr_dist.train.tracking import (CLOSE_WAIT_S, TRACKER_FILE, RunIds, TrackerChannel, metrics_of, open_channels,
-                                      run_name)
+from edsr_dist.state.run_folder import TRACKER_FILE
+from edsr_dist.tracking.channel import CLOSE_WAIT_S, RunIds, TrackerChannel, metrics_of, open_channels, run_name
 
 # Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
 # every few steps: the README's `--epochs 300` on a small store once gave one step per epoch.
@@ -52,7 +52,7 @@ class LossMeter:
 
 
 class MetricsLog:
-    """metrics.jsonl, TensorBoard and the experiment trackers of cfg.tracker (train/tracking.py), on rank 0 only;
+    """metrics.jsonl, TensorBoard and the experiment trackers of cfg.tracker (tracking/channel.py), on rank 0 only;
     the folder, files and tracker runs are created with the first entry, so a run stopped by bad input writes
     nothing. The trackers get each entry through their own queue: none of them can hold up a step."""
 

@@ -13,11 +13,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from edsr_dist.data.skimage_benchmarks import write_benchmarks
 from helpers import REPO, TINY, clean_env, run_cli
 from s3_server import Relay
 from tracker_servers import require_or_skip, wandb_offline_runs
+
+from edsr_dist.data.skimage_benchmarks import write_benchmarks
 
 # Look-alike credentials in the trackers' own variables (and S3's): none may reach a file of the run or its output.
 SECRETS = {"MLFLOW_TRACKING_TOKEN": "mlflow-token-5e1f0c9a33",

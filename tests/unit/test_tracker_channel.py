@@ -1,4 +1,4 @@
-"""The tracker side channel (train/tracking.py) with an in-memory tracker, and the --tracker setting. The real
+"""The tracker side channel (tracking/channel.py) with an in-memory tracker, and the --tracker setting. The real
 MLflow server and W&B files are in tests/e2e/test_tracking.py."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 from edsr_dist import config
 from edsr_dist.config import build_config, tracker_names
 from edsr_dist.errors import UserError
-from edsr_dist.train.tracking import TRACKER_FILE, RunIds, TrackerChannel, metrics_of
+from edsr_dist.state.run_folder import TRACKER_FILE
+from edsr_dist.tracking.channel import RunIds, TrackerChannel, metrics_of
 
 
 class MemoryTracker:

@@ -3,7 +3,7 @@
 WANDB_MODE=offline for no network, WANDB_ENTITY, WANDB_BASE_URL); nothing here reads or writes them. W&B's local
 files go to the run folder's `wandb/`, so they travel with the run (and a bucket run uploads them).
 
-Called on the tracker's own thread only (train/tracking.py).
+Called on the tracker's own thread only (tracking/channel.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 process-wide active run). The server and its credentials come from MLflow's own variables (MLFLOW_TRACKING_URI,
 MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN); nothing here reads or writes them.
 
-Called on the tracker's own thread only (train/tracking.py), so a slow server never holds up a step.
+Called on the tracker's own thread only (tracking/channel.py), so a slow server never holds up a step.
 """
 
 from __future__ import annotations

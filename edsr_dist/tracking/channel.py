@@ -1,10 +1,11 @@
-"""Experiment trackers beside metrics.jsonl: MLflow and Weights & Biases (TensorBoard is written by MetricsLog).
+"""The side channel to the experiment trackers, MLflow and Weights & Biases (TensorBoard is written by
+train/reporting.py's MetricsLog).
 
 A tracker is a side channel. Rank 0 hands each record to a queue; one thread per tracker sends it, retrying with
 back-off; a tracker that cannot be reached costs one warning, and at the end one line naming what it lacks. No
 step ever waits for a tracker, and metrics.jsonl stays the record.
 
-One tracker run per training run: the tracker's run id is kept in the run folder (TRACKER_FILE), so every later
+One tracker run per training run: the tracker's run id is kept in the run folder (run_folder.TRACKER_FILE), so every later
 start of the run (--resume auto, the launcher's restarts, torchrun's, a resume from the bucket on another server)
 continues the same run. The file also keeps, per metric, the last step the tracker acknowledged: a resumed run
 repeats the steps after its checkpoint, and only the steps past that mark are sent again, so no step is logged twice.
@@ -12,6 +13,7 @@ repeats the steps after its checkpoint, and only the steps past that mark are se
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -22,10 +24,9 @@ import time
 from pathlib import Path
 
 from edsr_dist.state.atomic import atomic_write_text
-from edsr_dist.train.tracking_mlflow import MlflowTracker
-from edsr_dist.train.tracking_wandb import WandbTracker
+from edsr_dist.tracking.mlflow_tracker import MlflowTracker
+from edsr_dist.tracking.wandb_tracker import WandbTracker
 
-TRACKER_FILE = "tracker.json"  # {"mlflow": {"run_id": ..., "logged": {metric: last step}}, "wandb": {...}}
 RETRY_DELAYS_S = (1.0, 2.0, 4.0)  # between the tries of one record while the tracker has been answering
 CLOSE_WAIT_S = 60.0  # at the end, how long the tracker may take to send what is still queued
 USERINFO = re.compile(r"://[^/\s@]+@")
@@ -41,7 +42,8 @@ def make_tracker(name: str, project: str, run_name: str, folder: Path):
 
 
 class RunIds:
-    """TRACKER_FILE of a run folder, shared by the tracker threads (None: a run that keeps no file, as eval's)."""
+    """A run folder's TRACKER_FILE, shared by the tracker threads (path None: a run that keeps none, as eval's new
+    one). {"mlflow": {"run_id": ..., "logged": {metric: last step acknowledged}}, "wandb": {...}}"""
 
     def __init__(self, path: Path | None, writable: bool = True):
         self.path, self.writable = path, writable
@@ -132,16 +134,16 @@ class TrackerChannel:
             if kind == "metrics":
                 _, values, step, files = item
                 self._sending = step
-                sent = self._deliver(lambda: self._send(values, step, files))
+                sent = self._deliver(functools.partial(self._send, values, step, files))
                 self._sending = None
                 if sent is None:
                     self.lost.append(step)
                 elif sent:
                     self.sent += 1
             elif kind == "text":
-                self._deliver(lambda: self._start() or self.tracker.log_text(item[1], item[2]))
+                self._deliver(functools.partial(self._send_text, item[1], item[2]))
             elif kind == "finish" and self._started:
-                self._deliver(lambda: self.tracker.finish(self.completed))
+                self._deliver(functools.partial(self.tracker.finish, self.completed))
 
     def _send(self, values: dict[str, float], step: int, files) -> bool:
         """Send what the tracker does not hold yet; False when it held all of it (an earlier attempt sent it)."""
@@ -157,6 +159,10 @@ class TrackerChannel:
             if path.is_file():
                 self.tracker.log_file(path, folder, step)
         return True
+
+    def _send_text(self, text: str, name: str) -> None:
+        self._start()
+        self.tracker.log_text(text, name)
 
     def _start(self) -> None:
         if self._started:
