@@ -29,6 +29,7 @@ from edsr_dist.tracking.wandb_tracker import WandbTracker
 
 RETRY_DELAYS_S = (1.0, 2.0, 4.0)  # between the tries of one record while the tracker has been answering
 CLOSE_WAIT_S = 60.0  # at the end, how long the tracker may take to send what is still queued
+BATCH_RECORDS = 100  # records sent in one request at most (MLflow's log_batch takes up to 1000 metrics)
 USERINFO = re.compile(r"://[^/\s@]+@")
 # The trackers' (and S3's) credential variables; a message never shows their values.
 SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
@@ -88,7 +89,7 @@ class TrackerChannel:
         self.sent = 0
         self.completed = False
         self._started = False
-        self._sending: int | None = None  # the step of the record on its way
+        self._sending: list[int] = []  # the steps of the records on their way
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=f"edsr-dist-{tracker.name}", daemon=True)
         self._thread.start()
@@ -109,7 +110,7 @@ class TrackerChannel:
         self._queue.put(("finish",))
         self._queue.put(None)
         self._thread.join(wait_s)
-        left = [self._sending] if self._thread.is_alive() and self._sending is not None else []
+        left = list(self._sending) if self._thread.is_alive() else []
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -129,36 +130,60 @@ class TrackerChannel:
     # ---- the tracker thread ----------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
+        nothing = object()
+        held = nothing  # an item taken off the queue while gathering a batch, handled next
+        while True:
+            item, held = (self._queue.get() if held is nothing else held), nothing
+            if item is None:
+                return
             kind = item[0]
             if kind == "metrics":
-                _, values, step, files = item
-                self._sending = step
-                sent = self._deliver(functools.partial(self._send, values, step, files))
-                self._sending = None
+                # Whatever queued up meanwhile goes in one request: a tracker that is behind catches up in few calls,
+                # and the thread takes the interpreter lock from the training loop less often.
+                batch = [item]
+                while len(batch) < BATCH_RECORDS:
+                    try:
+                        following = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if following is None or following[0] != "metrics":
+                        held = following
+                        break
+                    batch.append(following)
+                self._sending = [record[2] for record in batch]
+                sent = self._deliver(functools.partial(self._send, batch))
+                self._sending = []
                 if sent is None:
-                    self.lost.append(step)
-                elif sent:
-                    self.sent += 1
+                    self.lost += [record[2] for record in batch]
+                else:
+                    self.sent += sent
             elif kind == "text":
                 self._deliver(functools.partial(self._send_text, item[1], item[2]))
             elif kind == "finish" and self._started:
                 self._deliver(functools.partial(self.tracker.finish, self.completed))
 
-    def _send(self, values: dict[str, float], step: int, files) -> bool:
-        """Send what the tracker does not hold yet; False when it held all of it (an earlier attempt sent it)."""
+    def _send(self, batch: list[tuple]) -> int:
+        """Send what the tracker does not hold yet (an earlier attempt may have sent some); returns how many of the
+        records had something to send."""
         self._start()
-        fresh = {key: value for key, value in values.items() if step > self.state["logged"].get(key, -1)}
-        if values and not fresh:
-            return False
-        if fresh:
-            self.tracker.log_metrics(fresh, step)
-            self.state["logged"].update({key: step for key in fresh})
+        logged = dict(self.state["logged"])
+        fresh_records = []
+        for _, values, step, files in batch:
+            fresh = {key: value for key, value in values.items() if step > logged.get(key, -1)}
+            if values and not fresh:
+                continue
+            logged.update({key: step for key in fresh})
+            fresh_records.append((fresh, step, files))
+        metrics = [(fresh, step) for fresh, step, _ in fresh_records if fresh]
+        if metrics:
+            self.tracker.log_metrics(metrics)
+            self.state["logged"].update(logged)
             self.ids.save()
-        for path, folder in files:
-            if path.is_file():
-                self.tracker.log_file(path, folder, step)
-        return True
+        for _, step, files in fresh_records:
+            for path, folder in files:
+                if path.is_file():
+                    self.tracker.log_file(path, folder, step)
+        return len(fresh_records)
 
     def _send_text(self, text: str, name: str) -> None:
         self._start()

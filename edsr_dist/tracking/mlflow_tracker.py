@@ -21,6 +21,7 @@ CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_
                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 # MlflowClient.log_batch takes at most 1000 metrics and 100 params per call (mlflow/utils/validation.py).
 MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
 
 
@@ -70,10 +71,13 @@ class MlflowTracker:
         from mlflow import get_tracking_uri
         return f"MLflow run {self.run_id} (experiment {self.project!r} at {shown_uri(get_tracking_uri())})"
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, records: list[tuple[dict[str, float], int]]) -> None:
+        """(metrics, step) records, in as few requests as MLflow takes."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        items = [Metric(key, float(value), now, step) for values, step in records for key, value in values.items()]
+        for first in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[first:first + MAX_METRICS_PER_BATCH])
 
     def log_file(self, path: Path, folder: str, step: int) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=folder)

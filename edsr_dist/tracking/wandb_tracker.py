@@ -36,8 +36,9 @@ class WandbTracker:
     def where(self) -> str:
         return f"W&B run {self.run.id} (project {self.project!r}{', offline' if self.run.offline else ''})"
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+    def log_metrics(self, records: list[tuple[dict[str, float], int]]) -> None:
+        for values, step in records:
+            self.run.log(values, step=step)
 
     def log_file(self, path: Path, folder: str, step: int) -> None:
         import wandb

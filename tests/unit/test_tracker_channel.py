@@ -47,9 +47,9 @@ class MemoryTracker:
     def where(self):
         return "memory run run-1"
 
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, records):
         self._maybe_fail()
-        self.logged.append((step, metrics))
+        self.logged += [(step, values) for values, step in records]
 
     def log_file(self, path, folder, step):
         self.files.append(f"{folder}/{path.name}")
