@@ -148,11 +148,14 @@ def test_tracking_server_stopping_mid_run_costs_one_warning_and_training_finishe
                                                                                   tmp_path):
     relay = Relay(mlflow_server.port)
     out = tmp_path / "run"
+    # Steps of ~0.1 s (a larger model than TINY's): the run is still going when the tracker has started, which
+    # takes seconds (importing MLflow); the tracker then catches up in one request, and the server goes away.
     proc = start_train([*TINY, "--data", str(sample_store), "--out", str(out), "--tracker", "mlflow",
-                        "--tracker-project", tmp_path.name, "--steps-per-epoch", "400", "--log-every", "4"],
+                        "--tracker-project", tmp_path.name, "--steps-per-epoch", "400", "--log-every", "4",
+                        "--num-blocks", "4", "--num-filters", "32", "--batch-size", "8", "--patch-size", "24"],
                        tmp_path, {"MLFLOW_TRACKING_URI": relay.endpoint, **SECRETS})
     try:
-        wait_for_logged(out, "mlflow", 8, proc)
+        wait_for_logged(out, "mlflow", 4, proc)
         relay.cut()  # the server stops answering: connections refused from now on
         stdout, stderr = proc.communicate(timeout=300)
     finally:
