@@ -8,6 +8,7 @@ Unknown keys and values of the wrong type are user errors.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ LR_SCHEDULES = ("staircase", "multistep", "cosine")  # schedules.py defines each
 PRESETS_FROM_X2 = ("paper_x3", "paper_x4")
 # Scoring protocols by name; protocols.py defines each (and checks it defines exactly these).
 PROTOCOL_NAMES = ("paper", "rgb", "edsr-div2k")
+# Experiment trackers (tracking/channel.py) and the pip extra that installs each; TensorBoard, the default, is
+# skipped quietly where its package is missing, as before trackers were a setting.
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 def setting(default, help: str):
@@ -112,6 +116,12 @@ class Config:
     tensorboard: bool = setting(True, "write TensorBoard scalars when the tensorboard package is installed")
     progress: bool = setting(True, "progress bar on rank 0 when stderr is a terminal")
 
+    # Experiment tracking beside metrics.jsonl (docs/TRACKING.md); servers and credentials come from the trackers'
+    # own variables (MLFLOW_TRACKING_URI, WANDB_API_KEY, ...), never from settings.
+    tracker: str = setting("tensorboard", "trackers, comma-separated: tensorboard, mlflow, wandb (none: no tracker)")
+    tracker_project: str = setting("edsr-dist", "MLflow experiment / W&B project the run is logged to")
+    track_checkpoint: bool = setting(False, "also send the best checkpoint to the trackers at the end (large)")
+
     def check(self) -> "Config":
         """Each setting within its range; returns self."""
         def need(ok: bool, msg: str) -> None:
@@ -172,6 +182,8 @@ class Config:
         need(self.save_every_steps >= 0, f"save_every_steps must be >= 0 (0 = off), got {self.save_every_steps}")
         need(self.max_val_images >= 0, f"max_val_images must be >= 0 (0 = all), got {self.max_val_images}")
         need(self.val_tile >= 0, f"val_tile must be >= 0 (0 = whole image), got {self.val_tile}")
+        check_trackers(tracker_names(self.tracker), "--tracker")
+        need(bool(self.tracker_project.strip()), "tracker_project must not be empty; pass --tracker-project NAME")
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
                               ("grad_comm", GRAD_COMMS),
                               ("lr_schedule", LR_SCHEDULES),
@@ -182,6 +194,23 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def tracker_names(text: str) -> list[str]:
+    """`--tracker mlflow,wandb` -> ["mlflow", "wandb"]; "none" or "" -> []."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    return [] if names == ["none"] else list(dict.fromkeys(names))
+
+
+def check_trackers(names: list[str], flag: str) -> None:
+    """Known trackers whose package is installed (TensorBoard excepted: missing, it is skipped quietly)."""
+    for name in names:
+        if name not in TRACKERS:
+            raise UserError(f"{flag} {name!r} is not a tracker{did_you_mean(name, TRACKERS)}; choose from "
+                            f"{', '.join(TRACKERS)} (comma-separated), or none")
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise UserError(f"{flag} {name}: the {name} package is not installed; pip install "
+                            f"'edsr-dist[{TRACKERS[name]}]', or drop {name} from {flag}")
 
 
 # The paper's recipe (Lim et al. 2017, section 4.2): batch 16 of 48x48 LR patches, Adam (0.9, 0.999, 1e-8), lr 1e-4

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, run_cli
 from s3_server import MotoServer, require_moto_or_skip
+from tracker_servers import MlflowServer, require_or_skip
 
 from edsr_dist.data.sample_store import build_sample_store
 
@@ -41,5 +42,15 @@ def s3_server():
     """moto_server on 127.0.0.1 (a real S3 endpoint); each test makes its own bucket."""
     require_moto_or_skip(pytest)
     server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, local artifacts), one per test process; each test makes
+    its own experiment."""
+    require_or_skip(pytest, "mlflow")
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()

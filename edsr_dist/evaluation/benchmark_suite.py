@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from edsr_dist.config import tracker_names
 from edsr_dist.errors import UserError
 from edsr_dist.evaluation.benchmark_sets import (
     SCORE_KEYS,
@@ -37,7 +38,9 @@ from edsr_dist.parallel.factory import make_engine, resolve_engine_name
 from edsr_dist.parallel.npu import memory_format
 from edsr_dist.parallel.world import discover_world
 from edsr_dist.state.atomic import atomic_write_text
-from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file
+from edsr_dist.state.checkpoint import CHECKPOINT_DIR, find_checkpoint, follow_pointer, is_checkpoint_file
+from edsr_dist.state.run_folder import TRACKER_FILE
+from edsr_dist.tracking.channel import RunIds, open_channels
 
 ENSEMBLE_KEYS = ("self_ensemble_psnr", "self_ensemble_ssim")
 
@@ -163,6 +166,37 @@ def format_table(results: list[dict], protocol: Protocol, ensemble: bool) -> str
     return "\n".join(lines)
 
 
+# ---- trackers ---------------------------------------------------------------------------------------------
+
+def run_folder_of(checkpoint: Path) -> Path | None:
+    """RUN/checkpoints/step_*.ckpt -> RUN; None for a file outside a run folder (weights, a copied checkpoint)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else None
+
+
+def log_to_trackers(args, results: list[dict], table: str, protocol: str) -> None:
+    """Each result as metrics (benchmark/PROTOCOL/SET/xSCALE/psnr ..., at the checkpoint's step) and the table as
+    a text file, in the first checkpoint's training run (its run folder's tracker.json, read only) or a new run."""
+    folder = run_folder_of(Path(results[0]["checkpoint"]))
+    continued = folder is not None and (folder / TRACKER_FILE).is_file() and not args.tracker_new_run
+    ids = RunIds(folder / TRACKER_FILE, writable=False) if continued else RunIds(None)
+    params = {"command": "eval --benchmarks", "protocol": protocol, "self_ensemble": bool(args.self_ensemble),
+              "checkpoints": ",".join(sorted({r["checkpoint"] for r in results})),
+              "sets": ",".join(dict.fromkeys(r["set"] for r in results))}
+    channels = open_channels(tracker_names(args.tracker), args.tracker_project, f"eval {protocol}",
+                             folder if continued else Path.cwd(), ids, params)
+    for result in results:
+        values = {f"benchmark/{protocol}/{result['set']}/x{result['scale']}/{key}": float(value)
+                  for key, value in result.items()
+                  if key in SCORE_KEYS + ENSEMBLE_KEYS and isinstance(value, (int, float))}
+        for channel in channels:
+            channel.metrics(values, result["step"] or 0)
+    for channel in channels:
+        channel.text(table + "\n", f"benchmarks_{protocol}.txt")
+        problem = channel.close(completed=True, kept_in="the table above (and --json) holds them all")
+        if problem:
+            print(f"edsr-dist eval: warning: {problem}", file=sys.stderr, flush=True)
+
+
 # ---- the command --------------------------------------------------------------------------------------------
 
 def run(args) -> int:
@@ -213,8 +247,11 @@ def run(args) -> int:
     engine.shutdown(True)
     if not world.is_main:
         return 0
-    print(format_table(results, protocol, args.self_ensemble))
+    table = format_table(results, protocol, args.self_ensemble)
+    print(table)
     print(f"{sum(r['images'] for r in results)} image evaluations in {seconds:.1f} s", flush=True)
+    if args.tracker:
+        log_to_trackers(args, results, table, protocol.name)
     if args.json:
         report = {"protocol": {**protocol.describe(),
                                "lr_source": "per result: files where the set has an LR folder for the scale, else "

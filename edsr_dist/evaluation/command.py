@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edsr_dist.config import DEVICES, PRECISIONS
+from edsr_dist.config import DEVICES, PRECISIONS, check_trackers, tracker_names
 from edsr_dist.data.images import list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore, verify_store
@@ -228,6 +228,14 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="CPU threads (0 = torch's default)")
     add_object_store_flags(p)
     p.add_argument("--csv", metavar="FILE", help="CSV output (default: eval_<data>.csv next to the checkpoints)")
+    p.add_argument("--tracker", default="", metavar="NAMES",
+                   help="with --benchmarks: also log the results and the table to these trackers (mlflow, wandb; "
+                        "docs/TRACKING.md): to the training run of the first checkpoint when its run folder names "
+                        "one, else to a new run")
+    p.add_argument("--tracker-new-run", action="store_true",
+                   help="with --tracker: always a new tracker run, never the checkpoint's")
+    p.add_argument("--tracker-project", default="edsr-dist", metavar="NAME",
+                   help="with --tracker: the MLflow experiment / W&B project of a new run")
     p.add_argument("--json", metavar="FILE",
                    help="JSON output; with --data per-image numbers (default: eval_<data>.json next to the "
                         "checkpoints), with --benchmarks the protocol and one result per model and set (default: none)")
@@ -254,6 +262,11 @@ def _parse_args(argv: list[str]):
                                              ("--degradation", args.degradation != "bicubic-pil")) if used]
         if data_only:
             raise UserError(f"{', '.join(data_only)} only apply to --data; drop them with --benchmarks")
+        check_trackers(tracker_names(args.tracker), "--tracker")
+        if "tensorboard" in tracker_names(args.tracker):
+            raise UserError("--tracker tensorboard applies to training only; eval logs to mlflow or wandb")
+    elif args.tracker or args.tracker_new_run:
+        raise UserError("--tracker logs the --benchmarks table only; drop it with --data, or score with --benchmarks")
     return args
 
 

@@ -3,11 +3,11 @@ rank 0's upload thread; pulled back from the bucket by `--resume auto` on a serv
 
 Order of uploads, so the bucket never names a checkpoint it does not hold: the step file first (hard-linked when it
 was saved, so local pruning cannot take it away before it is sent), then index.json, `best` and `latest` as they
-were right after that save, then metrics.jsonl; old step files pruned locally are deleted from the bucket last.
-Each object is one PUT (or a multipart upload that becomes visible only when complete), so a reader sees either the
-old object or the new one. A failed upload is retried with back-off on the upload thread and reported in one line;
-training never waits for it. `close()` sends everything still missing (the final checkpoint, samples, the Result
-record) before the process exits.
+were right after that save, then metrics.jsonl and tracker.json (tracking/channel.py); old step files pruned locally
+are deleted from the bucket last. Each object is one PUT (or a multipart upload that becomes visible only when
+complete), so a reader sees either the old object or the new one. A failed upload is retried with back-off on the
+upload thread and reported in one line; training never waits for it. `close()` sends everything still missing (the
+final checkpoint, samples, the Result record) before the process exits.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from edsr_dist.state.bucket_lock import BucketLock
 from edsr_dist.state.checkpoint import BEST, CHECKPOINT_DIR, INDEX, LATEST, list_checkpoints, verify_checkpoint
 from edsr_dist.state.owner import Ownership
 from edsr_dist.state.remote import describe_failure, filesystem
-from edsr_dist.state.run_folder import METRICS, hold_run_folder
+from edsr_dist.state.run_folder import METRICS, TRACKER_FILE, hold_run_folder
 
 # Back-off between tries of one upload (seconds); after the last one the upload is given up and reported.
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
@@ -126,16 +126,18 @@ def _download(fs, remote: str, target: Path) -> bool:
 
 
 def pull_run(url: str, local: Path, endpoint_url: str = "") -> set[str]:
-    """Fill an empty staging folder from the bucket for `--resume auto`: metrics.jsonl, the pointers, and step
-    files in the order a resume tries them (`latest` first, then from the highest step) until one passes the same
-    checks as a local file (checksum, weights-only); `best` too. Returns the step files pulled."""
+    """Fill an empty staging folder from the bucket for `--resume auto`: metrics.jsonl, tracker.json (so the tracker
+    runs continue), the pointers, and step files in the order a resume tries them (`latest` first, then from the
+    highest step) until one passes the same checks as a local file (checksum, weights-only); `best` too. Returns the
+    step files pulled."""
     fs, root = filesystem(url, endpoint_url)
     try:
         steps = _remote_step_files(fs, root)
         if not steps:
             return set()
         folder = local / CHECKPOINT_DIR
-        _download(fs, f"{root}/{METRICS}", local / METRICS)
+        for name in (METRICS, TRACKER_FILE):
+            _download(fs, f"{root}/{name}", local / name)
         for name in POINTERS:
             _download(fs, f"{root}/{CHECKPOINT_DIR}/{name}", folder / name)
         latest, best = (((_read(folder / name) or b"").decode(errors="replace").strip()) for name in (LATEST, BEST))
@@ -217,9 +219,10 @@ class RunMirror:
             shutil.copyfile(step_file, pending)  # a file system without hard links
         folder = step_file.parent
         small = [(f"{CHECKPOINT_DIR}/{name}", data) for name in POINTERS if (data := _read(folder / name)) is not None]
-        metrics = _read(self.local / METRICS)
-        if metrics is not None:
-            small.append((METRICS, metrics))
+        for name in (METRICS, TRACKER_FILE):  # the records, and which tracker runs they continue
+            data = _read(self.local / name)
+            if data is not None:
+                small.append((name, data))
         self._queue.put(_Batch(pending, step_file.name, small, {p.name for p in list_checkpoints(folder)}))
 
     def close(self) -> str | None:
@@ -339,6 +342,6 @@ class RunMirror:
                 and p.relative_to(self.local).parts[0] not in (CHECKPOINT_DIR, PENDING)]
         for path in rest:
             key = path.relative_to(self.local).as_posix()
-            if key == METRICS or remote.get(key) != path.stat().st_size:
+            if key in (METRICS, TRACKER_FILE) or remote.get(key) != path.stat().st_size:
                 self._put(key, path)
         self._prune({p.name for p in steps})

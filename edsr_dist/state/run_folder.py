@@ -26,6 +26,7 @@ from edsr_dist.state.owner import (
 )
 
 METRICS = "metrics.jsonl"
+TRACKER_FILE = "tracker.json"  # the experiment tracker runs this run continues (tracking/channel.py)
 
 
 def _step_files(out: Path) -> list[Path]:

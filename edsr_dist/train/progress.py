@@ -19,7 +19,7 @@ class Progress:
 
     def __init__(self, cfg: Config, out: Path, is_main: bool, total_steps: int):
         self.cfg, self.is_main, self.total_steps = cfg, is_main, total_steps
-        self.metrics = MetricsLog(out, is_main, cfg.tensorboard)
+        self.metrics = MetricsLog(out, is_main, cfg)
         self.bar = None  # tqdm on rank 0 while the loop runs
         self._start, self._start_step = time.perf_counter(), 0  # for the elapsed time and ETA
 
@@ -62,7 +62,7 @@ class Progress:
             line += " - " + self._elapsed_and_eta(step)
         self.log(line)
         self.record(type="step", step=step, epoch=epoch + 1, loss=mean, lr=lr, images_per_s=rate,
-                    loss_scale=loss_scale)
+                    loss_scale=loss_scale, skipped_steps=window.seen - window.steps)
 
     def _elapsed_and_eta(self, step: int) -> str:
         """Time since this process started training, and the rest of the steps at the rate seen so far

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -13,13 +14,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from edsr_dist import __version__
-from edsr_dist.config import Config, describe_split
+from edsr_dist.config import Config, describe_split, tracker_names
 from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import DiskFull
 from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
 from edsr_dist.parallel.world import World
 from edsr_dist.state.atomic import atomic_write_text
+from edsr_dist.state.checkpoint import BEST, CHECKPOINT_DIR, follow_pointer
+from edsr_dist.state.run_folder import TRACKER_FILE
+from edsr_dist.tracking.channel import CLOSE_WAIT_S, RunIds, TrackerChannel, metrics_of, open_channels, run_name
 
 # Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
 # every few steps: the README's `--epochs 300` on a small store once gave one step per epoch.
@@ -36,12 +40,14 @@ class LossMeter:
     def __init__(self, device: torch.device):
         self.sum = torch.zeros((), device=device)
         self.count = torch.zeros((), device=device)
+        self.seen = 0  # steps added, skipped ones included (a host count: no sync)
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
         taken = skipped <= 0
         self.sum += torch.where(taken, loss, torch.zeros_like(loss))  # a skipped step's loss may be NaN
         self.count += taken.float()
+        self.seen += 1
 
     @property
     def steps(self) -> int:
@@ -50,14 +56,21 @@ class LossMeter:
 
 
 class MetricsLog:
-    """metrics.jsonl, and TensorBoard when asked for, on rank 0 only; the folder and files are created with the
-    first entry, so a run stopped by bad input writes nothing. Each entry is one write of one whole line; a write
-    that fails (a full disk) is cut back to where it began, so the file holds whole lines only."""
+    """metrics.jsonl, TensorBoard and the experiment trackers of cfg.tracker (tracking/channel.py), on rank 0 only;
+    the folder, files and tracker runs are created with the first entry, so a run stopped by bad input writes
+    nothing. Each entry is one write of one whole line; a write that fails (a full disk) is cut back to where it
+    began, so the file holds whole lines only. The trackers get each entry through their own queue: none of them
+    can hold up a step."""
 
-    def __init__(self, out: Path, is_main: bool, tensorboard: bool):
-        self.out, self.is_main, self.tensorboard = out, is_main, tensorboard
+    def __init__(self, out: Path, is_main: bool, cfg: Config):
+        self.out, self.is_main, self.cfg = out, is_main, cfg
+        trackers = tracker_names(cfg.tracker)
+        self.tensorboard = cfg.tensorboard and "tensorboard" in trackers
+        self.tracker_names = [name for name in trackers if name != "tensorboard"]
         self.fd: int | None = None
         self.tb = None
+        self.channels: list[TrackerChannel] = []
+        self.completed = False  # a Result entry was recorded: the tracker runs end as finished
 
     @property
     def path(self) -> Path:
@@ -69,15 +82,40 @@ class MetricsLog:
         if self.fd is None:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
+                self._open_trackers()
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise _cannot_write(self.path, exc) from None
             self._open_tensorboard()
         self._append((json.dumps(entry) + "\n").encode())
+        values, at = metrics_of(entry), entry.get("step", step)
         if self.tb is not None:
-            for key, value in entry.items():
-                if key not in ("type", "step", "epoch") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{entry['type']}/{key}", value, entry.get("step", step))
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, at)
+        files = self._result_files() if entry.get("type") == "result" else ()
+        self.completed = self.completed or entry.get("type") == "result"
+        for channel in self.channels:
+            channel.metrics(values, at, files)
+
+    def _open_trackers(self) -> None:
+        """Continue the tracker runs of earlier attempts (TRACKER_FILE), handing them first what metrics.jsonl holds
+        from those attempts: records a killed attempt still had queued reach the tracker now; what the tracker
+        acknowledged before is not sent again."""
+        self.channels = open_channels(self.tracker_names, self.cfg.tracker_project, run_name(self.cfg.out),
+                                      self.out, RunIds(self.out / TRACKER_FILE), self.cfg.to_dict())
+        if not self.channels:
+            return
+        for earlier in read_entries(self.out / "metrics.jsonl"):
+            for channel in self.channels:
+                channel.metrics(metrics_of(earlier), earlier.get("step", 0))
+
+    def _result_files(self) -> tuple[tuple[Path, str], ...]:
+        """What the trackers get with the Result: the sample images and, when asked, the best checkpoint."""
+        files = [(path, "samples") for path in sorted((self.out / "samples").glob("*.png"))]
+        best = self.out / CHECKPOINT_DIR / BEST
+        if self.cfg.track_checkpoint and best.is_file():
+            files.append((follow_pointer(best), "checkpoint"))
+        return tuple(files)
 
     def _append(self, line: bytes) -> None:
         start = os.lseek(self.fd, 0, os.SEEK_END)
@@ -109,6 +147,11 @@ class MetricsLog:
                 self.tb.close()
             except OSError:
                 pass  # its last events on a full disk; metrics.jsonl holds the same numbers
+        deadline = time.monotonic() + CLOSE_WAIT_S  # one wait for all the trackers, which drain side by side
+        for channel in self.channels:  # rank 0 only: the channels open with the first entry
+            problem = channel.close(self.completed, wait_s=max(0.0, deadline - time.monotonic()))
+            if problem:
+                print(f"edsr-dist train: warning: {problem}", file=sys.stderr, flush=True)
 
 
 def _cannot_write(path: Path, exc: OSError) -> Exception:
@@ -220,6 +263,19 @@ def _unused_devices_note(world: World, device: torch.device) -> str:
     kind = "NPUs" if device.type == "npu" else "GPUs"
     return (f"; this process uses 1 of the {count} {kind} it sees (one process per pod, from RANK/WORLD_SIZE): "
             "run `edsr-dist launch` in the pod to use all of them")
+
+
+def read_entries(path: Path) -> list[dict]:
+    """The entries of a metrics.jsonl (none where it does not exist), without a line cut short by a kill."""
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        try:
+            found.append(json.loads(line))
+        except ValueError:  # a line cut short by the kill
+            continue
+    return found
 
 
 def drop_metrics_after(out: Path, step: int) -> None:

@@ -14,11 +14,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "edsr_dist"
 # it. `edsr_dist` is the package's __init__ (`__version__`). Why this order, where it is not obvious: config needs
 # locations (is_url); model needs parallel (the device rules of npu); data needs state (atomic writes) and config;
 # inference needs data (image files, to_uint8), model and state (weights); evaluation runs the inference code;
-# train needs evaluation (validation) and inference (weights for --init-from); perf measures train and inference.
-ORDER = ["edsr_dist", "errors", "locations", "config", "parallel", "state", "model", "data", "launcher", "inference",
-         "evaluation", "train", "perf", "cli", "__main__"]
+# train needs evaluation (validation) and inference (weights for --init-from); perf measures train and inference;
+# tracking (experiment trackers) needs config and state (the run folder's files), and evaluation and train log to it.
+ORDER = ["edsr_dist", "errors", "locations", "config", "parallel", "state", "tracking", "model", "data", "launcher",
+         "inference", "evaluation", "train", "perf", "cli", "__main__"]
 # Optional dependencies are imported where they are switched on; everything else at the top of the file.
-OPTIONAL = ("horovod", "torch_npu", "onnx", "onnxruntime", "safetensors", "torch.utils.tensorboard", "fsspec")
+OPTIONAL = ("horovod", "torch_npu", "onnx", "onnxruntime", "safetensors", "torch.utils.tensorboard", "fsspec",
+            "mlflow", "wandb")
 # torch itself is optional for `sr` (ONNX Runtime serves without it): its PyTorch backend imports these when chosen.
 TORCH_SIDE_OF = {"edsr_dist.inference.command": ("edsr_dist.inference.torch_runtime", "edsr_dist.model.precision")}
 
