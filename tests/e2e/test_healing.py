@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, Job, assert_no_process_left, free_port, max_relative_difference, v1, write_table
+from helpers import TINY, Job, free_port, max_relative_difference, v1, write_table
 
 STEPS = 20
 TRAIN = [*TINY, "--steps-per-epoch", str(STEPS), "--save-every-steps", "4", "--log-every", "1"]
@@ -88,7 +88,7 @@ def test_killed_worker_restarts_and_ends_with_identical_weights(tmp_path, sample
     # The failed attempt's log is kept above the restart's.
     assert "==== edsr-dist launch: restart 1 ====" in (out / "logs" / "rank_1.log").read_text()
     assert_identical(final_weights(out), reference)
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 def test_hung_worker_times_out_and_the_job_restarts(tmp_path, sample_store, reference):
@@ -106,7 +106,7 @@ def test_hung_worker_times_out_and_the_job_restarts(tmp_path, sample_store, refe
     assert len(restart) == 1 and "rank 1 (device 1, process stopped) stopped responding" in restart[0], job.stderr
     assert resumed == 8
     assert_identical(final_weights(out), reference)
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 def test_fewer_devices_continue_on_the_same_trajectory(tmp_path, sample_store, reference):
@@ -128,7 +128,7 @@ def test_fewer_devices_continue_on_the_same_trajectory(tmp_path, sample_store, r
         "from step 8 (" + str(out / "checkpoints" / "step_00000008.ckpt") + "); device 1 failed twice in a row: "
         "continuing without it on 1 worker (global batch 4, 4 each)"), job.stderr
     assert max_relative_difference(reference, final_weights(out)) < 1e-4
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
@@ -163,7 +163,8 @@ def test_two_launchers_both_restart_after_a_worker_of_server_1_fails(tmp_path, s
     assert all(job.stderr.strip().splitlines()[-1] == "edsr-dist launch: finished after 1 restart" for job in servers)
     assert not [job.stderr for job in servers if "Traceback" in job.stderr or "TCPStore" in job.stderr]
     assert_identical(final_weights(out), reference)
-    assert_no_process_left(servers[0].pids + servers[1].pids)
+    for job in servers:
+        job.assert_nothing_left()
 
 
 def test_torchrun_max_restarts_heals_with_resume_auto(tmp_path, sample_store, reference):
@@ -184,7 +185,7 @@ def test_torchrun_max_restarts_heals_with_resume_auto(tmp_path, sample_store, re
     assert code == 0, job.stderr
     assert (resumed, first) == (8, 9)
     assert_identical(final_weights(out), reference)
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 # ---- with --exec workers: the launcher's decisions alone, no torch in the workers

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
-from test_resume import assert_bit_identical, final_state, kill_when, latest_is, start_hooked, train_args
+from helpers import (REPO, TINY, assert_bit_identical, final_state, kill_when, latest_is, max_relative_difference,
+                     resume_args, run_cli, spawn_ranks, start_hooked)
 
 RECIPE = ["--ema-decay", "0.9", "--lr-schedule", "cosine", "--warmup-steps", "3", "--min-lr", "1e-5",
           "--grad-clip-norm", "2.0"]
@@ -17,7 +17,7 @@ TOTAL_STEPS = 20
 
 
 def recipe_args(store, out, save_every_steps: int = 0) -> list[str]:
-    return train_args(store, out, save_every_steps) + RECIPE
+    return resume_args(store, out, save_every_steps) + RECIPE
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def reference(sample_store, tmp_path_factory) -> dict:
 
 def test_ema_is_bit_identical_through_sigkill_and_resume(sample_store, tmp_path, reference):
     out = tmp_path / "run"
-    procs = start_hooked(recipe_args(sample_store, out, save_every_steps=7), 1, tmp_path, PAUSE_AFTER_SAVE_STEP=7)
+    procs = start_hooked(recipe_args(sample_store, out, save_every_steps=7), tmp_path, {"PAUSE_AFTER_SAVE_STEP": 7})
     kill_when(procs, latest_is(out, 7))
     assert final_state(out)["ema"]["updates"] == 7
     result = run_cli(["train", *recipe_args(sample_store, out, save_every_steps=7)], cwd=tmp_path)
