@@ -1,5 +1,5 @@
 """The launcher's Ascend environment from rank tables (`launch --dry-run`, `rank-table check`), checked against
-HCCL's and torch_npu's rules. The table parser's own cases are in tests/unit/test_ascend_tables.py."""
+HCCL's and torch_npu's rules. The table parser's own cases are in tests/unit/test_ascend_rules.py."""
 
 import os
 import subprocess
