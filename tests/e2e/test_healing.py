@@ -34,13 +34,16 @@ def final_weights(out: Path) -> dict:
     return state["model"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, sample_store) -> dict:
-    """The weights of an uninterrupted 2-worker run."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    job = Job([], [*TRAIN, "--data", str(sample_store), "--out", str(out)], out.parent)
+def _train_two_workers(sample_store: Path, folder: Path) -> None:
+    job = Job([], [*TRAIN, "--data", str(sample_store), "--out", str(folder / "run")], folder)
     assert job.wait(timeout=TIMEOUT_S) == 0, job.stderr
-    return final_weights(out)
+
+
+@pytest.fixture(scope="session")
+def reference(build_once, sample_store) -> dict:
+    """The weights of an uninterrupted 2-worker run (built once per test run, see conftest.build_once)."""
+    return final_weights(build_once("healing-reference", lambda folder: _train_two_workers(sample_store, folder))
+                         / "run")
 
 
 def kill_mid_epoch(job: Job, rank: int, at_step: int, sig=signal.SIGKILL) -> tuple[float, int]:

@@ -9,6 +9,9 @@ import pytest
 
 from helpers import REPO, fake_npu_env
 
+# Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("npu_emulation")
+
 
 def run_py(code: str, **extra) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=fake_npu_env(**extra), capture_output=True, text=True,

@@ -4,6 +4,7 @@ initialised from a x2 run; --init-from with --resume auto."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +21,16 @@ def recipe_args(store, out, save_every_steps: int = 0) -> list[str]:
     return resume_args(store, out, save_every_steps) + RECIPE
 
 
-@pytest.fixture(scope="module")
-def reference(sample_store, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("recipe1") / "run"
-    result = run_cli(["train", *recipe_args(sample_store, out)], cwd=out.parent)
+def _train_recipe(sample_store: Path, folder: Path) -> None:
+    result = run_cli(["train", *recipe_args(sample_store, folder / "run")], cwd=folder)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "EMA 0.9, grad clip 2.0" in result.stdout
+
+
+@pytest.fixture(scope="session")
+def reference(build_once, sample_store) -> dict:
+    """The uninterrupted recipe run (built once per test run, see conftest.build_once)."""
+    out = build_once("recipe-reference", lambda folder: _train_recipe(sample_store, folder)) / "run"
     state = final_state(out)
     assert state["step"] == TOTAL_STEPS and state["ema"]["updates"] == TOTAL_STEPS
     state["out"] = out

@@ -30,27 +30,6 @@ def run_killed_at(store, out: Path, step: int, world_size: int = 1) -> None:
     assert final_state(out)["step"] == step
 
 
-@pytest.fixture(scope="module")
-def reference_1w(sample_store, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("ref1") / "run"
-    result = run_cli(["train", *resume_args(sample_store, out)], cwd=out.parent)
-    assert result.returncode == 0, result.stdout + result.stderr
-    state = final_state(out)
-    assert state["step"] == TOTAL_STEPS
-    return state["model"]
-
-
-@pytest.fixture(scope="module")
-def reference_2w(sample_store, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("ref2") / "run"
-    codes, outputs = spawn_ranks([sys.executable, "-m", "edsr_dist", "train", *resume_args(sample_store, out)], 2,
-                                 cwd=out.parent)
-    assert codes == [0, 0], outputs
-    state = final_state(out)
-    assert state["step"] == TOTAL_STEPS and state["meta"]["world_size"] == 2
-    return state["model"]
-
-
 @pytest.mark.parametrize("kill_step", [7, STEPS_PER_EPOCH], ids=["mid-epoch", "epoch-end"])
 def test_sigkill_then_resume_is_bit_identical_one_worker(sample_store, tmp_path, reference_1w, kill_step):
     out = tmp_path / "run"

@@ -61,12 +61,15 @@ def one_line_refusal(result_stderr: str, out: Path) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, sample_store) -> dict:
-    out = tmp_path_factory.mktemp("alone") / "run"
-    result = run_cli(["train", *train_args(sample_store, out)], cwd=out.parent, env={"OMP_NUM_THREADS": "1"})
+def _train_alone(sample_store: Path, folder: Path) -> None:
+    result = run_cli(["train", *train_args(sample_store, folder / "run")], cwd=folder, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    state = final_state(out)
+
+
+@pytest.fixture(scope="session")
+def reference(build_once, sample_store) -> dict:
+    """The weights of the same run alone, uninterrupted (built once per test run, see conftest.build_once)."""
+    state = final_state(build_once("owner-reference", lambda folder: _train_alone(sample_store, folder)) / "run")
     assert state["step"] == 20
     return state["model"]
 
