@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from edsr_dist.data.sample_store import build_sample_store
 from helpers import TINY, final_state, resume_args, run_cli, spawn_ranks
 from s3_server import MotoServer, require_moto_or_skip
+
+from edsr_dist.data.sample_store import build_sample_store
 
 E2E = Path(__file__).resolve().parent / "e2e"
 

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from edsr_dist.data.sample_store import default_sample_store_path, ensure_sample_store
-from edsr_dist.data.store import PatchStore
+from edsr_dist.data.store import PatchStore, verify_store
 from edsr_dist.errors import UserError
+from edsr_dist.inference.weights import load_matching
+from edsr_dist.locations import is_url
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.state.inputs import STORE, WEIGHTS, local_input
-from edsr_dist.state.locations import is_url
 from edsr_dist.state.run_folder import check_nothing_to_resume
-from edsr_dist.state.weights import load_matching
 from edsr_dist.train.reporting import drop_metrics_after, module_groups
 
 
@@ -30,7 +30,7 @@ def open_store(trainer) -> PatchStore:
         path = path or ensure_sample_store(cached)
     elif is_url(path):
         # Every rank asks; one process per server (cache folder) downloads while the others wait on its lock.
-        path = local_input(path, STORE, trainer.cfg.cache_dir, trainer.cfg.endpoint_url)
+        path = local_input(path, STORE, trainer.cfg.cache_dir, trainer.cfg.endpoint_url, verify_store=verify_store)
     elif not Path(path).exists():
         raise UserError(f"store {path} does not exist; build one with `edsr-dist build-store` or omit --data for the sample")
     return PatchStore(path, trainer.cfg.scale)

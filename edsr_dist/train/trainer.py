@@ -21,29 +21,36 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from edsr_dist import __version__
-from edsr_dist.evaluation.benchmark_sets import score_shards, validation_source
-from edsr_dist.state.checkpoint import list_checkpoints, save_checkpoint
 from edsr_dist.config import Config, check_batch_divides
-from edsr_dist.data.prefetch import Prefetcher
 from edsr_dist.data.sampler import TrainSampler
-from edsr_dist.parallel import ascend_env, npu
-from edsr_dist.parallel.factory import make_engine, resolve_engine_name
-from edsr_dist.parallel.world import World, discover_world
-from edsr_dist.model.ema import WeightEMA
-from edsr_dist.inference.torch_runtime import super_resolve
+from edsr_dist.evaluation.benchmark_sets import score_shards, validation_source
 from edsr_dist.evaluation.metrics import bicubic_upscale
+from edsr_dist.inference.torch_runtime import super_resolve
+from edsr_dist.locations import is_url, staging_folder
 from edsr_dist.model.edsr import build_model
+from edsr_dist.model.ema import WeightEMA
 from edsr_dist.model.optim import clear_gradients, fit_state_to, make_optimizer, skips_on_device
 from edsr_dist.model.precision import LossScaler, autocast, resolve_device_and_precision
 from edsr_dist.model.schedules import learning_rate
-from edsr_dist.train.reporting import (LossMeter, MetricsLog, banner, hms, recipe_warnings,
-                                      result_line, write_sample_image)
-from edsr_dist.train.start import compile_model, init_weights, open_store, resume_run
-from edsr_dist.train.step_timer import StepTimer
+from edsr_dist.parallel import ascend_env, npu
+from edsr_dist.parallel.factory import make_engine, resolve_engine_name
+from edsr_dist.parallel.world import World, discover_world
+from edsr_dist.state.checkpoint import list_checkpoints, save_checkpoint
 from edsr_dist.state.inputs import FOLDER, local_input
-from edsr_dist.state.locations import is_url, staging_folder
 from edsr_dist.state.mirror import RunMirror, claim_out, pull_run
 from edsr_dist.state.run_folder import check_output_folder, recorded_result
+from edsr_dist.train.prefetch import Prefetcher
+from edsr_dist.train.reporting import (
+    LossMeter,
+    MetricsLog,
+    banner,
+    hms,
+    recipe_warnings,
+    result_line,
+    write_sample_image,
+)
+from edsr_dist.train.start import compile_model, init_weights, open_store, resume_run
+from edsr_dist.train.step_timer import StepTimer
 
 CHECKPOINT_FORMAT = 1
 # Consecutive steps with a non-finite loss or gradient before the run is declared diverged. fp16 needs

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-
-from edsr_dist.launcher.rank_table import load_rank_table
 from helpers import REAL_RANK_TABLES, REPO, cloud_table, launch_dry_run, v1_with_ips, write_table
+
+from edsr_dist.parallel.rank_table import load_rank_table
 
 
 def worker_envs(stdout: str) -> list[dict]:

@@ -4,9 +4,9 @@ the step breakdown arithmetic, and bad flags."""
 import json
 
 import pytest
+from helpers import run_cli
 
 from edsr_dist.perf.train_speed import PHASES, format_report
-from helpers import run_cli
 
 # Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("bench")

@@ -3,9 +3,9 @@
 import sys
 
 import pytest
+from helpers import TINY, max_relative_difference, spawn_ranks
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
-from helpers import TINY, max_relative_difference, spawn_ranks
 
 # Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("grad_comm")

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
+from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
-from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 
 # Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("horovod")

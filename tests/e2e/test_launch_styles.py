@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import FAKE_NPU, REPO, TINY, free_port
+
 TRAIN = [*TINY, "--steps-per-epoch", "4", "--max-val-images", "1", "--dist-timeout", "60"]
 LAUNCH_VARS = ("RANK_TABLE_FILE", "RANK_ID", "RANK_SIZE", "DEVICE_ID", "ASCEND_DEVICE_ID", "ASCEND_RT_VISIBLE_DEVICES",
                "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

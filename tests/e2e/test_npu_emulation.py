@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, fake_npu_env
 
 # Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from edsr_dist.state.checkpoint import load_checkpoint
 from helpers import REPO, TINY, kill_groups, make_hr_folder, resume_args, run_cli, start_hooked
 from s3_server import Relay
+
+from edsr_dist.state.checkpoint import load_checkpoint
 
 
 @pytest.fixture

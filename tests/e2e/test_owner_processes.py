@@ -10,12 +10,11 @@ import sys
 import time
 
 import pytest
+from helpers import REPO, owner_record, write_owner
 
 from edsr_dist.errors import UserError
 from edsr_dist.state import owner as owner_mod
 from edsr_dist.state.owner import LocalLock, claim, owner_gone, read_owner
-from helpers import REPO, owner_record, write_owner
-
 
 CREATE_AT = """
 import sys, time

@@ -8,9 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import (REPO, TINY, assert_bit_identical, final_state, kill_when, latest_is, max_relative_difference,
-                     resume_args, run_cli, spawn_ranks, start_hooked)
+from helpers import (
+    REPO,
+    TINY,
+    assert_bit_identical,
+    final_state,
+    kill_when,
+    latest_is,
+    max_relative_difference,
+    resume_args,
+    run_cli,
+    spawn_ranks,
+    start_hooked,
+)
 
 RECIPE = ["--ema-decay", "0.9", "--lr-schedule", "cosine", "--warmup-steps", "3", "--min-lr", "1e-5",
           "--grad-clip-norm", "2.0"]

@@ -15,10 +15,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import (
+    REPO,
+    STEPS_PER_EPOCH,
+    assert_bit_identical,
+    final_state,
+    kill_when,
+    latest_is,
+    max_relative_difference,
+    resume_args,
+    run_cli,
+    spawn_ranks,
+    start_hooked,
+)
 
 from edsr_dist.state.checkpoint import find_checkpoint, verify_checkpoint
-from helpers import (REPO, STEPS_PER_EPOCH, assert_bit_identical, final_state, kill_when, latest_is,
-                     max_relative_difference, resume_args, run_cli, spawn_ranks, start_hooked)
 
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 

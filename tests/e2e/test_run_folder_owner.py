@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY, Job, assert_bit_identical, final_state, kill_groups, latest_is, run_cli, start_hooked
 
 from edsr_dist.state.owner import LocalLock, read_owner
-from helpers import TINY, Job, assert_bit_identical, final_state, kill_groups, latest_is, run_cli, start_hooked
 
 HEARTBEAT = {"EDSR_DIST_OWNER_HEARTBEAT_S": "0.2"}
 TIMEOUT_S = 150

@@ -7,8 +7,9 @@ import multiprocessing
 import pickle
 from pathlib import Path
 
-from edsr_dist.data.store import PatchStore, crc32_of
 from helpers import TINY, make_hr_folder, run_cli
+
+from edsr_dist.data.store import PatchStore, crc32_of
 
 
 def test_train_refuses_a_store_without_validation_images_in_one_line(tmp_path: Path) -> None:

@@ -6,12 +6,11 @@ import threading
 import time
 
 import pytest
-
-from edsr_dist.errors import UserError
-from edsr_dist.launcher.rank_table import load_rank_table
-from edsr_dist.parallel.world import discover_world
 from helpers import REAL_RANK_TABLES, REPO, cloud_table, v1_with_ips, write_table
 
+from edsr_dist.errors import UserError
+from edsr_dist.parallel.rank_table import load_rank_table
+from edsr_dist.parallel.world import discover_world
 
 # ---- item 3: HCCL's order for group_list tables ------------------------------------------------------------
 
@@ -72,7 +71,7 @@ def test_checker_agrees_with_hccl(tmp_path):
 # ---- item 8: Kubernetes tables that are not complete yet -----------------------------------------------------
 
 def test_wait_for_a_table_that_completes_later(tmp_path):
-    from edsr_dist.launcher.rank_table import wait_for_rank_table
+    from edsr_dist.parallel.rank_table import wait_for_rank_table
 
     doc = v1_with_ips([("10.0.0.1", [(0, "192.168.0.1")])])
     path = write_table(tmp_path, {"status": "initializing"})

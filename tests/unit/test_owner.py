@@ -11,13 +11,21 @@ import threading
 import time
 
 import pytest
+from helpers import owner_record, write_owner
 
 from edsr_dist.errors import UserError
 from edsr_dist.state import owner as owner_mod
-from edsr_dist.state.owner import (LocalLock, check_launcher_owns, claim, describe, machine_identity,
-                                   owner_gone, read_owner, stale_after)
+from edsr_dist.state.owner import (
+    LocalLock,
+    check_launcher_owns,
+    claim,
+    describe,
+    machine_identity,
+    owner_gone,
+    read_owner,
+    stale_after,
+)
 from edsr_dist.state.run_folder import hold_run_folder
-from helpers import owner_record, write_owner
 
 
 def test_exclusive_create_has_one_winner_among_threads(tmp_path):

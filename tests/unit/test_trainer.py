@@ -6,16 +6,16 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import TINY
 from PIL import Image
 
-from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.config import parse_train_args
-from edsr_dist.parallel.world import World
-from edsr_dist.train.step_timer import StepTimer
 from edsr_dist.evaluation.metrics import psnr_y
+from edsr_dist.parallel.world import World
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.train.reporting import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT, sample_labels
+from edsr_dist.train.step_timer import StepTimer
 from edsr_dist.train.trainer import Trainer
-from helpers import TINY
 
 STEPS = 4
 
