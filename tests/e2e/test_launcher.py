@@ -178,6 +178,17 @@ def test_worker_killed_by_signal_is_named(tmp_path, worker):
     assert_no_process_left([records(logs / f"rank_{r}.log")["pid"] for r in range(2)])
 
 
+def logged_pids(logs: Path, shared: Path) -> list[int] | None:
+    """Both workers' pids once both are ready and their logs hold their first line, else None."""
+    if len(list(shared.glob("ready_*"))) < 2:
+        return None
+    try:
+        pids = [records(logs / f"rank_{r}.log").get("pid") for r in range(2)]
+    except (OSError, ValueError):  # not written yet, or a line half written
+        return None
+    return pids if None not in pids else None
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_to_launcher_stops_all_workers(tmp_path, worker, sig, code):
     script, shared = worker
@@ -188,10 +199,10 @@ def test_signal_to_launcher_stops_all_workers(tmp_path, worker, sig, code):
                             env=env_without_launch_vars())
     try:
         deadline = time.monotonic() + 30
-        while len(list(shared.glob("ready_*"))) < 2 and time.monotonic() < deadline:
+        # Started, and their first lines are in the logs (the launcher copies a worker's output there a moment later).
+        while not (pids := logged_pids(logs, shared)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(list(shared.glob("ready_*"))) == 2, "workers did not start"
-        pids = [records(logs / f"rank_{r}.log")["pid"] for r in range(2)]
+        assert pids, "workers did not start"
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=30)
     finally:

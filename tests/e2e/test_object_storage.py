@@ -87,7 +87,9 @@ def test_train_from_a_bucket_store_to_the_result_line(s3_server, bucket, sample_
     assert again.returncode == 0, again.stderr
     assert "fetched" not in again.stderr
     shutil.rmtree(staged)
-    refused = run_cli(["train", *train_args(str(sample_store), f"s3://{run}", cache)[:-2]], cwd=tmp_path,
+    fresh = train_args(str(sample_store), f"s3://{run}", cache)
+    del fresh[fresh.index("--resume"):fresh.index("--resume") + 2]  # a new run: no --resume
+    refused = run_cli(["train", *fresh], cwd=tmp_path,
                       env=s3_server.env())
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
