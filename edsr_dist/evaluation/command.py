@@ -108,7 +108,7 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
                    val_tile: int = 0) -> dict:
     """Mean and per-image PSNR-Y, SSIM-Y, PSNR-RGB (and the bicubic PSNR-Y) of `model` on `images`.
 
-    The same inference (`infer.super_resolve`) and scores (`metrics.score_sr`) as Trainer.validate, in the
+    The same inference (`infer.super_resolve`) and scores (`metrics.score_sr`) as Validator.validate, in the
     model's training memory format and autocast. tile None: `val_tile` when set, else automatic (as validation).
     """
     model = model.to(device, memory_format=memory_format(device, channels_last)).eval()

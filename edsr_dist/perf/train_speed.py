@@ -48,7 +48,7 @@ from edsr_dist.perf.measure import (
     measure_workers,
     run_worker,
 )
-from edsr_dist.train.trainer import set_threads
+from edsr_dist.train.device import set_threads
 
 PROG = "edsr-dist bench"
 DEFAULT_PRESET = "baseline"
