@@ -105,8 +105,6 @@ def expected_shares(workers: int) -> list[list[int]]:
     return [allowed[i * share:(i + 1) * share] for i in range(workers)]
 
 
-
-
 def test_two_workers_env_affinity_and_logs(tmp_path, worker):
     script, shared = worker
     logs = tmp_path / "logs"
@@ -264,24 +262,29 @@ def test_rank_table_server_choice_and_errors(tmp_path):
     by_id = launch("--rank-table", str(table), "--server-id", "198.51.100.1", "--dry-run")
     assert by_id.returncode == 0 and "DEVICE_ID=1 " in by_id.stdout
 
+
+# Each case is a launcher process of its own (its torch import dominates), so the cases run side by side under xdist.
+@pytest.mark.parametrize("case, message", [
+    (["--rank-table", "TABLE", "--server-index", "2"], "--server-index 2 is out of range"),
+    (["--rank-table", "OTHER"], "this host"),
+    (["--rank-table", "TABLE", "--server-id", "198.51.100.9"], "--server-id 198.51.100.9 is not in"),
+    (["--rank-table", "TABLE", "--nproc", "2"], "--rank-table and --nproc conflict"),
+    (["--server-index", "0"], "pass --rank-table FILE too"),
+    (["--nproc", "2", "--preset", "sample"], "launcher options go before `--`"),
+    (["--nproc", "0"], "need at least 1 worker"),
+    (["--exec"], "--exec needs the worker command"),
+    (["--rank-table", "MISSING"], "not found"),
+])
+def test_rank_table_and_launcher_errors_are_one_line(tmp_path, case, message):
+    table = cpu_table(tmp_path)
     other = tmp_path / "other.json"
     other.write_text(table.read_text().replace("127.0.0.1", "198.51.100.2"))
-    cases = [
-        (["--rank-table", str(table), "--server-index", "2"], "--server-index 2 is out of range"),
-        (["--rank-table", str(other)], "this host"),
-        (["--rank-table", str(table), "--server-id", "198.51.100.9"], "--server-id 198.51.100.9 is not in"),
-        (["--rank-table", str(table), "--nproc", "2"], "--rank-table and --nproc conflict"),
-        (["--server-index", "0"], "pass --rank-table FILE too"),
-        (["--nproc", "2", "--preset", "sample"], "launcher options go before `--`"),
-        (["--nproc", "0"], "need at least 1 worker"),
-        (["--exec"], "--exec needs the worker command"),
-        (["--rank-table", str(tmp_path / "missing.json")], "not found"),
-    ]
-    for args, message in cases:
-        result = launch(*args, "--dry-run")
-        assert result.returncode == 2, (args, result.stdout, result.stderr)
-        assert message in result.stderr, (args, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    paths = {"TABLE": str(table), "OTHER": str(other), "MISSING": str(tmp_path / "missing.json")}
+    args = [paths.get(arg, arg) for arg in case]
+    result = launch(*args, "--dry-run")
+    assert result.returncode == 2, (args, result.stdout, result.stderr)
+    assert message in result.stderr, (args, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_dry_run_default_log_dir_and_command(tmp_path):
