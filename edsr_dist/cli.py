@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
+import os
 import re
+import signal
 import sys
+import threading
 
 from edsr_dist import __version__
-from edsr_dist.errors import UserError, did_you_mean
+from edsr_dist.errors import Terminated, UserError, did_you_mean
 
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
@@ -56,8 +60,38 @@ def torch_import_problem() -> str | None:
     return None
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def handle_signals_from_the_start() -> None:
+    """SIGTERM unwinds like Ctrl-C from the first moment (the training loop and the launcher install their own
+    handling on top while they run). Python's default for SIGTERM ends the process at once: no line, no release of
+    the owner record, which then blocks the folder for the takeover bound on any other host."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+# A full disk or a file size limit, reached by a write the command did not expect to fail.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def main(argv: list[str] | None = None) -> int:
+    handle_signals_from_the_start()
     argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"edsr-dist {argv[0]}" if argv and argv[0] in COMMANDS else "edsr-dist"
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated as exc:
+        print(f"{prog}: stopped by {signal.Signals(exc.signum).name} before it finished; nothing half-written was "
+              "kept; run the same command again (train: --resume auto continues a run)", file=sys.stderr, flush=True)
+        return 128 + exc.signum
+
+
+def _run(argv: list[str]) -> int:
     if not argv:
         print(usage(), file=sys.stderr)
         return 2
@@ -87,7 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(func(rest) or 0)
     except UserError as exc:
         print(f"edsr-dist {name}: error: {exc}", file=sys.stderr)
+        if exc.end_process_at_once:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"edsr-dist {name}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else " writing an output file"
+        print(f"edsr-dist {name}: error: {exc.strerror or errno.errorcode.get(exc.errno)}{where}; free space on "
+              "that disk (or raise the file size limit, `ulimit -f`) and run again", file=sys.stderr)
+        return 2

@@ -8,6 +8,7 @@ Unknown keys and values of the wrong type are user errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,10 @@ class Config:
     # Data.
     data: str = setting("", "patch store (.h5) from build-store, a path or s3://BUCKET/KEY (fetched once into the "
                             "cache); empty: the embedded sample store, cached")
-    batch_size: int = setting(16, "global batch over all workers (divides by the number of workers)")
+    batch_size: int = setting(16, "global batch over all workers, whatever their number (shares differ by at most "
+                                  "one sample); the training does not depend on how it is split")
+    accumulate: int = setting(1, "micro-batches per optimizer step on each worker (gradient accumulation): the "
+                                 "global batch of more devices on fewer, or in less memory; same result")
     patch_size: int = setting(48, "LR patch side in pixels; the HR patch is scale times it")
     steps_per_epoch: int = setting(0, "steps per epoch; 0 = one pass over the store's training tiles")
 
@@ -114,13 +118,23 @@ class Config:
             if not ok:
                 raise UserError(msg)
 
+        for name, kind in _field_types().items():  # inf passes every "> 0" below and reaches torch as it is
+            value = getattr(self, name)
+            need(kind is not float or math.isfinite(value),
+                 f"{name} must be a finite number, got {value}; pass --{name.replace('_', '-')} with a number")
         need(self.scale in (2, 3, 4), f"scale must be 2, 3 or 4, got {self.scale}; pass --scale 2|3|4")
         need(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
         need(self.num_filters >= 1, f"num_filters must be >= 1, got {self.num_filters}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.accumulate >= 1, f"accumulate must be >= 1 (1 = no accumulation), got {self.accumulate}")
+        check_batch_splits(self.batch_size, 1, self.accumulate)
         need(self.patch_size >= 4, f"patch_size must be >= 4, got {self.patch_size}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}; pass for example --lr 1e-4")
-        need(0 < self.decay_rate <= 1, f"decay_rate must be in (0, 1], got {self.decay_rate}")
+        # torch.optim.Adam's own checks (torch/optim/adam.py, Adam.__init__), as one line instead of its traceback.
+        need(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}; the paper uses --beta1 0.9")
+        need(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}; the paper uses --beta2 0.999")
+        need(self.epsilon >= 0, f"epsilon must be >= 0, got {self.epsilon}; the paper uses --epsilon 1e-8")
+        need(self.decay_rate > 0 and self.decay_rate <= 1, f"decay_rate must be in (0, 1], got {self.decay_rate}")
         need(self.decay_step >= 1, f"decay_step must be >= 1, got {self.decay_step}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
@@ -151,6 +165,13 @@ class Config:
              f"init_from {self.init_from} is not a file; pass a .ckpt, .pt, .pth or .safetensors file with the "
              "weights to start from")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
+        need(self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
+        need(self.log_every >= 1, f"log_every must be >= 1 step, got {self.log_every}")
+        need(self.num_threads >= 0, f"num_threads must be >= 0 (0 = OMP_NUM_THREADS or all cores), got "
+             f"{self.num_threads}")
+        need(self.save_every_steps >= 0, f"save_every_steps must be >= 0 (0 = off), got {self.save_every_steps}")
+        need(self.max_val_images >= 0, f"max_val_images must be >= 0 (0 = all), got {self.max_val_images}")
+        need(self.val_tile >= 0, f"val_tile must be >= 0 (0 = whole image), got {self.val_tile}")
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
                               ("grad_comm", GRAD_COMMS),
                               ("lr_schedule", LR_SCHEDULES),
@@ -400,13 +421,31 @@ def parse_train_args(argv: list[str]) -> Config:
     return cfg
 
 
-def check_batch_divides(batch_size: int, workers: int, flag: str = "") -> None:
-    """The global batch is split evenly over the workers (launcher, trainer, sampler and bench all ask here);
-    `flag` names the option that set the number of workers, when one did."""
-    if batch_size % workers:
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` items in `parts` consecutive shares that differ by at most one, the larger ones first (16 in 3:
+    6, 5, 5). The global batch over the workers and a worker's share over its micro-batches are both split so."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def batch_shares(batch_size: int, workers: int) -> list[int]:
+    """Each worker's number of samples of every global batch: worker r takes the r-th consecutive share."""
+    return split_evenly(batch_size, workers)
+
+
+def describe_split(batch_size: int, workers: int) -> str:
+    """How a global batch is split, for the launcher's restart line: `4 each` or `6/5/5`."""
+    shares = batch_shares(batch_size, workers)
+    return f"{shares[0]} each" if len(set(shares)) == 1 else "/".join(map(str, shares))
+
+
+def check_batch_splits(batch_size: int, workers: int, accumulate: int = 1, flag: str = "") -> None:
+    """Every worker gets at least one sample in each of its `accumulate` micro-batches (launcher, trainer, sampler,
+    self-healing and bench all ask here); `flag` names the option that set the number of workers, when one did."""
+    if batch_size < workers * accumulate:
         of = f" of {flag} {workers}" if flag else ""
-        below, above = batch_size // workers * workers, (batch_size // workers + 1) * workers
-        nearest = f"{below} or {above}" if below else f"{above}"
-        raise UserError(f"batch_size {batch_size} (global) does not divide by the {workers} workers{of}; pass "
-                        f"--batch-size as a multiple of {workers}: the nearest are {nearest} (above 16, "
-                        "--scale-lr scales the learning rate with it)")
+        what = (f"--accumulate {accumulate}" if workers == 1 else
+                f"the {workers} workers{of}" + (f" x --accumulate {accumulate}" if accumulate > 1 else ""))
+        raise UserError(f"batch_size {batch_size} (global) is smaller than {what}: every worker needs at least "
+                        f"{accumulate} sample(s) per step; pass --batch-size {workers * accumulate} or more"
+                        + (" or a smaller --accumulate" if accumulate > 1 else ""))

@@ -6,6 +6,7 @@ ones below, which the launcher explains when it sees them.
 
 import argparse
 import difflib
+import math
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # loss or gradients stayed NaN/inf; the last good checkpoint is kept
@@ -19,6 +20,15 @@ EXIT_UPLOAD_FAILED = 5
 EXIT_INTERRUPTED = 143
 
 
+class Terminated(BaseException):
+    """SIGTERM (a preemption, `kill`, the launcher stopping its workers) outside a loop that handles it itself: it
+    unwinds the command like Ctrl-C does, so every `finally` runs and an owner record is released."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class UserError(Exception):
     """A problem the user can fix (bad flag, bad file, missing device).
 
@@ -26,6 +36,9 @@ class UserError(Exception):
     """
 
     exit_code = EXIT_USER_ERROR
+    # Set where freeing what the failed work left would crash the process (h5py after a failed write): the command
+    # line prints the message and ends the process without Python's teardown.
+    end_process_at_once = False
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -48,6 +61,10 @@ class CommandParser(argparse.ArgumentParser):
         return found
 
 
+class DiskFull(UserError):
+    """A write failed for want of space (a full disk, a quota, a file size limit); the message names the file."""
+
+
 # Flag groups that several commands share (eval, sr, export, bench): one definition each, so a flag reads and
 # behaves the same everywhere. `to` is a parser or an argument group.
 
@@ -66,8 +83,19 @@ def add_object_store_flags(to, inputs: str = "s3:// inputs", cached: str = "s3:/
                     help=f"object store endpoint for {inputs} (default: AWS_ENDPOINT_URL(_S3), else AWS)")
 
 
+def finite_float(text: str) -> float:
+    """argparse type of a number flag whose value reaches torch as it is: `nan` and `inf` parse as floats."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def add_res_scale_flag(to) -> None:
-    to.add_argument("--res-scale", type=float, default=None,
+    to.add_argument("--res-scale", type=finite_float, default=None,
                     help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
 
 

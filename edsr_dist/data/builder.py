@@ -15,9 +15,11 @@ file and renamed over `<out>` only when complete (edsr_dist/state/atomic.py).
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from edsr_dist import __version__
 from edsr_dist.data.images import find_image, image_size, list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import downscale
 from edsr_dist.data.store import CHECKSUM, FORMAT_VERSION, crc32_of, lr_name, tile_starts, valid_key
-from edsr_dist.errors import UserError
+from edsr_dist.errors import DiskFull, UserError
 from edsr_dist.state.atomic import atomic_path
 
 DEFAULT_TILE_SIZE = 192
@@ -184,6 +186,10 @@ def check_output_file(out: str) -> None:
         raise UserError(f"--out {out}: folder {parent} is not writable; choose another --out")
 
 
+STORE_SPACE_MARGIN = 1 << 20  # bytes beyond the tiles and images: HDF5's own structures, the checksums
+_NEVER_FREED: list[BaseException] = []  # see write_store
+
+
 def write_store(
     out: str,
     folders: Sequence[SourceFolder],
@@ -217,6 +223,13 @@ def write_store(
     total_bytes = num_tiles * bytes_per_tile + sum(valid_bytes(img) for _, img in valid)
     total_images = len(train) + len(valid)
 
+    folder = os.path.dirname(os.path.abspath(out))
+    free = shutil.disk_usage(folder).free
+    if free < total_bytes + STORE_SPACE_MARGIN:
+        # HDF5 that hits a full disk mid-write leaves its objects in a state whose release crashes the process.
+        raise DiskFull(f"writing store {out} failed (it needs about {(total_bytes + STORE_SPACE_MARGIN) / 2**20:.1f} "
+                       f"MiB, {folder} has {free / 2**20:.1f} MiB free); check free space and permissions of its "
+                       "folder, or pass --out elsewhere; nothing was written")
     started = time.monotonic()
     try:
         with atomic_path(out) as tmp:
@@ -242,9 +255,16 @@ def write_store(
                 bar.close()
     except BaseException as exc:
         if isinstance(exc, OSError):
-            raise UserError(
-                f"writing store {out} failed ({exc}); check free space and permissions of its folder"
-            ) from None
+            # h5py objects of a file whose writes failed crash the process when freed (a segmentation fault, seen
+            # with h5py 3 on a full tmpfs): keep them (the exception's frames hold them) until the process ends,
+            # and have it end without freeing them. The temporary file is already removed (atomic_path).
+            _NEVER_FREED.append(exc)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+            kind = DiskFull if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else UserError
+            failure = kind(f"writing store {out} failed ({reason}); check free space and permissions of its "
+                           "folder; nothing was written")
+            failure.end_process_at_once = True
+            raise failure from None
         raise
     return {
         "out": out,

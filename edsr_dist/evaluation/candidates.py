@@ -38,11 +38,12 @@ def collect_candidates(path_text: str) -> list[Candidate]:
     return [Candidate(p, True) for p in files]
 
 
-def load_candidate(candidate: Candidate, res_scale: float | None = None, raw: bool = False):
+def load_candidate(candidate: Candidate, res_scale: float | None = None, raw: bool = False,
+                   scale: int | None = None):
     """(model on CPU in eval mode, step or None, checkpoint Config or None); res_scale is for plain weights, raw
-    picks a checkpoint's raw weights over its EMA."""
+    picks a checkpoint's raw weights over its EMA; plain weights of a scale other than `scale` are refused."""
     if not candidate.is_checkpoint:
-        return load_inference_model(str(candidate.path), res_scale=res_scale), None, None
+        return load_inference_model(str(candidate.path), res_scale=res_scale, scale=scale), None, None
     model, cfg = checkpoint_model(candidate.path, raw=raw)
     step = _step_of(candidate.path)
     if step < 0:  # renamed file: the step is inside

@@ -286,7 +286,8 @@ def _evaluate_on_data(args) -> int:
     results: list[dict] = []
     for candidate in candidates:
         try:
-            model, step, cfg = load_candidate(candidate, res_scale=args.res_scale, raw=args.raw_weights)
+            model, step, cfg = load_candidate(candidate, res_scale=args.res_scale, raw=args.raw_weights,
+                                              scale=args.scale)
         except UserError as exc:
             if len(candidates) == 1:
                 raise

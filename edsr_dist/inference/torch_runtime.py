@@ -138,9 +138,11 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
     return to_uint8(sr[0])
 
 
-def load_inference_model(path: str, res_scale: float | None = None, raw: bool = False) -> nn.Module:
+def load_inference_model(path: str, res_scale: float | None = None, raw: bool = False,
+                         scale: int | None = None) -> nn.Module:
     """A run folder or .ckpt (config inside; its EMA weights unless raw), or plain weights (.pt/.pth/.safetensors;
-    shape read from them)."""
+    shape read from them). `scale`: the --scale asked for; plain weights of another scale are refused before their
+    description is printed (one line, not two)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"--checkpoint {p} does not exist; pass a .ckpt file, a run folder or a weights file")
@@ -149,6 +151,9 @@ def load_inference_model(path: str, res_scale: float | None = None, raw: bool = 
         model, _ = checkpoint_model(p, raw=raw)
         return model
     model, arch = model_from_weights(p, res_scale=res_scale)
+    if scale is not None and arch["scale"] != scale:
+        raise UserError(f"{p} is a x{arch['scale']} model but --scale is {scale}; pass --scale {arch['scale']} or "
+                        f"the checkpoints of a x{scale} run")
     print(f"weights {p}: x{arch['scale']}, {arch['num_blocks']} blocks, {arch['num_filters']} filters, "
           f"res_scale {arch['res_scale']}", file=sys.stderr)
     return model

@@ -11,7 +11,8 @@ layers keep their fixed DIV2K values when loading BasicSR weights.
 from __future__ import annotations
 
 import dataclasses
-import os
+import errno
+import io
 import re
 from pathlib import Path
 
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 
 from edsr_dist.config import config_from_dict
-from edsr_dist.errors import UserError
+from edsr_dist.errors import DiskFull, UserError
 from edsr_dist.model.edsr import DIV2K_RGB_MEAN, EDSR, RGB_RANGE, bare_model, build_model
-from edsr_dist.state.atomic import atomic_path, make_parent_folder
+from edsr_dist.state.atomic import atomic_write_bytes, make_parent_folder
 from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file, load_checkpoint
 from edsr_dist.state.safe_load import load_tensors
 
@@ -307,26 +308,29 @@ def export_safetensors(model_or_checkpoint, out_path: str | Path, names: str = "
     its EMA weights when it has them (raw=True: the raw weights).
     """
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
         raise UserError("exporting to safetensors needs the safetensors package; "
                         "pip install 'edsr-dist[export]'") from None
     sd, meta = _resolve_source(model_or_checkpoint, raw)
     sd = to_basicsr_state_dict(sd) if names == "basicsr" else sd
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    out_path = Path(out_path)
-    make_parent_folder(out_path)
     metadata = {"format": "edsr-dist", "names": names, **{k: str(v) for k, v in meta.items()}}
+    return _write_export(Path(out_path), save(sd, metadata=metadata))
+
+
+def _write_export(out_path: Path, data: bytes) -> Path:
+    """The file made in memory first, then written atomically by plain writes: a full disk is an OSError with its
+    errno here, where safetensors and torch.save writing the file themselves raise their own errors (SafetensorError,
+    torch's `[enforce fail at inline_container.cc]`), with the file mode of a new file (safetensors' own
+    save_file leaves it 0600)."""
+    make_parent_folder(out_path)
     try:
-        with atomic_path(out_path) as tmp:
-            save_file(sd, str(tmp), metadata=metadata)
-            # safetensors' save_file leaves the file owner-only (0600, seen with safetensors 0.8.0); give it what any
-            # new file gets (0644 under umask 022), like torch.save's .pt/.pth, so that others can read a shared export.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+        atomic_write_bytes(out_path, data)
     except OSError as exc:
-        raise UserError(f"cannot write {out_path} ({exc.strerror}); free space or pass another --out") from None
+        kind = DiskFull if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else UserError
+        raise kind(f"cannot write {out_path} ({exc.strerror or exc}); free space or pass another --out; "
+                   "nothing was written") from None
     return out_path
 
 
@@ -336,11 +340,6 @@ def export_torch(model_or_checkpoint, out_path: str | Path, names: str = "refere
     sd, _ = _resolve_source(model_or_checkpoint, raw)
     sd = {k: v.detach().cpu() for k, v in sd.items()}
     obj = {"params": to_basicsr_state_dict(sd)} if names == "basicsr" else sd
-    out_path = Path(out_path)
-    make_parent_folder(out_path)
-    try:
-        with atomic_path(out_path) as tmp:
-            torch.save(obj, tmp)
-    except OSError as exc:
-        raise UserError(f"cannot write {out_path} ({exc.strerror}); free space or pass another --out") from None
-    return out_path
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return _write_export(Path(out_path), buffer.getvalue())

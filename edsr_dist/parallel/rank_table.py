@@ -144,6 +144,9 @@ def _read_json(path: str, err: _Problems) -> dict:
     except json.JSONDecodeError as exc:
         raise err("", f"invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})",
                   "fix the syntax (a trailing comma or a missing quote is the usual cause)") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise err("", "the JSON is nested too deeply to read", "a rank table is a few levels deep; see "
+                  "rank_table/README.md for the layout") from None
     if not isinstance(doc, dict):
         raise err("", f"the top level must be a JSON object, got {type(doc).__name__}",
                   "see rank_table/README.md for the layout")

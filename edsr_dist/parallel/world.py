@@ -91,6 +91,8 @@ def _physical_or_none(logical: int, env: dict) -> int | None:
 
 def _address(env: dict) -> tuple[str, int]:
     port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else 29500
+    if not 1 <= port <= 65535:  # `world` and `train` read the same variable the same way (launcher/plan.py too)
+        raise UserError(f"MASTER_PORT={env['MASTER_PORT']!r} is not a port number; set it to 1..65535 or unset it")
     return env.get("MASTER_ADDR", "127.0.0.1"), port
 
 

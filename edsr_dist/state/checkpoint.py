@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from edsr_dist.errors import UserError
+from edsr_dist.errors import DiskFull, UserError
 from edsr_dist.state.atomic import atomic_write_bytes
 from edsr_dist.state.safe_load import load_tensors
 
@@ -83,8 +83,9 @@ def _write_failure(folder: Path, exc: OSError) -> UserError:
     else:
         fix = "check the folder and the disk, or pass another --out"
         what = os.strerror(code) if code else str(exc)
-    return UserError(f"cannot write a checkpoint in {folder}: {what} ({exc.strerror or exc}); "
-                     f"earlier checkpoints are intact; {fix}")
+    kind = DiskFull if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else UserError
+    return kind(f"cannot write a checkpoint in {folder}: {what} ({exc.strerror or exc}); "
+                f"earlier checkpoints are intact; {fix}")
 
 
 def _read_index(folder: Path) -> dict:
@@ -92,7 +93,7 @@ def _read_index(folder: Path) -> dict:
         data = json.loads((folder / INDEX).read_text())
         if isinstance(data, dict) and isinstance(data.get("checkpoints"), list):
             return data
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a damaged or crafted index is rebuilt from the files
         pass
     return {"format": 1, "checkpoints": [], "best": None}
 

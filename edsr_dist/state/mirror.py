@@ -32,6 +32,7 @@ from edsr_dist.state.run_folder import METRICS, hold_run_folder
 
 # Back-off between tries of one upload (seconds); after the last one the upload is given up and reported.
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+RETRY_ENV = "EDSR_DIST_UPLOAD_RETRY_S"  # other back-off delays, comma-separated seconds (tests use short ones)
 PENDING = ".upload"  # hard links of step files waiting for their upload, inside the staging folder
 POINTERS = (INDEX, BEST, LATEST)
 
@@ -63,6 +64,15 @@ def _remote_step_files(fs, root: str) -> list[str]:
 def check_remote_out(url: str, resume: str, overwrite: bool, endpoint_url: str = "") -> None:
     """The one-run-per-folder rule for a bucket prefix: a new run never writes into a prefix that holds one."""
     fs, root = filesystem(url, endpoint_url)
+    bucket = root.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise UserError(f"--out {url}: the bucket {bucket} does not exist at this endpoint; create it first "
+                        "(e.g. `aws s3 mb s3://" + bucket + "`) or check the URL and AWS_ENDPOINT_URL") from None
+    except Exception as exc:  # noqa: BLE001 - any client error: the store cannot be used, say why once
+        raise UserError(f"cannot read --out {url}: {describe_failure(exc)}; check the URL, the endpoint "
+                        "(AWS_ENDPOINT_URL or --endpoint-url) and the credentials") from None
     try:
         steps = _remote_step_files(fs, root)
         metrics = fs.exists(f"{root}/{METRICS}")
@@ -90,11 +100,18 @@ def claim_out(out: str, cache_dir: str, resume: str, overwrite: bool, take_over:
     conditional put), so two servers staging the same bucket run in their own caches still exclude each other.
     Returns the hold to release at the end (None for a worker whose launcher holds it)."""
     local = staging_folder(out, cache_dir)
-    lock = None
-    if is_url(out):
-        check_remote_out(out, resume, overwrite, endpoint_url)
-        lock = BucketLock(*filesystem(out, endpoint_url), out)
-    return hold_run_folder(local, resume, overwrite, take_over, lock, shown=out)
+    if not is_url(out):
+        return hold_run_folder(local, resume, overwrite, take_over)
+    check_remote_out(out, resume, overwrite, endpoint_url)
+    lock = BucketLock(*filesystem(out, endpoint_url), out)
+    try:
+        return hold_run_folder(local, resume, overwrite, take_over, lock, shown=out)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the endpoint went away during the claim (botocore/aiohttp errors)
+        raise UserError(f"--out {out}: lost the object store while claiming the run ({describe_failure(exc)}); "
+                        "the run did not start; check the endpoint (AWS_ENDPOINT_URL or --endpoint-url) and start "
+                        "again") from None
 
 
 def _download(fs, remote: str, target: Path) -> bool:
@@ -154,14 +171,28 @@ def pull_run(url: str, local: Path, endpoint_url: str = "") -> set[str]:
                         "and the credentials, then run again") from None
 
 
+def retry_delays_from_env() -> tuple[float, ...]:
+    value = os.environ.get(RETRY_ENV, "")
+    if not value:
+        return RETRY_DELAYS_S
+    try:
+        delays = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        delays = ()
+    if not delays or not all(0 <= d < float("inf") for d in delays):
+        raise UserError(f"{RETRY_ENV}={value!r} is not a list of seconds; unset it or give e.g. 1,2,4")
+    return delays
+
+
 class RunMirror:
     """Rank 0's upload thread for a bucket --out."""
 
     def __init__(self, url: str, local: Path, endpoint_url: str = "", known: set[str] | None = None,
-                 retry_delays: tuple[float, ...] = RETRY_DELAYS_S):
+                 retry_delays: tuple[float, ...] | None = None):
         self.url, self.local = url, local
         self.fs, self.root = filesystem(url, endpoint_url)
-        self.retry_delays = retry_delays
+        self.retry_delays = retry_delays_from_env() if retry_delays is None else retry_delays
+        self._gave_up = False  # an upload was given up: the store is away, later ones try once until one succeeds
         # Step files that are (or will be) in the bucket because of this run: pulled, or staged here already.
         self.remote_steps: set[str] = set(known or ()) | {p.name for p in list_checkpoints(local / CHECKPOINT_DIR)}
         self.failures: list[str] = []  # uploads given up on, for the final report
@@ -221,7 +252,8 @@ class RunMirror:
         """One object, retried with back-off; True once it is in the bucket."""
         remote = f"{self.root}/{key}"
         first_error = None
-        for attempt in range(len(self.retry_delays) + 1):
+        tries = 1 if self._gave_up else len(self.retry_delays) + 1
+        for attempt in range(tries):
             try:
                 start = time.perf_counter()
                 if isinstance(source, bytes):
@@ -232,6 +264,7 @@ class RunMirror:
                     size = source.stat().st_size
                 self.upload_seconds += time.perf_counter() - start
                 self.uploaded_bytes += size
+                self._gave_up = False
                 if first_error is not None:
                     print(f"edsr-dist: upload of {key} to {self.url} succeeded on try {attempt + 1}", file=sys.stderr,
                           flush=True)
@@ -243,7 +276,7 @@ class RunMirror:
                 first_error = first_error or describe_failure(exc)
             except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors: retried like the others
                 first_error = first_error or describe_failure(exc)
-            if attempt == len(self.retry_delays):
+            if attempt == tries - 1:
                 break
             if attempt == 0:
                 print(f"edsr-dist: warning: upload of {key} to {self.url} failed ({first_error}); retrying in the "
@@ -251,8 +284,10 @@ class RunMirror:
                       flush=True)
             time.sleep(self.retry_delays[attempt])
         self.failures.append(key)
-        print(f"edsr-dist: warning: gave up uploading {key} to {self.url} ({first_error}); the next checkpoint's "
-              "upload, or the final one, sends it again", file=sys.stderr, flush=True)
+        if not self._gave_up:  # one line per outage: the uploads after it try once each, quietly
+            print(f"edsr-dist: warning: gave up uploading {key} to {self.url} ({first_error}); the next "
+                  "checkpoint's upload, or the final one, sends it again", file=sys.stderr, flush=True)
+        self._gave_up = True
         return False
 
     def _send_batch(self, batch: _Batch) -> None:
@@ -267,8 +302,14 @@ class RunMirror:
         self._prune(batch.local_steps)
 
     def _prune(self, local_steps: set[str]) -> None:
-        """Delete from the bucket the step files this run sent there and has since pruned locally."""
-        for name in sorted(self.remote_steps - local_steps):
+        """Delete from the bucket the step files the staging folder no longer keeps, by what the bucket holds: a run
+        resumed on a fresh server pulled only the files it resumes from, and the older ones the bucket still holds
+        are named by no pointer once the new index.json is up."""
+        try:
+            held = set(_remote_step_files(self.fs, self.root))
+        except Exception:  # noqa: BLE001 - the store is away: what this run knows it sent
+            held = set(self.remote_steps)
+        for name in sorted(held - local_steps):
             try:
                 self.fs.rm_file(f"{self.root}/{CHECKPOINT_DIR}/{name}")
                 self.remote_steps.discard(name)

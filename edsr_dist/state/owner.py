@@ -19,10 +19,12 @@ The storage behind the record is the small `OwnerLock` interface: `LocalLock` he
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import shlex
+import signal
 import socket
 import sys
 import threading
@@ -43,6 +45,9 @@ HEARTBEAT_ENV = "EDSR_DIST_OWNER_HEARTBEAT_S"  # seconds between heartbeats (tes
 DEFAULT_HEARTBEAT_S = 30.0
 # A heartbeat older than 3 missed beats plus this margin (clock skew between hosts, a slow shared volume) is dead.
 STALE_MARGIN_S = 30.0
+# The owner stops when it could not refresh its record for this many beats: before another host may take the folder
+# over (that needs the margin on top), so the two never write at once.
+MISSED_BEATS = 3
 # torchrun's --rdzv-id defaults to "none" (torch/distributed/run.py, the --rdzv-id argument); only --standalone and
 # single-node static runs get a uuid there. "none" is shared by unrelated jobs, so it names no job.
 NO_RUN_ID = "none"
@@ -138,7 +143,7 @@ class OwnerRecord:
             fields = json.loads(data.decode())
             names = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in fields.items() if k in names})
-        except (ValueError, TypeError, UnicodeDecodeError):
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
             return cls("", "unknown", "unknown", "", 0, None, modified, modified, DEFAULT_HEARTBEAT_S, "")
 
 
@@ -190,10 +195,20 @@ class LocalLock:
         except FileExistsError:
             return None
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            # A record cut short (a full disk, a signal) would block the folder as "job unknown": none at all instead.
+            self.path.unlink(missing_ok=True)
+            self._remove_made_folders()
+            if isinstance(exc, OSError):
+                raise UserError(f"cannot write the owner record {self.path} ({exc.strerror or exc}); free space "
+                                f"there or pass another --out; nothing was written") from None
+            raise
         return _digest(data)
 
     def read(self) -> tuple[bytes, str, float] | None:
@@ -235,11 +250,14 @@ class LocalLock:
         found = self.read()
         if found is not None and found[1] == version:
             self.path.unlink(missing_ok=True)
-            for folder in self._made:  # a run stopped before it wrote anything leaves no empty folder behind
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
+        for folder in self._made:  # a run stopped before it wrote anything leaves no empty folder behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def move_to(self, folder: Path) -> None:
         """--overwrite moved the folder (with this record) aside: bring the record back into the new, empty one."""
@@ -291,17 +309,27 @@ def owner_gone(record: OwnerRecord, now: float | None = None) -> str | None:
     return None
 
 
+def stop_this_process() -> None:
+    """What the owner of a run does when its record is lost: ask itself to stop as a preemption would (SIGTERM: the
+    trainer stops at the next step with a checkpoint, the launcher stops its workers, a start-up unwinds)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Ownership:
     """This process's hold on a run folder: the record, its heartbeat thread, and the release at the end."""
 
     def __init__(self, lock: OwnerLock, record: OwnerRecord, version: str, note: str = ""):
         self.lock, self.record, self.version, self.note = lock, record, version, note
         self.lost_to: str | None = None  # set by the heartbeat when another job took the record over
+        self.unreachable: str | None = None  # set by the heartbeat when the record could not be refreshed in time
+        self.on_lost = None  # called (from the heartbeat thread) once the folder is no longer surely ours
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="owner-heartbeat", daemon=True)
 
-    def start(self) -> "Ownership":
-        """Start the heartbeat (after the run-folder rule, which may move the folder with the record aside)."""
+    def start(self, on_lost=None) -> "Ownership":
+        """Start the heartbeat (after the run-folder rule, which may move the folder with the record aside).
+        `on_lost`: what to do when the record is taken over or cannot be refreshed for MISSED_BEATS beats."""
+        self.on_lost = on_lost
         self._thread.start()
         return self
 
@@ -310,26 +338,58 @@ class Ownership:
         return self.record.token
 
     def _beat(self) -> None:
+        """Refresh the record every beat. Any failure (a full disk, an endpoint away) is retried at the next beat
+        with one warning; this thread never dies of it. After MISSED_BEATS beats without a refresh another host
+        may soon take the folder over (stale_after), so the job stops then, in one line."""
         warned = False
+        last_refresh = time.monotonic()
         while not self._stop.wait(self.record.heartbeat_s):
             self.record.heartbeat = time.time()
             try:
                 version = self.lock.refresh(self.record.to_bytes(), self.version)
-            except OSError as exc:  # a full disk or a bucket away for a moment: try again at the next beat
+            except Exception as exc:  # noqa: BLE001 - botocore and aiohttp errors are not OSErrors
+                silent = time.monotonic() - last_refresh
+                reason = _one_line(exc)
+                if silent >= MISSED_BEATS * self.record.heartbeat_s:
+                    if self._stop.is_set():
+                        return
+                    self.unreachable = (f"the owner record {self.lock.where} could not be refreshed for "
+                                        f"{silent:.0f} s ({reason}); another host may take the run over after "
+                                        f"{stale_after(self.record.heartbeat_s):.0f} s, so this job stops now")
+                    print(f"edsr-dist: error: {self.unreachable}", file=sys.stderr, flush=True)
+                    self._lost()
+                    return
                 if not warned:
-                    print(f"edsr-dist: warning: cannot refresh the owner record {self.lock.where} ({exc}); "
-                          "retrying", file=sys.stderr, flush=True)
+                    print(f"edsr-dist: warning: cannot refresh the owner record {self.lock.where} ({reason}); "
+                          f"retrying every {self.record.heartbeat_s:g} s, stopping the job after "
+                          f"{MISSED_BEATS * self.record.heartbeat_s:g} s without a refresh", file=sys.stderr,
+                          flush=True)
                     warned = True
                 continue
+            last_refresh = time.monotonic()
+            warned = False
             if version is None:
-                found = self.lock.read()
+                try:
+                    found = self.lock.read()
+                except Exception:  # noqa: BLE001
+                    found = None
                 other = OwnerRecord.parse(found[0], found[2]) if found else None
                 self.lost_to = describe(other) if other else "nobody (the record was deleted)"
                 print(f"edsr-dist: warning: the owner record {self.lock.where} now names {self.lost_to}; this job "
-                      "no longer owns the folder (taken over with --take-over?); stop one of the two jobs",
-                      file=sys.stderr, flush=True)
+                      "no longer owns the folder (taken over with --take-over?) and stops; check which job writes "
+                      "there", file=sys.stderr, flush=True)
+                self._lost()
                 return
             self.version = version
+
+    def _lost(self) -> None:
+        if self.on_lost is not None and not self._stop.is_set():
+            self.on_lost()
+
+    @property
+    def stopped_job(self) -> str | None:
+        """Why the heartbeat stopped this job (the line it printed), or None."""
+        return self.unreachable or (f"the owner record now names {self.lost_to}" if self.lost_to else None)
 
     def release(self) -> None:
         self._stop.set()
@@ -338,21 +398,29 @@ class Ownership:
         if self.lost_to is None:
             try:
                 self.lock.remove(self.version)
-            except OSError:
-                pass  # a record left behind is taken over by the next run (pid gone, or stale heartbeat)
+            except Exception:  # noqa: BLE001 - an endpoint away: the record is taken over by the next run
+                pass  # (pid gone on this machine, or a stale heartbeat elsewhere)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def claim(lock: OwnerLock, out: str, take_over: bool = False, heartbeat_s: float | None = None) -> Ownership:
     """Become the owner of `out` or raise the one-line refusal; prints a note when a dead owner is taken over.
-    The heartbeat starts with `Ownership.start()`."""
+    The record is read before it is created, so a live owner is refused even where the store ignores the exclusive
+    create (an S3-compatible store without conditional writes). The heartbeat starts with `Ownership.start()`."""
     me = OwnerRecord.mine(heartbeat_interval() if heartbeat_s is None else heartbeat_s)
     for _ in range(10):  # each round is one create or takeover raced by another job; a loss sends us round again
-        version = lock.create(me.to_bytes())
-        if version is not None:
-            return Ownership(lock, me, version)
         found = lock.read()
         if found is None:
-            continue  # released between our create and our read
+            version = lock.create(me.to_bytes())
+            if version is not None:
+                return Ownership(lock, me, version)
+            found = lock.read()
+            if found is None:
+                continue  # released between our create and our read
         data, seen, modified = found
         other = OwnerRecord.parse(data, modified)
         if other.restart_safe_job and other.job == me.job:

@@ -126,7 +126,7 @@ def server_lock(lock_path: Path, what: str) -> Iterator[None]:
 def _source_record(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

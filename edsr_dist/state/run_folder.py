@@ -15,7 +15,15 @@ from pathlib import Path
 
 from edsr_dist.errors import UserError
 from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
-from edsr_dist.state.owner import OWNER_ENV, LocalLock, OwnerLock, Ownership, check_launcher_owns, claim
+from edsr_dist.state.owner import (
+    OWNER_ENV,
+    LocalLock,
+    OwnerLock,
+    Ownership,
+    check_launcher_owns,
+    claim,
+    stop_this_process,
+)
 
 METRICS = "metrics.jsonl"
 
@@ -98,7 +106,7 @@ def hold_run_folder(out: str | Path, resume: str, overwrite: bool, take_over: bo
     except BaseException:
         owner.release()
         raise
-    return owner.start()
+    return owner.start(on_lost=stop_this_process)
 
 
 def check_nothing_to_resume(out: str | Path) -> None:
@@ -119,7 +127,7 @@ def recorded_result(out: str | Path, step: int) -> dict | None:
     for line in reversed(lines):
         try:
             entry = json.loads(line)
-        except ValueError:  # a line cut short by a kill
+        except (ValueError, RecursionError):  # a line cut short by a kill
             continue
         if isinstance(entry, dict) and entry.get("type") == "result" and entry.get("step") == step:
             return entry

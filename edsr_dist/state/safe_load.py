@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,13 +21,17 @@ from edsr_dist.errors import UserError
 
 
 def _blocked_name(exc: Exception) -> str:
-    """`posix.system` from torch's "Trying to load unsupported GLOBAL posix.system ...", else torch's own reason."""
+    """`posix.system` from torch's "Trying to load unsupported GLOBAL posix.system ...", else torch's own reason:
+    the line after "WeightsUnpickler error:" (torch/serialization.py builds the message: a paragraph on its default,
+    that label, then the unpickler's reason, such as "Unsupported operand 149" for a pickle protocol it lacks)."""
     text = str(exc)
     match = re.search(r"GLOBAL ([\w.]+)", text)
     if match:
         return f"a reference to {match.group(1)}"
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if match:
+        return match.group(1).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # torch's message opens with a paragraph on its default; the specific reason is the line after it.
     return lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
 
 
@@ -37,7 +42,11 @@ def load_tensors(source: bytes | str | Path, path: str | Path, kind: str, map_lo
     """
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
-        return torch.load(stream, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns of a pickle protocol other than its own before the unpickler refuses the file; the
+            # refusal below is the one line that says so.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(stream, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"refusing to load {path}: it contains objects a {kind} never holds ({_blocked_name(exc)}); "
                         f"nothing in it was run; use a {kind} written by edsr-dist or another source you trust"

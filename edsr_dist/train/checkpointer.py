@@ -167,9 +167,11 @@ class Checkpointer:
         return path
 
     def close(self) -> None:
-        if self.mirror is not None:
-            self.upload_problem = self.mirror.close()  # the final checkpoint and the records reach the bucket
-        self.release()
+        try:
+            if self.mirror is not None:
+                self.upload_problem = self.mirror.close()  # the final checkpoint and the records reach the bucket
+        finally:  # a signal during the final upload still leaves no owner record behind
+            self.release()
 
     def release(self) -> None:
         if self.owner is not None:

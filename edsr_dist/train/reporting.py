@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from edsr_dist import __version__
-from edsr_dist.config import Config
+from edsr_dist.config import Config, describe_split
 from edsr_dist.data.store import PatchStore
+from edsr_dist.errors import DiskFull
 from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
 from edsr_dist.parallel.world import World
@@ -48,26 +51,45 @@ class LossMeter:
 
 class MetricsLog:
     """metrics.jsonl, and TensorBoard when asked for, on rank 0 only; the folder and files are created with the
-    first entry, so a run stopped by bad input writes nothing."""
+    first entry, so a run stopped by bad input writes nothing. Each entry is one write of one whole line; a write
+    that fails (a full disk) is cut back to where it began, so the file holds whole lines only."""
 
     def __init__(self, out: Path, is_main: bool, tensorboard: bool):
         self.out, self.is_main, self.tensorboard = out, is_main, tensorboard
-        self.file = None
+        self.fd: int | None = None
         self.tb = None
+
+    @property
+    def path(self) -> Path:
+        return self.out / "metrics.jsonl"
 
     def record(self, entry: dict, step: int) -> None:
         if not self.is_main:
             return
-        if self.file is None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.out / "metrics.jsonl", "a")
+        if self.fd is None:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise _cannot_write(self.path, exc) from None
             self._open_tensorboard()
-        self.file.write(json.dumps(entry) + "\n")
-        self.file.flush()
+        self._append((json.dumps(entry) + "\n").encode())
         if self.tb is not None:
             for key, value in entry.items():
                 if key not in ("type", "step", "epoch") and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{entry['type']}/{key}", value, entry.get("step", step))
+
+    def _append(self, line: bytes) -> None:
+        start = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            if os.write(self.fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            try:
+                os.ftruncate(self.fd, start)  # no torn line for a resume or a reader to trip over
+            except OSError:
+                pass
+            raise _cannot_write(self.path, exc) from None
 
     def _open_tensorboard(self) -> None:
         if not self.tensorboard:
@@ -79,10 +101,20 @@ class MetricsLog:
         self.tb = SummaryWriter(str(self.out / "tensorboard"))
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:
+                pass  # its last events on a full disk; metrics.jsonl holds the same numbers
+
+
+def _cannot_write(path: Path, exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFull(f"cannot write {path}: {exc.strerror or exc}")
+    return exc
 
 
 def write_sample_image(path: Path, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int) -> None:
@@ -162,9 +194,20 @@ def banner(cfg: Config, world: World, *, engine: str, device: torch.device, prec
     return (f"edsr-dist {__version__}: EDSR x{cfg.scale} {cfg.num_blocks}x{cfg.num_filters}, "
             f"{world.size} worker(s) via {world.launcher}, engine {engine}, device {device}, "
             f"{precision}, {layout}, {', '.join(speed)}, {threads} thread(s)/worker, "
-            f"global batch {cfg.batch_size}, "
+            f"global batch {cfg.batch_size}{_split(cfg, world)}, "
             f"{steps_per_epoch} steps/epoch, {total_steps} steps, {recipe}; {start}"
             f"{_unused_devices_note(world, device)}")
+
+
+def _split(cfg: Config, world: World) -> str:
+    """How the global batch is shared, where it is not simply one even share per worker."""
+    parts = []
+    split = describe_split(cfg.batch_size, world.size)
+    if world.size > 1 and "each" not in split:
+        parts.append(f"{split} per worker")
+    if cfg.accumulate > 1:
+        parts.append(f"{cfg.accumulate} micro-batches per step")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _unused_devices_note(world: World, device: torch.device) -> str:
@@ -189,6 +232,6 @@ def drop_metrics_after(out: Path, step: int) -> None:
         try:
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line)
-        except ValueError:  # a line cut short by the kill
+        except (ValueError, RecursionError):  # a line cut short by the kill
             continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -48,9 +48,10 @@ def wait_until(ready, proc: subprocess.Popen | None = None, timeout: float = TIM
 
 
 def snapshot(folder: Path) -> dict:
-    """Every file but the owner record (whose heartbeat changes) with its size and time."""
+    """Every file but the owner record (whose heartbeat changes, through a temporary `.owner.json.tmp-PID` renamed
+    over it) with its size and time."""
     return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file() and p.name != ".owner.json"}
+            if not p.name.startswith(".owner.json") and p.is_file()}
 
 
 def one_line_refusal(result_stderr: str, out: Path) -> str:
