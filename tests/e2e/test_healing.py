@@ -155,7 +155,7 @@ def test_four_devices_lose_one_and_continue_on_three_with_uneven_shares(tmp_path
     assert len(second) == 1 and second[0].endswith(
         "device 3 failed twice in a row: continuing without it on 3 workers (global batch 4, 2/1/1)"), job.stderr
     assert max_relative_difference(final_weights(reference_out), final_weights(out)) < 5e-5
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
