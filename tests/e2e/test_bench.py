@@ -8,6 +8,9 @@ from helpers import run_cli
 
 from edsr_dist.perf.train_speed import PHASES, format_report
 
+# Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("bench")
+
 TINY_BENCH = ["bench", "--preset", "sample", "--num-blocks", "2", "--num-filters", "8", "--batch-size", "4",
               "--patch-size", "16", "--steps", "3", "--warmup", "1", "--precision", "fp32", "--threads", "2",
               "--store-seconds", "0.2"]
@@ -72,7 +75,6 @@ def test_table_names_every_figure(tiny_report):
                  "2 worker(s) x 1 thread(s)", "store, 1 reader", "data wait", "forward + backward",
                  "all-reduce wait", "optimizer", "trainer / bare loop"):
         assert text in table, text
-
 
 
 @pytest.mark.parametrize("flags, mentions", [

@@ -15,6 +15,9 @@ from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import UserError
 from edsr_dist.evaluation.command import main as eval_main
 
+# Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 VAL_IMAGES = 2
 
 

@@ -7,6 +7,9 @@ from helpers import TINY, max_relative_difference, spawn_ranks
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 
+# Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("grad_comm")
+
 STEPS = 12
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, Job, assert_no_process_left, free_port, max_relative_difference, v1, write_table
+from helpers import TINY, Job, free_port, max_relative_difference, v1, write_table
 
 STEPS = 20
 TRAIN = [*TINY, "--steps-per-epoch", str(STEPS), "--save-every-steps", "4", "--log-every", "1"]
@@ -33,13 +33,16 @@ def final_weights(out: Path) -> dict:
     return state["model"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, sample_store) -> dict:
-    """The weights of an uninterrupted 2-worker run."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    job = Job([], [*TRAIN, "--data", str(sample_store), "--out", str(out)], out.parent)
+def _train_two_workers(sample_store: Path, folder: Path) -> None:
+    job = Job([], [*TRAIN, "--data", str(sample_store), "--out", str(folder / "run")], folder)
     assert job.wait(timeout=TIMEOUT_S) == 0, job.stderr
-    return final_weights(out)
+
+
+@pytest.fixture(scope="session")
+def reference(build_once, sample_store) -> dict:
+    """The weights of an uninterrupted 2-worker run (built once per test run, see conftest.build_once)."""
+    return final_weights(build_once("healing-reference", lambda folder: _train_two_workers(sample_store, folder))
+                         / "run")
 
 
 def kill_mid_epoch(job: Job, rank: int, at_step: int, sig=signal.SIGKILL) -> tuple[float, int]:
@@ -87,7 +90,7 @@ def test_killed_worker_restarts_and_ends_with_identical_weights(tmp_path, sample
     # The failed attempt's log is kept above the restart's.
     assert "==== edsr-dist launch: restart 1 ====" in (out / "logs" / "rank_1.log").read_text()
     assert_identical(final_weights(out), reference)
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 def test_hung_worker_times_out_and_the_job_restarts(tmp_path, sample_store, reference):
@@ -105,7 +108,7 @@ def test_hung_worker_times_out_and_the_job_restarts(tmp_path, sample_store, refe
     assert len(restart) == 1 and "rank 1 (device 1, process stopped) stopped responding" in restart[0], job.stderr
     assert resumed == 8
     assert_identical(final_weights(out), reference)
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 def test_fewer_devices_continue_on_the_same_trajectory(tmp_path, sample_store, reference):
@@ -127,7 +130,7 @@ def test_fewer_devices_continue_on_the_same_trajectory(tmp_path, sample_store, r
         "from step 8 (" + str(out / "checkpoints" / "step_00000008.ckpt") + "); device 1 failed twice in a row: "
         "continuing without it on 1 worker (global batch 4, 4 each)"), job.stderr
     assert max_relative_difference(reference, final_weights(out)) < 1e-4
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 def test_four_devices_lose_one_and_continue_on_three_with_uneven_shares(tmp_path, sample_store):
@@ -152,7 +155,7 @@ def test_four_devices_lose_one_and_continue_on_three_with_uneven_shares(tmp_path
     assert len(second) == 1 and second[0].endswith(
         "device 3 failed twice in a row: continuing without it on 3 workers (global batch 4, 2/1/1)"), job.stderr
     assert max_relative_difference(final_weights(reference_out), final_weights(out)) < 5e-5
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
@@ -187,7 +190,8 @@ def test_two_launchers_both_restart_after_a_worker_of_server_1_fails(tmp_path, s
     assert all(job.stderr.strip().splitlines()[-1] == "edsr-dist launch: finished after 1 restart" for job in servers)
     assert not [job.stderr for job in servers if "Traceback" in job.stderr or "TCPStore" in job.stderr]
     assert_identical(final_weights(out), reference)
-    assert_no_process_left(servers[0].pids + servers[1].pids)
+    for job in servers:
+        job.assert_nothing_left()
 
 
 def test_torchrun_max_restarts_heals_with_resume_auto(tmp_path, sample_store, reference):
@@ -208,7 +212,7 @@ def test_torchrun_max_restarts_heals_with_resume_auto(tmp_path, sample_store, re
     assert code == 0, job.stderr
     assert (resumed, first) == (8, 9)
     assert_identical(final_weights(out), reference)
-    assert_no_process_left(job.pids)
+    job.assert_nothing_left()
 
 
 # ---- with --exec workers: the launcher's decisions alone, no torch in the workers

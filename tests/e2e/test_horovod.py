@@ -16,6 +16,9 @@ from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 
+# Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("horovod")
+
 STEPS = 24  # per epoch; global batch 4 (TINY), so 2 samples per rank with 2 workers
 
 

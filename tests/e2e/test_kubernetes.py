@@ -202,9 +202,6 @@ def test_launch_fills_each_pod(manifest, sample_store, tmp_path):
 
 # ---- `edsr-dist world --json` under each pod (or each worker the pod's launcher would start) says what the job uses
 
-HAS_WORLD_COMMAND = (REPO / "edsr_dist" / "launcher" / "world_command.py").exists()
-
-
 def world_json(env: dict, cwd: Path) -> dict:
     result = subprocess.run([sys.executable, "-m", "edsr_dist", "world", "--json"], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=60)
@@ -218,7 +215,6 @@ def pod_base_env(pod_env: dict) -> dict:
     return env
 
 
-@pytest.mark.skipif(not HAS_WORLD_COMMAND, reason="`edsr-dist world` comes with issue 20's parallel/world.py")
 @pytest.mark.parametrize("manifest", sorted(p.name for p in MANIFESTS.glob("*.yaml")))
 def test_world_json_under_each_pod(manifest, sample_store, tmp_path):
     job = with_devices(load(manifest), DEVICES_IN_TEST)

@@ -1,7 +1,6 @@
 """`edsr-dist launch --dry-run` with a rank table: CPU_AFFINITY_CONF hands CPU binding to torch_npu."""
 
-from helpers import v1, write_table
-from test_ascend_tables import launch_dry_run
+from helpers import launch_dry_run, v1, write_table
 
 
 def test_cpu_affinity_conf_leaves_binding_to_torch_npu(tmp_path):

@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, free_port
+from helpers import FAKE_NPU, REPO, TINY, free_port
 
-REPO = Path(__file__).resolve().parents[2]
-FAKE = REPO / "tests" / "fake_npu"
 TRAIN = [*TINY, "--steps-per-epoch", "4", "--max-val-images", "1", "--dist-timeout", "60"]
 LAUNCH_VARS = ("RANK_TABLE_FILE", "RANK_ID", "RANK_SIZE", "DEVICE_ID", "ASCEND_DEVICE_ID", "ASCEND_RT_VISIBLE_DEVICES",
                "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -25,7 +23,7 @@ LAUNCH_VARS = ("RANK_TABLE_FILE", "RANK_ID", "RANK_SIZE", "DEVICE_ID", "ASCEND_D
 
 def env_for(npu: bool, tmp_path: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{FAKE}" if npu else str(REPO)
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{FAKE_NPU}" if npu else str(REPO)
     env["TMPDIR"] = str(tmp_path)  # the card claims of one test stay apart from any other's
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)

@@ -4,24 +4,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO, fake_npu_env
 
-REPO = Path(__file__).resolve().parents[2]
-FAKE = REPO / "tests" / "fake_npu"
-
-
-def fake_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK_TABLE_FILE", "RANK_ID", "RANK_SIZE", "ASCEND_RT_VISIBLE_DEVICES")}
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{FAKE}"
-    env.update(extra)
-    return env
+# Its tests share an expensive module fixture: one xdist worker runs them all (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("npu_emulation")
 
 
 def run_py(code: str, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env=fake_env(**extra), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], env=fake_npu_env(**extra), capture_output=True, text=True,
                           timeout=120)
 
 
@@ -99,7 +91,7 @@ def test_a_broken_torch_npu_is_one_line(tmp_path):
     broken = tmp_path / "torch_npu"
     broken.mkdir()
     (broken / "__init__.py").write_text("raise RuntimeError('torch_npu does not support a CUDA build of torch')\n")
-    env = fake_env()
+    env = fake_npu_env()
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{tmp_path}"
     result = subprocess.run([sys.executable, "-m", "edsr_dist", "train", "--device", "npu", "--preset", "sample"],
                             env=env, capture_output=True, text=True, timeout=120)
@@ -140,7 +132,7 @@ def two_npu_run(tmp_path_factory):
                 {"device_id": "1", "device_ip": "192.168.101.101"},
                 {"device_id": "0", "device_ip": "192.168.100.101"}]}]}]}))
     out = tmp / "out"
-    env = fake_env(RANK_TABLE_FILE=str(table), FAKE_NPU_SOC="Ascend910A", FAKE_NPU_OVERFLOW_STEPS="1:2",
+    env = fake_npu_env(RANK_TABLE_FILE=str(table), FAKE_NPU_SOC="Ascend910A", FAKE_NPU_OVERFLOW_STEPS="1:2",
                    FAKE_NPU_INFERENCE_OVERFLOW="1")
     result = subprocess.run(
         ["bash", str(REPO / "launch" / "run_8p.sh"), "--preset", "sample", "--device", "npu", "--epochs", "2",

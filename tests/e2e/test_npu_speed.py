@@ -6,8 +6,7 @@ import json
 import subprocess
 import sys
 
-from helpers import TINY
-from test_npu_emulation import fake_env
+from helpers import TINY, fake_npu_env
 
 PROBE = """
 import json, sys
@@ -44,7 +43,7 @@ def run_probe(mode, sample_store, tmp_path, soc, *extra):
             "--ema-decay", "0.9", "--grad-clip-norm", "1e6", *extra]
     record = tmp_path / f"{mode}.jsonl"
     result = subprocess.run([sys.executable, "-c", PROBE, mode, *args], capture_output=True, text=True, timeout=300,
-                            env=fake_env(FAKE_NPU_SOC=soc, FAKE_NPU_RECORD=str(record)))
+                            env=fake_npu_env(FAKE_NPU_SOC=soc, FAKE_NPU_RECORD=str(record)))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     events = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     return json.loads(result.stdout.strip().splitlines()[-1]), events

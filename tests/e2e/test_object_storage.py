@@ -5,7 +5,6 @@ damaged objects refused, the server cut mid-upload, and one download per cache f
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -15,36 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY, make_hr_folder, run_cli
+from helpers import REPO, TINY, kill_groups, make_hr_folder, resume_args, run_cli, start_hooked
 from s3_server import Relay
 
 from edsr_dist.state.checkpoint import load_checkpoint
-
-STEPS_PER_EPOCH = 10
-
-# Rank 0 stops after saving (and queueing the upload of) the checkpoint of a listed step, says so with a file, and goes on when the test
-# writes go_<step> (or never, for a SIGKILL). Nothing in the trainer is told.
-HOOKED_TRAIN = r"""
-import os, sys, time
-from pathlib import Path
-from edsr_dist.state.mirror import RunMirror
-
-pause_steps = {int(s) for s in os.environ.get("PAUSE_STEPS", "").split(",") if s}
-pause_dir = Path(os.environ.get("PAUSE_DIR", "."))
-real_saved = RunMirror.checkpoint_saved
-
-def saved(self, step_file):
-    real_saved(self, step_file)  # queued for upload: the upload thread goes on while we wait
-    step = int(step_file.stem.split("_")[1])
-    if step in pause_steps:
-        (pause_dir / f"saved_{step}").touch()
-        while not (pause_dir / f"go_{step}").exists():
-            time.sleep(0.02)
-
-RunMirror.checkpoint_saved = saved
-from edsr_dist.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture
@@ -60,9 +33,8 @@ def put(s3_server, local: Path, url_path: str) -> None:
 
 
 def train_args(data: str, out: str, cache: Path, epochs: int = 2, extra=()) -> list[str]:
-    return [*TINY, "--data", data, "--out", out, "--cache-dir", str(cache), "--epochs", str(epochs),
-            "--steps-per-epoch", str(STEPS_PER_EPOCH), "--validate-every", "1", "--save-every", "1",
-            "--max-val-images", "1", "--resume", "auto", *extra]
+    """The resume tests' run (helpers.resume_args, the run of the reference_1w fixture) with a cache folder."""
+    return [*resume_args(data, out), "--cache-dir", str(cache), "--epochs", str(epochs), *extra]
 
 
 def assert_pointers_resolve(fs, run: str) -> None:
@@ -115,39 +87,35 @@ def test_train_from_a_bucket_store_to_the_result_line(s3_server, bucket, sample_
     assert again.returncode == 0, again.stderr
     assert "fetched" not in again.stderr
     shutil.rmtree(staged)
-    refused = run_cli(["train", *train_args(str(sample_store), f"s3://{run}", cache)[:-2]], cwd=tmp_path,
+    fresh = train_args(str(sample_store), f"s3://{run}", cache)
+    del fresh[fresh.index("--resume"):fresh.index("--resume") + 2]  # a new run: no --resume
+    refused = run_cli(["train", *fresh], cwd=tmp_path,
                       env=s3_server.env())
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
     assert "already holds a run" in refused.stderr and f"s3://{run}" in refused.stderr
 
 
-def test_sigkill_then_resume_auto_from_the_bucket_is_bit_identical(s3_server, bucket, sample_store, tmp_path):
-    reference_out = tmp_path / "reference"
-    ref = run_cli(["train", *train_args(str(sample_store), str(reference_out), tmp_path / "refcache")],
-                  cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr
-    reference = load_checkpoint(reference_out / "checkpoints" / "step_00000020.ckpt")["model"]
+def test_sigkill_then_resume_auto_from_the_bucket_is_bit_identical(s3_server, bucket, sample_store, tmp_path,
+                                                                    reference_1w):
+    # reference_1w is this very run (helpers.resume_args) on local folders: a bucket changes nothing in training.
+    reference = reference_1w
 
     put(s3_server, sample_store, f"{bucket}/sample.h5")
     run, cache = f"{bucket}/run", tmp_path / "cache"
     args = train_args(f"s3://{bucket}/sample.h5", f"s3://{run}", cache, extra=["--save-every-steps", "7"])
     fs = s3_server.filesystem()
-    proc = subprocess.Popen([sys.executable, "-c", HOOKED_TRAIN, "train", *args], cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(REPO), PAUSE_STEPS="7", PAUSE_DIR=str(tmp_path),
-                                     **s3_server.env()),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Killed once step 7's checkpoint is in the bucket (rank 0 waits after queueing it; the upload thread sends it).
+    (proc,) = start_hooked(args, tmp_path, {"PAUSE_STEPS": 7, "PAUSE_DIR": tmp_path}, env=s3_server.env())
     try:
         deadline = time.monotonic() + 120
-        # Killed once step 7's checkpoint is in the bucket (the upload thread sends it while rank 0 waits).
         while not (fs.exists(f"{run}/checkpoints/latest")
                    and fs.cat_file(f"{run}/checkpoints/latest").decode().strip() == "step_00000007.ckpt"):
             assert proc.poll() is None, f"the run ended with {proc.returncode} before the kill point"
             assert time.monotonic() < deadline, "step 7 never reached the bucket"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_groups([proc])
     shutil.rmtree(cache)  # a fresh server: no cached store, no staged run
 
     result = run_cli(["train", *args], cwd=tmp_path, env=s3_server.env())
@@ -185,10 +153,8 @@ def test_server_cut_mid_upload_training_goes_on_and_the_upload_is_retried(s3_ser
     relay = Relay(s3_server.port)
     run, cache = f"{bucket}/run", tmp_path / "cache"
     args = train_args(str(sample_store), f"s3://{run}", cache, extra=["--save-every-steps", "5"])
-    proc = subprocess.Popen([sys.executable, "-c", HOOKED_TRAIN, "train", *args], cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(REPO), PAUSE_STEPS="5,10", PAUSE_DIR=str(tmp_path),
-                                     **s3_server.env(relay.endpoint)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (proc,) = start_hooked(args, tmp_path, {"PAUSE_STEPS": "5,10", "PAUSE_DIR": tmp_path},
+                           env=s3_server.env(relay.endpoint), capture=True)
 
     def wait_for(name: str) -> None:
         deadline = time.monotonic() + 120
@@ -219,8 +185,7 @@ def test_server_cut_mid_upload_training_goes_on_and_the_upload_is_retried(s3_ser
         reader.join(10)
         err = "".join(err_lines)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_groups([proc])
         relay.cut()
     assert proc.returncode == 0, out + err
     assert "Result:" in out
@@ -322,10 +287,8 @@ def test_a_second_server_staging_the_same_bucket_run_is_refused(s3_server, bucke
     put(s3_server, sample_store, f"{bucket}/sample.h5")
     run = f"{bucket}/run"
     first_args = train_args(f"s3://{bucket}/sample.h5", f"s3://{run}", tmp_path / "server_a")
-    first = subprocess.Popen([sys.executable, "-c", HOOKED_TRAIN, "train", *first_args], cwd=tmp_path,
-                             env=dict(os.environ, PYTHONPATH=str(REPO), PAUSE_STEPS="10", PAUSE_DIR=str(tmp_path),
-                                      **s3_server.env()),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    (first,) = start_hooked(first_args, tmp_path, {"PAUSE_STEPS": 10, "PAUSE_DIR": tmp_path}, env=s3_server.env(),
+                            capture=True)
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "saved_10").exists():
@@ -341,9 +304,7 @@ def test_a_second_server_staging_the_same_bucket_run_is_refused(s3_server, bucke
         (tmp_path / "go_10").touch()
         out, err = first.communicate(timeout=240)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
+        kill_groups([first])
     assert first.returncode == 0, err
     assert "Result:" in out
     fs = s3_server.filesystem()

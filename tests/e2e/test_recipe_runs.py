@@ -4,11 +4,23 @@ initialised from a x2 run; --init-from with --resume auto."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
-from test_resume import assert_bit_identical, final_state, kill_when, latest_is, start_hooked, train_args
+from helpers import (
+    REPO,
+    TINY,
+    assert_bit_identical,
+    final_state,
+    kill_when,
+    latest_is,
+    max_relative_difference,
+    resume_args,
+    run_cli,
+    spawn_ranks,
+    start_hooked,
+)
 
 RECIPE = ["--ema-decay", "0.9", "--lr-schedule", "cosine", "--warmup-steps", "3", "--min-lr", "1e-5",
           "--grad-clip-norm", "2.0"]
@@ -16,15 +28,19 @@ TOTAL_STEPS = 20
 
 
 def recipe_args(store, out, save_every_steps: int = 0) -> list[str]:
-    return train_args(store, out, save_every_steps) + RECIPE
+    return resume_args(store, out, save_every_steps) + RECIPE
 
 
-@pytest.fixture(scope="module")
-def reference(sample_store, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("recipe1") / "run"
-    result = run_cli(["train", *recipe_args(sample_store, out)], cwd=out.parent)
+def _train_recipe(sample_store: Path, folder: Path) -> None:
+    result = run_cli(["train", *recipe_args(sample_store, folder / "run")], cwd=folder)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "EMA 0.9, grad clip 2.0" in result.stdout
+
+
+@pytest.fixture(scope="session")
+def reference(build_once, sample_store) -> dict:
+    """The uninterrupted recipe run (built once per test run, see conftest.build_once)."""
+    out = build_once("recipe-reference", lambda folder: _train_recipe(sample_store, folder)) / "run"
     state = final_state(out)
     assert state["step"] == TOTAL_STEPS and state["ema"]["updates"] == TOTAL_STEPS
     state["out"] = out
@@ -33,7 +49,7 @@ def reference(sample_store, tmp_path_factory) -> dict:
 
 def test_ema_is_bit_identical_through_sigkill_and_resume(sample_store, tmp_path, reference):
     out = tmp_path / "run"
-    procs = start_hooked(recipe_args(sample_store, out, save_every_steps=7), 1, tmp_path, PAUSE_AFTER_SAVE_STEP=7)
+    procs = start_hooked(recipe_args(sample_store, out, save_every_steps=7), tmp_path, {"PAUSE_AFTER_SAVE_STEP": 7})
     kill_when(procs, latest_is(out, 7))
     assert final_state(out)["ema"]["updates"] == 7
     result = run_cli(["train", *recipe_args(sample_store, out, save_every_steps=7)], cwd=tmp_path)

@@ -3,49 +3,26 @@ training owner, a SIGKILLed owner taken over by the next `--resume auto`, a laun
 owner records of other hosts (stale: taken over; fresh: refused, unless --take-over).
 
 Runs that must still be training while a second one starts go through the real CLI with one test-only hook
-(HOOKED_TRAIN): rank 0 waits right after writing the checkpoint of step PAUSE_AFTER_SAVE_STEP until the test
+(helpers.HOOKED_TRAIN): rank 0 waits right after writing the checkpoint of step PAUSE_AFTER_SAVE_STEP until the test
 creates the file GO_FILE (or SIGKILLs it); nothing in the trainer is told.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import TINY, Job, clean_env, run_cli
+from helpers import TINY, Job, assert_bit_identical, final_state, kill_groups, latest_is, run_cli, start_hooked
 
-from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.state.owner import LocalLock, read_owner
 
-HOOKED_TRAIN = r"""
-import os, sys, time
-from pathlib import Path
-import edsr_dist.state.checkpoint as checkpoint
-
-pause_after, go = int(os.environ["PAUSE_AFTER_SAVE_STEP"]), Path(os.environ["GO_FILE"])
-real_save = checkpoint.save_checkpoint
-
-def save(out_dir, state, step, keep_last, psnr=None):
-    path = real_save(out_dir, state, step, keep_last, psnr)
-    if step == pause_after:
-        while not go.exists():
-            time.sleep(0.02)
-    return path
-
-checkpoint.save_checkpoint = save
-from edsr_dist.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 HEARTBEAT = {"EDSR_DIST_OWNER_HEARTBEAT_S": "0.2"}
 TIMEOUT_S = 150
 
@@ -55,10 +32,11 @@ def train_args(store: Path, out: Path) -> list[str]:
             "--resume", "auto"]
 
 
-def start_hooked(args: list[str], cwd: Path, go: Path, pause_step: int = 10) -> subprocess.Popen:
-    env = dict(clean_env(), PAUSE_AFTER_SAVE_STEP=str(pause_step), GO_FILE=str(go), OMP_NUM_THREADS="1", **HEARTBEAT)
-    return subprocess.Popen([sys.executable, "-c", HOOKED_TRAIN, "train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def start_owner(args: list[str], cwd: Path, go: Path, pause_step: int = 10) -> subprocess.Popen:
+    """A hooked run that waits after the checkpoint of `pause_step` until `go` exists."""
+    (proc,) = start_hooked(args, cwd, {"PAUSE_AFTER_SAVE_STEP": pause_step, "GO_FILE": go}, env=HEARTBEAT,
+                           capture=True)
+    return proc
 
 
 def wait_until(ready, proc: subprocess.Popen | None = None, timeout: float = TIMEOUT_S) -> None:
@@ -69,27 +47,11 @@ def wait_until(ready, proc: subprocess.Popen | None = None, timeout: float = TIM
         time.sleep(0.02)
 
 
-def latest_is(out: Path, step: int):
-    pointer = out / "checkpoints" / "latest"
-    return lambda: pointer.exists() and pointer.read_text().strip() == f"step_{step:08d}.ckpt"
-
-
 def snapshot(folder: Path) -> dict:
     """Every file but the owner record (whose heartbeat changes, through a temporary `.owner.json.tmp-PID` renamed
     over it) with its size and time."""
     return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
             if not p.name.startswith(".owner.json") and p.is_file()}
-
-
-def final_state(out: Path) -> dict:
-    path = find_checkpoint(out)
-    assert path is not None, f"no checkpoint in {out}"
-    return load_checkpoint(path)
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    assert not [name for name in a if not torch.equal(a[name], b[name])]
 
 
 def one_line_refusal(result_stderr: str, out: Path) -> str:
@@ -100,12 +62,15 @@ def one_line_refusal(result_stderr: str, out: Path) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, sample_store) -> dict:
-    out = tmp_path_factory.mktemp("alone") / "run"
-    result = run_cli(["train", *train_args(sample_store, out)], cwd=out.parent, env={"OMP_NUM_THREADS": "1"})
+def _train_alone(sample_store: Path, folder: Path) -> None:
+    result = run_cli(["train", *train_args(sample_store, folder / "run")], cwd=folder, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    state = final_state(out)
+
+
+@pytest.fixture(scope="session")
+def reference(build_once, sample_store) -> dict:
+    """The weights of the same run alone, uninterrupted (built once per test run, see conftest.build_once)."""
+    state = final_state(build_once("owner-reference", lambda folder: _train_alone(sample_store, folder)) / "run")
     assert state["step"] == 20
     return state["model"]
 
@@ -113,7 +78,7 @@ def reference(tmp_path_factory, sample_store) -> dict:
 def test_two_fresh_runs_at_once_one_trains_the_other_is_refused(tmp_path, sample_store):
     out, go = tmp_path / "run", tmp_path / "go"
     args = train_args(sample_store, out)[:-2]  # fresh runs, no --resume
-    procs = [start_hooked(args, tmp_path, go) for _ in range(2)]
+    procs = [start_owner(args, tmp_path, go) for _ in range(2)]
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while all(p.poll() is None for p in procs):
@@ -128,9 +93,7 @@ def test_two_fresh_runs_at_once_one_trains_the_other_is_refused(tmp_path, sample
         _, winner_err = winner.communicate(timeout=TIMEOUT_S)
         assert winner.returncode == 0, winner_err
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+        kill_groups(procs)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if r.get("type") == "step"]
     assert steps and len(steps) == len(set(steps)), "two runs' records in one metrics.jsonl"
@@ -141,7 +104,7 @@ def test_two_fresh_runs_at_once_one_trains_the_other_is_refused(tmp_path, sample
 
 def test_a_second_resume_while_the_owner_trains_is_refused(tmp_path, sample_store, reference):
     out, go = tmp_path / "run", tmp_path / "go"
-    owner = start_hooked(train_args(sample_store, out), tmp_path, go)
+    owner = start_owner(train_args(sample_store, out), tmp_path, go)
     try:
         wait_until(latest_is(out, 10), owner)
         record = read_owner(LocalLock(out))
@@ -161,20 +124,18 @@ def test_a_second_resume_while_the_owner_trains_is_refused(tmp_path, sample_stor
         _, err = owner.communicate(timeout=TIMEOUT_S)
         assert owner.returncode == 0, err
     finally:
-        if owner.poll() is None:
-            os.killpg(owner.pid, signal.SIGKILL)
+        kill_groups([owner])
     assert_bit_identical(final_state(out)["model"], reference)
     assert not (out / ".owner.json").exists()
 
 
 def test_resume_after_sigkill_takes_over_and_ends_bit_identical(tmp_path, sample_store, reference):
     out, go = tmp_path / "run", tmp_path / "never"
-    owner = start_hooked(train_args(sample_store, out), tmp_path, go)
+    owner = start_owner(train_args(sample_store, out), tmp_path, go)
     try:
         wait_until(latest_is(out, 10), owner)
     finally:
-        os.killpg(owner.pid, signal.SIGKILL)
-        owner.wait()
+        kill_groups([owner])
     assert read_owner(LocalLock(out)).pid == owner.pid  # a SIGKILL leaves the record behind
     status = run_cli(["runs", "status", str(out)], cwd=tmp_path)
     assert f"; dead (its pid {owner.pid} is gone): the next run into this folder takes it over" in status.stdout

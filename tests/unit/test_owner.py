@@ -1,25 +1,22 @@
 """The owner record of a run folder (state/owner.py): exclusive create under a race, stale and pid-gone detection,
-takeover races, the heartbeat, release, and who counts as the same job."""
+takeover races, the heartbeat, release, and who counts as the same job. (The cases that need other processes are
+in tests/e2e/test_owner_processes.py.)"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from helpers import REPO
+from helpers import owner_record, write_owner
 
 from edsr_dist.errors import UserError
 from edsr_dist.state import owner as owner_mod
 from edsr_dist.state.owner import (
     LocalLock,
-    OwnerRecord,
     check_launcher_owns,
     claim,
     describe,
@@ -29,26 +26,6 @@ from edsr_dist.state.owner import (
     stale_after,
 )
 from edsr_dist.state.run_folder import hold_run_folder
-
-CREATE_AT = """
-import sys, time
-from edsr_dist.state.owner import LocalLock
-folder, start = sys.argv[1], float(sys.argv[2])
-while time.time() < start:
-    pass
-print(LocalLock(folder).create(b"x") is not None)
-"""
-
-
-def test_exclusive_create_has_one_winner_among_processes(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    for trial in range(3):
-        folder = tmp_path / f"run{trial}"
-        start = time.time() + 1.0  # the interpreters are up by then and create at the same instant
-        procs = [subprocess.Popen([sys.executable, "-c", CREATE_AT, str(folder), str(start)], env=env,
-                                  stdout=subprocess.PIPE, text=True) for _ in range(6)]
-        wins = [p.communicate(timeout=30)[0].strip() for p in procs]
-        assert wins.count("True") == 1 and wins.count("False") == 5, wins
 
 
 def test_exclusive_create_has_one_winner_among_threads(tmp_path):
@@ -69,61 +46,21 @@ def test_exclusive_create_has_one_winner_among_threads(tmp_path):
         assert wins.count(True) == 1
 
 
-def _record(**changes) -> OwnerRecord:
-    return dataclasses.replace(OwnerRecord.mine(30.0), **changes)
-
-
-def _write(folder, record: OwnerRecord) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".owner.json").write_bytes(record.to_bytes())
-
-
-def test_a_live_owner_on_this_machine_is_refused_in_one_line(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        other = _record(pid=sleeper.pid, pid_started=owner_mod.process_start_time(sleeper.pid), job="J7")
-        _write(tmp_path / "run", other)
-        assert owner_gone(other) is None
-        with pytest.raises(UserError) as caught:
-            claim(LocalLock(tmp_path / "run"), "run")
-        message = str(caught.value)
-        assert re.fullmatch(rf"--out run is in use by job J7 on host {re.escape(other.host)} \(pid {sleeper.pid}, "
-                            r"started .+, last seen \d+ s ago\); wait for it to end, stop it, or use another --out "
-                            r"\(--take-over if you know it is dead\)", message), message
-        assert read_owner(LocalLock(tmp_path / "run")) == other  # untouched
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-
-
-def test_a_gone_pid_is_taken_over_with_a_note(tmp_path, capsys):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = _record(pid=int(finished.stdout), pid_started=time.time() - 5)
-    _write(tmp_path / "run", dead)
-    assert owner_gone(dead) == f"its pid {dead.pid} is gone"
-    held = claim(LocalLock(tmp_path / "run"), "run")
-    assert read_owner(held.lock).token == held.token != dead.token
-    err = capsys.readouterr().err
-    assert err.startswith(f"edsr-dist: took over --out run from job {dead.job} on host {dead.host} (pid {dead.pid}")
-    assert err.rstrip().endswith(f"its pid {dead.pid} is gone")
-    held.release()
-
-
 def test_a_reused_pid_does_not_count_as_alive():
     # This very process, but started at another time than the record says: the pid was reused.
-    assert owner_gone(_record(pid_started=time.time() - 3600)) == f"its pid {os.getpid()} is gone"
-    assert owner_gone(_record()) is None
+    assert owner_gone(owner_record(pid_started=time.time() - 3600)) == f"its pid {os.getpid()} is gone"
+    assert owner_gone(owner_record()) is None
 
 
 def test_another_host_is_dead_only_once_its_heartbeat_is_stale():
     now = time.time()
-    elsewhere = _record(host="node-7", machine="node-7|boot|pid:[1]", heartbeat_s=10.0)
+    elsewhere = owner_record(host="node-7", machine="node-7|boot|pid:[1]", heartbeat_s=10.0)
     assert stale_after(10.0) == 60.0 and stale_after(30.0) == 120.0
     assert owner_gone(dataclasses.replace(elsewhere, heartbeat=now - 59), now) is None
     why = owner_gone(dataclasses.replace(elsewhere, heartbeat=now - 61), now)
     assert why == "its heartbeat is 61 s old (more than 60 s: 3 x 10 s + 30 s)"
     # The same hostname in another pid namespace (a second container with host networking): pids say nothing there.
-    same_name = _record(machine=f"{elsewhere.host}|other-boot|pid:[2]", pid=1)
+    same_name = owner_record(machine=f"{elsewhere.host}|other-boot|pid:[2]", pid=1)
     assert owner_gone(same_name, now) is None
 
 
@@ -147,7 +84,7 @@ def test_take_over_forces_a_live_owner_and_the_old_heartbeat_notices(tmp_path, c
 def test_two_takers_of_one_dead_record_have_one_winner(tmp_path):
     for trial in range(20):
         folder = tmp_path / f"run{trial}"
-        _write(folder, _record(host="gone", machine="gone|x|y", heartbeat=time.time() - 3600))
+        write_owner(folder, owner_record(host="gone", machine="gone|x|y", heartbeat=time.time() - 3600))
         seen = LocalLock(folder).read()[1]
         barrier = threading.Barrier(4)
         won = []
@@ -205,11 +142,11 @@ def test_a_record_cut_short_is_judged_by_its_file_time(tmp_path):
 def test_torchrun_restarts_of_the_same_job_are_the_owner(tmp_path, monkeypatch):
     elsewhere = dict(host="node-7", machine="node-7|boot|pid:[1]")  # alive as far as anyone can tell
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-abc")
-    _write(tmp_path / "same", _record(job="torchrun:job-abc", restart_safe_job=True, **elsewhere))
+    write_owner(tmp_path / "same", owner_record(job="torchrun:job-abc", restart_safe_job=True, **elsewhere))
     held = claim(LocalLock(tmp_path / "same"), "same")
     assert read_owner(held.lock).token == held.token
     held.release()
-    _write(tmp_path / "other", _record(job="torchrun:job-xyz", restart_safe_job=True, **elsewhere))
+    write_owner(tmp_path / "other", owner_record(job="torchrun:job-xyz", restart_safe_job=True, **elsewhere))
     with pytest.raises(UserError, match="in use by job torchrun:job-xyz"):
         claim(LocalLock(tmp_path / "other"), "other")
     # torchrun's default run id names no job: two such jobs are two writers.

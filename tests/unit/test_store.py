@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
-import pickle
 import shutil
 import socket
 from pathlib import Path
@@ -19,7 +17,7 @@ from edsr_dist.cli import main as cli_main
 from edsr_dist.data.build_store import main as build_main
 from edsr_dist.data.resize import matlab_style_bicubic_downscale, pil_bicubic_downscale
 from edsr_dist.data.sample_store import SAMPLE_SCENES, build_sample_store, sample_split
-from edsr_dist.data.store import PatchStore, crc32_of, store_info, verify_store
+from edsr_dist.data.store import PatchStore, store_info, verify_store
 from edsr_dist.errors import UserError
 
 TILE = 24  # divisible by 2, 3 and 4
@@ -243,25 +241,6 @@ def test_flipped_byte_is_refused(small_store: Path, capsys: pytest.CaptureFixtur
         verify_store(str(path))
     assert cli_main(["build-store", "--verify", str(path)]) == 2
     assert "damaged" in capsys.readouterr().err
-
-
-def _read_in_child(store: PatchStore, queue: "multiprocessing.Queue[object]") -> None:
-    queue.put([crc32_of(store.read_train(i)[1]) for i in range(store.num_train_tiles)])
-
-
-def test_handle_is_reopened_after_fork_and_pickle(small_store: Path) -> None:
-    store = PatchStore(str(small_store), 4)
-    expected = [crc32_of(store.read_train(i)[1]) for i in range(store.num_train_tiles)]  # parent handle open
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_read_in_child, args=(store, queue))
-    child.start()
-    got = queue.get(timeout=60)
-    child.join(timeout=60)
-    assert child.exitcode == 0 and got == expected
-    assert [crc32_of(store.read_train(i)[1]) for i in range(store.num_train_tiles)] == expected  # parent still fine
-    clone = pickle.loads(pickle.dumps(store))
-    assert clone._file is None and clone.read_train(0)[1].tobytes() == store.read_train(0)[1].tobytes()
 
 
 # ------------------------------------------------------------------------------------------------ bad builder input
