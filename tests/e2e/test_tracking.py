@@ -68,6 +68,7 @@ def mlflow_env(mlflow_server, tmp_path) -> dict:
     return {"MLFLOW_TRACKING_URI": mlflow_server.uri, **SECRETS}
 
 
+@pytest.mark.xdist_group("mlflow_server")  # one worker, one `mlflow server` start
 def test_mlflow_run_holds_settings_metrics_samples_and_result(mlflow_server, mlflow_env, sample_store, tmp_path):
     out = tmp_path / "run"
     result = run_cli(["train", *TINY, "--data", str(sample_store), "--out", str(out), "--tracker", "mlflow",
@@ -115,6 +116,7 @@ def test_mlflow_run_holds_settings_metrics_samples_and_result(mlflow_server, mlf
     assert len(runs) == 2 and {r.data.params.get("command") for r in runs} == {None, "eval --benchmarks"}
 
 
+@pytest.mark.xdist_group("mlflow_server")  # one worker, one `mlflow server` start
 def test_sigkill_and_resume_auto_continue_the_mlflow_run_without_a_step_twice(mlflow_server, mlflow_env,
                                                                                sample_store, tmp_path):
     out = tmp_path / "run"
@@ -144,6 +146,7 @@ def test_sigkill_and_resume_auto_continue_the_mlflow_run_without_a_step_twice(ml
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.xdist_group("mlflow_server")  # one worker, one `mlflow server` start
 def test_tracking_server_stopping_mid_run_costs_one_warning_and_training_finishes(mlflow_server, sample_store,
                                                                                   tmp_path):
     relay = Relay(mlflow_server.port)
