@@ -55,7 +55,9 @@ def test_a_node_restarting_for_a_membership_change_rejoins_the_same_attempt(tmp_
     # wait for a dead root-info host until HCCL_CONNECT_TIMEOUT) and a third attempt was needed.
     assert counts == [0, 0, 0, 1], f"expected the two restart counts to differ in one restart: {counts}"
     assert "could not join" not in console, console[-4000:]
-    assert re.search(r"resumed from .* at step 8$", console, re.M), console[-4000:]
+    # The hung rank is stopped once step 9 is logged; under load the group may have saved step 12 first.
+    resumed = [int(step) for step in re.findall(r"resumed from .* at step (\d+)$", console, re.M)]
+    assert resumed and all(step in (8, 12) and step == resumed[0] for step in resumed), console[-4000:]
     assert len(re.findall(r"^Result: ", console, re.M)) == 1
     # Healed by the membership change, not by waiting out --dist-timeout: no collective timed out anywhere.
     assert "collective timed out" not in console, console[-4000:]
