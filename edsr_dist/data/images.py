@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from edsr_dist.errors import UserError
 
@@ -80,3 +80,35 @@ def no_images_message(flag: str, folder: Path, skipped: list[Path]) -> str:
     found = f" (it holds {len(skipped)} other file(s), e.g. {skipped[0].name})" if skipped else ""
     return (f"{flag} {folder} holds no images{found}; pass a folder of "
             f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images")
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if is_image_file(p))
+            if not found:
+                raise UserError(f"folder {path} has no images ({', '.join(IMAGE_SUFFIXES)}); pass image files or a "
+                                "folder of images")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"input {path} does not exist; pass existing image files or folders")
+    return files
+
+
+def open_image(path: Path) -> Image.Image:
+    """The decoded image as Pillow reads it (any mode), for `sr` and its exports and benchmarks."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read image {path} ({exc}); pass PNG or JPEG files") from None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """The image as RGB uint8 (H, W, 3), whatever its mode (alpha dropped: for exports and benchmarks)."""
+    return np.array(open_image(path).convert("RGB"))

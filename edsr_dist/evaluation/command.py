@@ -34,6 +34,7 @@ from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
 from edsr_dist.data.store import PatchStore
 from edsr_dist.parallel.npu import memory_format
 from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.inference.tiling import TileMemoryError
 from edsr_dist.inference.torch_runtime import super_resolve
 from edsr_dist.evaluation.metrics import score_sr
 from edsr_dist.model.precision import resolve_device_and_precision, resolve_precision
@@ -112,9 +113,9 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
                             f"{lr.shape[1]}x{lr.shape[0]}; evaluate with a model of the data's scale")
         try:
             sr = super_resolve(model, lr, device, tile=side, ensemble=ensemble, precision=precision)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            raise UserError(f"image {name} ({lr.shape[1]}x{lr.shape[0]} LR) does not fit in {device.type} memory "
-                            f"({type(exc).__name__}); pass --tile 256 (or smaller)") from None
+        except TileMemoryError as exc:
+            raise UserError(f"image {name} ({lr.shape[1]}x{lr.shape[0]} LR) does not fit in {device.type} memory; "
+                            f"{exc.advice}") from None
         try:
             per_image.append({"name": name, **score_sr(sr, lr, hr, scale)})
         except ValueError as exc:

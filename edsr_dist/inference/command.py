@@ -7,19 +7,21 @@ without torch. Both backends share the tiling and self-ensemble code (`tiling`).
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from edsr_dist.state.atomic import atomic_path
 from edsr_dist.config import DEVICES, PRECISIONS
-from edsr_dist.data.images import IMAGE_SUFFIXES, is_image_file
+from edsr_dist.data.images import collect_inputs, open_image
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
+from edsr_dist.inference.tiling import TileMemoryError
 from edsr_dist.state.locations import is_url
 from edsr_dist.state.remote import fetch_file
 
@@ -70,35 +72,36 @@ def onnx_upscaler(path: str, device: str = "auto", threads: int = 0, tile: int |
     return Upscaler("onnxruntime", model.scale, model.session.get_providers()[0], run)
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if is_image_file(p))
-            if not found:
-                raise UserError(f"folder {path} has no images ({', '.join(IMAGE_SUFFIXES)}); pass image files or a "
-                                "folder of images")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"input {path} does not exist; pass existing image files or folders")
-    return files
+def fastest_backend(checkpoint: str, device: str, precision: str) -> str:
+    """The backend `--backend` left out means: onnxruntime for an .onnx model; else ONNX Runtime on the cached,
+    verified export (`cached-onnx`) where it is the faster one, fp32 on the CPU with onnxruntime, onnx and torch
+    installed (BENCHMARKS.md "bench-sr"); else pytorch."""
+    if Path(checkpoint).suffix == ".onnx":
+        return "onnxruntime"
+    if any(importlib.util.find_spec(name) is None for name in ("torch", "onnx", "onnxruntime")):
+        return "pytorch"
+    from edsr_dist.model.precision import resolve_device_and_precision
+
+    torch_device, resolved = resolve_device_and_precision(device, precision)
+    return "cached-onnx" if torch_device.type == "cpu" and resolved == "fp32" else "pytorch"
 
 
-def _open(path: Path) -> Image.Image:
+def cached_onnx_upscaler(checkpoint: str, cache_dir: str, res_scale: float | None, raw: bool, tile: int | None,
+                         pad: int | None, ensemble: bool) -> Upscaler | None:
+    """ONNX Runtime on the checkpoint's verified export from the cache (made on first use); None, with a note, when
+    no export can be made or cached (its check failed, the cache folder is not writable): PyTorch runs then."""
+    from edsr_dist.inference.onnx_cache import cached_onnx
+
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read image {path} ({exc}); pass PNG or JPEG files") from None
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """The image as RGB uint8 (H, W, 3), whatever its mode (alpha dropped: for exports and benchmarks)."""
-    return np.array(_open(path).convert("RGB"))
+        entry = cached_onnx(checkpoint, cache_dir, res_scale=res_scale, raw=raw)
+    except (UserError, OSError) as exc:
+        print(f"edsr-dist sr: note: no ONNX export for the default backend ({exc}); running PyTorch instead",
+              file=sys.stderr, flush=True)
+        return None
+    made = "cached" if entry.exported_seconds is None else f"exported and verified in {entry.exported_seconds:.1f} s"
+    print(f"backend onnxruntime: {entry.path} (the export of {entry.source}, {made}); --backend pytorch to use "
+          "PyTorch", file=sys.stderr, flush=True)
+    return onnx_upscaler(str(entry.path), device="cpu", tile=tile, pad=pad, ensemble=ensemble)
 
 
 @dataclass
@@ -114,7 +117,7 @@ class SourceImage:
 def read_source(path: Path) -> SourceImage:
     """Grayscale (L, 1, I;16) is replicated to RGB, as the reference code feeds gray images, and written back as L;
     alpha (RGBA, LA, a palette with transparency) is kept apart and upscaled on its own."""
-    im = _open(path)
+    im = open_image(path)
     notes = []
     if im.mode == "P":
         notes.append("palette expanded")
@@ -130,7 +133,8 @@ def read_source(path: Path) -> SourceImage:
         notes.append("grayscale in, grayscale out")
     if alpha is not None:
         notes.append("alpha upscaled by bicubic")
-    return SourceImage(np.array(im.convert("RGB")), alpha, gray, ", ".join(notes))
+    rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # convert() would copy an RGB image once more
+    return SourceImage(rgb, alpha, gray, ", ".join(notes))
 
 
 def compose_output(src: SourceImage, sr: np.ndarray) -> Image.Image:
@@ -156,10 +160,8 @@ def _write_png(img: Image.Image, path: Path) -> None:
         raise UserError(f"cannot write {path} ({exc.strerror or exc}); free space or pass another --out") from None
 
 
-def _out_of_memory(exc: Exception) -> bool:
-    # torch.OutOfMemoryError is a RuntimeError saying "out of memory"; ONNX Runtime says "Failed to allocate".
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or "out of memory" in text or "failed to allocate" in text
+def _how(tile: int | None) -> str:
+    return " in one piece" if tile == 0 else f" in {tile}-pixel tiles" if tile else ""
 
 
 def main(argv: list[str]) -> int:
@@ -176,10 +178,13 @@ def main(argv: list[str]) -> int:
                         help="where an s3:// --checkpoint is cached (default: EDSR_DIST_CACHE, else ~/.cache/edsr-dist)")
     parser.add_argument("--endpoint-url", default="", metavar="URL",
                         help="object store endpoint for an s3:// --checkpoint (default: AWS_ENDPOINT_URL(_S3), else AWS)")
-    parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
-                        help="pytorch (default) or onnxruntime (an exported .onnx; torch not needed)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="pytorch, or onnxruntime (an exported .onnx; torch not needed); default: the fastest "
+                             "installed, ONNX Runtime on the CPU (the checkpoint exported once, verified against "
+                             "PyTorch and cached), else PyTorch")
     parser.add_argument("--tile", type=int, default=None,
-                        help="LR tile side in pixels, 0 = whole image (default: whole unless the image is too large)")
+                        help="LR tile side in pixels, 0 = whole image (default: whole if it fits the free memory, "
+                             "else the largest tile that does)")
     parser.add_argument("--tile-pad", type=int, default=None,
                         help="LR context pixels around each tile (default: the receptive field, exact result)")
     parser.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
@@ -206,10 +211,16 @@ def main(argv: list[str]) -> int:
     if is_url(args.checkpoint):
         # Size and ETag checked here; a .ckpt's SHA-256 when the PyTorch backend loads it (torch stays optional).
         args.checkpoint = str(fetch_file(args.checkpoint, args.cache_dir, args.endpoint_url, what="weights"))
-    if args.backend == "onnxruntime":
+    backend = args.backend or fastest_backend(args.checkpoint, args.device, args.precision)
+    upscaler = None
+    if backend == "cached-onnx":
+        upscaler = cached_onnx_upscaler(args.checkpoint, args.cache_dir, res_scale=args.res_scale,
+                                        raw=args.raw_weights, tile=args.tile, pad=args.tile_pad,
+                                        ensemble=args.self_ensemble)
+    if backend == "onnxruntime":
         upscaler = onnx_upscaler(args.checkpoint, device=args.device, tile=args.tile, pad=args.tile_pad,
                                  ensemble=args.self_ensemble)
-    else:
+    elif upscaler is None:
         upscaler = pytorch_upscaler(args.checkpoint, device=args.device, precision=args.precision,
                                     res_scale=args.res_scale, tile=args.tile, pad=args.tile_pad,
                                     ensemble=args.self_ensemble, raw=args.raw_weights)
@@ -228,17 +239,17 @@ def main(argv: list[str]) -> int:
 
     for src, dst in targets.items():
         image = read_source(src)
-        lr = image.rgb
+        lr, note = image.rgb, image.note
+        height, width = lr.shape[:2]
         start = time.perf_counter()
         try:
             sr = upscaler.run(lr)
-        except Exception as exc:
-            if not _out_of_memory(exc):
-                raise
-            raise UserError(f"{src} ({lr.shape[1]}x{lr.shape[0]}) does not fit in {upscaler.device} memory in one "
-                            "piece; pass --tile 256 (or smaller)") from None
+        except TileMemoryError as exc:
+            raise UserError(f"{src} ({width}x{height}) does not fit in {upscaler.device} memory"
+                            f"{_how(args.tile)}; {exc.advice}") from None
         out = compose_output(image, sr)
+        del sr, image, lr  # PIL holds its own copy: the arrays need not stay for the encoding
         _write_png(out, dst)
-        print(f"{src} ({lr.shape[1]}x{lr.shape[0]}) -> {dst} ({sr.shape[1]}x{sr.shape[0]} {out.mode}) "
-              f"in {time.perf_counter() - start:.2f} s{'; ' + image.note if image.note else ''}", flush=True)
+        print(f"{src} ({width}x{height}) -> {dst} ({out.width}x{out.height} {out.mode}) "
+              f"in {time.perf_counter() - start:.2f} s{'; ' + note if note else ''}", flush=True)
     return 0

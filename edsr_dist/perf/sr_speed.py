@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edsr_dist.data.images import collect_inputs, read_rgb
 from edsr_dist.data.sample_store import load_sample_image
 from edsr_dist.errors import CommandParser, UserError
 from edsr_dist.inference.torch_runtime import frozen_cpu_network, load_inference_model, super_resolve
 from edsr_dist.model.edsr import EDSR
 from edsr_dist.inference.onnx_runtime import OnnxModel, onnxruntime_module, super_resolve_onnx
 from edsr_dist.inference.onnx_export import export_onnx, verification_image
-from edsr_dist.inference.command import collect_inputs, read_rgb
 
 DEFAULT_IMAGES = ("chelsea", "coffee", "astronaut")  # the sample store's validation photos, used as LR input
 

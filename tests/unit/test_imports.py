@@ -24,11 +24,11 @@ LAYERS = [
      "edsr_dist.launcher.table_command", "edsr_dist.state.inputs"],
     ["edsr_dist.launcher.job_store", "edsr_dist.state.runs_command", "edsr_dist.evaluation.benchmark_sets", "edsr_dist.data.sample_store", "edsr_dist.parallel.horovod_engine", "edsr_dist.inference.torch_runtime",
      "edsr_dist.state.mirror"],
-    ["edsr_dist.data.build_store", "edsr_dist.parallel.factory", "edsr_dist.evaluation.candidates", "edsr_dist.inference.command",
+    ["edsr_dist.data.build_store", "edsr_dist.parallel.factory", "edsr_dist.evaluation.candidates", "edsr_dist.inference.onnx_export",
      "edsr_dist.launcher.workers", "edsr_dist.train.start"],
-    ["edsr_dist.evaluation.benchmark_suite", "edsr_dist.train.trainer", "edsr_dist.inference.onnx_export",
+    ["edsr_dist.evaluation.benchmark_suite", "edsr_dist.train.trainer", "edsr_dist.inference.onnx_cache",
      "edsr_dist.launcher.supervise"],
-    ["edsr_dist.perf.measure"],
+    ["edsr_dist.perf.measure", "edsr_dist.inference.command"],
     ["edsr_dist.train.command"],
     ["edsr_dist.evaluation.command", "edsr_dist.inference.export", "edsr_dist.perf.sr_speed", "edsr_dist.launcher.command"],
     ["edsr_dist.perf.train_speed"],
@@ -38,7 +38,8 @@ LAYERS = [
 # Optional dependencies are imported where they are switched on; everything else at the top of the file.
 OPTIONAL = ("horovod", "torch_npu", "onnx", "onnxruntime", "safetensors", "torch.utils.tensorboard", "fsspec")
 # torch itself is optional for `sr` (ONNX Runtime serves without it): its PyTorch backend imports these when chosen.
-TORCH_SIDE_OF = {"edsr_dist.inference.command": ("edsr_dist.inference.torch_runtime", "edsr_dist.model.precision")}
+TORCH_SIDE_OF = {"edsr_dist.inference.command": ("edsr_dist.inference.torch_runtime", "edsr_dist.model.precision",
+                                                 "edsr_dist.inference.onnx_cache")}
 
 
 def module_name(path: Path) -> str:
