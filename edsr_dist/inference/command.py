@@ -89,12 +89,13 @@ def fastest_backend(checkpoint: str, device: str, precision: str) -> str:
 def cached_onnx_upscaler(checkpoint: str, cache_dir: str, res_scale: float | None, raw: bool, tile: int | None,
                          pad: int | None, ensemble: bool) -> Upscaler | None:
     """ONNX Runtime on the checkpoint's verified export from the cache (made on first use); None, with a note, when
-    no export can be made or cached (its check failed, the cache folder is not writable): PyTorch runs then."""
-    from edsr_dist.inference.onnx_cache import cached_onnx
+    no export can be made or cached (its check failed, the cache folder is not writable): PyTorch runs then. A
+    checkpoint that cannot be loaded is its one-line error, as with PyTorch."""
+    from edsr_dist.inference.onnx_cache import ExportUnavailable, cached_onnx
 
     try:
         entry = cached_onnx(checkpoint, cache_dir, res_scale=res_scale, raw=raw)
-    except (UserError, OSError) as exc:
+    except ExportUnavailable as exc:
         print(f"edsr-dist sr: note: no ONNX export for the default backend ({exc}); running PyTorch instead",
               file=sys.stderr, flush=True)
         return None

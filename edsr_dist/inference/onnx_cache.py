@@ -29,6 +29,11 @@ from edsr_dist.state.remote import server_lock
 RECORD_FORMAT = 1
 
 
+class ExportUnavailable(Exception):
+    """No verified export could be made or cached (its check failed, the cache folder is not writable); the
+    message says why. The caller runs PyTorch instead."""
+
+
 @dataclass
 class CachedExport:
     path: Path  # the verified .onnx file
@@ -76,23 +81,31 @@ def _usable(onnx_path: Path, record_path: Path, source_sha256: str) -> bool:
 
 def cached_onnx(checkpoint: str | Path, cache_dir: str = "", res_scale: float | None = None,
                 raw: bool = False) -> CachedExport:
-    """The verified .onnx file of `checkpoint`, exported (and checked against PyTorch) on first use; a UserError
-    when the export fails its check (nothing is cached then)."""
+    """The verified .onnx file of `checkpoint`, exported (and checked against PyTorch) on first use.
+
+    A checkpoint that cannot be loaded is the UserError loading it gives; `ExportUnavailable` when the export fails
+    its check or the cache cannot be written (nothing is cached then)."""
     source = weights_file(checkpoint)
     source_sha256 = file_sha256(source)
     onnx_path, record_path = entry_paths(source_sha256, raw, res_scale, cache_dir)
-    with server_lock(onnx_path.with_suffix(".lock"), f"the ONNX export of {source}"):
-        if _usable(onnx_path, record_path, source_sha256):
-            return CachedExport(onnx_path, source, None)
-        start = time.perf_counter()
-        record_path.unlink(missing_ok=True)  # the record goes first: no moment where it vouches for a new file
-        model = load_inference_model(str(source), res_scale=res_scale, raw=raw)
-        image, image_name = verification_image(None)
-        checks = export_onnx(model, onnx_path, image)
-        record = {"format": RECORD_FORMAT, "source": str(source), "source_sha256": source_sha256,
-                  "raw_weights": raw, "res_scale": res_scale, "onnx_sha256": file_sha256(onnx_path),
-                  "verified_on": image_name, "within_one_grey_level": min(c.within_one for c in checks),
-                  "max_grey_levels": max(c.max_grey_levels for c in checks)}
-        with atomic_path(record_path) as tmp:
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
-        return CachedExport(onnx_path, source, time.perf_counter() - start)
+    try:
+        with server_lock(onnx_path.with_suffix(".lock"), f"the ONNX export of {source}"):
+            if _usable(onnx_path, record_path, source_sha256):
+                return CachedExport(onnx_path, source, None)
+            start = time.perf_counter()
+            record_path.unlink(missing_ok=True)  # the record goes first: no moment where it vouches for a new file
+            model = load_inference_model(str(source), res_scale=res_scale, raw=raw)
+            image, image_name = verification_image(None)
+            try:
+                checks = export_onnx(model, onnx_path, image)
+            except UserError as exc:  # the check failed, or the file could not be written
+                raise ExportUnavailable(str(exc)) from None
+            record = {"format": RECORD_FORMAT, "source": str(source), "source_sha256": source_sha256,
+                      "raw_weights": raw, "res_scale": res_scale, "onnx_sha256": file_sha256(onnx_path),
+                      "verified_on": image_name, "within_one_grey_level": min(c.within_one for c in checks),
+                      "max_grey_levels": max(c.max_grey_levels for c in checks)}
+            with atomic_path(record_path) as tmp:
+                tmp.write_text(json.dumps(record, indent=1) + "\n")
+            return CachedExport(onnx_path, source, time.perf_counter() - start)
+    except OSError as exc:
+        raise ExportUnavailable(f"cannot write the cache folder {onnx_path.parent}: {exc.strerror or exc}") from None

@@ -164,11 +164,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 # memory"); these give 52 and 160.
 MAPS_PER_FILTER = 4
 UPSAMPLER_MAPS_PER_FILTER = 2.25
-# What `--tile` left out lets one window take at most: the peak then stays within the uint8 output + about 1 GB
-# (the target BENCHMARKS.md measures), at the price of recomputing the pad of tiles on images larger than this.
+# What `--tile` left out lets one window take at most: with the process's own ~0.3 GB (torch, the model) the peak
+# then stays within the uint8 output + 1 GB (the target BENCHMARKS.md "sr memory" measures; ONNX Runtime's windows
+# take up to 1.3x this estimate), at the price of recomputing the pad around tiles of images larger than this
+# (`--tile 0` runs them whole).
 # A wide model's window may take more, up to a tile of AUTO_MIN_TILE_PADS pads, so that no more than (1 + 2/8)^2 =
 # 1.56 times the pixels are computed.
-AUTO_WINDOW_BYTES = GIB
+AUTO_WINDOW_BYTES = GIB // 2
 AUTO_MIN_TILE_PADS = 8
 
 

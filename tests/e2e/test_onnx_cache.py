@@ -15,6 +15,7 @@ from PIL import Image
 
 from edsr_dist.cli import main as cli_main
 from edsr_dist.config import Config
+from edsr_dist.evaluation.command import main as eval_main
 from edsr_dist.inference.onnx_cache import cached_onnx, file_sha256
 from edsr_dist.model.edsr import build_model
 from edsr_dist.state.checkpoint import save_checkpoint
@@ -98,3 +99,25 @@ def test_sr_default_backend_matches_pytorch(tmp_path, capsys, monkeypatch):
     assert err.count("backend onnxruntime:") == 2 and "exported and verified" in err and "cached);" in err
     assert np.abs(outputs["default"] - outputs["pytorch"]).max() <= 1
     assert np.array_equal(outputs["default"], outputs["again"])
+
+
+def test_eval_on_the_cached_export(tmp_path, capsys):
+    run = _run_folder(tmp_path, seed=3)
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    reports = {}
+    for backend in ("pytorch", "onnxruntime"):
+        out = tmp_path / f"{backend}.json"
+        assert eval_main(["--checkpoints", str(run), "--data", str(folder), "--device", "cpu", "--precision", "fp32",
+                          "--backend", backend, "--cache-dir", str(tmp_path / "cache"), "--json", str(out),
+                          "--csv", str(tmp_path / f"{backend}.csv")]) == 0
+        reports[backend] = json.loads(out.read_text())["results"][0]
+    assert reports["onnxruntime"]["backend"] == "onnxruntime"
+    for key in ("psnr_y", "psnr_rgb"):
+        assert abs(reports["onnxruntime"][key] - reports["pytorch"][key]) < 0.05, key
+    assert "(verified) in" in capsys.readouterr().err
+    assert eval_main(["--checkpoints", str(run), "--data", str(folder), "--device", "cpu", "--precision", "bf16",
+                      "--backend", "onnxruntime"]) == 2
