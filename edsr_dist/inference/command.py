@@ -73,11 +73,9 @@ def onnx_upscaler(path: str, device: str = "auto", threads: int = 0, tile: int |
 
 
 def fastest_backend(checkpoint: str, device: str, precision: str) -> str:
-    """The backend `--backend` left out means: onnxruntime for an .onnx model; else ONNX Runtime on the cached,
-    verified export (`cached-onnx`) where it is the faster one, fp32 on the CPU with onnxruntime, onnx and torch
-    installed (BENCHMARKS.md "bench-sr"); else pytorch."""
-    if Path(checkpoint).suffix == ".onnx":
-        return "onnxruntime"
+    """The backend `--backend` left out means for a checkpoint or weights file: ONNX Runtime on its cached, verified
+    export (`cached-onnx`) where that is the faster one, fp32 on the CPU with onnxruntime, onnx and torch installed
+    (BENCHMARKS.md "bench-sr"); else pytorch. (An .onnx file needs `--backend onnxruntime` said.)"""
     if any(importlib.util.find_spec(name) is None for name in ("torch", "onnx", "onnxruntime")):
         return "pytorch"
     from edsr_dist.model.precision import resolve_device_and_precision
@@ -205,7 +203,7 @@ def main(argv: list[str]) -> int:
     if args.backend == "onnxruntime" and args.precision != "fp32":
         raise UserError(f"--precision {args.precision} applies to the PyTorch backend; for ONNX Runtime export an "
                         "fp16 model with `edsr-dist export --precision fp16`")
-    if args.backend == "pytorch" and Path(args.checkpoint).suffix == ".onnx":
+    if args.backend != "onnxruntime" and Path(args.checkpoint).suffix == ".onnx":  # a file, not a checkpoint
         raise UserError(f"--checkpoint {args.checkpoint} is an ONNX model; pass --backend onnxruntime")
 
     files = collect_inputs(args.inputs)
