@@ -119,5 +119,6 @@ def test_eval_on_the_cached_export(tmp_path, capsys):
     for key in ("psnr_y", "psnr_rgb"):
         assert abs(reports["onnxruntime"][key] - reports["pytorch"][key]) < 0.05, key
     assert "(verified) in" in capsys.readouterr().err
-    assert eval_main(["--checkpoints", str(run), "--data", str(folder), "--device", "cpu", "--precision", "bf16",
-                      "--backend", "onnxruntime"]) == 2
+    assert cli_main(["eval", "--checkpoints", str(run), "--data", str(folder), "--device", "cpu", "--precision",
+                     "bf16", "--backend", "onnxruntime"]) == 2
+    assert "--backend onnxruntime evaluates fp32 on the CPU, not bf16" in capsys.readouterr().err
