@@ -1,6 +1,6 @@
 """Runs `edsr-dist sr` twice in one process: once on a small image with the same options (so every import, thread
-and allocator arena exists), then, with the address space limited (RLIMIT_AS, as `ulimit -v` does) to what it uses now plus
-<budget MiB>, on the real inputs. Exits with sr's exit status.
+and allocator arena exists), then, with the address space limited (RLIMIT_AS, as `ulimit -v` does) to what it
+uses now plus <budget MiB>, on the real inputs. Exits with sr's exit status.
 
 usage: sr_under_limit.py <budget MiB> <warm-up image> <sr arguments...>
 """
