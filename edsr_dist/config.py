@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from edsr_dist.errors import UserError, did_you_mean
-from edsr_dist.state.locations import is_url
+from edsr_dist.locations import is_url
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "npu")

@@ -48,6 +48,43 @@ class CommandParser(argparse.ArgumentParser):
         return found
 
 
+# Flag groups that several commands share (eval, sr, export, bench): one definition each, so a flag reads and
+# behaves the same everywhere. `to` is a parser or an argument group.
+
+def add_device_flags(to, devices, precisions, precision_default: str | None, precision_help: str) -> None:
+    """--device and --precision; the choices come from config (DEVICES, PRECISIONS), the default and help from the
+    command (what fp32 or None means differs between eval, sr and bench)."""
+    to.add_argument("--device", choices=devices, default="auto")
+    to.add_argument("--precision", choices=precisions, default=precision_default, help=precision_help)
+
+
+def add_object_store_flags(to, inputs: str = "s3:// inputs", cached: str = "s3:// inputs are cached") -> None:
+    """--cache-dir and --endpoint-url for commands whose inputs may be s3:// URLs."""
+    to.add_argument("--cache-dir", default="", metavar="DIR",
+                    help=f"where {cached} (default: EDSR_DIST_CACHE, else ~/.cache/edsr-dist)")
+    to.add_argument("--endpoint-url", default="", metavar="URL",
+                    help=f"object store endpoint for {inputs} (default: AWS_ENDPOINT_URL(_S3), else AWS)")
+
+
+def add_res_scale_flag(to) -> None:
+    to.add_argument("--res-scale", type=float, default=None,
+                    help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
+
+
+def add_raw_weights_flag(to) -> None:
+    to.add_argument("--raw-weights", action="store_true",
+                    help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
+
+
+def at_least(flag: str, value, minimum, why: str = "") -> None:
+    """The range check of a command's number flag, after parsing: nothing when `value` is None (not given) or at
+    least `minimum`; else "--flag must be >= N, got V", or with `why` "--flag V: why"."""
+    if value is None or value >= minimum:
+        return
+    shown = f"{value:g}" if isinstance(value, float) else value
+    raise UserError(f"{flag} {shown}: {why}" if why else f"{flag} must be >= {minimum}, got {value}")
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean --epochs?)' for a near miss among `choices`, else ''."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)

@@ -4,10 +4,10 @@ inner loop). Helpers shared by tests are in helpers.py."""
 from pathlib import Path
 
 import pytest
-
-from edsr_dist.data.sample_store import build_sample_store
 from helpers import TINY, run_cli
 from s3_server import MotoServer, require_moto_or_skip
+
+from edsr_dist.data.sample_store import build_sample_store
 
 E2E = Path(__file__).resolve().parent / "e2e"
 

@@ -32,10 +32,10 @@ class MotoServer:
             try:
                 urllib.request.urlopen(self.endpoint + "/", timeout=1).read()
                 return
-            except OSError:
+            except OSError as exc:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"moto_server did not start on port {self.port}")
+                    raise RuntimeError(f"moto_server did not start on port {self.port}") from exc
                 time.sleep(0.1)
 
     def env(self, endpoint: str | None = None) -> dict[str, str]:

@@ -9,8 +9,17 @@ import os
 import sys
 from typing import Sequence
 
-from edsr_dist.data.builder import (DEFAULT_SCALES, DEFAULT_TILE_SIZE, OFFICIAL_DEGRADATION, SourceFolder,
-                                    check_output_file, check_tile_size, folder_source, parse_scales, write_store)
+from edsr_dist.data.builder import (
+    DEFAULT_SCALES,
+    DEFAULT_TILE_SIZE,
+    OFFICIAL_DEGRADATION,
+    SourceFolder,
+    check_output_file,
+    check_tile_size,
+    folder_source,
+    parse_scales,
+    write_store,
+)
 from edsr_dist.data.resize import DEGRADATIONS
 from edsr_dist.data.sample_store import SAMPLE_TILE_SIZE, build_sample_store
 from edsr_dist.data.store import verify_store

@@ -9,7 +9,7 @@ of the whole image, so LR tile i covers exactly the region of HR tile i. Validat
 cropped (bottom/right) to a multiple of lcm(scales) so that every LR size is exact.
 
 Building streams: one image (and one row of its tiles) is in memory at a time. The file is written to a temporary
-file and renamed over `<out>` only when complete (edsr_dist/atomic.py).
+file and renamed over `<out>` only when complete (edsr_dist/state/atomic.py).
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ import numpy as np
 from tqdm import tqdm
 
 from edsr_dist import __version__
-from edsr_dist.state.atomic import atomic_path
-from edsr_dist.data.images import (find_image, image_size, list_images, listing_notes, load_image_rgb,
-                                   no_images_message)
+from edsr_dist.data.images import find_image, image_size, list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import downscale
 from edsr_dist.data.store import CHECKSUM, FORMAT_VERSION, crc32_of, lr_name, tile_starts, valid_key
 from edsr_dist.errors import UserError
+from edsr_dist.state.atomic import atomic_path
 
 DEFAULT_TILE_SIZE = 192
 DEFAULT_SCALES = (2, 3, 4)
@@ -195,7 +194,7 @@ def write_store(
     resize_method: str = "bicubic-pil",
     progress: bool = False,
 ) -> dict[str, object]:
-    """Write a complete store atomically (edsr_dist/atomic.py) from `folders` (in order). Returns a summary of
+    """Write a complete store atomically (edsr_dist/state/atomic.py) from `folders` (in order). Returns a summary of
     what was written: counts, the images too small for a tile, and one record per folder (also stored, as JSON,
     in the `sources` attribute)."""
     out = os.fspath(out)
@@ -203,6 +202,77 @@ def write_store(
     check_tile_size(tile_size, scales)
     check_output_file(out)
     multiple = math.lcm(*scales)
+    train, valid, records = _place_tiles(folders, tile_size, multiple)
+    num_tiles = sum(len(ys) * len(xs) for _, _, ys, xs in train)
+    side = {0: tile_size}
+    side.update({s: tile_size // s for s in scales})
+    groups = {0: "hr"}
+    groups.update({s: lr_name(s) for s in scales})
+    bytes_per_tile = sum(3 * length * length for length in side.values())
+
+    def valid_bytes(img: SourceImage) -> int:
+        height, width = covered_size(img.size, multiple)
+        return 3 * height * width + sum(3 * (height // s) * (width // s) for s in scales)
+
+    total_bytes = num_tiles * bytes_per_tile + sum(valid_bytes(img) for _, img in valid)
+    total_images = len(train) + len(valid)
+
+    started = time.monotonic()
+    try:
+        with atomic_path(out) as tmp:
+            with h5py.File(tmp, "w") as f:
+                _write_attributes(f, scales, tile_size, degradation, source, records)
+                text = h5py.string_dtype("utf-8")
+                train_group = f.create_group("train")
+                train_group.create_dataset("names", data=np.asarray([img.name for _, img, _, _ in train],
+                                                                    dtype=object), dtype=text)
+                train_group.create_dataset("image_size", data=np.asarray(
+                    [covered_size(img.size, multiple) for _, img, _, _ in train], dtype=np.int32).reshape(-1, 2))
+                train_group.create_dataset("source_index", data=np.asarray([n for n, _, _, _ in train], np.int32))
+                bar = tqdm(total=total_bytes, desc="build-store", unit="B", unit_scale=True, unit_divisor=1024,
+                           disable=not progress)
+                done_images = _write_train(train_group, train, groups, side, num_tiles, resize_method, bar,
+                                           total_images, bytes_per_tile)
+                valid_group = f.create_group("valid")
+                valid_group.create_dataset("names", data=np.asarray([img.name for _, img in valid], dtype=object),
+                                           dtype=text)
+                valid_group.create_dataset("source_index", data=np.asarray([n for n, _ in valid], np.int32))
+                _write_valid(valid_group, valid, groups, multiple, resize_method, bar, done_images, total_images,
+                             valid_bytes)
+                bar.close()
+    except BaseException as exc:
+        if isinstance(exc, OSError):
+            raise UserError(
+                f"writing store {out} failed ({exc}); check free space and permissions of its folder"
+            ) from None
+        raise
+    return {
+        "out": out,
+        "degradation": degradation,
+        "train_images": len(train),
+        "train_tiles": num_tiles,
+        "skipped_small": [name for record in records for name in record["skipped_small"]],
+        "valid_images": len(valid),
+        "sources": records,
+        "bytes": os.path.getsize(out),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def _write_attributes(f, scales: list[int], tile_size: int, degradation: str, source: str, records: list) -> None:
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["scales"] = np.asarray(scales, dtype=np.int64)
+    f.attrs["tile_size"] = tile_size
+    f.attrs["degradation"] = degradation
+    f.attrs["source"] = source
+    f.attrs["sources"] = json.dumps(records)
+    f.attrs["checksum"] = CHECKSUM
+    f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    f.attrs["builder_version"] = f"edsr-dist {__version__}"
+
+
+def _place_tiles(folders: Sequence[SourceFolder], tile_size: int, multiple: int):
+    """(train images with their tile origins, validation images, one record per folder), in folder order."""
     train: list[tuple[int, SourceImage, list[int], list[int]]] = []  # (folder, image, tile y origins, x origins)
     valid: list[tuple[int, SourceImage]] = []
     records: list[dict[str, object]] = []
@@ -230,127 +300,78 @@ def write_store(
         records.append({"role": folder.role, "hr": folder.hr, "lr": folder.lr,
                         "images": len(folder.images) - len(small), "tiles": tiles,
                         "skipped_small": small, "skipped_files": list(folder.skipped)})
-    num_tiles = sum(len(ys) * len(xs) for _, _, ys, xs in train)
-    side = {0: tile_size}
-    side.update({s: tile_size // s for s in scales})
-    groups = {0: "hr"}
-    groups.update({s: lr_name(s) for s in scales})
-    bytes_per_tile = sum(3 * length * length for length in side.values())
+    return train, valid, records
 
-    def valid_bytes(img: SourceImage) -> int:
+
+def _write_train(train_group, train, groups: dict[int, str], side: dict[int, int], num_tiles: int, resize_method,
+                 bar, total_images: int, bytes_per_tile: int) -> int:
+    """The train tiles of every scale with their CRCs, image index and origins; returns the images written."""
+    tile_ds = {}
+    for key, name in groups.items():
+        shape = (num_tiles, side[key], side[key], 3)
+        # One tile per chunk (a read touches exactly one chunk); maxshape lets an empty store be chunked too.
+        tile_ds[key] = train_group.create_dataset(
+            name, shape=shape, dtype=np.uint8, chunks=(1,) + shape[1:], maxshape=(None,) + shape[1:]
+        )
+    tile_crc = {key: np.zeros(num_tiles, dtype=np.uint32) for key in groups}
+    image_index = np.zeros(num_tiles, dtype=np.int32)
+    tile_origin = np.zeros((num_tiles, 2), dtype=np.int32)
+
+    done_images = 0
+    cursor = 0
+    for number, (_, img, ys, xs) in enumerate(train):
+        hr = _loaded_hr(img)
+        for key in groups:
+            image = hr if key == 0 else img.load_lr(key, hr, resize_method)
+            factor = max(key, 1)
+            for row, y in enumerate(ys):
+                # One row of tiles at a time: memory stays at one image plus one row, whatever its size.
+                tiles = np.stack([image[y // factor: y // factor + side[key],
+                                        x // factor: x // factor + side[key]] for x in xs])
+                start = cursor + row * len(xs)
+                tile_ds[key][start:start + len(xs)] = tiles
+                tile_crc[key][start:start + len(xs)] = [crc32_of(t) for t in tiles]
+            del image
+        count = len(ys) * len(xs)
+        image_index[cursor:cursor + count] = number
+        tile_origin[cursor:cursor + count] = [(y, x) for y in ys for x in xs]
+        cursor += count
+        done_images += 1
+        bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
+        bar.update(count * bytes_per_tile)
+    for key, name in groups.items():
+        train_group.create_dataset(f"{name}_crc32", data=tile_crc[key])
+    train_group.create_dataset("image_index", data=image_index)
+    train_group.create_dataset("tile_origin", data=tile_origin)
+    return done_images
+
+
+def _write_valid(valid_group, valid, groups: dict[int, str], multiple: int, resize_method, bar, done_images: int,
+                 total_images: int, valid_bytes) -> None:
+    """The validation images, whole (cropped to a multiple of every scale), with their CRCs."""
+    valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
+    for name in groups.values():
+        valid_group.create_group(name)
+    for index, (_, img) in enumerate(valid):
+        hr = _loaded_hr(img)
         height, width = covered_size(img.size, multiple)
-        return 3 * height * width + sum(3 * (height // s) * (width // s) for s in scales)
-
-    total_bytes = num_tiles * bytes_per_tile + sum(valid_bytes(img) for _, img in valid)
-    total_images = len(train) + len(valid)
-
-    started = time.monotonic()
-    try:
-        with atomic_path(out) as tmp:
-            with h5py.File(tmp, "w") as f:
-                f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["scales"] = np.asarray(scales, dtype=np.int64)
-                f.attrs["tile_size"] = tile_size
-                f.attrs["degradation"] = degradation
-                f.attrs["source"] = source
-                f.attrs["sources"] = json.dumps(records)
-                f.attrs["checksum"] = CHECKSUM
-                f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                f.attrs["builder_version"] = f"edsr-dist {__version__}"
-
-                text = h5py.string_dtype("utf-8")
-                train_group = f.create_group("train")
-                train_group.create_dataset("names", data=np.asarray([img.name for _, img, _, _ in train],
-                                                                    dtype=object), dtype=text)
-                train_group.create_dataset("image_size", data=np.asarray(
-                    [covered_size(img.size, multiple) for _, img, _, _ in train], dtype=np.int32).reshape(-1, 2))
-                train_group.create_dataset("source_index", data=np.asarray([n for n, _, _, _ in train], np.int32))
-                tile_ds = {}
-                for key, name in groups.items():
-                    shape = (num_tiles, side[key], side[key], 3)
-                    # One tile per chunk (a read touches exactly one chunk); maxshape lets an empty store be
-                    # chunked too.
-                    tile_ds[key] = train_group.create_dataset(
-                        name, shape=shape, dtype=np.uint8, chunks=(1,) + shape[1:], maxshape=(None,) + shape[1:]
-                    )
-                tile_crc = {key: np.zeros(num_tiles, dtype=np.uint32) for key in groups}
-                image_index = np.zeros(num_tiles, dtype=np.int32)
-                tile_origin = np.zeros((num_tiles, 2), dtype=np.int32)
-
-                bar = tqdm(total=total_bytes, desc="build-store", unit="B", unit_scale=True, unit_divisor=1024,
-                           disable=not progress)
-                done_images = 0
-                cursor = 0
-                for number, (_, img, ys, xs) in enumerate(train):
-                    hr = _loaded_hr(img)
-                    for key in groups:
-                        image = hr if key == 0 else img.load_lr(key, hr, resize_method)
-                        factor = max(key, 1)
-                        for row, y in enumerate(ys):
-                            # One row of tiles at a time: memory stays at one image plus one row, whatever its size.
-                            tiles = np.stack([image[y // factor: y // factor + side[key],
-                                                    x // factor: x // factor + side[key]] for x in xs])
-                            start = cursor + row * len(xs)
-                            tile_ds[key][start:start + len(xs)] = tiles
-                            tile_crc[key][start:start + len(xs)] = [crc32_of(t) for t in tiles]
-                        del image
-                    count = len(ys) * len(xs)
-                    image_index[cursor:cursor + count] = number
-                    tile_origin[cursor:cursor + count] = [(y, x) for y in ys for x in xs]
-                    cursor += count
-                    done_images += 1
-                    bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
-                    bar.update(count * bytes_per_tile)
-                for key, name in groups.items():
-                    train_group.create_dataset(f"{name}_crc32", data=tile_crc[key])
-                train_group.create_dataset("image_index", data=image_index)
-                train_group.create_dataset("tile_origin", data=tile_origin)
-
-                valid_group = f.create_group("valid")
-                valid_group.create_dataset("names", data=np.asarray([img.name for _, img in valid], dtype=object),
-                                           dtype=text)
-                valid_group.create_dataset("source_index", data=np.asarray([n for n, _ in valid], np.int32))
-                valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
-                for key, name in groups.items():
-                    valid_group.create_group(name)
-                for index, (_, img) in enumerate(valid):
-                    hr = _loaded_hr(img)
-                    height, width = covered_size(img.size, multiple)
-                    hr_cropped = np.ascontiguousarray(hr[:height, :width])
-                    for key, name in groups.items():
-                        if key == 0:
-                            image = hr_cropped
-                        elif img.lr_files is None:
-                            image = img.load_lr(key, hr_cropped, resize_method)
-                        else:
-                            # The official LR covers the uncropped HR; its top-left part matches the crop exactly.
-                            full_lr = img.load_lr(key, hr, resize_method)
-                            image = np.ascontiguousarray(full_lr[: height // key, : width // key])
-                        valid_group[name].create_dataset(valid_key(index), data=image)
-                        valid_crc[key][index] = crc32_of(image)
-                    done_images += 1
-                    bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
-                    bar.update(valid_bytes(img))
-                bar.close()
-                for key, name in groups.items():
-                    valid_group.create_dataset(f"{name}_crc32", data=valid_crc[key])
-    except BaseException as exc:
-        if isinstance(exc, OSError):
-            raise UserError(
-                f"writing store {out} failed ({exc}); check free space and permissions of its folder"
-            ) from None
-        raise
-    return {
-        "out": out,
-        "degradation": degradation,
-        "train_images": len(train),
-        "train_tiles": num_tiles,
-        "skipped_small": [name for record in records for name in record["skipped_small"]],
-        "valid_images": len(valid),
-        "sources": records,
-        "bytes": os.path.getsize(out),
-        "seconds": time.monotonic() - started,
-    }
+        hr_cropped = np.ascontiguousarray(hr[:height, :width])
+        for key, name in groups.items():
+            if key == 0:
+                image = hr_cropped
+            elif img.lr_files is None:
+                image = img.load_lr(key, hr_cropped, resize_method)
+            else:
+                # The official LR covers the uncropped HR; its top-left part matches the crop exactly.
+                full_lr = img.load_lr(key, hr, resize_method)
+                image = np.ascontiguousarray(full_lr[: height // key, : width // key])
+            valid_group[name].create_dataset(valid_key(index), data=image)
+            valid_crc[key][index] = crc32_of(image)
+        done_images += 1
+        bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
+        bar.update(valid_bytes(img))
+    for key, name in groups.items():
+        valid_group.create_dataset(f"{name}_crc32", data=valid_crc[key])
 
 
 def _loaded_hr(img: SourceImage) -> np.ndarray:

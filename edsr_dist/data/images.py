@@ -1,5 +1,6 @@
-"""Image files as training and evaluation data: which files count as images, how they decode to 8-bit RGB, and
-the one-line notes about what a folder held besides (files skipped, lossy JPEGs)."""
+"""Image files as training, evaluation and inference data: which files count as images, how they decode to 8-bit
+RGB, the one-line notes about what a folder held besides (files skipped, lossy JPEGs), and network output back to
+8-bit pixels (`to_uint8`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from edsr_dist.errors import UserError
 IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L")
+PIXEL_MAX = 255.0
 
 
 def is_image_file(path: Path) -> bool:
@@ -112,3 +114,23 @@ def open_image(path: Path) -> Image.Image:
 def read_rgb(path: Path) -> np.ndarray:
     """The image as RGB uint8 (H, W, 3), whatever its mode (alpha dropped: for exports and benchmarks)."""
     return np.array(open_image(path).convert("RGB"))
+
+
+def to_uint8(sr) -> np.ndarray:
+    """Clamp to [0, 255] and round half to even (as torch.round does in the reference code).
+
+    A torch tensor shaped (C, H, W) or (1, C, H, W) is returned as an (H, W, C) image;
+    a numpy array keeps its layout.
+    """
+    if not isinstance(sr, np.ndarray):
+        tensor = sr.detach()
+        if tensor.dim() == 4:
+            if tensor.shape[0] != 1:
+                raise ValueError(f"to_uint8 takes one image, got a batch of {tensor.shape[0]}")
+            tensor = tensor[0]
+        if tensor.dim() != 3:
+            raise ValueError(f"to_uint8 expects a (C,H,W) or (1,C,H,W) tensor, got shape {tuple(tensor.shape)}")
+        sr = tensor.float().permute(1, 2, 0).cpu().numpy()
+    # nan would cast to an arbitrary byte; count it as black, like a diverged network deserves.
+    values = np.nan_to_num(np.asarray(sr, dtype=np.float64), nan=0.0)
+    return np.clip(np.round(values), 0, PIXEL_MAX).astype(np.uint8)

@@ -15,7 +15,7 @@ import skimage.data
 from edsr_dist.data.builder import SourceFolder, SourceImage, write_store
 from edsr_dist.data.store import FORMAT_VERSION, store_info
 from edsr_dist.errors import UserError
-from edsr_dist.state.locations import cache_root
+from edsr_dist.locations import cache_root
 
 SAMPLE_TILE_SIZE = 144  # divisible by 2, 3 and 4
 SAMPLE_SCALES = (2, 3, 4)

@@ -19,7 +19,7 @@ import skimage.data
 from PIL import Image
 
 from edsr_dist.data.resize import matlab_style_bicubic_downscale, modcrop
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.errors import CommandParser, UserError, at_least
 
 SETS = {"sk-photos": ("astronaut", "chelsea", "coffee", "rocket"), "sk-gray-alpha": ("camera", "coins", "logo")}
 LAYOUTS = ("edsr-pytorch", "basicsr", "hr-folder")
@@ -77,8 +77,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--layout", choices=LAYOUTS, default="edsr-pytorch")
     parser.add_argument("--size", type=int, default=16, help="crops are (12 size + 1) x (12 (size + 4) + 1) pixels")
     args = parser.parse_args(argv)
-    if args.size < 2:
-        raise UserError(f"--size must be >= 2, got {args.size}")
+    at_least("--size", args.size, 2)
     print(write_benchmarks(args.root, args.layout, size=args.size))
     return 0
 

@@ -19,19 +19,26 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from edsr_dist.evaluation.benchmark_sets import SCORE_KEYS, BenchmarkSet, file_sha256, find_sets, protocol_scores, score_shards
-from edsr_dist.state.atomic import atomic_write_text
-from edsr_dist.evaluation.candidates import Candidate, load_candidate
-from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file
-from edsr_dist.parallel.factory import make_engine, resolve_engine_name
-from edsr_dist.parallel.npu import memory_format
-from edsr_dist.parallel.world import discover_world
 from edsr_dist.errors import UserError
+from edsr_dist.evaluation.benchmark_sets import (
+    SCORE_KEYS,
+    BenchmarkSet,
+    file_sha256,
+    find_sets,
+    protocol_scores,
+    score_shards,
+)
+from edsr_dist.evaluation.candidates import Candidate, load_candidate
+from edsr_dist.evaluation.protocols import Protocol, get_protocol
+from edsr_dist.evaluation.reference_numbers import lookup, published_model
 from edsr_dist.inference.tiling import TileMemoryError
 from edsr_dist.inference.torch_runtime import super_resolve
 from edsr_dist.model.precision import resolve_device_and_precision
-from edsr_dist.evaluation.protocols import Protocol, get_protocol
-from edsr_dist.evaluation.reference_numbers import lookup, published_model
+from edsr_dist.parallel.factory import make_engine, resolve_engine_name
+from edsr_dist.parallel.npu import memory_format
+from edsr_dist.parallel.world import discover_world
+from edsr_dist.state.atomic import atomic_write_text
+from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file
 
 ENSEMBLE_KEYS = ("self_ensemble_psnr", "self_ensemble_ssim")
 

@@ -1,6 +1,6 @@
 """`edsr-dist eval`: PSNR/SSIM of every checkpoint of a run (or of one checkpoint or weights file) on a patch
 store's validation images or on a folder of HR images (--data), or of several models on the standard benchmark
-sets under a named protocol (--benchmarks; edsr_dist/benchmark_eval.py).
+sets under a named protocol (--benchmarks; edsr_dist/evaluation/benchmark_suite.py).
 
 The numbers are computed exactly as the trainer's validation computes them (same tiling, autocast, memory
 format, uint8 rounding and metrics), so evaluating a checkpoint on the store it was trained with repeats the
@@ -23,24 +23,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from edsr_dist.state.atomic import atomic_write_text
-from edsr_dist.evaluation.benchmark_suite import run as run_benchmarks
-from edsr_dist.evaluation.candidates import collect_candidates, load_candidate
-from edsr_dist.state.checkpoint import CHECKPOINT_DIR
-from edsr_dist.state.inputs import FOLDER, STORE, WEIGHTS, local_input
 from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import list_images, listing_notes, load_image_rgb, no_images_message
 from edsr_dist.data.resize import DEGRADATIONS, downscale, modcrop
-from edsr_dist.data.store import PatchStore
-from edsr_dist.parallel.npu import memory_format
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.data.store import PatchStore, verify_store
+from edsr_dist.errors import (
+    CommandParser,
+    UserError,
+    add_device_flags,
+    add_object_store_flags,
+    add_raw_weights_flag,
+    add_res_scale_flag,
+    at_least,
+)
+from edsr_dist.evaluation.benchmark_suite import run as run_benchmarks
+from edsr_dist.evaluation.candidates import collect_candidates, load_candidate
+from edsr_dist.evaluation.metrics import score_sr
+from edsr_dist.evaluation.protocols import PROTOCOLS
 from edsr_dist.inference.onnx_cache import ExportUnavailable, cached_onnx
 from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
 from edsr_dist.inference.tiling import TileMemoryError
 from edsr_dist.inference.torch_runtime import super_resolve
-from edsr_dist.evaluation.metrics import score_sr
 from edsr_dist.model.precision import resolve_device_and_precision, resolve_precision
-from edsr_dist.evaluation.protocols import PROTOCOLS
+from edsr_dist.parallel.npu import memory_format
+from edsr_dist.state.atomic import atomic_write_text
+from edsr_dist.state.checkpoint import CHECKPOINT_DIR
+from edsr_dist.state.inputs import FOLDER, STORE, WEIGHTS, local_input
 
 # One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.
 EvalImage = tuple[str, np.ndarray, np.ndarray]
@@ -103,7 +111,7 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
                    val_tile: int = 0, onnx_model: OnnxModel | None = None) -> dict:
     """Mean and per-image PSNR-Y, SSIM-Y, PSNR-RGB (and the bicubic PSNR-Y) of `model` on `images`.
 
-    The same inference (`infer.super_resolve`) and scores (`metrics.score_sr`) as Trainer.validate, in the
+    The same inference (`infer.super_resolve`) and scores (`metrics.score_sr`) as Validator.validate, in the
     model's training memory format and autocast. tile None: `val_tile` when set, else automatic (as validation).
     onnx_model: the same network's verified ONNX export, run in ONNX Runtime instead (`--backend onnxruntime`).
     """
@@ -234,23 +242,18 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="with --data: pytorch (default: the trainer's own validation numbers, to the last digit) or "
                         "onnxruntime (CPU, fp32: each checkpoint exported once, verified against PyTorch and cached, "
                         "as `sr` does by default; faster, within 1 grey level per pixel)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="autocast dtype of the network (default: with --data each checkpoint's training precision, "
+    add_device_flags(p, DEVICES, PRECISIONS, None,
+                     "autocast dtype of the network (default: with --data each checkpoint's training precision, "
                         "so its val PSNR is repeated, fp32 for weights files; with --benchmarks fp32; auto: as "
                         "training would choose; metrics are always float64)")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="bicubic-pil",
                    help="how LR is made from a folder of HR images (default bicubic-pil, as build-store)")
-    p.add_argument("--res-scale", type=float, default=None,
-                   help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
-    p.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
+    add_res_scale_flag(p)
+    add_raw_weights_flag(p)
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (0 = all)")
     p.add_argument("--num-threads", type=int, default=0, metavar="N",
                    help="CPU threads (0 = torch's default)")
-    p.add_argument("--cache-dir", default="", metavar="DIR",
-                   help="where s3:// inputs are cached (default: EDSR_DIST_CACHE, else ~/.cache/edsr-dist)")
-    p.add_argument("--endpoint-url", default="", metavar="URL",
-                   help="object store endpoint for s3:// inputs (default: AWS_ENDPOINT_URL(_S3), else AWS)")
+    add_object_store_flags(p)
     p.add_argument("--csv", metavar="FILE", help="CSV output (default: eval_<data>.csv next to the checkpoints)")
     p.add_argument("--json", metavar="FILE",
                    help="JSON output; with --data per-image numbers (default: eval_<data>.json next to the "
@@ -259,15 +262,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    args = _parse_args(argv)
+    return run_benchmarks(args) if args.benchmarks is not None else _evaluate_on_data(args)
+
+
+def _parse_args(argv: list[str]):
     args = _build_parser().parse_args(argv)
-    if args.tile is not None and args.tile < 0:
-        raise UserError(f"--tile must be >= 0, got {args.tile}")
-    if args.max_images < 0:
-        raise UserError(f"--max-images must be >= 0, got {args.max_images}")
+    at_least("--tile", args.tile, 0)
+    at_least("--max-images", args.max_images, 0)
     if args.scale is not None and args.scale < 2:
         raise UserError(f"--scale must be an integer >= 2, got {args.scale}")
-    if args.num_threads < 0:
-        raise UserError(f"--num-threads must be >= 0, got {args.num_threads}")
+    at_least("--num-threads", args.num_threads, 0)
     if (args.data is None) == (args.benchmarks is None):
         raise UserError("pass exactly one of --data (a store or one folder of HR images) and --benchmarks (a folder "
                         "of benchmark sets)")
@@ -277,14 +282,17 @@ def main(argv: list[str]) -> int:
                                              ("--backend", args.backend != "pytorch")) if used]
         if data_only:
             raise UserError(f"{', '.join(data_only)} only apply to --data; drop them with --benchmarks")
+    return args
 
-        return run_benchmarks(args)
+
+def _evaluate_on_data(args) -> int:
+    """`eval --data`: every candidate on a store's validation images or a folder of HR images, a table, CSV, JSON."""
     if len(args.checkpoints) != 1:
         raise UserError("--data takes one --checkpoints value; use --benchmarks to score several models")
     args.checkpoints = local_input(args.checkpoints[0], WEIGHTS, args.cache_dir, args.endpoint_url)
     # A store object (.h5) is fetched whole and CRC-checked; any other URL is a prefix of HR images.
     data = Path(local_input(args.data, STORE if args.data.endswith(".h5") else FOLDER, args.cache_dir,
-                            args.endpoint_url))
+                            args.endpoint_url, verify_store=verify_store))
     if not data.exists():
         raise UserError(f"--data {data} does not exist; pass a patch store (.h5) or a folder of HR PNG images")
     if data.is_dir():
@@ -336,7 +344,11 @@ def main(argv: list[str]) -> int:
         print(table_row(result), flush=True)
     if not results:
         raise UserError(f"no readable checkpoint in {args.checkpoints}; every file was damaged (see the warnings)")
+    _report(args, data, device, chosen, results, csv_path, json_path)
+    return 0
 
+
+def _report(args, data: Path, device, chosen: str, results: list[dict], csv_path: Path, json_path: Path) -> None:
     print(f"bicubic baseline: PSNR-Y {results[-1]['bicubic_psnr_y']:.3f} dB on {results[-1]['images']} image(s)")
     if not args.precision:
         used = sorted({r["precision"] for r in results})
@@ -347,4 +359,3 @@ def main(argv: list[str]) -> int:
     _write_report(csv_path, csv_text(results), "--csv")
     _write_report(json_path, json.dumps(report, indent=1) + "\n", "--json")
     print(f"wrote {csv_path} and {json_path}")
-    return 0

@@ -1,6 +1,6 @@
 """PSNR and SSIM as super-resolution papers compute them (EDSR, RCAN, BasicSR's MATLAB-compatible path).
 
-- SR output is rounded to uint8 before any metric (`to_uint8`), so reported numbers match saved PNGs.
+- SR output is rounded to uint8 before any metric (`data/images.to_uint8`), so reported numbers match saved PNGs.
 - Y channel of BT.601 YCbCr, unrounded float64: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255.
 - `shave` pixels (the scale) are cropped from every border before comparing.
 - SSIM: 11x11 Gaussian window (sigma 1.5), C1 = (0.01*255)^2, C2 = (0.03*255)^2, population
@@ -17,32 +17,13 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import correlate1d
 
-PIXEL_MAX = 255.0
+from edsr_dist.data.images import PIXEL_MAX
+
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # 11 taps: int(3.5 * sigma + 0.5), the truncation scikit-image and MATLAB use
 SSIM_C1 = (0.01 * PIXEL_MAX) ** 2
 SSIM_C2 = (0.03 * PIXEL_MAX) ** 2
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64) / 255.0
-
-
-def to_uint8(sr) -> np.ndarray:
-    """Clamp to [0, 255] and round half to even (as torch.round does in the reference code).
-
-    A torch tensor shaped (C, H, W) or (1, C, H, W) is returned as an (H, W, C) image;
-    a numpy array keeps its layout.
-    """
-    if not isinstance(sr, np.ndarray):
-        tensor = sr.detach()
-        if tensor.dim() == 4:
-            if tensor.shape[0] != 1:
-                raise ValueError(f"to_uint8 takes one image, got a batch of {tensor.shape[0]}")
-            tensor = tensor[0]
-        if tensor.dim() != 3:
-            raise ValueError(f"to_uint8 expects a (C,H,W) or (1,C,H,W) tensor, got shape {tuple(tensor.shape)}")
-        sr = tensor.float().permute(1, 2, 0).cpu().numpy()
-    # nan would cast to an arbitrary byte; count it as black, like a diverged network deserves.
-    values = np.nan_to_num(np.asarray(sr, dtype=np.float64), nan=0.0)
-    return np.clip(np.round(values), 0, PIXEL_MAX).astype(np.uint8)
 
 
 def rgb_to_y(img_uint8_hwc: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """How a super-resolved image is scored, by name, so numbers can be put next to published ones.
 
-Every protocol rounds the SR output to uint8 first (`metrics.to_uint8`) and crops `border` pixels from each side
+Every protocol rounds the SR output to uint8 first (`data/images.to_uint8`) and crops `border` pixels from each side
 of both images. They differ in the channel and the border:
 
 - ``paper``: Y of BT.601 YCbCr, border = scale. The EDSR paper's benchmark tables (Lim et al. 2017) and the

@@ -18,13 +18,21 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from edsr_dist.state.atomic import atomic_path
 from edsr_dist.config import DEVICES, PRECISIONS
 from edsr_dist.data.images import collect_inputs, open_image
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.errors import (
+    CommandParser,
+    UserError,
+    add_device_flags,
+    add_object_store_flags,
+    add_raw_weights_flag,
+    add_res_scale_flag,
+    at_least,
+)
 from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
 from edsr_dist.inference.tiling import TileMemoryError
-from edsr_dist.state.locations import is_url
+from edsr_dist.locations import is_url
+from edsr_dist.state.atomic import atomic_path
 from edsr_dist.state.remote import fetch_file
 
 BACKENDS = ("pytorch", "onnxruntime")
@@ -202,7 +210,7 @@ def _how(tile: int | None) -> str:
     return " in one piece" if tile == 0 else f" in {tile}-pixel tiles" if tile else ""
 
 
-def main(argv: list[str]) -> int:
+def _build_parser() -> CommandParser:
     parser = CommandParser(
         prog="edsr-dist sr",
         description="Super-resolve PNG/JPEG images with a trained EDSR; writes <stem>_x<scale>.png into --out. "
@@ -212,10 +220,7 @@ def main(argv: list[str]) -> int:
                         help="a .ckpt file, a run folder (newest valid checkpoint) or weights (.pt/.pth/.safetensors); "
                              "with --backend onnxruntime a .onnx file from `edsr-dist export`")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--cache-dir", default="", metavar="DIR",
-                        help="where an s3:// --checkpoint is cached (default: EDSR_DIST_CACHE, else ~/.cache/edsr-dist)")
-    parser.add_argument("--endpoint-url", default="", metavar="URL",
-                        help="object store endpoint for an s3:// --checkpoint (default: AWS_ENDPOINT_URL(_S3), else AWS)")
+    add_object_store_flags(parser, inputs="an s3:// --checkpoint", cached="an s3:// --checkpoint is cached")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="pytorch, or onnxruntime (an exported .onnx; torch not needed); default: the fastest "
                              "installed, ONNX Runtime on the CPU (the checkpoint exported once, verified against "
@@ -226,19 +231,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tile-pad", type=int, default=None,
                         help="LR context pixels around each tile (default: the receptive field, exact result)")
     parser.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
-    parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="PyTorch backend: autocast dtype of the network (fp32 = none; auto: as training would "
-                             "choose); an ONNX model's "
-                             "precision is chosen at export")
-    parser.add_argument("--res-scale", type=float, default=None,
-                        help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
-    parser.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
-    args = parser.parse_args(argv)
-    if args.tile is not None and args.tile < 0:
-        raise UserError(f"--tile must be >= 0, got {args.tile}")
-    if args.tile_pad is not None and args.tile_pad < 0:
-        raise UserError(f"--tile-pad must be >= 0, got {args.tile_pad}")
+    add_device_flags(parser, DEVICES, PRECISIONS, "fp32",
+                     "PyTorch backend: autocast dtype of the network (fp32 = none; auto: as training would choose); "
+                     "an ONNX model's precision is chosen at export")
+    add_res_scale_flag(parser)
+    add_raw_weights_flag(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _build_parser().parse_args(argv)
+    at_least("--tile", args.tile, 0)
+    at_least("--tile-pad", args.tile_pad, 0)
     if args.backend == "onnxruntime" and args.precision != "fp32":
         raise UserError(f"--precision {args.precision} applies to the PyTorch backend; for ONNX Runtime export an "
                         "fp16 model with `edsr-dist export --precision fp16`")
@@ -262,19 +266,7 @@ def main(argv: list[str]) -> int:
         upscaler = pytorch_upscaler(args.checkpoint, device=args.device, precision=args.precision,
                                     res_scale=args.res_scale, tile=args.tile, pad=args.tile_pad,
                                     ensemble=args.self_ensemble, raw=args.raw_weights)
-    out_dir = Path(args.out)
-    targets: dict[Path, Path] = {}
-    for src in files:
-        dst = out_dir / f"{src.stem}_x{upscaler.scale}.png"
-        if dst in targets.values():
-            other = next(k for k, v in targets.items() if v == dst)
-            raise UserError(f"inputs {other} and {src} would both be written to {dst}; rename one of them")
-        targets[src] = dst
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {out_dir} ({exc.strerror}); pass another --out") from None
-
+    targets = _output_files(files, Path(args.out), upscaler.scale)
     for src, dst in targets.items():
         image = read_source(src)
         lr, note = image.rgb, image.note
@@ -292,3 +284,19 @@ def main(argv: list[str]) -> int:
         print(f"{src} ({width}x{height}) -> {dst} ({size[0]}x{size[1]} {mode}) "
               f"in {time.perf_counter() - start:.2f} s{'; ' + note if note else ''}", flush=True)
     return 0
+
+
+def _output_files(files: list[Path], out_dir: Path, scale: int) -> dict[Path, Path]:
+    """input -> `<out>/<stem>_x<scale>.png`, every name once; the output folder made before the first image."""
+    targets: dict[Path, Path] = {}
+    for src in files:
+        dst = out_dir / f"{src.stem}_x{scale}.png"
+        if dst in targets.values():
+            other = next(k for k, v in targets.items() if v == dst)
+            raise UserError(f"inputs {other} and {src} would both be written to {dst}; rename one of them")
+        targets[src] = dst
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out_dir} ({exc.strerror}); pass another --out") from None
+    return targets

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.errors import CommandParser, UserError, add_raw_weights_flag, add_res_scale_flag
 from edsr_dist.inference.onnx_export import export_command
-from edsr_dist.state.weights import export_safetensors, export_torch
+from edsr_dist.inference.weights import export_safetensors, export_torch
 
 
 def main(argv: list[str]) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
                         help="output format (default: from the --out suffix)")
     parser.add_argument("--names", choices=("reference", "basicsr"), default="reference",
                         help="parameter names: reference (= edsr-dist, the reference EDSR code) or basicsr")
-    parser.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of the EMA of the weights it holds (runs with --ema-decay)")
+    add_raw_weights_flag(parser)
     onnx = parser.add_argument_group("ONNX")
     onnx.add_argument("--precision", choices=("fp32", "fp16"), default=None,
                       help="weights and activations inside the graph (the lr/sr interface is float32 either way)")
@@ -32,8 +32,7 @@ def main(argv: list[str]) -> int:
                       help="the photo the export is checked on (default: scikit-image's chelsea)")
     onnx.add_argument("--verify-sizes", metavar="HxW,..", default=None,
                       help="LR crop sizes of the check (default 32x48,27x41,45x30)")
-    onnx.add_argument("--res-scale", type=float, default=None,
-                      help="residual scaling for plain weight files (default 0.1 for 256 filters, else 1.0)")
+    add_res_scale_flag(onnx)
     args = parser.parse_args(argv)
     out = Path(args.out)
     suffix_format = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".onnx": "onnx"}.get(out.suffix)

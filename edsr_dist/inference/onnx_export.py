@@ -26,13 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from edsr_dist.state.atomic import atomic_path, make_parent_folder
-from edsr_dist.data.images import read_rgb
+from edsr_dist.data.images import read_rgb, to_uint8
 from edsr_dist.data.sample_store import load_sample_image
 from edsr_dist.errors import UserError
 from edsr_dist.inference.torch_runtime import load_inference_model, model_scale, receptive_field_radius
 from edsr_dist.model.edsr import bare_model
-from edsr_dist.evaluation.metrics import to_uint8
+from edsr_dist.state.atomic import atomic_path, make_parent_folder
 
 OPSET = 13
 OPSETS = (11, 12, 13, 14, 15, 16, 17, 18)  # 11: the first with DepthToSpace's CRD mode, which PixelShuffle needs

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edsr_dist.data.images import to_uint8
 from edsr_dist.errors import UserError
-from edsr_dist.evaluation.metrics import to_uint8
 from edsr_dist.inference import tiling
 from edsr_dist.inference.tiling import ArrayOps, check_rgb_uint8
 

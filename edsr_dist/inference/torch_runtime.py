@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edsr_dist.inference import tiling
-from edsr_dist.state.checkpoint import follow_pointer, is_checkpoint_file
+from edsr_dist.data.images import to_uint8
 from edsr_dist.errors import UserError
-from edsr_dist.evaluation.metrics import to_uint8
+from edsr_dist.inference import tiling
+from edsr_dist.inference.tiling import ArrayOps, check_rgb_uint8
+from edsr_dist.inference.weights import checkpoint_model, model_from_weights
 from edsr_dist.model.edsr import bare_model
 from edsr_dist.model.precision import autocast
-from edsr_dist.inference.tiling import ArrayOps, check_rgb_uint8
-from edsr_dist.state.weights import checkpoint_model, model_from_weights
+from edsr_dist.state.checkpoint import follow_pointer, is_checkpoint_file
 
 
 def receptive_field_radius(model: nn.Module) -> int:

@@ -23,7 +23,7 @@ import shlex
 import shutil
 import sys
 
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.errors import CommandParser, UserError, at_least
 from edsr_dist.launcher.hostfile import horovodrun_command, parse_hostfile
 from edsr_dist.launcher.plan import MULTI_SERVER_PORT, PROG, WORKER_VARS, build_plan, describe_plan, worker_argv
 from edsr_dist.launcher.supervise import DEFAULT_RESTART_DELAY_S, MAX_RESTART_DELAY_S, run_workers
@@ -91,18 +91,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"{' and '.join(modes)} conflict; pick one way of placing workers")
     if args.server_id is not None and args.server_index is not None:
         raise UserError("--server-id and --server-index conflict; pass only one of them")
-    if args.nproc is not None and args.nproc < 1:
-        raise UserError(f"--nproc {args.nproc}: need at least 1 worker")
-    if args.wait_table < 0:
-        raise UserError(f"--wait-table {args.wait_table:g}: must be 0 or more seconds")
-    if args.grace < 0:
-        raise UserError(f"--grace {args.grace:g}: must be 0 or more seconds")
-    if args.max_restarts < 0:
-        raise UserError(f"--max-restarts {args.max_restarts}: must be 0 or more")
-    if args.restart_delay < 0:
-        raise UserError(f"--restart-delay {args.restart_delay:g}: must be 0 or more seconds")
-    if args.min_nproc is not None and args.min_nproc < 1:
-        raise UserError(f"--min-nproc {args.min_nproc}: need at least 1 worker")
+    at_least("--nproc", args.nproc, 1, "need at least 1 worker")
+    at_least("--wait-table", args.wait_table, 0, "must be 0 or more seconds")
+    at_least("--grace", args.grace, 0, "must be 0 or more seconds")
+    at_least("--max-restarts", args.max_restarts, 0, "must be 0 or more")
+    at_least("--restart-delay", args.restart_delay, 0, "must be 0 or more seconds")
+    at_least("--min-nproc", args.min_nproc, 1, "need at least 1 worker")
     if args.min_nproc is not None and not args.max_restarts:
         raise UserError("--min-nproc only acts when a restart happens; pass --max-restarts N too")
     if args.master_port is not None and not 1 <= args.master_port <= 65535:

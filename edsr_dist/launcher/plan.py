@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from edsr_dist.config import check_batch_divides, parse_train_args
 from edsr_dist.errors import UserError
-from edsr_dist.launcher.rank_table import Device, RankTable, Server, select_server, wait_for_rank_table
-from edsr_dist.parallel import ascend_env
 from edsr_dist.launcher.pod_env import PodJob, read_pod_env, workers_per_pod
-from edsr_dist.state.locations import staging_folder
+from edsr_dist.locations import staging_folder
+from edsr_dist.parallel import ascend_env
+from edsr_dist.parallel.rank_table import Device, RankTable, Server, select_server, wait_for_rank_table
 
 V1_TABLE_NAME = "rank_table_v1.json"
 MULTI_SERVER_PORT = 29500  # every server must agree on the port without talking first, so no random one

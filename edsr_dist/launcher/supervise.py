@@ -15,8 +15,8 @@ from edsr_dist.launcher.job_store import JobStore
 from edsr_dist.launcher.plan import POLL_S, PROG, Plan, build_plan
 from edsr_dist.launcher.workers import StopRequest, run_attempt, signal_name
 from edsr_dist.state.checkpoint import newest_checkpoint_quick
-from edsr_dist.state.owner import OWNER_ENV, Ownership
 from edsr_dist.state.mirror import claim_out
+from edsr_dist.state.owner import OWNER_ENV, Ownership
 
 DEFAULT_RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 60.0

@@ -14,9 +14,9 @@ import tempfile
 
 import psutil
 
-from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.launcher.rank_table import MAX_DEVICE_ID, Device, RankTable, Server, load_rank_table, select_server
+from edsr_dist.parallel.rank_table import MAX_DEVICE_ID, Device, RankTable, Server, load_rank_table, select_server
+from edsr_dist.state.atomic import atomic_write_text
 
 HCCN_CONF = "/etc/hccn.conf"
 HCCN_TOOL_DEFAULT = "/usr/local/Ascend/driver/tools/hccn_tool"  # where the Ascend driver installs it

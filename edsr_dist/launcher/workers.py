@@ -17,7 +17,7 @@ import psutil
 from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from edsr_dist.launcher.job_store import JobStore
 from edsr_dist.launcher.plan import POLL_S, PROG, WORKER_VARS, Plan, WorkerSpec
-from edsr_dist.launcher.rank_table import RankTable
+from edsr_dist.parallel.rank_table import RankTable
 from edsr_dist.state.atomic import atomic_write_text
 
 # After a worker failed the others cannot finish a step (every step needs every rank) and usually sit in a

@@ -11,8 +11,8 @@ from functools import lru_cache
 
 import torch
 
-from edsr_dist.parallel import npu
 from edsr_dist.errors import UserError
+from edsr_dist.parallel import npu
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

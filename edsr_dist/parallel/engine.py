@@ -4,7 +4,7 @@ The training loop talks to an `Engine` and never branches on which one it has:
 - `Engine` itself: one process, nothing to synchronise (the base class is the local engine).
 - `DDPEngine`: torch.distributed + DistributedDataParallel over hccl (Ascend), nccl (CUDA) or gloo (CPU).
 - `HorovodEngine` (edsr_dist/parallel/horovod_engine.py): horovod.torch, for jobs started by horovodrun.
-Which one a run gets is decided in edsr_dist/parallel/engine_factory.py.
+Which one a run gets is decided in edsr_dist/parallel/factory.py.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from edsr_dist.errors import UserError
 from edsr_dist.parallel.ascend_env import watchdog_timeout
 from edsr_dist.parallel.world import World
-from edsr_dist.errors import UserError
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 GRAD_COMM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -12,9 +12,9 @@ import functools
 import torch
 from torch import nn
 
+from edsr_dist.errors import UserError
 from edsr_dist.parallel.engine import Engine
 from edsr_dist.parallel.world import World
-from edsr_dist.errors import UserError
 
 
 def import_horovod():

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 
 from edsr_dist.errors import UserError
-from edsr_dist.launcher.rank_table import load_rank_table, select_server
 from edsr_dist.parallel.ascend_env import logical_device, physical_device, visible_devices
+from edsr_dist.parallel.rank_table import load_rank_table, select_server
 
 
 @dataclass(frozen=True)

@@ -20,18 +20,19 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.config import Config, config_from_dict
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore
-from edsr_dist.parallel.npu import memory_format as device_memory_format
 from edsr_dist.errors import UserError
 from edsr_dist.model.edsr import build_model
 from edsr_dist.model.optim import clear_gradients, make_optimizer
 from edsr_dist.model.precision import autocast
-from edsr_dist.train.step_timer import StepTimer
-from edsr_dist.train.trainer import Trainer, TrainingDiverged
+from edsr_dist.parallel.npu import memory_format as device_memory_format
 from edsr_dist.perf.machine import median_of, peak_memory, synchronizer
+from edsr_dist.state.atomic import atomic_write_text
+from edsr_dist.train.agreement import TrainingDiverged
+from edsr_dist.train.step_timer import StepTimer
+from edsr_dist.train.trainer import Trainer
 
 # Phases of one trainer step, in the order they happen.
 PHASES = ("data_wait", "loop_other", "to_device", "forward_backward", "allreduce_wait", "optimizer", "step_other")

@@ -24,13 +24,13 @@ import torch
 
 from edsr_dist.data.images import collect_inputs, read_rgb
 from edsr_dist.data.sample_store import load_sample_image
-from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.inference.torch_runtime import frozen_cpu_network, load_inference_model, super_resolve
-from edsr_dist.model.edsr import EDSR
-from edsr_dist.inference.onnx_runtime import OnnxModel, onnxruntime_module, super_resolve_onnx
-from edsr_dist.inference.onnx_export import export_onnx, verification_image
+from edsr_dist.errors import CommandParser, at_least
 from edsr_dist.inference.command import fastest_backend
 from edsr_dist.inference.onnx_cache import cached_onnx
+from edsr_dist.inference.onnx_export import export_onnx, verification_image
+from edsr_dist.inference.onnx_runtime import OnnxModel, onnxruntime_module, super_resolve_onnx
+from edsr_dist.inference.torch_runtime import frozen_cpu_network, load_inference_model, super_resolve
+from edsr_dist.model.edsr import EDSR
 
 DEFAULT_IMAGES = ("chelsea", "coffee", "astronaut")  # the sample store's validation photos, used as LR input
 
@@ -65,7 +65,7 @@ def measure(runners: dict, images: list[tuple[str, np.ndarray]], repeat: int) ->
     return passes
 
 
-def main(argv: list[str]) -> int:
+def _build_parser() -> CommandParser:
     parser = CommandParser(prog="edsr-dist bench-sr", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="*", metavar="IN",
                         help="LR images or folders (default: scikit-image's chelsea, coffee and astronaut photos)")
@@ -78,11 +78,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tile", type=int, default=None, help="LR tile side, as in `sr` (default: automatic)")
     parser.add_argument("--self-ensemble", action="store_true", help="x8 self-ensemble, as in `sr`")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        raise UserError(f"--repeat must be >= 1, got {args.repeat}")
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _build_parser().parse_args(argv)
+    at_least("--repeat", args.repeat, 1)
+    at_least("--threads", args.threads, 0)
     threads = args.threads or torch.get_num_threads()
     images = _images(args.inputs)
     model, model_name = _model(args)
@@ -155,15 +157,20 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"{model_name}, {len(images)} images ({', '.join(report['images'])}), {threads} thread(s), fp32, "
-          f"best of {args.repeat} passes; load average {load_before[0]:.1f} -> {report['load_average_after']:.1f}")
+    _print_table(report, results, model_name, len(images), threads, args.repeat, load_before[0])
+    return 0
+
+
+def _print_table(report: dict, results: dict, model_name: str, images: int, threads: int, repeat: int,
+                 load_before: float) -> None:
+    print(f"{model_name}, {images} images ({', '.join(report['images'])}), {threads} thread(s), fp32, "
+          f"best of {repeat} passes; load average {load_before:.1f} -> {report['load_average_after']:.1f}")
     print(f"{'backend':<14} {'images/s':>9} {'SR MP/s':>8} {'LR MP/s':>8}  passes (s)")
     for name, r in results.items():
         print(f"{name:<14} {r['images_per_s']:9.3f} {r['sr_megapixels_per_s']:8.3f} {r['lr_megapixels_per_s']:8.3f}  "
               + " ".join(f"{s:.2f}" for s in r["pass_seconds"]))
     print(f"onnxruntime / pytorch: {report['onnxruntime_speedup']:.2f}x; fastest fp32 / sr's default "
           f"({report['default_backend']}): {report['default_vs_fastest_fp32']:.2f}x")
-    if default_cost:
-        print(f"sr's default, first call: the export and its check took {default_cost['first_call_export_s']:.1f} s; "
-              f"later calls find it cached in {default_cost['cached_call_s']:.2f} s")
-    return 0
+    if "first_call_export_s" in report:
+        print(f"sr's default, first call: the export and its check took {report['first_call_export_s']:.1f} s; "
+              f"later calls find it cached in {report['cached_call_s']:.2f} s")

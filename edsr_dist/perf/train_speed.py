@@ -33,13 +33,26 @@ import torch
 
 from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, check_batch_divides
 from edsr_dist.data.sample_store import ensure_sample_store
-from edsr_dist.parallel.world import World
-from edsr_dist.errors import CommandParser, UserError
+from edsr_dist.errors import (
+    CommandParser,
+    UserError,
+    add_device_flags,
+    at_least,
+)
 from edsr_dist.model.precision import resolve_device_and_precision
-from edsr_dist.train.trainer import set_threads
+from edsr_dist.parallel.world import World
 from edsr_dist.perf.machine import machine_info, median_of, train_flops_per_image
-from edsr_dist.perf.measure import (PHASE_LABELS, PHASES, BareLoop, measure_bare, measure_store, measure_trainer,
-                                    measure_workers, run_worker)
+from edsr_dist.perf.measure import (
+    PHASE_LABELS,
+    PHASES,
+    BareLoop,
+    measure_bare,
+    measure_store,
+    measure_trainer,
+    measure_workers,
+    run_worker,
+)
+from edsr_dist.train.device import set_threads
 
 PROG = "edsr-dist bench"
 DEFAULT_PRESET = "baseline"
@@ -59,9 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                             "scaling. All figures come from one run.")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model/data preset ({', '.join(PRESETS)}); "
                                                              f"default {DEFAULT_PRESET}")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="default auto (bf16 on CPUs with native bf16)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    add_device_flags(p, DEVICES, PRECISIONS, "auto", "default auto (bf16 on CPUs with native bf16)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="memory format of activations (default: the preset's, channels_last)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -98,20 +109,14 @@ def parse_bench_args(argv: list[str]) -> argparse.Namespace:
     args = _parser().parse_args(argv)
     if args.worker_report:
         return args
-    if args.steps < 1:
-        raise UserError(f"--steps {args.steps}: need at least 1 timed step")
-    if args.warmup < 1:
-        raise UserError(f"--warmup {args.warmup}: need at least 1 warm-up step (the first one includes one-off set-up)")
-    if args.repeat < 1:
-        raise UserError(f"--repeat {args.repeat}: need at least 1")
+    at_least("--steps", args.steps, 1, "need at least 1 timed step")
+    at_least("--warmup", args.warmup, 1, "need at least 1 warm-up step (the first one includes one-off set-up)")
+    at_least("--repeat", args.repeat, 1, "need at least 1")
+    at_least("--nproc", args.nproc, 1, "need at least 1 worker")
+    at_least("--compare-nproc", args.compare_nproc, 2, "compare against at least 2 workers")
+    at_least("--threads", args.threads, 0, "must be 1 or more (0 = automatic)")
     if not 1 <= args.block_steps <= args.steps:
         raise UserError(f"--block-steps {args.block_steps}: must be 1 to --steps ({args.steps})")
-    if args.nproc < 1:
-        raise UserError(f"--nproc {args.nproc}: need at least 1 worker")
-    if args.compare_nproc is not None and args.compare_nproc < 2:
-        raise UserError(f"--compare-nproc {args.compare_nproc}: compare against at least 2 workers")
-    if args.threads < 0:
-        raise UserError(f"--threads {args.threads}: must be 1 or more (0 = automatic)")
     if args.store_seconds <= 0:
         raise UserError(f"--store-seconds {args.store_seconds:g}: must be positive")
     if args.data and not Path(args.data).exists():

@@ -9,7 +9,7 @@ File layout (one file per save, `<out>/checkpoints/step_<step:08d>.ckpt`):
 
 Next to the step files: `latest` and `best` (one line each, a file name) and `index.json`
 (write order, step and validation PSNR of every kept file). All of them are replaced atomically
-(edsr_dist/atomic.py: temporary file in the same folder, fsync, rename, fsync of the folder), so a crash, a kill or a
+(edsr_dist/state/atomic.py: temporary file in the same folder, fsync, rename, fsync of the folder), so a crash, a kill or a
 full disk never leaves a half-written checkpoint where a resume would pick it up.
 
 The payload is read with weights_only unpickling (`edsr_dist.state.safe_load`): tensors, containers, numbers and
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from edsr_dist.state.atomic import atomic_write_bytes
 from edsr_dist.errors import UserError
+from edsr_dist.state.atomic import atomic_write_bytes
 from edsr_dist.state.safe_load import load_tensors
 
 MAGIC = b"EDSRCKPT1"

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edsr_dist.errors import UserError
+from edsr_dist.locations import is_url, join_url, staging_folder
 from edsr_dist.state.atomic import atomic_path, make_parent_folder
 from edsr_dist.state.bucket_lock import BucketLock
-from edsr_dist.state.checkpoint import (BEST, CHECKPOINT_DIR, INDEX, LATEST, list_checkpoints, verify_checkpoint)
-from edsr_dist.state.locations import is_url, join_url, staging_folder
-from edsr_dist.state.remote import describe_failure, filesystem
+from edsr_dist.state.checkpoint import BEST, CHECKPOINT_DIR, INDEX, LATEST, list_checkpoints, verify_checkpoint
 from edsr_dist.state.owner import Ownership
+from edsr_dist.state.remote import describe_failure, filesystem
 from edsr_dist.state.run_folder import METRICS, hold_run_folder
 
 # Back-off between tries of one upload (seconds); after the last one the upload is given up and reported.

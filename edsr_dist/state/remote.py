@@ -27,8 +27,8 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from edsr_dist.errors import UserError
+from edsr_dist.locations import cached_object_path, split_url
 from edsr_dist.state.atomic import atomic_write_text, make_parent_folder
-from edsr_dist.state.locations import cached_object_path, split_url
 
 INSTALL_HINT = "pip install 'edsr-dist[s3]' (fsspec with s3fs)"
 # s3fs speaks to every S3-compatible store; obs:// (the ModelArts spelling) is OBS through its S3 endpoint.

@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from edsr_dist.errors import UserError
+from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from edsr_dist.state.owner import OWNER_ENV, LocalLock, OwnerLock, Ownership, check_launcher_owns, claim
 
 METRICS = "metrics.jsonl"

@@ -9,7 +9,8 @@ from edsr_dist.config import Config, parse_train_args
 from edsr_dist.errors import EXIT_COLLECTIVE_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_UPLOAD_FAILED
 from edsr_dist.parallel.engine import describe_collective_failure
 from edsr_dist.state.checkpoint import find_checkpoint
-from edsr_dist.train.trainer import MAX_BAD_STEPS, Interrupted, Trainer, TrainingDiverged
+from edsr_dist.train.agreement import MAX_BAD_STEPS, TrainingDiverged
+from edsr_dist.train.trainer import Interrupted, Trainer
 
 
 def _collective_failure_exit(exc: RuntimeError, cfg: Config, rank: int | None) -> int:
@@ -39,7 +40,8 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         # 128 + the signal, as a shell reports a process the signal ended (130 for Ctrl-C); a rank that stopped
         # only because another rank was signalled says 143, as for the launcher's SIGTERM.
-        code = 128 + trainer.stop_signal if trainer.stop_signal else EXIT_INTERRUPTED
+        stop_signal = trainer.agreement.stop_signal
+        code = 128 + stop_signal if stop_signal else EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         clean = True  # every rank saw the same flags and stops at the same step
         if trainer.is_main:
@@ -55,8 +57,8 @@ def main(argv: list[str]) -> int:
         code = _collective_failure_exit(exc, cfg, trainer.world.rank)
     finally:
         trainer.close(clean)
-    if trainer.upload_problem:
-        print(f"edsr-dist train: error: {trainer.upload_problem}", file=sys.stderr, flush=True)
+    if trainer.checkpointer.upload_problem:
+        print(f"edsr-dist train: error: {trainer.checkpointer.upload_problem}", file=sys.stderr, flush=True)
         code = code or EXIT_UPLOAD_FAILED
     if trainer.world.distributed:
         _exit_before_interpreter_teardown(code)

@@ -15,6 +15,7 @@ from edsr_dist.config import Config
 from edsr_dist.data.store import PatchStore
 from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
+from edsr_dist.parallel.world import World
 from edsr_dist.state.atomic import atomic_write_text
 
 # Fewer steps than this per epoch (when the store decides the epoch's length) means checkpoints and validation
@@ -142,51 +143,40 @@ def recipe_warnings(cfg: Config, steps_per_epoch: int, store: PatchStore) -> lis
     return warnings
 
 
-def banner(trainer) -> str:
-    w = trainer.world
-    where = f"resumed from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from else "fresh start"
-    if trainer.initialized_from:
-        where += f" from the weights of {trainer.initialized_from}"
-    elif trainer.resumed_from and trainer.cfg.init_from:
-        where += f" (--init-from {trainer.cfg.init_from} applies to a fresh start only)"
-    recipe = f"lr {trainer.cfg.lr_schedule}, peak {base_lr(trainer.cfg):.3e}" + (
-        f" after {trainer.cfg.warmup_steps} warm-up steps" if trainer.cfg.warmup_steps else "")
-    if trainer.ema is not None:
-        recipe += f", EMA {trainer.cfg.ema_decay}"
-    if trainer.cfg.grad_clip_norm:
-        recipe += f", grad clip {trainer.cfg.grad_clip_norm}"
-    layout = "channels_last" if trainer.memory_format == torch.channels_last else "contiguous"
-    if trainer.device.type == "npu" and trainer.cfg.channels_last:
+def banner(cfg: Config, world: World, *, engine: str, device: torch.device, precision: str,
+           memory_format: torch.memory_format, speed: list[str], threads: int, steps_per_epoch: int,
+           total_steps: int, start: str) -> str:
+    """The run's first line: model, world, device and number formats, speed settings (`speed`: the optimizer
+    first), the recipe, and where it starts (`start`: Checkpointer.describe_start)."""
+    recipe = f"lr {cfg.lr_schedule}, peak {base_lr(cfg):.3e}" + (
+        f" after {cfg.warmup_steps} warm-up steps" if cfg.warmup_steps else "")
+    if cfg.ema_decay:
+        recipe += f", EMA {cfg.ema_decay}"
+    if cfg.grad_clip_norm:
+        recipe += f", grad clip {cfg.grad_clip_norm}"
+    layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
+    if device.type == "npu" and cfg.channels_last:
         layout += " (NPU tensors are contiguous only; channels_last ignored)"
-    return (f"edsr-dist {__version__}: EDSR x{trainer.cfg.scale} {trainer.cfg.num_blocks}x{trainer.cfg.num_filters}, "
-            f"{w.size} worker(s) via {w.launcher}, engine {trainer.engine_name}, device {trainer.device}, "
-            f"{trainer.precision}, {layout}, {_speed_settings(trainer)}, {trainer.threads} thread(s)/worker, "
-            f"global batch {trainer.cfg.batch_size}, "
-            f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps, {recipe}; {where}"
-            f"{_unused_devices_note(trainer)}")
+    if cfg.grad_comm != "none" and world.size > 1:
+        speed = [speed[0], f"{cfg.grad_comm} gradient all-reduce", *speed[1:]]
+    return (f"edsr-dist {__version__}: EDSR x{cfg.scale} {cfg.num_blocks}x{cfg.num_filters}, "
+            f"{world.size} worker(s) via {world.launcher}, engine {engine}, device {device}, "
+            f"{precision}, {layout}, {', '.join(speed)}, {threads} thread(s)/worker, "
+            f"global batch {cfg.batch_size}, "
+            f"{steps_per_epoch} steps/epoch, {total_steps} steps, {recipe}; {start}"
+            f"{_unused_devices_note(world, device)}")
 
 
-def _unused_devices_note(trainer) -> str:
+def _unused_devices_note(world: World, device: torch.device) -> str:
     """One process per pod (RANK/WORLD_SIZE only) uses one device; say so where the pod has more."""
-    if trainer.world.launcher != "env" or trainer.device.type not in ("npu", "cuda"):
+    if world.launcher != "env" or device.type not in ("npu", "cuda"):
         return ""
-    count = torch.npu.device_count() if trainer.device.type == "npu" else torch.cuda.device_count()
+    count = torch.npu.device_count() if device.type == "npu" else torch.cuda.device_count()
     if count <= 1:
         return ""
-    kind = "NPUs" if trainer.device.type == "npu" else "GPUs"
+    kind = "NPUs" if device.type == "npu" else "GPUs"
     return (f"; this process uses 1 of the {count} {kind} it sees (one process per pod, from RANK/WORLD_SIZE): "
             "run `edsr-dist launch` in the pod to use all of them")
-
-
-def _speed_settings(trainer) -> str:
-    parts = [trainer.optimizer_name]
-    if trainer.cfg.grad_comm != "none" and trainer.world.size > 1:
-        parts.append(f"{trainer.cfg.grad_comm} gradient all-reduce")
-    if trainer.compiled:
-        parts.append("torch.compile")
-    if trainer.kernels:
-        parts.append(trainer.kernels)
-    return ", ".join(parts)
 
 
 def drop_metrics_after(out: Path, step: int) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edsr_dist.launcher.rank_table import load_rank_table
-from edsr_dist.parallel.world import discover_world
 from edsr_dist.errors import UserError
+from edsr_dist.parallel.rank_table import load_rank_table
+from edsr_dist.parallel.world import discover_world
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -154,7 +154,7 @@ def test_checker_agrees_with_hccl(tmp_path):
 # ---- item 8: Kubernetes tables that are not complete yet -----------------------------------------------------
 
 def test_wait_for_a_table_that_completes_later(tmp_path):
-    from edsr_dist.launcher.rank_table import wait_for_rank_table
+    from edsr_dist.parallel.rank_table import wait_for_rank_table
 
     doc = v1([("10.0.0.1", [(0, "192.168.0.1")])])
     path = write(tmp_path, {"status": "initializing"})

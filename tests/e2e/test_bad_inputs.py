@@ -18,9 +18,7 @@ from typing import Callable
 
 import h5py
 import pytest
-
 from helpers import REPO, TINY
-
 
 # (work folder, sample store) -> the CLI arguments of one case, after writing the files it needs.
 MakeArgs = Callable[[Path, Path], list[str]]

@@ -4,9 +4,9 @@ the step breakdown arithmetic, and bad flags."""
 import json
 
 import pytest
+from helpers import run_cli
 
 from edsr_dist.perf.train_speed import PHASES, format_report
-from helpers import run_cli
 
 TINY_BENCH = ["bench", "--preset", "sample", "--num-blocks", "2", "--num-filters", "8", "--batch-size", "4",
               "--patch-size", "16", "--steps", "3", "--warmup", "1", "--precision", "fp32", "--threads", "2",

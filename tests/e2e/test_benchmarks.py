@@ -10,19 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, run_cli, spawn_ranks
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from helpers import TINY, run_cli, spawn_ranks
-from edsr_dist.evaluation.benchmark_suite import format_table
-from edsr_dist.evaluation.benchmark_sets import find_sets
 from edsr_dist.data.resize import matlab_style_bicubic_upscale
 from edsr_dist.data.skimage_benchmarks import write_benchmarks
 from edsr_dist.errors import UserError
+from edsr_dist.evaluation.benchmark_sets import find_sets
+from edsr_dist.evaluation.benchmark_suite import format_table
 from edsr_dist.evaluation.command import main as eval_main
+from edsr_dist.evaluation.protocols import PROTOCOLS
 from edsr_dist.inference.torch_runtime import super_resolve
 from edsr_dist.model.edsr import EDSR
-from edsr_dist.evaluation.protocols import PROTOCOLS
 
 SIZE = 3  # 37 x 85 pixel crops: odd, so every scale crops
 RESULT_KEYS = {"checkpoint", "set", "scale", "images", "psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "step",
@@ -233,9 +233,9 @@ def test_validation_on_a_benchmark_set_agrees_with_eval(sample_store, roots, tmp
 
 
 def test_store_validation_can_add_a_protocol(sample_store):
-    from edsr_dist.evaluation.benchmark_sets import validation_source
     from edsr_dist.config import build_config
     from edsr_dist.data.store import PatchStore
+    from edsr_dist.evaluation.benchmark_sets import validation_source
 
     store = PatchStore(str(sample_store), 2)
     try:

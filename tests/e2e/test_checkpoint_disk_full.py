@@ -8,9 +8,9 @@ import sys
 import textwrap
 
 import torch
+from helpers import REPO
 
 from edsr_dist.state.checkpoint import find_checkpoint, save_checkpoint
-from helpers import REPO
 
 
 def _limit_file_size():

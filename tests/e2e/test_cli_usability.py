@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import yaml
-
 from helpers import REPO, TINY, run_cli
+
 from edsr_dist import __version__
 from edsr_dist.cli import main as cli_main
 from edsr_dist.config import PRESETS, build_config

@@ -3,8 +3,6 @@ import subprocess
 import sys
 
 
-
-
 def test_cli_bad_flag_exits_2_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "edsr_dist", "train", "--epochs", "zero"],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)

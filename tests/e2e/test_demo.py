@@ -8,7 +8,6 @@ import sys
 from helpers import REPO
 
 
-
 def test_run_1p_with_no_arguments_is_the_cpu_demo(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, XDG_CACHE_HOME=str(tmp_path / "cache"))
     env.pop("EDSR_DIST_CACHE", None)

@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edsr_dist.data.sample_store import default_sample_store_path
 from helpers import REPO, clean_env
+
+from edsr_dist.data.sample_store import default_sample_store_path
 
 SHORTER = ["--max-steps", "4", "--max-val-images", "1", "--samples-png", "false", "--tensorboard", "false",
            "--progress", "false", "--num-threads", "1"]

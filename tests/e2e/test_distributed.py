@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from helpers import REPO, TINY, free_port, max_relative_difference, run_cli, spawn_ranks
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
-from helpers import REPO, TINY, free_port, max_relative_difference, run_cli, spawn_ranks
 
 
 def final_weights(out_dir):

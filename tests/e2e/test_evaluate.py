@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY, run_cli
 from PIL import Image
 
 from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import UserError
 from edsr_dist.evaluation.command import main as eval_main
-from helpers import TINY, run_cli
 
 VAL_IMAGES = 2
 
@@ -120,7 +120,7 @@ def test_folder_of_hr_pngs_matches_the_store_and_modcrops(run_dir, sample_store,
 
 
 def test_weights_file_and_self_ensemble(run_dir, sample_store, tmp_path, capsys):
-    from edsr_dist.state.weights import export_torch
+    from edsr_dist.inference.weights import export_torch
 
     checkpoint = run_dir / "checkpoints" / "step_00000020.ckpt"
     weights = export_torch(checkpoint, tmp_path / "edsr_x2.pt", names="basicsr")

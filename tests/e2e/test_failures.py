@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, TINY, Job, assert_no_process_left, clean_env
-
 
 # A run far longer than any test: only a fault (or max-steps) ends it.
 ENDLESS = [*TINY, "--steps-per-epoch", "100000", "--log-every", "5"]

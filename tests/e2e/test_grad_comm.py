@@ -3,9 +3,9 @@
 import sys
 
 import pytest
+from helpers import TINY, max_relative_difference, spawn_ranks
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
-from helpers import TINY, max_relative_difference, spawn_ranks
 
 STEPS = 12
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY, Job, assert_no_process_left, free_port, max_relative_difference, v1, write_table
 
 STEPS = 20

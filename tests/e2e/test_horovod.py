@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
+from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
-from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 
 STEPS = 24  # per epoch; global batch 4 (TINY), so 2 samples per rank with 2 workers
 

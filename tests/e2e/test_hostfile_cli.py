@@ -9,7 +9,6 @@ import sys
 
 from helpers import REPO
 
-
 HOSTFILE = "gpu-a slots=4\ngpu-b slots=2\n"
 
 

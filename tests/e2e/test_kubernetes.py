@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import REPO, TINY, clean_env, free_port
 
 MANIFESTS = REPO / "examples" / "kubernetes"

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY, free_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, assert_no_process_left
-
 
 WORKER = r'''
 import json, os, signal, subprocess, sys, time

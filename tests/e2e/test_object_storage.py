@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from edsr_dist.state.checkpoint import load_checkpoint
 from helpers import REPO, TINY, make_hr_folder, run_cli
 from s3_server import Relay
+
+from edsr_dist.state.checkpoint import load_checkpoint
 
 STEPS_PER_EPOCH = 10
 

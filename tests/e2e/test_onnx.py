@@ -13,19 +13,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 from safetensors.torch import save_file
 
-from helpers import REPO
 from edsr_dist.cli import main as cli_main
+from edsr_dist.data.images import to_uint8
 from edsr_dist.data.sample_store import load_sample_image
 from edsr_dist.errors import UserError
-from edsr_dist.inference.torch_runtime import receptive_field_radius, super_resolve
-from edsr_dist.evaluation.metrics import to_uint8
-from edsr_dist.model.edsr import EDSR
-from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
 from edsr_dist.inference.onnx_export import OPSET, VERIFY_SIZES, export_onnx
-from edsr_dist.state.weights import model_from_weights
+from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
+from edsr_dist.inference.torch_runtime import receptive_field_radius, super_resolve
+from edsr_dist.inference.weights import model_from_weights
+from edsr_dist.model.edsr import EDSR
 
 PHOTO = load_sample_image("astronaut")  # not the export's own check image
 

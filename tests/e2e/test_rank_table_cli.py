@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from edsr_dist.launcher.rank_table import load_rank_table
 from helpers import REPO, run_cli, v1, write_table
+
+from edsr_dist.parallel.rank_table import load_rank_table
 
 
 def rank_table_cli(*args: str):

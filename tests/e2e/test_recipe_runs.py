@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import REPO, TINY, max_relative_difference, run_cli, spawn_ranks
 from test_resume import assert_bit_identical, final_state, kill_when, latest_is, start_hooked, train_args
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, TINY, free_port, max_relative_difference, run_cli, spawn_ranks
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint, verify_checkpoint
-from helpers import REPO, TINY, free_port, max_relative_difference, run_cli, spawn_ranks
 
 STEPS_PER_EPOCH = 10
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH

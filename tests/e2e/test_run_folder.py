@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY, run_cli
+
 from edsr_dist.errors import UserError
 from edsr_dist.state.run_folder import claim_run_folder
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, Job, clean_env, run_cli
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.state.owner import LocalLock, read_owner
-from helpers import TINY, Job, clean_env, run_cli
 
 HOOKED_TRAIN = r"""
 import os, sys, time

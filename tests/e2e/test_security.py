@@ -1,8 +1,8 @@
 """A checkpoint or weights file is data: loading one never runs code from it, in every command that reads one."""
 
 import io
-import re
 import os
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -10,12 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, TINY, run_cli
 from PIL import Image
 
-from helpers import REPO, TINY, run_cli
-from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, load_checkpoint, save_checkpoint, verify_checkpoint
-from edsr_dist.state.weights import checkpoint_model
 from edsr_dist.errors import UserError
+from edsr_dist.inference.weights import checkpoint_model
+from edsr_dist.state.checkpoint import (
+    find_checkpoint,
+    follow_pointer,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 
 # Written by commit 0a0567e's trainer (`git archive 0a0567e`, then in that tree: `edsr-dist build-store --sample
 # --out sample.h5` and `edsr-dist train --preset sample --data sample.h5 --out run --num-blocks 1 --num-filters 4

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from edsr_dist.cli import main as cli_main
-from helpers import REPO
 
 
 def test_cli_and_data_tools_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,6 @@ import threading
 import time
 
 import psutil
-
 from helpers import TINY, assert_no_process_left, clean_env, free_port
 
 TIMEOUT_S = 90

@@ -2,11 +2,11 @@
 
 import json
 
+from helpers import TINY, run_cli
 from PIL import Image
 
 from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.train.reporting import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT
-from helpers import TINY, run_cli
 
 
 def test_short_training_run_reduces_the_loss_and_writes_everything(sample_store, tmp_path):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from edsr_dist.perf.measure import PHASES, step_phases as _step_phases
+from edsr_dist.perf.measure import PHASES
+from edsr_dist.perf.measure import step_phases as _step_phases
 
 
 def test_step_phases_partition_the_step():

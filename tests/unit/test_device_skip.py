@@ -5,12 +5,12 @@ import contextlib
 
 import pytest
 import torch
+from helpers import TINY
 
 from edsr_dist.config import parse_train_args
 from edsr_dist.parallel.world import World
 from edsr_dist.train.step_timer import StepTimer
 from edsr_dist.train.trainer import Trainer
-from helpers import TINY
 
 INJECT_AT_STEP = 3
 

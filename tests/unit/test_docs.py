@@ -1,7 +1,7 @@
 """The docs stay true to the tree: every relative link in README.md, docs/*.md and the other pages resolves (files, and #anchors as
 GitHub makes them from headings), every `edsr-dist <command> --flag` they quote (also through `python -m edsr_dist`,
-torchrun, horovodrun, mpirun and the launch/ scripts) names a real command and a real flag, and ARCHITECTURE.md's
-layer table is test_imports.LAYERS.
+torchrun, horovodrun, mpirun and the launch/ scripts) names a real command and a real flag, ARCHITECTURE.md's
+package order is test_imports.ORDER, and every `edsr_dist/...` path a docstring or comment names exists.
 
 A command's flags come from the parser the command itself builds: its `main` is called with no arguments and stopped
 at the first parse (nothing after it runs); `train` takes `--<field>` for every Config field (config.parse_train_args).
@@ -14,15 +14,16 @@ import importlib
 import importlib.util
 import re
 import shlex
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import REPO
+from test_imports import ORDER
 
 from edsr_dist.cli import COMMANDS
 from edsr_dist.config import field_names
-from helpers import REPO
-from test_imports import LAYERS
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "BENCHMARKS.md", REPO / "SECURITY.md",
          REPO / "rank_table" / "README.md"]
@@ -289,7 +290,7 @@ REPO_DIRS = {"edsr_dist", "tests", "launch", "rank_table", "scripts", "data_tool
 
 def stale_names(page: Path, root: Path = REPO) -> list[str]:
     """Code spans naming a file of the repository (`launcher/plan.py`, `tests/e2e/test_onnx.py`), a name in a module
-    (`state/checkpoint.save_checkpoint`) or a dotted module path (`edsr_dist.state.weights.load_pretrained`) that is
+    (`state/checkpoint.save_checkpoint`) or a dotted module path (`edsr_dist.inference.weights.load_pretrained`) that is
     not there: a module moved and the page kept its old place."""
     prose, _ = split_markdown(page.read_text())
     stale = []
@@ -338,15 +339,11 @@ def test_every_quoted_module_file_and_name_exists():
     assert not stale, "\n".join(stale)
 
 
-def test_the_architecture_layer_table_is_the_import_test_layers():
+def test_the_architecture_package_order_is_the_import_test_order():
     text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
-    table = text.split("| layer | modules | holds |", 1)[1].split("\n\n", 1)[0]
-    documented = []
-    for row in table.splitlines()[2:]:
-        cells = row.split("|")
-        names = INLINE_CODE.findall(cells[2])
-        documented.append(sorted(n if n == "edsr_dist" else "edsr_dist." + n.replace("/", ".") for n in names))
-    assert documented == [sorted(layer) for layer in LAYERS]
+    table = text.split("| order | package | holds |", 1)[1].split("\n\n", 1)[0]
+    documented = [INLINE_CODE.findall(row.split("|")[2])[0] for row in table.splitlines()[2:]]
+    assert documented == ORDER
 
 
 def test_the_package_maps_list_every_package_and_module():
@@ -401,15 +398,15 @@ def test_a_moved_module_is_caught(tmp_path):
     page = tmp_path / "PAGE.md"
     page.write_text(
         "Fine: `launcher/plan.py`, `state/checkpoint.save_checkpoint`, `inference/torch_runtime`, `tests/e2e/`,\n"
-        "`runs/sample/checkpoints/`, `edsr_dist.state.weights.load_pretrained`.\n"
+        "`runs/sample/checkpoints/`, `edsr_dist.inference.weights.load_pretrained`.\n"
         "Stale: `parallel/launcher.py`, `state/checkpoint.save_checkpointz`, `tests/test_onnx.py`,\n"
-        "`edsr_dist.weights.load_pretrained`, `edsr_dist.state.weights.load_pretrainedz`.\n")
+        "`edsr_dist.weights.load_pretrained`, `edsr_dist.inference.weights.load_pretrainedz`.\n")
     assert stale_names(page) == [
         "PAGE.md: `parallel/launcher.py` does not exist",
         "PAGE.md: `state/checkpoint.save_checkpointz`: edsr_dist/state/checkpoint.py has no save_checkpointz",
         "PAGE.md: `tests/test_onnx.py` does not exist",
         "PAGE.md: edsr_dist.weights.load_pretrained: no weights in edsr_dist",
-        "PAGE.md: edsr_dist.state.weights.load_pretrainedz: no load_pretrainedz in edsr_dist.state.weights",
+        "PAGE.md: edsr_dist.inference.weights.load_pretrainedz: no load_pretrainedz in edsr_dist.inference.weights",
     ]
 
 
@@ -421,3 +418,35 @@ def test_a_moved_module_is_caught(tmp_path):
 ])
 def test_github_slugs(heading, slug):
     assert github_slug(heading) == slug
+
+
+PATH_IN_TEXT = re.compile(r"\bedsr_dist/[\w/]*\w(?:\.py)?")
+
+
+def stale_source_paths(files) -> list[str]:
+    """`edsr_dist/...` paths named in the comments and strings (docstrings among them) of Python files that are not
+    there: a module moved and a comment kept its old place."""
+    stale = []
+    for path in files:
+        with open(path, "rb") as f:
+            for token in tokenize.tokenize(f.readline):
+                if token.type not in (tokenize.COMMENT, tokenize.STRING):
+                    continue
+                for named in PATH_IN_TEXT.findall(token.string):
+                    if not (REPO / named).exists() and not (REPO / f"{named}.py").is_file():
+                        where = Path(path).relative_to(REPO) if Path(path).is_relative_to(REPO) else Path(path).name
+                        stale.append(f"{where}:{token.start[0]}: {named}")
+    return stale
+
+
+def test_every_source_path_named_in_comments_and_docstrings_exists():
+    files = [p for folder in ("edsr_dist", "tests", "scripts", "data_tools") for p in sorted((REPO / folder).rglob("*.py"))]
+    stale = stale_source_paths(files)
+    assert not stale, "\n".join(stale)
+
+
+def test_the_source_path_check_sees_a_moved_module(tmp_path):
+    old = "edsr_dist" + "/atomic.py"  # split, so that this file does not name it
+    source = tmp_path / "moved.py"
+    source.write_text(f'"""Writes atomically ({old})."""\n# see edsr_dist/state/atomic.py\n')
+    assert [line.split(": ", 1)[1] for line in stale_source_paths([source])] == [old]

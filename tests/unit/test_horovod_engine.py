@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
+from edsr_dist.errors import UserError
 from edsr_dist.parallel.horovod_engine import HorovodEngine, dense_view
 from edsr_dist.parallel.world import World
-from edsr_dist.errors import UserError
 
 
 def test_dense_view_makes_channels_last_contiguous_in_place():

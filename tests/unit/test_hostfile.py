@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edsr_dist.launcher.hostfile import horovodrun_command, parse_hostfile
 from edsr_dist.errors import UserError
+from edsr_dist.launcher.hostfile import horovodrun_command, parse_hostfile
 
 GOOD = """# two GPU servers
 gpu-a slots=4

@@ -4,14 +4,19 @@ import torch
 from PIL import Image
 from torch import nn
 
-from edsr_dist.state.checkpoint import save_checkpoint
 from edsr_dist.cli import main as cli_main
 from edsr_dist.config import Config
-from edsr_dist.inference.torch_runtime import (forward_tiled, frozen_cpu_network, receptive_field_radius, self_ensemble,
-                                              super_resolve)
-from edsr_dist.evaluation.metrics import to_uint8
+from edsr_dist.data.images import to_uint8
 from edsr_dist.inference.command import write_rgb_png
+from edsr_dist.inference.torch_runtime import (
+    forward_tiled,
+    frozen_cpu_network,
+    receptive_field_radius,
+    self_ensemble,
+    super_resolve,
+)
 from edsr_dist.model.edsr import EDSR, build_model
+from edsr_dist.state.checkpoint import save_checkpoint
 
 
 def _model(scale=2, blocks=2, filters=8, seed=0):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edsr_dist.errors import UserError
-from edsr_dist.state.locations import cache_root, cached_object_path, is_url, split_url, staging_folder
+from edsr_dist.locations import cache_root, cached_object_path, is_url, split_url, staging_folder
 
 
 def test_urls_and_paths():

@@ -5,7 +5,8 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from edsr_dist.evaluation.metrics import psnr, psnr_rgb, psnr_y, rgb_to_y, ssim_y, to_uint8
+from edsr_dist.data.images import to_uint8
+from edsr_dist.evaluation.metrics import psnr, psnr_rgb, psnr_y, rgb_to_y, ssim_y
 
 
 def _pair(seed=0, shape=(48, 64, 3), noise=12):

@@ -13,15 +13,22 @@ import threading
 import time
 
 import pytest
-
 from helpers import REPO
 
 from edsr_dist.errors import UserError
 from edsr_dist.state import owner as owner_mod
-from edsr_dist.state.owner import (LocalLock, OwnerRecord, check_launcher_owns, claim, describe, machine_identity,
-                                   owner_gone, read_owner, stale_after)
+from edsr_dist.state.owner import (
+    LocalLock,
+    OwnerRecord,
+    check_launcher_owns,
+    claim,
+    describe,
+    machine_identity,
+    owner_gone,
+    read_owner,
+    stale_after,
+)
 from edsr_dist.state.run_folder import hold_run_folder
-
 
 CREATE_AT = """
 import sys, time

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-from edsr_dist.launcher.rank_table import Device, load_rank_table
-from edsr_dist.launcher.table_command import parse_device_list
-from edsr_dist.errors import UserError
 from helpers import REPO, v1, write_table
+
+from edsr_dist.errors import UserError
+from edsr_dist.launcher.table_command import parse_device_list
+from edsr_dist.parallel.rank_table import Device, load_rank_table
 
 
 @pytest.mark.parametrize("numbers_as", [str, int])

@@ -1,16 +1,16 @@
 """The training recipe in-process: --init-from across scales, the EMA of the weights (its update, its place in
 checkpoints, which weights eval/sr/export get), the batch-divides message, the warnings, the paper presets."""
 
-import torch
 import pytest
+import torch
 
-from edsr_dist.state.checkpoint import load_checkpoint, save_checkpoint
 from edsr_dist.config import build_config, check_batch_divides, parse_train_args
-from edsr_dist.model.ema import WeightEMA
 from edsr_dist.errors import UserError
+from edsr_dist.inference.weights import checkpoint_model, load_matching, to_basicsr_state_dict
 from edsr_dist.model.edsr import EDSR
+from edsr_dist.model.ema import WeightEMA
+from edsr_dist.state.checkpoint import load_checkpoint, save_checkpoint
 from edsr_dist.train.reporting import MIN_STEPS_PER_EPOCH, module_groups, recipe_warnings
-from edsr_dist.state.weights import checkpoint_model, load_matching, to_basicsr_state_dict
 
 
 def tiny(scale: int, filters: int = 8, blocks: int = 2) -> EDSR:

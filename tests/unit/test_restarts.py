@@ -4,14 +4,14 @@ the launchers of several servers agree (their store, in-process)."""
 import time
 
 import pytest
+from helpers import free_port
 
-from edsr_dist.state.checkpoint import save_checkpoint
 from edsr_dist.config import parse_train_args
+from edsr_dist.errors import UserError
 from edsr_dist.launcher.job_store import JobStore
 from edsr_dist.launcher.plan import Plan
 from edsr_dist.launcher.supervise import _drop_device, _restart_train_args, restart_delay
-from edsr_dist.errors import UserError
-from helpers import free_port
+from edsr_dist.state.checkpoint import save_checkpoint
 
 
 def test_back_off_doubles_up_to_a_minute():

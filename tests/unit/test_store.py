@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import make_hr_folder, make_official_lr, smooth_image, write_png
 
 from edsr_dist.cli import main as cli_main
 from edsr_dist.data.build_store import main as build_main
@@ -20,7 +21,6 @@ from edsr_dist.data.resize import matlab_style_bicubic_downscale, pil_bicubic_do
 from edsr_dist.data.sample_store import SAMPLE_SCENES, build_sample_store, sample_split
 from edsr_dist.data.store import PatchStore, crc32_of, store_info, verify_store
 from edsr_dist.errors import UserError
-from helpers import make_hr_folder, make_official_lr, smooth_image, write_png
 
 TILE = 24  # divisible by 2, 3 and 4
 SCALES = (2, 3, 4)

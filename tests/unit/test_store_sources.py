@@ -10,10 +10,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import make_hr_folder, make_official_lr, smooth_image
 from PIL import Image
 
 import edsr_dist.data.store as store_module
-from edsr_dist.evaluation.benchmark_sets import validation_source
 from edsr_dist.config import Config
 from edsr_dist.data.build_store import main as build_main
 from edsr_dist.data.builder import SourceFolder, SourceImage, write_store
@@ -22,8 +22,8 @@ from edsr_dist.data.sample_store import default_sample_store_path, ensure_sample
 from edsr_dist.data.sampler import TrainSampler
 from edsr_dist.data.store import PatchStore, store_info, verify_store
 from edsr_dist.errors import UserError
+from edsr_dist.evaluation.benchmark_sets import validation_source
 from edsr_dist.evaluation.command import folder_images
-from helpers import make_hr_folder, make_official_lr, smooth_image
 
 TILE = 24
 SCALES = (2, 3, 4)

@@ -2,20 +2,21 @@
 
 import contextlib
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY
 from PIL import Image
 
-from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.config import parse_train_args
-from edsr_dist.parallel.world import World
-from edsr_dist.train.step_timer import StepTimer
 from edsr_dist.evaluation.metrics import psnr_y
+from edsr_dist.parallel.world import World
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
 from edsr_dist.train.reporting import SAMPLE_GAP, SAMPLE_LABEL_HEIGHT, sample_labels
+from edsr_dist.train.step_timer import StepTimer
 from edsr_dist.train.trainer import Trainer
-from helpers import TINY
 
 STEPS = 4
 
@@ -94,7 +95,7 @@ def test_sample_png_has_a_label_strip_over_the_three_crops(make_trainer):
     hr = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     sr = np.clip(hr.astype(int) + rng.integers(-6, 7, hr.shape), 0, 255).astype(np.uint8)
     bicubic = np.clip(hr.astype(int) + rng.integers(-20, 21, hr.shape), 0, 255).astype(np.uint8)
-    trainer._write_sample("img", bicubic, sr, hr)
+    trainer.validator.write_sample("img", bicubic, sr, hr)
     image = np.asarray(Image.open(trainer.out / "samples" / "img_bicubic_edsr_gt.png"))
     side = 40
     assert image.shape == (SAMPLE_LABEL_HEIGHT + side, 3 * side + 2 * SAMPLE_GAP, 3)
@@ -107,3 +108,17 @@ def test_sample_png_has_a_label_strip_over_the_three_crops(make_trainer):
         assert (label < 128).any() and (label == 255).any()  # dark text on the white strip
     assert sample_labels(bicubic, sr, hr, 2) == [f"bicubic {psnr_y(bicubic, hr, 2):.2f} dB",
                                                  f"EDSR {psnr_y(sr, hr, 2):.2f} dB", "ground truth"]
+
+
+def test_a_checkpoint_written_by_an_old_trainer_still_resumes(make_trainer):
+    old = Path(__file__).resolve().parents[1] / "data" / "step_00000003_v0a0567e.ckpt"  # see tests/e2e/test_security.py
+    saved = load_checkpoint(old)
+    trainer = make_trainer("resumed", extra=["--resume", str(old), "--num-blocks", "1", "--num-filters", "4",
+                                             "--batch-size", "2", "--patch-size", "8", "--epochs", "2",
+                                             "--steps-per-epoch", "3", "--max-steps", "4"])
+    assert trainer.checkpointer.resumed_from == str(old)
+    assert (trainer.step, trainer.epoch, trainer.step_in_epoch) == (3, 1, 0)
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, saved["model"][name]), name
+    trainer.fit()
+    assert trainer.step == 4 and trainer.state_dict().keys() >= {"model", "optimizer", "scaler", "rng"}

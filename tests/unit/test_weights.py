@@ -3,12 +3,19 @@ import torch
 import torch.nn.functional as F
 
 from edsr_dist.cli import main as cli_main
-from edsr_dist.state.checkpoint import save_checkpoint
 from edsr_dist.config import Config
 from edsr_dist.errors import UserError
+from edsr_dist.inference.weights import (
+    convert_state_dict,
+    export_safetensors,
+    infer_architecture,
+    load_pretrained,
+    model_from_weights,
+    read_weights_file,
+    to_basicsr_state_dict,
+)
 from edsr_dist.model.edsr import EDSR, build_model
-from edsr_dist.state.weights import (convert_state_dict, export_safetensors, infer_architecture, load_pretrained,
-                               model_from_weights, read_weights_file, to_basicsr_state_dict)
+from edsr_dist.state.checkpoint import save_checkpoint
 
 DIV2K_MEAN = torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1)
 

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from edsr_dist.errors import UserError
 from edsr_dist.parallel.factory import resolve_engine_name
 from edsr_dist.parallel.world import World, discover_world
-from edsr_dist.errors import UserError
 
 
 @pytest.mark.parametrize("env,expected", [

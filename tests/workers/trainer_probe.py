@@ -85,7 +85,7 @@ def main() -> None:
                         weights=digest(trainer.model.state_dict().values()),
                         ema=digest(trainer.ema.model.state_dict().values()))
     elif mode == "validate":
-        observed.update(trainer.validate())
+        observed.update(trainer.validator.validate())
     trainer.close()
     Path(out).mkdir(parents=True, exist_ok=True)
     Path(out, f"probe_rank{rank}.json").write_text(json.dumps(observed))

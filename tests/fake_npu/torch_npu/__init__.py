@@ -49,8 +49,8 @@ import torch.utils.backend_registration as _registration  # noqa: E402
 from torch.futures import Future  # noqa: E402
 from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
 
-from torch_npu import distributed as _distributed  # noqa: E402
 from torch_npu import _record, npu, optim  # noqa: E402,F401  (torch_npu.optim is part of the module)
+from torch_npu import distributed as _distributed  # noqa: E402
 from torch_npu.npu import utils as _utils  # noqa: E402
 
 FP16_MAX = 65504.0

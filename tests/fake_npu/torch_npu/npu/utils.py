@@ -20,7 +20,7 @@ def is_bf16_supported(including_emulation: bool = False) -> bool:
 
 def clear_npu_overflow_flag() -> None:
     if is_support_inf_nan():
-        warnings.warn("When soc_version >= Ascend910B1, clear_npu_overflow_flag is useless. Please remove it.")
+        warnings.warn("When soc_version >= Ascend910B1, clear_npu_overflow_flag is useless. Please remove it.", stacklevel=2)
         return
     _state["flag"] = False
 

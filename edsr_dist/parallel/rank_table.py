@@ -195,19 +195,15 @@ def _parse_v1(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tu
     _check_status(doc, err)
     servers = _nonempty_list(_field(doc, "server_list", "", err, '"server_list": [...]'), "server_list", "", err,
                              '[{"server_id": "10.0.0.1", "device": [...]}]')
-    count = _whole_number(doc.get("server_count", len(servers)), "server_count", "", err)  # optional for HCCL
-    if count != len(servers):
-        raise err("", f"server_count is {count} but server_list has {len(servers)} entries",
-                  f'set "server_count": "{len(servers)}" or add the missing servers')
+    _check_count(doc, "server_count", len(servers), f"server_list has {len(servers)} entries", "", err,
+                 " or add the missing servers")  # optional for HCCL
     parsed = []
     seen_servers: dict[str, str] = {}
     for i, entry in enumerate(servers):
         where = f"server_list[{i}]"
         server_id = _address(_field(entry, "server_id", where, err, '"server_id": "10.0.0.1"'), "server_id", where, err)
-        if server_id in seen_servers:
-            raise err(where, f"duplicate server_id {server_id} (also {seen_servers[server_id]})",
-                      "HCCL refuses a table listing a server twice; merge the two entries into one")
-        seen_servers[server_id] = where
+        _once(seen_servers, server_id, f"server_id {server_id}", where, err,
+              "HCCL refuses a table listing a server twice; merge the two entries into one")
         where = f"server_list[{i}] ({server_id})"
         raw = _nonempty_list(_field(entry, "device", where, err, '"device": [...]'), "device", where, err,
                              '[{"device_id": "0", "device_ip": "192.168.100.101", "rank_id": "0"}]')
@@ -219,15 +215,27 @@ def _parse_v1(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tu
     return parsed
 
 
+def _once(seen: dict[str, str], key: str, shown: str, where: str, err: _Problems, fix: str) -> None:
+    """`key` must not repeat an earlier entry's (`seen`: key -> where it was)."""
+    if key in seen:
+        raise err(where, f"duplicate {shown} (also {seen[key]})", fix)
+    seen[key] = where
+
+
+def _check_count(entry: dict, key: str, listed: int, what: str, where: str, err: _Problems, fix_more: str = "") -> None:
+    """An optional "<key>" count (HCCL accepts a table without one) must equal the number of entries listed."""
+    if key not in entry:
+        return
+    count = _whole_number(entry[key], key, where, err)
+    if count != listed:
+        raise err(where, f"{key} is {count} but {what}", f'set "{key}": "{listed}"{fix_more}')
+
+
 def _parse_group_list(doc: dict, err: _Problems, max_id: int) -> list[tuple[str, list[tuple[int, str, int, str]], str]]:
     _check_status(doc, err)
     groups = _nonempty_list(_field(doc, "group_list", "", err, '"group_list": [...]'), "group_list", "", err,
                             '[{"instance_list": [...]}]')
-    if "group_count" in doc:
-        count = _whole_number(doc["group_count"], "group_count", "", err)
-        if count != len(groups):
-            raise err("", f"group_count is {count} but group_list has {len(groups)} entries",
-                      f'set "group_count": "{len(groups)}"')
+    _check_count(doc, "group_count", len(groups), f"group_list has {len(groups)} entries", "", err)
     lab = "deploy_mode" in doc  # HCCL's GetDeployMode: the key's presence alone selects lab mode
     by_server: dict[str, list[tuple[int, str, int | None, str]]] = {}
     seen_pods: dict[str, str] = {}
@@ -235,11 +243,8 @@ def _parse_group_list(doc: dict, err: _Problems, max_id: int) -> list[tuple[str,
         gwhere = f"group_list[{g}]"
         raw_instances = _nonempty_list(_field(group, "instance_list", gwhere, err, '"instance_list": [...]'),
                                        "instance_list", gwhere, err, '[{"pod_name": "job-0", ...}]')
-        if "instance_count" in group:
-            count = _whole_number(group["instance_count"], "instance_count", gwhere, err)
-            if count != len(raw_instances):
-                raise err(gwhere, f"instance_count is {count} but instance_list has {len(raw_instances)} entries",
-                          f'set "instance_count": "{len(raw_instances)}"')
+        _check_count(group, "instance_count", len(raw_instances), f"instance_list has {len(raw_instances)} entries",
+                     gwhere, err)
         group_devices = 0
         for i, inst in enumerate(raw_instances):
             where = f"{gwhere} instance_list[{i}]"
@@ -251,10 +256,7 @@ def _parse_group_list(doc: dict, err: _Problems, max_id: int) -> list[tuple[str,
                 where = f"{where} (rank {rank}, {server_id})"
             else:
                 pod = str(_field(inst, "pod_name", where, err, '"pod_name": "job-0"'))
-                if pod in seen_pods:
-                    raise err(where, f"duplicate pod_name {pod!r} (also {seen_pods[pod]})",
-                              "give every instance its own pod_name")
-                seen_pods[pod] = where
+                _once(seen_pods, pod, f"pod_name {pod!r}", where, err, "give every instance its own pod_name")
                 where = f"{where} ({pod}, {server_id})"
             raw = _nonempty_list(_field(inst, "devices", where, err, '"devices": [...]'), "devices", where, err,
                                  '[{"device_id": "0", "device_ip": "192.168.100.101"}]')
@@ -264,11 +266,7 @@ def _parse_group_list(doc: dict, err: _Problems, max_id: int) -> list[tuple[str,
                           "list one device per instance, each with its rank_id")
             group_devices += len(devices)
             by_server.setdefault(server_id, []).extend((d, ip, rank, here) for d, ip, _, here in devices)
-        if "device_count" in group:
-            count = _whole_number(group["device_count"], "device_count", gwhere, err)
-            if count != group_devices:
-                raise err(gwhere, f"device_count is {count} but its instances list {group_devices} devices",
-                          f'set "device_count": "{group_devices}"')
+        _check_count(group, "device_count", group_devices, f"its instances list {group_devices} devices", gwhere, err)
     if lab:
         servers = sorted(by_server.items(), key=lambda item: min(rank for _, _, rank, _ in item[1]))
         return [(server_id, sorted(devices, key=lambda d: d[2]), f"server {server_id}") for server_id, devices in servers]
@@ -319,7 +317,7 @@ def _check_ranks(parsed: list, err: _Problems) -> None:
         raise err("", f"rank_id {shown} missing: {total} devices need ranks 0..{total - 1}",
                   "number the devices 0..N-1 without gaps")
     previous_max = -1
-    for _, devices, where in parsed:
+    for _, devices, _ in parsed:
         ranks = [rank for _, _, rank, _ in devices]
         if min(ranks) < previous_max:
             bad = next(here for _, _, rank, here in devices if rank < previous_max)

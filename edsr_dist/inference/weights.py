@@ -18,17 +18,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edsr_dist.state.atomic import atomic_path, make_parent_folder
-from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file, load_checkpoint
 from edsr_dist.config import config_from_dict
 from edsr_dist.errors import UserError
 from edsr_dist.model.edsr import DIV2K_RGB_MEAN, EDSR, RGB_RANGE, bare_model, build_model
+from edsr_dist.state.atomic import atomic_path, make_parent_folder
+from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file, load_checkpoint
 from edsr_dist.state.safe_load import load_tensors
 
 _WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict")  # in order of preference
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _BASICSR_BLOCK = re.compile(r"^body\.(\d+)\.conv([12])\.(weight|bias)$")
 _OUR_BLOCK = re.compile(r"^body\.(\d+)\.body\.([02])\.(weight|bias)$")
+# (BasicSR's name, ours), read left to right on import and right to left on export. {i}: a residual block,
+# {u}: a layer of the upsampler, {leaf}: weight or bias, {blocks}: the number of blocks (the conv after the body).
+_NAME_PAIRS = (
+    ("conv_first.{leaf}", "head.0.{leaf}"),
+    ("body.{i}.conv1.{leaf}", "body.{i}.body.0.{leaf}"),
+    ("body.{i}.conv2.{leaf}", "body.{i}.body.2.{leaf}"),
+    ("conv_after_body.{leaf}", "body.{blocks}.{leaf}"),
+    ("upsample.{u}.{leaf}", "tail.0.{u}.{leaf}"),
+    ("conv_last.{leaf}", "tail.1.{leaf}"),
+)
+_PLACEHOLDERS = {"i": r"\d+", "u": r"\d+", "leaf": r"[^.]+"}
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -62,6 +73,23 @@ def _mean_shift_entries(rgb_mean) -> dict:
             "add_mean.weight": eye.clone(), "add_mean.bias": RGB_RANGE * mean}
 
 
+def _name_pattern(template: str, blocks: int) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{blocks\}", str(blocks))
+    for name, matches in _PLACEHOLDERS.items():
+        pattern = pattern.replace(rf"\{{{name}\}}", f"(?P<{name}>{matches})")
+    return re.compile(pattern)
+
+
+def _rename(key: str, blocks: int, to_basicsr: bool) -> str | None:
+    """`key` in the other naming by _NAME_PAIRS, or None when no pair names it."""
+    for basicsr, ours in _NAME_PAIRS:
+        source, target = (ours, basicsr) if to_basicsr else (basicsr, ours)
+        match = _name_pattern(source, blocks).fullmatch(key)
+        if match:
+            return target.format(blocks=blocks, **match.groupdict())
+    return None
+
+
 def _count_blocks(keys, pattern: re.Pattern) -> int:
     indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
     return max(indices) + 1 if indices else 0
@@ -86,22 +114,8 @@ def convert_state_dict(sd: dict, num_blocks: int | None = None) -> dict:
             if key == "mean":  # a buffer in some BasicSR versions: the data mean in [0, 1]
                 basicsr_mean = value
                 continue
-            block = _BASICSR_BLOCK.match(key)
-            if block:
-                layer = {"1": 0, "2": 2}[block.group(2)]
-                converted[f"body.{block.group(1)}.body.{layer}.{block.group(3)}"] = value
-                continue
-            head, _, leaf = key.rpartition(".")
-            if head == "conv_first":
-                converted[f"head.0.{leaf}"] = value
-            elif head == "conv_after_body":
-                converted[f"body.{blocks}.{leaf}"] = value
-            elif head.startswith("upsample."):
-                converted[f"tail.0.{head.split('.', 1)[1]}.{leaf}"] = value
-            elif head == "conv_last":
-                converted[f"tail.1.{leaf}"] = value
-            else:
-                converted[key] = value  # unknown: reported as unexpected by the strict load
+            # An unknown name is kept: the strict load reports it as unexpected.
+            converted[_rename(key, blocks, to_basicsr=False) or key] = value
         mean = basicsr_mean if basicsr_mean is not None and basicsr_mean.numel() == 3 else DIV2K_RGB_MEAN
         sd = converted
         for key, value in _mean_shift_entries(mean).items():
@@ -121,20 +135,10 @@ def to_basicsr_state_dict(sd: dict) -> dict:
     for key, value in sd.items():
         if key.startswith(("sub_mean.", "add_mean.")):
             continue
-        block = _OUR_BLOCK.match(key)
-        head, _, leaf = key.rpartition(".")
-        if block:
-            out[f"body.{block.group(1)}.conv{1 if block.group(2) == '0' else 2}.{block.group(3)}"] = value
-        elif head == "head.0":
-            out[f"conv_first.{leaf}"] = value
-        elif head == f"body.{blocks}":
-            out[f"conv_after_body.{leaf}"] = value
-        elif head.startswith("tail.0."):
-            out[f"upsample.{head.split('.')[2]}.{leaf}"] = value
-        elif head == "tail.1":
-            out[f"conv_last.{leaf}"] = value
-        else:
+        name = _rename(key, blocks, to_basicsr=True)
+        if name is None:
             raise ValueError(f"no BasicSR name for parameter {key!r}")
+        out[name] = value
     return out
 
 
