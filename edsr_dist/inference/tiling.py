@@ -170,7 +170,7 @@ UPSAMPLER_MAPS_PER_FILTER = 2.25
 # (`--tile 0` runs them whole).
 # A wide model's window may take more, up to a tile of AUTO_MIN_TILE_PADS pads, so that no more than (1 + 2/8)^2 =
 # 1.56 times the pixels are computed.
-AUTO_WINDOW_BYTES = GIB // 2
+AUTO_WINDOW_BYTES = 3 * GIB // 8
 AUTO_MIN_TILE_PADS = 8
 
 
