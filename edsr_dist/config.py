@@ -44,7 +44,10 @@ class Config:
     # Data.
     data: str = setting("", "patch store (.h5) from build-store, a path or s3://BUCKET/KEY (fetched once into the "
                             "cache); empty: the embedded sample store, cached")
-    batch_size: int = setting(16, "global batch over all workers (divides by the number of workers)")
+    batch_size: int = setting(16, "global batch over all workers, whatever their number (shares differ by at most "
+                                  "one sample); the training does not depend on how it is split")
+    accumulate: int = setting(1, "micro-batches per optimizer step on each worker (gradient accumulation): the "
+                                 "global batch of more devices on fewer, or in less memory; same result")
     patch_size: int = setting(48, "LR patch side in pixels; the HR patch is scale times it")
     steps_per_epoch: int = setting(0, "steps per epoch; 0 = one pass over the store's training tiles")
 
@@ -118,6 +121,8 @@ class Config:
         need(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
         need(self.num_filters >= 1, f"num_filters must be >= 1, got {self.num_filters}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.accumulate >= 1, f"accumulate must be >= 1 (1 = no accumulation), got {self.accumulate}")
+        check_batch_splits(self.batch_size, 1, self.accumulate)
         need(self.patch_size >= 4, f"patch_size must be >= 4, got {self.patch_size}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}; pass for example --lr 1e-4")
         need(0 < self.decay_rate <= 1, f"decay_rate must be in (0, 1], got {self.decay_rate}")
@@ -400,13 +405,31 @@ def parse_train_args(argv: list[str]) -> Config:
     return cfg
 
 
-def check_batch_divides(batch_size: int, workers: int, flag: str = "") -> None:
-    """The global batch is split evenly over the workers (launcher, trainer, sampler and bench all ask here);
-    `flag` names the option that set the number of workers, when one did."""
-    if batch_size % workers:
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` items in `parts` consecutive shares that differ by at most one, the larger ones first (16 in 3:
+    6, 5, 5). The global batch over the workers and a worker's share over its micro-batches are both split so."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def batch_shares(batch_size: int, workers: int) -> list[int]:
+    """Each worker's number of samples of every global batch: worker r takes the r-th consecutive share."""
+    return split_evenly(batch_size, workers)
+
+
+def describe_split(batch_size: int, workers: int) -> str:
+    """How a global batch is split, for the launcher's restart line: `4 each` or `6/5/5`."""
+    shares = batch_shares(batch_size, workers)
+    return f"{shares[0]} each" if len(set(shares)) == 1 else "/".join(map(str, shares))
+
+
+def check_batch_splits(batch_size: int, workers: int, accumulate: int = 1, flag: str = "") -> None:
+    """Every worker gets at least one sample in each of its `accumulate` micro-batches (launcher, trainer, sampler,
+    self-healing and bench all ask here); `flag` names the option that set the number of workers, when one did."""
+    if batch_size < workers * accumulate:
         of = f" of {flag} {workers}" if flag else ""
-        below, above = batch_size // workers * workers, (batch_size // workers + 1) * workers
-        nearest = f"{below} or {above}" if below else f"{above}"
-        raise UserError(f"batch_size {batch_size} (global) does not divide by the {workers} workers{of}; pass "
-                        f"--batch-size as a multiple of {workers}: the nearest are {nearest} (above 16, "
-                        "--scale-lr scales the learning rate with it)")
+        what = (f"--accumulate {accumulate}" if workers == 1 else
+                f"the {workers} workers{of}" + (f" x --accumulate {accumulate}" if accumulate > 1 else ""))
+        raise UserError(f"batch_size {batch_size} (global) is smaller than {what}: every worker needs at least "
+                        f"{accumulate} sample(s) per step; pass --batch-size {workers * accumulate} or more"
+                        + (" or a smaller --accumulate" if accumulate > 1 else ""))

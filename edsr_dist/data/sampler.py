@@ -4,8 +4,10 @@ Global sample position g = step * batch_size + j (j < batch_size) of an epoch ma
   anchor tile = permutation(seed, epoch, pass)[g % num_tiles], pass = g // num_tiles
   crop position, horizontal flip, vertical flip, transpose = f(seed, epoch, g)
 so the sample stream depends only on (seed, epoch, step): not on the number of ranks or readers, and any step
-can be regenerated exactly on resume. Rank r takes positions [r*b, (r+1)*b) of each global batch, b =
-batch_size // world_size, so shares are disjoint and every rank has the same number of batches.
+can be regenerated exactly on resume. Rank r takes the r-th of world_size consecutive shares of each global
+batch, which differ by at most one sample where the batch does not divide (16 on 3 ranks: positions 0-5, 6-10,
+11-15), so shares are disjoint, cover the batch, and every rank has the same number of batches. With
+--accumulate N a share is cut the same way into N consecutive micro-batches (`micro_batches`).
 
 The crop is not confined to its anchor tile: the anchor (row i of n, column j of m of its image's tile grid)
 picks the i-th of n equal strata of the image's crop positions along y (the j-th of m along x), and a uniform
@@ -16,11 +18,12 @@ spans (PatchStore.read_train_crop).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import numpy as np
 
-from edsr_dist.config import check_batch_divides
+from edsr_dist.config import batch_shares, check_batch_splits, split_evenly
 from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import UserError
 
@@ -40,6 +43,7 @@ class TrainSampler:
         steps_per_epoch: int,
         rank: int = 0,
         world_size: int = 1,
+        accumulate: int = 1,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(
@@ -47,7 +51,7 @@ class TrainSampler:
             )
         if batch_size < 1:
             raise UserError(f"batch_size {batch_size} must be at least 1")
-        check_batch_divides(batch_size, world_size)
+        check_batch_splits(batch_size, world_size, accumulate)
         if patch_size < 1:
             raise UserError(f"patch_size {patch_size} must be at least 1")
         if patch_size * store.scale > store.tile_size:
@@ -67,7 +71,10 @@ class TrainSampler:
         self.store = store
         self.scale = store.scale
         self.batch_size = batch_size
-        self.local_batch_size = batch_size // world_size
+        shares = batch_shares(batch_size, world_size)
+        self.local_batch_size = shares[rank]  # this rank's share: the larger ones first
+        self.share_start = sum(shares[:rank])
+        self.micro_sizes = split_evenly(self.local_batch_size, accumulate)
         self.patch_size = patch_size
         self.seed = seed
         self.rank = rank
@@ -92,7 +99,7 @@ class TrainSampler:
 
     def positions(self, step: int) -> range:
         """Global sample positions of this rank's share of global batch `step`."""
-        start = step * self.batch_size + self.rank * self.local_batch_size
+        start = step * self.batch_size + self.share_start
         return range(start, start + self.local_batch_size)
 
     def tile_indices(self, epoch: int, step: int) -> np.ndarray:
@@ -145,6 +152,12 @@ class TrainSampler:
             lr_pixels[j] = lr
             hr_pixels[j] = hr
         return lr_out, hr_out
+
+
+    def micro_batches(self, lr: np.ndarray, hr: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A share from `batch` cut into its consecutive micro-batches (views, no copy)."""
+        bounds = [0, *itertools.accumulate(self.micro_sizes)]
+        return [(lr[a:b], hr[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _as_pixels(image: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from edsr_dist.config import check_batch_divides, parse_train_args
+from edsr_dist.config import check_batch_splits, parse_train_args
 from edsr_dist.errors import UserError
 from edsr_dist.launcher.pod_env import PodJob, read_pod_env, workers_per_pod
 from edsr_dist.locations import staging_folder
@@ -53,6 +53,7 @@ class Plan:
     master_port: int = 0
     server_index: int = 0  # this server's entry in the rank table
     pod: PodJob | None = None  # the Kubernetes job this pod belongs to (its operator's variables), if any
+    accumulate: int = 1  # train's --accumulate: micro-batches per step on each worker
 
 
 def core_shares(allowed: list[int], workers: int) -> list[list[int]]:
@@ -202,7 +203,8 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
                         "--master-port")
     master_port = args.master_port or pod_port or port_from_env() or fixed_port or free_port()
     if cfg is not None:
-        check_batch_divides(cfg.batch_size, world_size)  # bad train arguments fail once, before any worker starts
+        # Bad train arguments fail once, before any worker starts.
+        check_batch_splits(cfg.batch_size, world_size, cfg.accumulate)
     # A bucket --out is staged locally: logs go to the staging folder (uploaded with the run at its end).
     default_out = os.path.join("runs", "launch") if cfg is None else str(staging_folder(cfg.out, cfg.cache_dir))
     log_dir = args.log_dir or os.path.join(default_out, "logs")
@@ -257,7 +259,8 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
     servers = len(table.servers) if table_path is not None else pod.pods if pod is not None else 1
     return Plan(workers, summary, unset, v1_table, world_size, servers,
                 "" if cfg is None else default_out, 0 if cfg is None else cfg.batch_size, master_addr, master_port,
-                index if table_path is not None else pod.pod_index if pod is not None else 0, pod)
+                index if table_path is not None else pod.pod_index if pod is not None else 0, pod,
+                1 if cfg is None else cfg.accumulate)
 
 
 def _check_pod_flags(pod: PodJob, args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from edsr_dist.config import check_batch_divides, parse_train_args
+from edsr_dist.config import check_batch_splits, describe_split, parse_train_args
 from edsr_dist.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
 from edsr_dist.launcher.job_store import JobStore
 from edsr_dist.launcher.plan import POLL_S, PROG, Plan, build_plan
@@ -65,13 +65,14 @@ def _resume_point(plan: Plan) -> str:
 
 def _drop_device(plan: Plan, device: int, min_nproc: int, dropped: frozenset[int]) -> frozenset[int]:
     """The devices to leave out after `device` failed twice in a row: with it, if the job stays at or above
-    --min-nproc workers and the global batch still divides."""
+    --min-nproc workers, whatever their number (the global batch is split unevenly where it must: the trajectory
+    stays the same), as long as every worker still gets a sample per micro-batch."""
     remaining = plan.world_size - 1
     if remaining < min_nproc:
         return dropped
     if plan.batch_size:
         try:
-            check_batch_divides(plan.batch_size, remaining)
+            check_batch_splits(plan.batch_size, remaining, plan.accumulate)
         except UserError as exc:
             raise UserError(f"device {device} failed twice in a row and the job cannot continue without it: "
                             f"{exc}") from None
@@ -136,7 +137,7 @@ def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: st
                     note = (f"; device {outcome.blamed_device} failed twice in a row: continuing without it on "
                             f"{left} worker{'s' if left != 1 else ''}")
                     if plan.batch_size:
-                        note += f" (global batch {plan.batch_size}, {plan.batch_size // left} each)"
+                        note += f" (global batch {plan.batch_size}, {describe_split(plan.batch_size, left)})"
             last_blamed = outcome.blamed_device
             delay = restart_delay(args.restart_delay, restarts)
             train_args = rest if args.exec else _restart_train_args(rest, plan.out)

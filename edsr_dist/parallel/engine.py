@@ -9,6 +9,7 @@ Which one a run gets is decided in edsr_dist/parallel/factory.py.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -46,9 +47,23 @@ class Engine:
         self.world = world
         self.device = device
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Return the model to call in training and the optimizer to step; parameters equal on all ranks after it."""
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+             accumulate: int = 1) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Return the model to call in training and the optimizer to step; parameters equal on all ranks after it.
+        `accumulate`: backward passes per optimizer step (the micro-steps of --accumulate)."""
         return model, optimizer
+
+    def gradient_weight(self, samples: int, global_samples: int) -> float:
+        """The factor for the mean loss of `samples` samples (a micro-batch of this rank's share) such that, summed
+        over micro-steps and averaged over ranks as the engines do (DDP and Horovod divide the sum by the world
+        size), the gradient is the mean over all `global_samples` samples of the step: the full-batch gradient
+        whatever the split. Exactly 1 for an even split without accumulation."""
+        return samples * self.world.size / global_samples
+
+    def accumulating(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Around the forward and backward of a micro-step that is not the step's last: gradients add up in .grad
+        without communication; the last micro-step's backward averages the sum."""
+        return contextlib.nullcontext()
 
     def finish_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """Block until the averaged gradients are in .grad (before unscaling and the overflow check)."""
@@ -158,7 +173,7 @@ class DDPEngine(Engine):
             ) from None
         self.backend = backend
 
-    def wrap(self, model, optimizer):
+    def wrap(self, model, optimizer, accumulate: int = 1):
         # DDP broadcasts rank 0's parameters at wrap time, so every rank starts from the same weights.
         # A flat-buffer optimizer (torch_npu's NpuFusedAdam) re-points .grad into its own buffer on its first step;
         # bucket views would re-point them back, leaving it a stale copy, so DDP then copies into .grad instead
@@ -172,6 +187,11 @@ class DDPEngine(Engine):
         if self.grad_comm != "none":
             ddp.register_comm_hook(None, half_precision_allreduce(GRAD_COMM_DTYPES[self.grad_comm]))
         return ddp, optimizer
+
+    def accumulating(self, model):
+        # DDP's own switch: its reducer neither all-reduces nor marks buckets ready inside no_sync, and the first
+        # backward after it reduces the accumulated .grad (torch/nn/parallel/distributed.py, no_sync).
+        return model.no_sync()
 
     def all_reduce_sum(self, tensor):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

@@ -2,7 +2,11 @@
 
 Gradients are averaged by Horovod's DistributedOptimizer (one named allreduce per parameter, started from
 backward hooks); `finish_gradients` waits for them so the trainer can unscale and check for overflow on the
-averaged values, and `step` then applies them without a second synchronisation.
+averaged values, and `step` then applies them without a second synchronisation. With --accumulate N the optimizer
+is built with backward_passes_per_step=N: each parameter's hook counts the backward passes down and starts its
+allreduce on the N-th only, the earlier ones adding up in .grad (horovod/torch/optimizer.py,
+_DistributedOptimizer._make_hook and `_allreduce_delay`; `synchronize` resets the count). It does not divide by
+N: the trainer's loss weights (Engine.gradient_weight) make the sum the full-batch mean, as with DDP.
 """
 
 from __future__ import annotations
@@ -104,14 +108,15 @@ class HorovodEngine(Engine):
         self._ops += 1
         return f"edsr.{kind}.{self._ops}"
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+             accumulate: int = 1) -> tuple[nn.Module, torch.optim.Optimizer]:
         hvd = self.hvd
         self._broadcast_tensors(model.state_dict(), "param")
         # DistributedOptimizer builds a new optimizer over the same parameter groups with empty state, so
         # the state a resume loaded into the bare optimizer is carried over explicitly.
         loaded = optimizer.state_dict()
         distributed = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=hvd.Average,
-                                               compression=DenseLayout)
+                                               compression=DenseLayout, backward_passes_per_step=accumulate)
         if loaded["state"]:
             distributed.load_state_dict(loaded)
         self._share_optimizer_state(distributed)

@@ -131,6 +131,7 @@ def _time_gradient_allreduce(ddp_model, clock: StepClock) -> None:
             return future
         step["last_bucket"] = launched
         step.setdefault("first_bucket", launched)
+        step["buckets"] = step.get("buckets", 0) + 1  # micro-steps under no_sync hand over none
 
         def done(fut):
             step["last_reduced"] = max(step.get("last_reduced", 0.0), time.perf_counter())
@@ -215,6 +216,10 @@ def measure_trainer(cfg: Config, warmup: int, steps: int, world=None, phase_sync
             "images_per_s": cfg.batch_size / median,
             "phases_s": mean_phases,
             "skipped_steps": sum(s["skipped"] for s in timed),
+            # Gradient buckets all-reduced per optimizer step (CPU DDP only, where the hook counts them): the same
+            # with --accumulate N as without, the N-1 micro-steps before the last send nothing.
+            "allreduce_buckets_per_step": sum(s.get("buckets", 0) for s in timed) / steps,
+            "accumulate": cfg.accumulate,
             "peak_memory_bytes": peak_memory(trainer.device),
         }
     finally:
@@ -339,6 +344,7 @@ def measure_workers(cfg: Config, nproc: int, threads_each: int, warmup: int, ste
         "mean_step_s": max(r["mean_step_s"] for r in reports), "step_times_s": reports[0]["step_times_s"],
         "images_per_s": cfg.batch_size / median, "phases_s": phases,
         "skipped_steps": max(r["skipped_steps"] for r in reports),
+        "allreduce_buckets_per_step": reports[0]["allreduce_buckets_per_step"], "accumulate": cfg.accumulate,
         "peak_memory_bytes": reports[0]["peak_memory_bytes"],
         "ranks": [{"rank": r["rank"], "median_step_s": r["median_step_s"], "threads": r["threads"]} for r in reports],
     }

@@ -10,7 +10,11 @@ What is measured (every figure of a report comes from the same process, machine 
   sides of a pair alike.
 - --compare-fp32: the bare loop again in fp32 with NCHW tensors.
 - --compare-nproc N: 1 worker x T threads against N workers x T/N threads, the workers started by the real
-  launcher (`edsr-dist launch --nproc N`); each rank writes its timings to a JSON file.
+  launcher (`edsr-dist launch --nproc N`); each rank writes its timings to a JSON file. N need not divide the
+  global batch: the row names the split (6/5/5), whose largest share sets the pace of every rank.
+- --accumulate N / --compare-accumulate N: the trainer with N micro-batches per step (same global batch) against
+  one; with several workers the row also counts the gradient buckets all-reduced per step, the same for both
+  (DDP's no_sync on the micro-steps: the all-reduce they save).
 - store: patches/s that one reader process gets from `TrainSampler.batch`.
 
 With DDP the gradient all-reduce overlaps the backward pass. On CPU a DDP comm hook (the default all-reduce,
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, check_batch_divides
+from edsr_dist.config import DEVICES, PRECISIONS, PRESETS, Config, build_config, check_batch_splits, describe_split
 from edsr_dist.data.sample_store import ensure_sample_store
 from edsr_dist.errors import (
     CommandParser,
@@ -88,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-fp32", action="store_true", help="also time the bare loop in fp32 with NCHW tensors")
     p.add_argument("--compare-nproc", type=int, metavar="N",
                    help="also time N workers x T/N threads against 1 worker x T threads")
+    p.add_argument("--accumulate", type=int, default=1, metavar="N",
+                   help="micro-batches per step for the trainer measurements (train's --accumulate; default 1)")
+    p.add_argument("--compare-accumulate", type=int, metavar="N",
+                   help="also time the trainer with N micro-batches per step (same global batch) against "
+                        "--accumulate")
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="repeat every measurement R times, round robin, and report each one's best repeat "
                         "(for shared machines; default 1)")
@@ -115,6 +124,11 @@ def parse_bench_args(argv: list[str]) -> argparse.Namespace:
     at_least("--nproc", args.nproc, 1, "need at least 1 worker")
     at_least("--compare-nproc", args.compare_nproc, 2, "compare against at least 2 workers")
     at_least("--threads", args.threads, 0, "must be 1 or more (0 = automatic)")
+    at_least("--accumulate", args.accumulate, 1, "need at least 1 (1 = no accumulation)")
+    if args.compare_accumulate is not None and (args.compare_accumulate < 1
+                                                or args.compare_accumulate == args.accumulate):
+        raise UserError(f"--compare-accumulate {args.compare_accumulate}: compare against a count of at least 1 "
+                        f"other than --accumulate {args.accumulate}")
     if not 1 <= args.block_steps <= args.steps:
         raise UserError(f"--block-steps {args.block_steps}: must be 1 to --steps ({args.steps})")
     if args.store_seconds <= 0:
@@ -131,7 +145,7 @@ def bench_config(args: argparse.Namespace) -> Config:
     total = args.warmup + args.steps
     overrides: dict = {
         "precision": args.precision, "device": args.device, "data": args.data or "",
-        "epochs": 1, "steps_per_epoch": total, "max_steps": total, "resume": "",
+        "epochs": 1, "steps_per_epoch": total, "max_steps": total, "resume": "", "accumulate": args.accumulate,
         "max_val_images": 1, "samples_png": False, "progress": False, "tensorboard": False,
     }
     for flag in ("batch_size", "patch_size", "scale", "num_blocks", "num_filters", "channels_last"):
@@ -142,7 +156,7 @@ def bench_config(args: argparse.Namespace) -> Config:
     cfg = build_config(preset=args.preset, overrides=overrides)
     for flag, workers in (("--nproc", args.nproc), ("--compare-nproc", args.compare_nproc)):
         if workers:
-            check_batch_divides(cfg.batch_size, workers, flag)
+            check_batch_splits(cfg.batch_size, workers, max(cfg.accumulate, args.compare_accumulate or 1), flag)
     return cfg
 
 
@@ -170,9 +184,11 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
 
         runs_started = itertools.count()
 
-        def trainer_with(workers: int, phase_syncs: bool = True, interleave: bool = False) -> dict:
+        def trainer_with(workers: int, phase_syncs: bool = True, accumulate: int | None = None,
+                         interleave: bool = False) -> dict:
             # Every trainer run gets a folder of its own: a run folder holds one run.
-            run_cfg = dataclasses.replace(cfg, out=os.path.join(scratch, f"run_{next(runs_started)}"))
+            run_cfg = dataclasses.replace(cfg, out=os.path.join(scratch, f"run_{next(runs_started)}"),
+                                          accumulate=accumulate or cfg.accumulate)
             if workers > 1:
                 return measure_workers(run_cfg, workers, max(1, total_threads // workers), args.warmup, args.steps)
             if not interleave:
@@ -195,6 +211,8 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
         if args.compare_nproc:
             for workers in sorted({1, args.compare_nproc} - {args.nproc}):
                 plan[f"workers_{workers}"] = lambda workers=workers: trainer_with(workers)
+        if args.compare_accumulate:
+            plan["accumulate"] = lambda: trainer_with(args.nproc, accumulate=args.compare_accumulate)
         # Round robin, so that a burst of load from elsewhere hits one repeat of each rather than all of one;
         # the least disturbed repeat (highest images/s) of each measurement is reported.
         runs: dict[str, list[dict]] = {name: [] for name in plan}
@@ -209,8 +227,13 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
             n = args.compare_nproc
             one = trainer if args.nproc == 1 else best["workers_1"]
             many = trainer if args.nproc == n else best[f"workers_{n}"]
-            scaling = {"one_worker": _summary(one), "n_workers": _summary(many), "nproc": n,
+            scaling = {"one_worker": _summary(one, cfg), "n_workers": _summary(many, cfg), "nproc": n,
                        "efficiency": many["images_per_s"] / one["images_per_s"]}
+        accumulation = None
+        if args.compare_accumulate:
+            other = best["accumulate"]
+            accumulation = {"base": _summary(trainer, cfg), "other": _summary(other, cfg),
+                            "ratio": other["images_per_s"] / trainer["images_per_s"]}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -256,6 +279,8 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
     if scaling is not None:
         report["scaling_efficiency"] = scaling["efficiency"]
         report["scaling"] = scaling
+    if accumulation is not None:
+        report["accumulation"] = accumulation
     checks = {key: _check(report.get(key), key) for key in TARGETS}
     if spread["pairs"]:
         # Met or missed only when the middle half of the pairs agrees; else the noise is larger than the gap.
@@ -269,7 +294,8 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
         "channels_last": cfg.channels_last, "device": str(device), "nproc": args.nproc, "threads": total_threads,
         "threads_per_worker": trainer["threads"], "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat,
         "compare_nproc": args.compare_nproc, "optimizer": trainer.get("optimizer", bare.get("optimizer")),
-        "data": cfg.data, "log_every": cfg.log_every,
+        "data": cfg.data, "log_every": cfg.log_every, "accumulate": cfg.accumulate,
+        "compare_accumulate": args.compare_accumulate, "split": describe_split(cfg.batch_size, args.nproc),
     }
     report["machine"] = machine_info(device)
     report["machine"]["load_average_before"] = load_before[0]
@@ -285,8 +311,10 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _summary(measurement: dict) -> dict:
-    summary = {key: measurement[key] for key in ("world_size", "threads", "images_per_s", "median_step_s")}
+def _summary(measurement: dict, cfg: Config) -> dict:
+    summary = {key: measurement[key] for key in ("world_size", "threads", "images_per_s", "median_step_s",
+                                                 "accumulate", "allreduce_buckets_per_step")}
+    summary["split"] = describe_split(cfg.batch_size, measurement["world_size"])
     summary["breakdown_ms"] = {key: measurement["phases_s"][key] * 1e3 for key in PHASES}
     summary["allreduce_in_flight_ms"] = measurement["phases_s"]["allreduce_in_flight"] * 1e3
     return summary
@@ -313,15 +341,22 @@ def format_report(r: dict) -> str:
         tflops = images_per_s * r["train_flops_per_image"] / 1e12
         return f"  {label:<38}{images_per_s:>10.2f}{tflops:>10.3f}{s['batch_size'] / images_per_s * 1e3:>10.1f}"
 
+    def split(world_size: int, text: str) -> str:
+        return f", {text}" if world_size > 1 and "each" not in text else ""
+
     workers = f"{s['nproc']} worker{'s' if s['nproc'] > 1 else ''} x {s['threads_per_worker']} thread(s)"
-    lines.append(row(f"trainer ({workers})", r["images_per_s"]))
+    micro = f", accumulate {s['accumulate']}" if s["accumulate"] > 1 else ""
+    lines.append(row(f"trainer ({workers}{split(s['nproc'], s['split'])}{micro})", r["images_per_s"]))
     lines.append(row(f"bare loop (1 process x {s['threads']} thread(s))", r["bare_images_per_s"]))
     if "fp32_nchw_images_per_s" in r:
         lines.append(row("bare loop, fp32 NCHW", r["fp32_nchw_images_per_s"]))
     if "scaling" in r:
         for part in (r["scaling"]["one_worker"], r["scaling"]["n_workers"]):
-            lines.append(row(f"trainer, {part['world_size']} worker(s) x {part['threads']} thread(s)",
-                             part["images_per_s"]))
+            lines.append(row(f"trainer, {part['world_size']} worker(s) x {part['threads']} thread(s)"
+                             f"{split(part['world_size'], part['split'])}", part["images_per_s"]))
+    if "accumulation" in r:
+        other = r["accumulation"]["other"]
+        lines.append(row(f"trainer, accumulate {other['accumulate']}", other["images_per_s"]))
     lines.append(f"  {'store, 1 reader (patches/s)':<38}{r['store_patches_per_s']:>10.0f}")
     # With --compare-nproc, the breakdown of the other trainer measurement sits beside the main one's.
     other = None
@@ -344,6 +379,15 @@ def format_report(r: dict) -> str:
                      + (f"{other_in_flight:>18.2f}" if other is not None else ""))
     if r["skipped_steps"]:
         lines.append(f"  note: {r['skipped_steps']} timed step(s) skipped by fp16 loss scaling (no optimizer step)")
+    if "accumulation" in r and s["nproc"] > 1:
+        a = r["accumulation"]
+        lines.append(f"  gradient buckets all-reduced per step: {a['base']['allreduce_buckets_per_step']:g} with "
+                     f"accumulate {a['base']['accumulate']}, {a['other']['allreduce_buckets_per_step']:g} with "
+                     f"accumulate {a['other']['accumulate']} (micro-steps run under no_sync)")
+    if "accumulation" in r:
+        a = r["accumulation"]
+        lines.append(f"  accumulate {a['other']['accumulate']} / accumulate {a['base']['accumulate']}: "
+                     f"{a['ratio']:.3f} of the throughput")
     lines += ["", f"{'checks':<40}{'value':>10}{'target':>10}"]
     names = {"overhead_ratio": "trainer / bare loop", "precision_speedup": f"{s['precision']} {fmt} / fp32 NCHW",
              "scaling_efficiency": "N workers / 1 worker", "data_wait_fraction": "data wait share of step"}

@@ -47,7 +47,7 @@ class TrainingData:
         self.store, self.device, self.memory_format = store, device, memory_format
         self.pin = device.type in ("cuda", "npu")  # page-locked batches, so the copy to the device is asynchronous
         self.sampler = TrainSampler(store, cfg.batch_size, cfg.patch_size, cfg.seed, cfg.steps_per_epoch,
-                                    rank=world.rank, world_size=world.size)
+                                    rank=world.rank, world_size=world.size, accumulate=cfg.accumulate)
         self.steps_per_epoch = self.sampler.steps_per_epoch
 
     def batches(self, epoch: int, first_step: int, timer: StepTimer) -> Prefetcher:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from edsr_dist import __version__
-from edsr_dist.config import Config
+from edsr_dist.config import Config, describe_split
 from edsr_dist.data.store import PatchStore
 from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
@@ -162,9 +162,20 @@ def banner(cfg: Config, world: World, *, engine: str, device: torch.device, prec
     return (f"edsr-dist {__version__}: EDSR x{cfg.scale} {cfg.num_blocks}x{cfg.num_filters}, "
             f"{world.size} worker(s) via {world.launcher}, engine {engine}, device {device}, "
             f"{precision}, {layout}, {', '.join(speed)}, {threads} thread(s)/worker, "
-            f"global batch {cfg.batch_size}, "
+            f"global batch {cfg.batch_size}{_split(cfg, world)}, "
             f"{steps_per_epoch} steps/epoch, {total_steps} steps, {recipe}; {start}"
             f"{_unused_devices_note(world, device)}")
+
+
+def _split(cfg: Config, world: World) -> str:
+    """How the global batch is shared, where it is not simply one even share per worker."""
+    parts = []
+    split = describe_split(cfg.batch_size, world.size)
+    if world.size > 1 and "each" not in split:
+        parts.append(f"{split} per worker")
+    if cfg.accumulate > 1:
+        parts.append(f"{cfg.accumulate} micro-batches per step")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _unused_devices_note(world: World, device: torch.device) -> str:

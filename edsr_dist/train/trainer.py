@@ -9,13 +9,14 @@ Progress (log lines and records). Reading order: `__init__` -> `fit` (`_train_ep
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edsr_dist.config import Config, check_batch_divides
+from edsr_dist.config import Config, check_batch_splits
 from edsr_dist.locations import staging_folder
 from edsr_dist.model.edsr import build_model
 from edsr_dist.model.ema import WeightEMA
@@ -45,7 +46,7 @@ class Trainer:
         self.cfg = cfg
         self.world = world or discover_world()
         self.timer = timer or StepTimer()
-        check_batch_divides(cfg.batch_size, self.world.size)
+        check_batch_splits(cfg.batch_size, self.world.size, cfg.accumulate)
         self.out = staging_folder(cfg.out, cfg.cache_dir)  # the run folder itself, or a bucket run's local stage
         self.device, self.precision, self.threads = place_worker(cfg, self.world)
         self.engine_name = resolve_engine_name(cfg.engine, self.world)
@@ -77,7 +78,7 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = 0
         self.checkpointer.start(self.load_state_dict, self.model, self.ema)
         # After resume: Horovod's optimizer wrapper broadcasts the loaded state from rank 0.
-        self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer)
+        self.train_model, self.optimizer = self.engine.wrap(self.model, self.optimizer, cfg.accumulate)
         self.validator = Validator(cfg, validation, self.model, self.ema, self.device, self.precision, self.world,
                                    self.engine, self.out)
         self.agreement = StepAgreement(MAX_BAD_STEPS[self.precision])
@@ -141,14 +142,9 @@ class Trainer:
         timer.begin_step()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step, self.schedule_steps)
-        with timer.phase("to_device"):
-            lr_t, hr_t = self.data.to_device(lr_batch), self.data.to_device(hr_batch)
-        if self._saturation_mode:
+        if self._saturation_mode:  # once per optimizer step: an overflow in any micro-step stays flagged
             npu.clear_overflow_flag()
-        with autocast(self.device, self.precision):
-            sr = self.train_model(lr_t)
-        loss = F.l1_loss(sr.float(), hr_t)
-        self.scaler.scale_loss(loss).backward()
+        loss = self._forward_backward(self.data.sampler.micro_batches(lr_batch, hr_batch))
         with timer.phase("finish_gradients"):
             self.engine.finish_gradients(self.optimizer)
         bad, grad_norm = self._non_finite(loss)
@@ -171,6 +167,29 @@ class Trainer:
         skipped = found_inf > 0
         timer.end_step(skipped)
         return loss.detach(), skipped
+
+    def _forward_backward(self, micro_batches: list) -> torch.Tensor:
+        """Forward and backward of this rank's share, one micro-batch at a time (--accumulate); gradients add up
+        in .grad and are all-reduced on the last micro-step only. Each micro-batch's mean loss is weighted by its
+        share of the global batch (Engine.gradient_weight), so the averaged gradient is the full-batch mean
+        whatever the split over ranks and micro-steps. Returns the share's mean loss (detached)."""
+        share = self.data.sampler.local_batch_size
+        total = None
+        for index, (lr_batch, hr_batch) in enumerate(micro_batches):
+            samples = len(lr_batch)
+            last = index == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else self.engine.accumulating(self.train_model):
+                with self.timer.phase("to_device"):
+                    lr_t, hr_t = self.data.to_device(lr_batch), self.data.to_device(hr_batch)
+                with autocast(self.device, self.precision):
+                    sr = self.train_model(lr_t)
+                loss = F.l1_loss(sr.float(), hr_t)
+                weight = self.engine.gradient_weight(samples, self.cfg.batch_size)
+                # An even split without accumulation has weight 1: the loss is left as it was.
+                self.scaler.scale_loss(loss if weight == 1 else loss * weight).backward()
+            part = loss.detach() if samples == share else loss.detach() * (samples / share)
+            total = part if total is None else total + part
+        return total
 
     def _non_finite(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's "the step is not finite" flag (a 0-d device tensor), and the gradient norm when clipping."""
@@ -269,7 +288,10 @@ class Trainer:
         return report
 
     def _mean_over_ranks(self, meter: LossMeter) -> float:
-        both = torch.stack([meter.sum.detach().float(), meter.count.float()])
+        # Each rank's steps count by its share of the batch (weight 1 for an even split): with uneven shares the
+        # epoch's loss is still the mean over its samples, as one worker reports it.
+        weight = self.engine.gradient_weight(self.data.sampler.local_batch_size, self.cfg.batch_size)
+        both = torch.stack([meter.sum.detach().float(), meter.count.float()]) * weight
         both = self.engine.all_reduce_sum(both).cpu()
         return both[0].item() / max(both[1].item(), 1.0)
 

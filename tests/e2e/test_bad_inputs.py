@@ -168,8 +168,8 @@ CASES = [
     ("config_wrong_type_in_yaml", train_case("--config", "{tmp}/bad.yaml", files={"bad.yaml": "batch_size: big\n"}),
      "batch_size"),
     ("config_negative_learning_rate", train_case("--lr", "-1"), "lr must be positive"),
-    ("config_batch_not_divisible_by_world", launch_case("--nproc", "3", train_args=("--batch-size", "4")),
-     "does not divide by the 3 workers"),
+    ("config_batch_smaller_than_the_world", launch_case("--nproc", "3", train_args=("--batch-size", "2")),
+     "is smaller than the 3 workers"),
     ("config_unknown_preset", train_case("--preset", "huge"), "unknown preset"),
     # ---- paths
     ("path_missing_store", train_case("--data", "{tmp}/missing.h5", data=False), "missing.h5 does not exist"),

@@ -108,7 +108,10 @@ def test_table_names_every_figure(tiny_report):
     (["--no-such-flag"], "--no-such-flag"),
     (["--precision", "fp64"], "--precision"),
     (["--compare-nproc", "1"], "--compare-nproc"),
-    (["--batch-size", "4", "--compare-nproc", "3"], "--compare-nproc 3"),
+    (["--batch-size", "2", "--compare-nproc", "3"], "--compare-nproc 3"),
+    (["--accumulate", "0"], "--accumulate"),
+    (["--accumulate", "2", "--compare-accumulate", "2"], "--compare-accumulate"),
+    (["--batch-size", "4", "--nproc", "2", "--compare-accumulate", "4"], "x --accumulate 4"),
     (["--preset", "nope"], "nope"),
     (["--data", "/nonexistent/store.h5"], "/nonexistent/store.h5"),
 ])
@@ -127,3 +130,20 @@ def test_repeats_run_the_trainer_again(sample_store, tmp_path):
     assert result.returncode == 0, result.stderr
     repeats = json.loads(result.stdout)["repeats_images_per_s"]
     assert {name: len(values) for name, values in repeats.items()} == {"bare": 2, "trainer": 2}
+
+
+def test_accumulation_sends_one_all_reduce_per_step_and_an_uneven_split_is_named(sample_store, tmp_path):
+    """2 workers, accumulate 1 against 2: the same number of gradient buckets is all-reduced per optimizer step
+    (the first micro-step runs under DDP's no_sync); and 3 workers take the batch of 4 as 2/1/1."""
+    result = run_cli(TINY_BENCH + ["--nproc", "2", "--compare-accumulate", "2", "--json", "--data", str(sample_store)],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    base, other = report["accumulation"]["base"], report["accumulation"]["other"]
+    assert (base["accumulate"], other["accumulate"]) == (1, 2)
+    assert base["allreduce_buckets_per_step"] >= 1
+    assert other["allreduce_buckets_per_step"] == base["allreduce_buckets_per_step"]
+    assert report["accumulation"]["ratio"] > 0
+    table = format_report({**report, "settings": {**report["settings"], "nproc": 3, "split": "2/1/1"}})
+    assert "trainer (3 workers x 1 thread(s), 2/1/1)" in table
+    assert "trainer, accumulate 2" in table and "gradient buckets all-reduced per step" in table

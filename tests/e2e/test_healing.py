@@ -130,6 +130,31 @@ def test_fewer_devices_continue_on_the_same_trajectory(tmp_path, sample_store, r
     assert_no_process_left(job.pids)
 
 
+def test_four_devices_lose_one_and_continue_on_three_with_uneven_shares(tmp_path, sample_store):
+    """--nproc 4 --min-nproc 3: device 3 fails twice, the job goes on with 3 workers whose shares of the global batch
+    4 are 2/1/1, and ends as close to the uninterrupted 4-worker run as float rounding allows."""
+    reference_out = tmp_path / "reference"
+    reference_job = Job([], [*TRAIN, "--data", str(sample_store), "--out", str(reference_out)], tmp_path, nproc=4)
+    assert reference_job.wait(timeout=TIMEOUT_S) == 0, reference_job.stderr
+    out = tmp_path / "run"
+    job = Job([*HEAL, "--min-nproc", "3"], [*TRAIN, "--data", str(sample_store), "--out", str(out)], tmp_path,
+              nproc=4)
+    try:
+        kill_mid_epoch(job, rank=3, at_step=5)
+        wait_for_training_again(job)
+        kill_mid_epoch(job, rank=3, at_step=9)
+        job.wait_for_line(r" 3 worker\(s\) via .*resumed from", timeout=TIMEOUT_S)
+        code = job.wait(timeout=TIMEOUT_S)
+    finally:
+        job.kill_leftovers()
+    assert code == 0, job.stderr
+    second = [line for line in job.stderr.splitlines() if "restart 2 of 2" in line]
+    assert len(second) == 1 and second[0].endswith(
+        "device 3 failed twice in a row: continuing without it on 3 workers (global batch 4, 2/1/1)"), job.stderr
+    assert max_relative_difference(final_weights(reference_out), final_weights(out)) < 5e-5
+    assert_no_process_left(job.pids)
+
+
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
 def test_two_launchers_both_restart_after_a_worker_of_server_1_fails(tmp_path, sample_store, reference, fault):
     """A 2-server table on loopback addresses, one launcher per server (--server-index 0/1), one worker each.

@@ -115,6 +115,21 @@ def test_world_size_invariance_1_vs_2_workers(two_workers, sample_store, tmp_pat
 
 
 @needs_horovod
+def test_accumulation_defers_the_allreduce_and_keeps_the_trajectory(two_workers, horovodrun, sample_store, tmp_path):
+    """--accumulate 2 under Horovod (backward_passes_per_step=2: one allreduce per parameter after the second
+    backward) ends where the same 2 workers end without accumulation; Adam counted optimizer steps only."""
+    _, two, _ = two_workers
+    out = tmp_path / "accumulated"
+    result = run_horovod(horovodrun, 2, train_argv(*TINY, "--data", str(sample_store), "--steps-per-epoch", str(STEPS),
+                                                   "--accumulate", "2", "--out", str(out)), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    accumulated = load_checkpoint(find_checkpoint(out))
+    assert adam_steps(accumulated) == {float(STEPS)}
+    difference = max_relative_difference(load_checkpoint(find_checkpoint(two))["model"], accumulated["model"])
+    assert difference < 1e-4, difference
+
+
+@needs_horovod
 def test_horovod_checkpoint_resumes_under_ddp(two_workers, sample_store, tmp_path):
     _, two, _ = two_workers
     out = tmp_path / "continued"

@@ -4,7 +4,7 @@ checkpoints, which weights eval/sr/export get), the batch-divides message, the w
 import pytest
 import torch
 
-from edsr_dist.config import build_config, check_batch_divides, parse_train_args
+from edsr_dist.config import batch_shares, build_config, check_batch_splits, describe_split, parse_train_args
 from edsr_dist.errors import UserError
 from edsr_dist.inference.weights import checkpoint_model, load_matching, to_basicsr_state_dict
 from edsr_dist.model.edsr import EDSR
@@ -94,12 +94,18 @@ def test_checkpoint_with_ema_loads_weights_only_and_gives_the_ema_unless_raw(tmp
     assert not torch.equal(averaged.head[0].weight, raw.head[0].weight)
 
 
-def test_batch_not_dividing_names_the_nearest_valid_values():
-    with pytest.raises(UserError, match="the nearest are 16 or 24"):
-        check_batch_divides(20, 8)
-    with pytest.raises(UserError, match="the nearest are 8$|the nearest are 8 "):
-        check_batch_divides(4, 8)
-    check_batch_divides(64, 8)
+def test_any_number_of_workers_splits_the_batch_and_too_small_a_batch_names_the_smallest():
+    assert batch_shares(16, 3) == [6, 5, 5] and batch_shares(20, 8) == [3, 3, 3, 3, 2, 2, 2, 2]
+    assert describe_split(16, 4) == "4 each" and describe_split(16, 7) == "3/3/2/2/2/2/2"
+    check_batch_splits(20, 8)
+    check_batch_splits(16, 7, accumulate=2)
+    with pytest.raises(UserError, match=r"batch_size 4 \(global\) is smaller than the 8 workers of --nproc 8: every "
+                                        r"worker needs at least 1 sample\(s\) per step; pass --batch-size 8 or more$"):
+        check_batch_splits(4, 8, flag="--nproc")
+    with pytest.raises(UserError, match="pass --batch-size 16 or more or a smaller --accumulate"):
+        check_batch_splits(12, 4, accumulate=4)
+    with pytest.raises(UserError, match="accumulate"):
+        build_config(overrides={"batch_size": 2, "accumulate": 4})
 
 
 class FakeStore:

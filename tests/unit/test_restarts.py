@@ -34,13 +34,17 @@ def test_a_resume_file_applies_until_the_run_has_its_own_checkpoint(tmp_path):
     assert parse_train_args(_restart_train_args(first, str(out))).resume == "auto"
 
 
-def test_dropping_a_device_keeps_min_nproc_and_the_batch():
+def test_dropping_a_device_keeps_min_nproc_on_any_count():
     plan = Plan(workers=[], summary="", world_size=4, batch_size=12)
     assert _drop_device(plan, 2, min_nproc=3, dropped=frozenset()) == {2}
     assert _drop_device(plan, 2, min_nproc=4, dropped=frozenset()) == frozenset()  # would go below --min-nproc
+    # 16 does not divide by 3: the job goes on with shares of 6/5/5.
+    assert _drop_device(Plan(workers=[], summary="", world_size=4, batch_size=16), 2, min_nproc=1,
+                        dropped=frozenset()) == {2}
     with pytest.raises(UserError, match=r"device 2 failed twice in a row and the job cannot continue without it: "
-                                        r"batch_size 16 \(global\) does not divide by the 3 workers"):
-        _drop_device(Plan(workers=[], summary="", world_size=4, batch_size=16), 2, min_nproc=1, dropped=frozenset())
+                                        r"batch_size 8 \(global\) is smaller than the 3 workers x --accumulate 3"):
+        _drop_device(Plan(workers=[], summary="", world_size=4, batch_size=8, accumulate=3), 2, min_nproc=1,
+                     dropped=frozenset())
 
 
 def test_launchers_move_the_generation_on_once_and_follow_each_other():

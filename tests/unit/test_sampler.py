@@ -49,9 +49,10 @@ def sampler(path: Path, scale: int = 2, batch: int = 8, patch: int = 8, seed: in
 
 def test_rank_shares_concatenate_to_the_single_worker_batch(block_store: Path) -> None:
     single = sampler(block_store, steps=7)  # 7 steps of 8 > 24 tiles: crosses into later passes
-    for world in (2, 4):
+    for world in (2, 3, 4, 5, 8):  # 8 on 3 ranks: 3/3/2; on 5: 2/2/2/1/1
         ranks = [sampler(block_store, steps=7, rank=r, world=world) for r in range(world)]
-        assert all(len(r) == 7 and r.local_batch_size == 8 // world for r in ranks)
+        assert all(len(r) == 7 for r in ranks)
+        assert [r.local_batch_size for r in ranks] == [8 // world + (r < 8 % world) for r in range(world)]
         for epoch in (0, 1, 5):
             for step in (0, 1, 3, 6):
                 lr, hr = single.batch(epoch, step)
@@ -160,9 +161,25 @@ def test_bad_settings(block_store: Path) -> None:
         sampler(block_store, scale=2, patch=TILE // 2 + 1)
     with pytest.raises(UserError, match="patch larger than tile"):
         sampler(block_store, scale=4, patch=13)
-    with pytest.raises(UserError, match="does not divide by the 3 workers"):
-        sampler(block_store, batch=8, world=3)
+    with pytest.raises(UserError, match="batch_size 2 \\(global\\) is smaller than the 3 workers"):
+        sampler(block_store, batch=2, world=3)
     with pytest.raises(UserError, match="outside a world"):
         sampler(block_store, rank=2, world=2)
     with pytest.raises(UserError, match="batch_size 0"):
         sampler(block_store, batch=0)
+
+
+def test_micro_batches_of_uneven_shares_concatenate_to_the_single_worker_batch(block_store: Path) -> None:
+    """16 on 3 ranks (6/5/5) x accumulate 2 (3+3, 3+2, 3+2): the micro-batches, in rank order, are the batch."""
+    single = sampler(block_store, batch=16, steps=4)
+    ranks = [TrainSampler(PatchStore(str(block_store), 2), 16, 8, 3, 4, rank=r, world_size=3, accumulate=2)
+             for r in range(3)]
+    assert [r.micro_sizes for r in ranks] == [[3, 3], [3, 2], [3, 2]]
+    for step in (0, 3):
+        lr, hr = single.batch(1, step)
+        micro = [m for r in ranks for m in r.micro_batches(*r.batch(1, step))]
+        assert [len(m[0]) for m in micro] == [3, 3, 3, 2, 3, 2]
+        np.testing.assert_array_equal(np.concatenate([m[0] for m in micro]), lr)
+        np.testing.assert_array_equal(np.concatenate([m[1] for m in micro]), hr)
+    with pytest.raises(UserError, match=r"x --accumulate 3: every worker needs at least 3 sample\(s\)"):
+        TrainSampler(PatchStore(str(block_store), 2), 8, 8, 3, 4, rank=0, world_size=3, accumulate=3)
