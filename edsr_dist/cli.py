@@ -31,6 +31,9 @@ COMMANDS = {
 # Commands usable without torch: rank-table and world only read text files and the environment; sr checks for torch
 # itself, since `sr --backend onnxruntime` serves an exported model without it.
 WITHOUT_TORCH = {"rank-table", "world", "sr"}
+# launch needs torch installed for its workers but does not import it itself (a single-server launch starts them
+# about a second sooner); a torch that fails to import is then reported by each worker, in the same one line.
+TORCH_IN_WORKERS = {"launch"}
 
 
 def usage() -> str:
@@ -110,7 +113,7 @@ def _run(argv: list[str]) -> int:
         print("edsr-dist: error: PyTorch is not installed; on CPU run `pip install -r requirements-cpu.txt`, "
               "on GPUs/NPUs install the torch build for your hardware first", file=sys.stderr)
         return 2
-    if name not in WITHOUT_TORCH:
+    if name not in WITHOUT_TORCH and name not in TORCH_IN_WORKERS:
         problem = torch_import_problem()
         if problem:
             print(f"edsr-dist {name}: error: {problem}", file=sys.stderr)
