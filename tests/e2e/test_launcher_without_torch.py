@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers import clean_env
+from helpers import clean_env, fake_npu_env
 
 # Runs the command as `edsr-dist` does, then says whether the launcher's process imported torch.
 LAUNCHER = r'''
@@ -39,3 +39,19 @@ def test_a_training_launch_imports_torch_only_in_the_worker(tmp_path):
     assert "Step nr: [1/1]" in result.stdout
     assert "launcher exit 0, torch imported: False" in result.stdout
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_where_a_device_extension_can_break_import_torch_launch_still_says_so_in_one_line(tmp_path):
+    """A torch.backends entry point (torch_npu's) runs inside `import torch`: there the launcher still checks the
+    import itself, before it claims --out or starts a worker."""
+    env = fake_npu_env(FAKE_NPU_BROKEN_CANN="1", TMPDIR=str(tmp_path))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "JOB_ID", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "edsr_dist", "launch", "--nproc", "1", "--", "--preset", "sample",
+                             "--device", "cpu", "--out", str(out)], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("edsr-dist launch: error: `import torch` failed because it auto-loads torch_npu")
+    assert not out.exists()
