@@ -215,12 +215,7 @@ def write_store(
     groups = {0: "hr"}
     groups.update({s: lr_name(s) for s in scales})
     bytes_per_tile = sum(3 * length * length for length in side.values())
-
-    def valid_bytes(img: SourceImage) -> int:
-        height, width = covered_size(img.size, multiple)
-        return 3 * height * width + sum(3 * (height // s) * (width // s) for s in scales)
-
-    total_bytes = num_tiles * bytes_per_tile + sum(valid_bytes(img) for _, img in valid)
+    total_bytes = num_tiles * bytes_per_tile + sum(_valid_bytes(img, multiple, scales) for _, img in valid)
     total_images = len(train) + len(valid)
 
     _check_free_space(out, total_bytes)
@@ -236,7 +231,7 @@ def write_store(
                                            total_images, bytes_per_tile)
                 valid_group = _create_valid_group(f, valid)
                 _write_valid(valid_group, valid, groups, multiple, resize_method, bar, done_images, total_images,
-                             valid_bytes)
+                             scales)
                 bar.close()
     except OSError as exc:
         raise _write_failure(out, exc) from None
@@ -251,6 +246,13 @@ def write_store(
         "bytes": os.path.getsize(out),
         "seconds": time.monotonic() - started,
     }
+
+
+def _valid_bytes(img: SourceImage, multiple: int, scales: list[int]) -> int:
+    """Bytes a validation image takes in the store: the HR crop and its LR versions (for the progress bar and the
+    free-space check)."""
+    height, width = covered_size(img.size, multiple)
+    return 3 * height * width + sum(3 * (height // s) * (width // s) for s in scales)
 
 
 def _check_free_space(out: str, total_bytes: int) -> None:
@@ -386,7 +388,7 @@ def _write_train(train_group, train, groups: dict[int, str], side: dict[int, int
 
 
 def _write_valid(valid_group, valid, groups: dict[int, str], multiple: int, resize_method, bar, done_images: int,
-                 total_images: int, valid_bytes) -> None:
+                 total_images: int, scales: list[int]) -> None:
     """The validation images, whole (cropped to a multiple of every scale), with their CRCs."""
     valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
     for name in groups.values():
@@ -408,7 +410,7 @@ def _write_valid(valid_group, valid, groups: dict[int, str], multiple: int, resi
             valid_crc[key][index] = crc32_of(image)
         done_images += 1
         bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
-        bar.update(valid_bytes(img))
+        bar.update(_valid_bytes(img, multiple, scales))
     for key, name in groups.items():
         valid_group.create_dataset(f"{name}_crc32", data=valid_crc[key])
 
