@@ -32,6 +32,7 @@ from edsr_dist.evaluation.benchmark_sets import (
 from edsr_dist.evaluation.candidates import Candidate, load_candidate
 from edsr_dist.evaluation.protocols import Protocol, get_protocol
 from edsr_dist.evaluation.reference_numbers import lookup, published_model
+from edsr_dist.inference.tiling import TileMemoryError
 from edsr_dist.inference.torch_runtime import super_resolve
 from edsr_dist.model.precision import resolve_device_and_precision
 from edsr_dist.parallel.factory import make_engine, resolve_engine_name
@@ -91,9 +92,9 @@ def evaluate_set(loaded: LoadedModel, benchmark: BenchmarkSet, protocol: Protoco
         try:
             sr = super_resolve(loaded.model, lr, device, tile=tile, precision=precision)
             plus = super_resolve(loaded.model, lr, device, tile=tile, precision=precision, ensemble=True) if ensemble else None
-        except (torch.OutOfMemoryError, MemoryError) as exc:
+        except TileMemoryError as exc:
             raise UserError(f"{benchmark.name}/{name} ({lr.shape[1]}x{lr.shape[0]} LR) does not fit in {device.type} "
-                            f"memory ({type(exc).__name__}); pass --tile 256 (or smaller)") from None
+                            f"memory; {exc.advice}") from None
         try:
             scores = protocol_scores(protocol, sr, lr, hr, scale)
             if plus is not None:

@@ -40,6 +40,9 @@ from edsr_dist.evaluation.benchmark_suite import run as run_benchmarks
 from edsr_dist.evaluation.candidates import collect_candidates, load_candidate
 from edsr_dist.evaluation.metrics import score_sr
 from edsr_dist.evaluation.protocols import PROTOCOLS
+from edsr_dist.inference.onnx_cache import ExportUnavailable, cached_onnx
+from edsr_dist.inference.onnx_runtime import OnnxModel, super_resolve_onnx
+from edsr_dist.inference.tiling import TileMemoryError
 from edsr_dist.inference.torch_runtime import super_resolve
 from edsr_dist.model.precision import resolve_device_and_precision, resolve_precision
 from edsr_dist.parallel.npu import memory_format
@@ -105,11 +108,12 @@ def folder_images(folder: str | Path, scale: int, degradation: str = "bicubic-pi
 @torch.no_grad()
 def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, precision: str = "fp32",
                    tile: int | None = None, ensemble: bool = False, channels_last: bool = True,
-                   val_tile: int = 0) -> dict:
+                   val_tile: int = 0, onnx_model: OnnxModel | None = None) -> dict:
     """Mean and per-image PSNR-Y, SSIM-Y, PSNR-RGB (and the bicubic PSNR-Y) of `model` on `images`.
 
     The same inference (`infer.super_resolve`) and scores (`metrics.score_sr`) as Validator.validate, in the
     model's training memory format and autocast. tile None: `val_tile` when set, else automatic (as validation).
+    onnx_model: the same network's verified ONNX export, run in ONNX Runtime instead (`--backend onnxruntime`).
     """
     model = model.to(device, memory_format=memory_format(device, channels_last)).eval()
     side = tile if tile is not None else (val_tile or None)
@@ -119,10 +123,13 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
             raise UserError(f"image {name}: HR {hr.shape[1]}x{hr.shape[0]} is not x{scale} of LR "
                             f"{lr.shape[1]}x{lr.shape[0]}; evaluate with a model of the data's scale")
         try:
-            sr = super_resolve(model, lr, device, tile=side, ensemble=ensemble, precision=precision)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            raise UserError(f"image {name} ({lr.shape[1]}x{lr.shape[0]} LR) does not fit in {device.type} memory "
-                            f"({type(exc).__name__}); pass --tile 256 (or smaller)") from None
+            if onnx_model is not None:
+                sr = super_resolve_onnx(onnx_model, lr, tile=side, ensemble=ensemble)
+            else:
+                sr = super_resolve(model, lr, device, tile=side, ensemble=ensemble, precision=precision)
+        except TileMemoryError as exc:
+            raise UserError(f"image {name} ({lr.shape[1]}x{lr.shape[0]} LR) does not fit in {device.type} memory; "
+                            f"{exc.advice}") from None
         try:
             per_image.append({"name": name, **score_sr(sr, lr, hr, scale)})
         except ValueError as exc:
@@ -133,6 +140,22 @@ def evaluate_model(model: nn.Module, images, scale: int, device: torch.device, p
     means = {key: sum(entry[key] for entry in per_image) / count
              for key in ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y")}
     return {"images": count, **means, "per_image": per_image}
+
+
+def _cached_onnx_model(candidate, args: argparse.Namespace, device: torch.device, precision: str) -> OnnxModel:
+    """The candidate's verified ONNX export from the cache (`inference/onnx_cache`), in ONNX Runtime on the CPU."""
+    if device.type != "cpu" or precision != "fp32":
+        raise UserError(f"--backend onnxruntime evaluates fp32 on the CPU, not {precision} on {device.type}; pass "
+                        "--device cpu --precision fp32, or drop --backend")
+    try:
+        entry = cached_onnx(candidate.path, args.cache_dir, res_scale=None if candidate.is_checkpoint else args.res_scale,
+                            raw=args.raw_weights and candidate.is_checkpoint)
+    except ExportUnavailable as exc:
+        raise UserError(f"no verified ONNX export of {candidate.path} ({exc}); drop --backend onnxruntime") from None
+    if entry.exported_seconds is not None:
+        print(f"edsr-dist eval: exported {candidate.path} to {entry.path} (verified) in {entry.exported_seconds:.1f} s",
+              file=sys.stderr, flush=True)
+    return OnnxModel(entry.path, device="cpu", threads=torch.get_num_threads())
 
 
 # ---- output -------------------------------------------------------------------------------------------------
@@ -215,6 +238,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="LR tile side in pixels, 0 = whole image (default: as validation: val_tile, else whole "
                         "image unless it is too large)")
     p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
+    p.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                   help="with --data: pytorch (default: the trainer's own validation numbers, to the last digit) or "
+                        "onnxruntime (CPU, fp32: each checkpoint exported once, verified against PyTorch and cached, "
+                        "as `sr` does by default; faster, within 1 grey level per pixel)")
     add_device_flags(p, DEVICES, PRECISIONS, None,
                      "autocast dtype of the network (default: with --data each checkpoint's training precision, "
                         "so its val PSNR is repeated, fp32 for weights files; with --benchmarks fp32; auto: as "
@@ -259,7 +286,8 @@ def _parse_args(argv: list[str]):
                         "of benchmark sets)")
     if args.benchmarks is not None:
         data_only = [flag for flag, used in (("--csv", args.csv), ("--max-images", args.max_images),
-                                             ("--degradation", args.degradation != "bicubic-pil")) if used]
+                                             ("--degradation", args.degradation != "bicubic-pil"),
+                                             ("--backend", args.backend != "pytorch")) if used]
         if data_only:
             raise UserError(f"{', '.join(data_only)} only apply to --data; drop them with --benchmarks")
         check_trackers(tracker_names(args.tracker), "--tracker")
@@ -316,11 +344,15 @@ def _evaluate_on_data(args) -> int:
         images = (folder_images(data, scale, args.degradation, args.max_images) if data.is_dir()
                   else store_images(str(data), scale, args.max_images))
         start = time.perf_counter()
+        onnx_model = None
+        if args.backend == "onnxruntime":
+            onnx_model = _cached_onnx_model(candidate, args, device, precision)
         metrics = evaluate_model(model, images, scale, device, precision=precision, tile=args.tile,
                                  ensemble=args.self_ensemble,
                                  channels_last=cfg.channels_last if cfg is not None else True,
-                                 val_tile=cfg.val_tile if cfg is not None else 0)
-        result = {"checkpoint": str(candidate.path), "step": step, "scale": scale, "precision": precision, **metrics,
+                                 val_tile=cfg.val_tile if cfg is not None else 0, onnx_model=onnx_model)
+        result = {"checkpoint": str(candidate.path), "step": step, "scale": scale, "precision": precision,
+                  "backend": args.backend, **metrics,
                   "seconds": round(time.perf_counter() - start, 3)}
         results.append(result)
         print(table_row(result), flush=True)

@@ -12,7 +12,8 @@ import numpy as np
 
 from edsr_dist.data.images import to_uint8
 from edsr_dist.errors import UserError
-from edsr_dist.inference.tiling import NUMPY_OPS, auto_tile, check_rgb_uint8, run_tiled
+from edsr_dist.inference import tiling
+from edsr_dist.inference.tiling import ArrayOps, check_rgb_uint8
 
 # --device -> ONNX Runtime execution providers, in order of preference (CPU always last, as the fallback)
 PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",), "npu": ("CANNExecutionProvider",)}
@@ -24,6 +25,19 @@ def onnxruntime_module():
     except ImportError:
         raise UserError("--backend onnxruntime needs the onnxruntime package; pip install 'edsr-dist[onnx]'") from None
     return onnxruntime
+
+
+NUMPY_OPS = ArrayOps(
+    new_output=lambda shape, like: np.empty(shape, dtype=np.float32),
+    rot90=lambda x, k: np.rot90(x, k, axes=(-2, -1)),
+    flip=lambda x: np.flip(x, -1),
+    float32=lambda x: np.asarray(x, dtype=np.float32),
+    to_network=lambda window: window.transpose(2, 0, 1)[None].astype(np.float32),
+    to_uint8=lambda y: to_uint8(y[0].transpose(1, 2, 0)),
+)
+
+# An accelerator's free memory is not something ONNX Runtime reports: what a window may take there.
+ACCELERATOR_FREE_BYTES = 8 * tiling.GIB
 
 
 class OnnxModel:
@@ -70,12 +84,12 @@ class OnnxModel:
 
 def super_resolve_onnx(model: OnnxModel, lr_uint8_hwc: np.ndarray, tile: int | None = None, pad: int | None = None,
                        ensemble: bool = False) -> np.ndarray:
-    """One RGB uint8 (H, W, 3) image -> (sH, sW, 3) uint8; tile and pad as in `infer.super_resolve`."""
+    """One RGB uint8 (H, W, 3) image -> (sH, sW, 3) uint8; tile and pad as in `torch_runtime.super_resolve`."""
     img = check_rgb_uint8(lr_uint8_hwc)
     if pad is None:
         pad = model.receptive_field_radius
-    if tile is None:
-        tile = auto_tile(img.shape, model.num_filters, model.device_type)
-    x = img.transpose(2, 0, 1)[None].astype(np.float32)
-    sr = run_tiled(model, x, scale=model.scale, tile=tile, pad=pad, ensemble=ensemble, ops=NUMPY_OPS)
-    return to_uint8(sr[0].transpose(1, 2, 0))
+    on_host = model.device_type == "cpu"
+    return tiling.upscale(model, img, scale=model.scale, num_filters=model.num_filters, pad=pad, tile=tile,
+                          ensemble=ensemble, ops=NUMPY_OPS,
+                          free_bytes=tiling.host_free_bytes if on_host else lambda: ACCELERATOR_FREE_BYTES,
+                          on_host=on_host)

@@ -16,7 +16,7 @@ from torch import nn
 from edsr_dist.data.images import to_uint8
 from edsr_dist.errors import UserError
 from edsr_dist.inference import tiling
-from edsr_dist.inference.tiling import ArrayOps, auto_tile, check_rgb_uint8, run_tiled
+from edsr_dist.inference.tiling import ArrayOps, check_rgb_uint8
 from edsr_dist.inference.weights import checkpoint_model, model_from_weights
 from edsr_dist.model.edsr import bare_model
 from edsr_dist.model.precision import autocast
@@ -49,22 +49,44 @@ def receptive_field_radius(model: nn.Module) -> int:
     return max(-lo, hi)
 
 
-TORCH_OPS = ArrayOps(
-    new_output=lambda shape, like: torch.empty(shape, dtype=torch.float32, device=like.device),
-    rot90=lambda x, k: torch.rot90(x, k, dims=(-2, -1)),
-    flip=lambda x: x.flip(-1),
-    float32=lambda x: x.float(),
-)
+def torch_ops(device: torch.device) -> ArrayOps:
+    """`tiling`'s array operations on torch tensors, with the network on `device`."""
+    return ArrayOps(
+        new_output=lambda shape, like: torch.empty(shape, dtype=torch.float32, device=like.device),
+        rot90=lambda x, k: torch.rot90(x, k, dims=(-2, -1)),
+        flip=lambda x: x.flip(-1),
+        float32=lambda x: x.float(),
+        to_network=lambda window: torch.from_numpy(np.ascontiguousarray(window)).to(device).permute(2, 0, 1)[None]
+        .float(),
+        to_uint8=to_uint8,
+    )
 
 
 def forward_tiled(model: nn.Module, lr: torch.Tensor, tile: int, pad: int, scale: int) -> torch.Tensor:
     """(N, 3, H, W) LR in [0, 255] -> (N, 3, sH, sW) float32, tile by tile (tile = LR side, 0 = whole image)."""
-    return tiling.forward_tiled(model, lr, tile=tile, pad=pad, scale=scale, ops=TORCH_OPS)
+    return tiling.forward_tiled(model, lr, tile=tile, pad=pad, scale=scale, ops=torch_ops(lr.device))
 
 
 def self_ensemble(model_fn: Callable[[torch.Tensor], torch.Tensor], lr: torch.Tensor) -> torch.Tensor:
     """Geometric x8 self-ensemble: 4 rotations x (no flip, horizontal flip), undone on the outputs, averaged."""
-    return tiling.self_ensemble(model_fn, lr, TORCH_OPS)
+    return tiling.self_ensemble(model_fn, lr, torch_ops(lr.device))
+
+
+# Where a device cannot say how much memory it has free (a torch_npu without mem_get_info), what a window may take.
+UNKNOWN_DEVICE_FREE_BYTES = 8 * tiling.GIB
+
+
+def free_bytes(device: torch.device) -> int:
+    """The memory a window can take on `device`: the host's (`tiling.host_free_bytes`) for the CPU, else the device's
+    free memory plus what torch's caching allocator holds unused (torch.cuda.mem_get_info; torch_npu's torch.npu
+    mirrors it)."""
+    if device.type == "cpu":
+        return tiling.host_free_bytes()
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "mem_get_info"):
+        return UNKNOWN_DEVICE_FREE_BYTES
+    free, _ = backend.mem_get_info(device)
+    return free + backend.memory_reserved(device) - backend.memory_allocated(device)
 
 
 def model_scale(model: nn.Module) -> int:
@@ -112,7 +134,8 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
     """One RGB uint8 (H, W, 3) image -> (sH, sW, 3) uint8. The model must already be on `device`.
 
     The one inference path: validation, `eval` and `sr` all call it.
-    tile None = the whole image unless it is too large (`auto_tile`), 0 = always whole;
+    tile None = the whole image unless it does not fit the free memory, then the largest tile that does
+    (`tiling.auto_tile`), 0 = always whole; out of memory raises `tiling.TileMemoryError` saying what would fit;
     pad None = the model's receptive-field radius (tiles then match the whole-image result);
     precision (fp32, bf16, fp16; resolved, not auto) is the network's autocast, as in training;
     compiled: a faster forward of the same model (`frozen_cpu_network`), used instead of the eager one.
@@ -123,10 +146,7 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
     scale = model_scale(bare)
     if pad is None:
         pad = receptive_field_radius(bare)
-    if tile is None:
-        tile = auto_tile(img.shape, bare.head[0].out_channels, device.type)
     memory_format = _memory_format(bare)
-    x = torch.from_numpy(img).to(device).permute(2, 0, 1)[None].float()
 
     def network(t: torch.Tensor) -> torch.Tensor:
         if compiled is not None:
@@ -134,8 +154,9 @@ def super_resolve(model: nn.Module, lr_uint8_hwc: np.ndarray, device, tile: int 
         return bare(t.contiguous(memory_format=memory_format))
 
     with torch.inference_mode(), autocast(device, precision):
-        sr = run_tiled(network, x, scale=scale, tile=tile, pad=pad, ensemble=ensemble, ops=TORCH_OPS)
-    return to_uint8(sr[0])
+        return tiling.upscale(network, img, scale=scale, num_filters=bare.head[0].out_channels, pad=pad, tile=tile,
+                              ensemble=ensemble, ops=torch_ops(device), free_bytes=lambda: free_bytes(device),
+                              on_host=device.type == "cpu")
 
 
 def load_inference_model(path: str, res_scale: float | None = None, raw: bool = False,

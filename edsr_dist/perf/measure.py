@@ -71,6 +71,28 @@ class StepClock(StepTimer):
         step["end"] = time.perf_counter()
         step["skipped"] = bool(skipped)
         self.steps.append(step)
+        self.after_step(step)
+
+    def after_step(self, step: dict) -> None:
+        """Runs between two trainer steps, outside both (`InterleavedClock` runs a bare block here)."""
+
+
+class InterleavedClock(StepClock):
+    """A StepClock that, after every `block` timed trainer steps, runs `block` steps of the bare loop right there,
+    in the trainer's thread: the two are measured in alternating blocks, each bare block next to the trainer block
+    before it, so a burst of load from elsewhere hits a pair, not one side of the comparison. The bare block's time
+    is left out of the trainer's (its next step counts from `resume`)."""
+
+    def __init__(self, bare: BareLoop, warmup: int, block: int, phase_syncs: bool = True) -> None:
+        super().__init__(phase_syncs)
+        self.bare, self.warmup, self.block = bare, warmup, block
+        self.bare_blocks: list[float] = []  # seconds of each bare block of `block` steps
+
+    def after_step(self, step: dict) -> None:
+        timed = len(self.steps) - self.warmup
+        if timed > 0 and timed % self.block == 0:
+            self.bare_blocks.append(sum(self.bare.run(self.block)))
+            step["resume"] = time.perf_counter()
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -144,10 +166,13 @@ def step_phases(previous_end: float, step: dict) -> dict:
     }
 
 
-def measure_trainer(cfg: Config, warmup: int, steps: int, world=None, phase_syncs: bool = True) -> dict:
+def measure_trainer(cfg: Config, warmup: int, steps: int, world=None, phase_syncs: bool = True,
+                    bare: BareLoop | None = None, block: int = 0) -> dict:
     """Run the real training loop for warmup + steps steps and time it. `world`: None = from the environment.
-    phase_syncs False: the device is synchronised at step edges only (phase times then count host time only)."""
-    clock = StepClock(phase_syncs)
+    phase_syncs False: the device is synchronised at step edges only (phase times then count host time only).
+    With `bare` (already warmed up), the bare loop runs `block` steps after every `block` timed trainer steps
+    (`InterleavedClock`); "block_ratios" are then trainer/bare throughput of each adjacent pair of blocks."""
+    clock = InterleavedClock(bare, warmup, block, phase_syncs) if bare is not None else StepClock(phase_syncs)
     trainer = Trainer(cfg, world, timer=clock)
     try:
         clock.sync = synchronizer(trainer.device)
@@ -165,12 +190,19 @@ def measure_trainer(cfg: Config, warmup: int, steps: int, world=None, phase_sync
             raise RuntimeError(f"the trainer ran {len(clock.steps)} steps, expected {warmup + steps}")
         timed = clock.steps[warmup:warmup + steps]
         ends = [s["end"] for s in clock.steps]
-        step_times = [ends[i] - ends[i - 1] for i in range(warmup, warmup + steps)]
-        phases = [step_phases(ends[i - 1], clock.steps[i]) for i in range(warmup, warmup + steps)]
+        starts = [s.get("resume", s["end"]) for s in clock.steps]  # where the next step's time begins
+        step_times = [ends[i] - starts[i - 1] for i in range(warmup, warmup + steps)]
+        phases = [step_phases(starts[i - 1], clock.steps[i]) for i in range(warmup, warmup + steps)]
         total = sum(step_times)
         mean_phases = {key: sum(p[key] for p in phases) / steps for key in PHASES + ("allreduce_in_flight",)}
         median = median_of(step_times)
+        interleaved = {}
+        if bare is not None:
+            blocks = [sum(step_times[i:i + block]) for i in range(0, len(clock.bare_blocks) * block, block)]
+            interleaved = {"bare_block_s": clock.bare_blocks, "trainer_block_s": blocks, "block_steps": block,
+                           "block_ratios": [b / t for b, t in zip(clock.bare_blocks, blocks)]}
         return {
+            **interleaved,
             "rank": trainer.world.rank,
             "world_size": trainer.world.size,
             "engine": trainer.engine_name,
@@ -194,43 +226,62 @@ def measure_trainer(cfg: Config, warmup: int, steps: int, world=None, phase_sync
         trainer.close()
 
 
-def measure_bare(cfg: Config, device, precision: str, channels_last: bool, warmup: int, steps: int) -> dict:
-    """Plain PyTorch: the same model and optimizer on synthetic tensors already on the device."""
-    sync = synchronizer(device)
-    memory_format = device_memory_format(device, channels_last)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device, memory_format=memory_format)
-    optimizer, optimizer_name = make_optimizer(model.parameters(), cfg, device)  # the trainer's own choice
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    p, s, b = cfg.patch_size, cfg.scale, cfg.batch_size
-    lr = (torch.rand(b, 3, p, p, device=device) * 255).contiguous(memory_format=memory_format)
-    hr = (torch.rand(b, 3, p * s, p * s, device=device) * 255).contiguous(memory_format=memory_format)
-    times = []
-    try:
-        for _ in range(warmup + steps):
-            sync()
+class BareLoop:
+    """Plain PyTorch: the same model and optimizer on synthetic tensors already on the device; `run(n)` times n
+    steps (the device synchronised at the edges)."""
+
+    def __init__(self, cfg: Config, device, precision: str, channels_last: bool):
+        self.sync = synchronizer(device)
+        self.device, self.precision = device, precision
+        memory_format = device_memory_format(device, channels_last)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(device, memory_format=memory_format)
+        self.optimizer, self.optimizer_name = make_optimizer(self.model.parameters(), cfg, device)  # the trainer's
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        p, s, b = cfg.patch_size, cfg.scale, cfg.batch_size
+        self.lr = (torch.rand(b, 3, p, p, device=device) * 255).contiguous(memory_format=memory_format)
+        self.hr = (torch.rand(b, 3, p * s, p * s, device=device) * 255).contiguous(memory_format=memory_format)
+
+    def step(self) -> None:
+        with autocast(self.device, self.precision):
+            sr = self.model(self.lr)
+        loss = F.l1_loss(sr.float(), self.hr)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        clear_gradients(self.optimizer)
+
+    def run(self, steps: int) -> list[float]:
+        """Seconds of each of `steps` steps."""
+        times = []
+        for _ in range(steps):
+            self.sync()
             start = time.perf_counter()
-            with autocast(device, precision):
-                sr = model(lr)
-            loss = F.l1_loss(sr.float(), hr)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            clear_gradients(optimizer)
-            sync()
+            self.step()
+            self.sync()
             times.append(time.perf_counter() - start)
-    finally:
-        del model, optimizer, lr, hr
-        if device.type == "cuda":
+        return times
+
+    def close(self) -> None:
+        del self.model, self.optimizer, self.lr, self.hr
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-    timed = times[warmup:]
+
+
+def measure_bare(cfg: Config, device, precision: str, channels_last: bool, warmup: int, steps: int) -> dict:
+    """The bare loop alone: warmup + steps steps, the median of the timed ones."""
+    loop = BareLoop(cfg, device, precision, channels_last)
+    try:
+        timed = loop.run(warmup + steps)[warmup:]
+    finally:
+        loop.close()
     median = median_of(timed)
-    return {"precision": precision, "channels_last": channels_last, "optimizer": optimizer_name, "median_step_s": median,
-            "step_times_s": timed, "images_per_s": b / median}
+    return {"precision": precision, "channels_last": channels_last, "optimizer": loop.optimizer_name,
+            "median_step_s": median, "step_times_s": timed, "images_per_s": cfg.batch_size / median}
 
 
 def measure_store(path: str, cfg: Config, seconds: float) -> dict:

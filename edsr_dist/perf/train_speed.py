@@ -4,7 +4,10 @@ What is measured (every figure of a report comes from the same process, machine 
 - trainer: the real `Trainer.fit` loop (patch store, prefetch thread, engine, logging), timed through the trainer's
   `StepTimer` seam (each step and its named phases); median step time after warm-up.
 - bare loop: the same model, precision, memory format and threads on synthetic tensors in a plain loop
-  (no store, no DDP, no logging). trainer / bare is the framework's overhead.
+  (no store, no DDP, no logging). trainer / bare is the framework's overhead. With one worker the two are
+  interleaved in one process, `--block-steps` trainer steps then as many bare steps, over and over: the ratio is the
+  median of the adjacent pairs of blocks, with its spread, so load from elsewhere on a shared machine hits both
+  sides of a pair alike.
 - --compare-fp32: the bare loop again in fp32 with NCHW tensors.
 - --compare-nproc N: 1 worker x T threads against N workers x T/N threads, the workers started by the real
   launcher (`edsr-dist launch --nproc N`); each rank writes its timings to a JSON file. N need not divide the
@@ -42,10 +45,11 @@ from edsr_dist.errors import (
 )
 from edsr_dist.model.precision import resolve_device_and_precision
 from edsr_dist.parallel.world import World
-from edsr_dist.perf.machine import machine_info, train_flops_per_image
+from edsr_dist.perf.machine import machine_info, median_of, train_flops_per_image
 from edsr_dist.perf.measure import (
     PHASE_LABELS,
     PHASES,
+    BareLoop,
     measure_bare,
     measure_store,
     measure_trainer,
@@ -58,7 +62,7 @@ PROG = "edsr-dist bench"
 DEFAULT_PRESET = "baseline"
 # Targets (BENCHMARKS.md), set for a 2-core CPU with native bf16; the ratios are meaningful on any machine.
 TARGETS = {
-    "overhead_ratio": (">=", 0.9),
+    "overhead_ratio": (">=", 0.97),
     "precision_speedup": (">=", 4.0),
     "scaling_efficiency": (">=", 0.9),
     "data_wait_fraction": ("<=", 0.02),
@@ -82,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                         "allowed cores); N workers get T/N each")
     p.add_argument("--steps", type=int, default=10, metavar="S", help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, metavar="W", help="untimed steps first (default 3, at least 1)")
+    p.add_argument("--block-steps", type=int, default=2, metavar="K",
+                   help="trainer against bare loop: alternate blocks of K steps of each in one process (default 2; "
+                        "one worker)")
     p.add_argument("--compare-fp32", action="store_true", help="also time the bare loop in fp32 with NCHW tensors")
     p.add_argument("--compare-nproc", type=int, metavar="N",
                    help="also time N workers x T/N threads against 1 worker x T threads")
@@ -122,6 +129,8 @@ def parse_bench_args(argv: list[str]) -> argparse.Namespace:
                                                 or args.compare_accumulate == args.accumulate):
         raise UserError(f"--compare-accumulate {args.compare_accumulate}: compare against a count of at least 1 "
                         f"other than --accumulate {args.accumulate}")
+    if not 1 <= args.block_steps <= args.steps:
+        raise UserError(f"--block-steps {args.block_steps}: must be 1 to --steps ({args.steps})")
     if args.store_seconds <= 0:
         raise UserError(f"--store-seconds {args.store_seconds:g}: must be positive")
     if args.data and not Path(args.data).exists():
@@ -175,17 +184,26 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
 
         runs_started = itertools.count()
 
-        def trainer_with(workers: int, phase_syncs: bool = True, accumulate: int | None = None) -> dict:
+        def trainer_with(workers: int, phase_syncs: bool = True, accumulate: int | None = None,
+                         interleave: bool = False) -> dict:
             # Every trainer run gets a folder of its own: a run folder holds one run.
             run_cfg = dataclasses.replace(cfg, out=os.path.join(scratch, f"run_{next(runs_started)}"),
                                           accumulate=accumulate or cfg.accumulate)
-            if workers == 1:
+            if workers > 1:
+                return measure_workers(run_cfg, workers, max(1, total_threads // workers), args.warmup, args.steps)
+            if not interleave:
                 return measure_trainer(run_cfg, args.warmup, args.steps, world=World(), phase_syncs=phase_syncs)
-            return measure_workers(run_cfg, workers, max(1, total_threads // workers), args.warmup, args.steps)
+            bare = BareLoop(cfg, device, precision, cfg.channels_last)
+            try:
+                bare.run(args.warmup)
+                return measure_trainer(run_cfg, args.warmup, args.steps, world=World(), phase_syncs=phase_syncs,
+                                       bare=bare, block=args.block_steps)
+            finally:
+                bare.close()
 
         accelerator = device.type != "cpu"  # where a sync costs something (see StepClock)
         plan = {"bare": lambda: measure_bare(cfg, device, precision, cfg.channels_last, args.warmup, args.steps),
-                "trainer": lambda: trainer_with(args.nproc, phase_syncs=not accelerator)}
+                "trainer": lambda: trainer_with(args.nproc, phase_syncs=not accelerator, interleave=True)}
         if accelerator and args.nproc == 1:
             plan["trainer_phases"] = lambda: trainer_with(1, phase_syncs=True)
         if args.compare_fp32:
@@ -223,13 +241,23 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
     phased = best.get("trainer_phases", trainer)  # the breakdown: phases timed with device syncs
     step_total = sum(phased["phases_s"][key] for key in PHASES)
     fractions = {key: phased["phases_s"][key] / step_total for key in PHASES}
+    ratios = sorted(r for m in runs["trainer"] for r in m.get("block_ratios", []))  # every repeat's pairs
+    if ratios:
+        overhead = median_of(ratios)
+        spread = {"pairs": len(ratios), "block_steps": args.block_steps, "min": ratios[0],
+                  "p25": _quantile(ratios, 0.25), "median": overhead, "p75": _quantile(ratios, 0.75),
+                  "max": ratios[-1], "method": "interleaved blocks, one process"}
+    else:  # N workers: the trainer runs in the launcher's processes, the bare loop here, one after the other
+        overhead = trainer["images_per_s"] / bare["images_per_s"]
+        spread = {"pairs": 0, "method": "separate measurements"}
     report = {
         "images_per_s": trainer["images_per_s"],
         "tflops": trainer["images_per_s"] * flops / 1e12,
         "step_time_ms": trainer["median_step_s"] * 1e3,
         "bare_images_per_s": bare["images_per_s"],
         "bare_tflops": bare["images_per_s"] * flops / 1e12,
-        "overhead_ratio": trainer["images_per_s"] / bare["images_per_s"],
+        "overhead_ratio": overhead,
+        "overhead_ratio_spread": spread,
         "data_wait_fraction": fractions["data_wait"],
         "allreduce_fraction": fractions["allreduce_wait"],
         "breakdown_ms": {key: phased["phases_s"][key] * 1e3 for key in PHASES},
@@ -254,6 +282,11 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
     if accumulation is not None:
         report["accumulation"] = accumulation
     checks = {key: _check(report.get(key), key) for key in TARGETS}
+    if spread["pairs"]:
+        # Met or missed only when the middle half of the pairs agrees; else the noise is larger than the gap.
+        target = TARGETS["overhead_ratio"][1]
+        checks["overhead_ratio"]["decided"] = spread["p25"] >= target or spread["p75"] < target
+        checks["overhead_ratio"]["met"] = spread["p25"] >= target if checks["overhead_ratio"]["decided"] else overhead >= target
     report["checks"] = {key: value for key, value in checks.items() if value is not None}
     report["settings"] = {
         "preset": args.preset, "scale": cfg.scale, "num_blocks": cfg.num_blocks, "num_filters": cfg.num_filters,
@@ -268,6 +301,14 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
     report["machine"]["load_average_before"] = load_before[0]
     report["machine"]["load_average_after"] = os.getloadavg()[0]
     return report
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default method) of a sorted list."""
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _summary(measurement: dict, cfg: Config) -> dict:
@@ -351,8 +392,15 @@ def format_report(r: dict) -> str:
     names = {"overhead_ratio": "trainer / bare loop", "precision_speedup": f"{s['precision']} {fmt} / fp32 NCHW",
              "scaling_efficiency": "N workers / 1 worker", "data_wait_fraction": "data wait share of step"}
     for key, check in r["checks"].items():
-        lines.append(f"  {names[key]:<38}{check['value']:>10.3f}{check['target']:>10}  "
-                     f"{'ok' if check['met'] else 'MISSED'}")
+        verdict = "ok" if check["met"] else "MISSED"
+        if not check.get("decided", True):
+            verdict = "not decided: the target lies within the middle half of the block pairs"
+        lines.append(f"  {names[key]:<38}{check['value']:>10.3f}{check['target']:>10}  {verdict}")
+    spread = r.get("overhead_ratio_spread", {})
+    if spread.get("pairs"):
+        lines.append(f"  (trainer / bare loop: median of {spread['pairs']} adjacent pairs of {spread['block_steps']}-step "
+                     f"blocks; middle half {spread['p25']:.3f}-{spread['p75']:.3f}, all {spread['min']:.3f}-"
+                     f"{spread['max']:.3f})")
     return "\n".join(lines)
 
 

@@ -19,8 +19,8 @@ TINY_BENCH = ["bench", "--preset", "sample", "--num-blocks", "2", "--num-filters
 @pytest.fixture(scope="module")
 def tiny_report(sample_store, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("bench_cwd")
-    result = run_cli(TINY_BENCH + ["--compare-fp32", "--compare-nproc", "2", "--json", "--data", str(sample_store)],
-                     cwd=cwd)
+    result = run_cli(TINY_BENCH + ["--compare-fp32", "--compare-nproc", "2", "--block-steps", "1", "--json",
+                                   "--data", str(sample_store)], cwd=cwd)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout  # one JSON object, nothing else on stdout
@@ -69,6 +69,31 @@ def test_json_figures_are_sane(tiny_report):
         {"bare": 1, "trainer": 1, "fp32_nchw": 1, "workers_2": 1}
 
 
+def test_trainer_and_bare_loop_alternate_in_blocks(tiny_report):
+    """One trainer step, then one bare step, three times (--steps 3 --block-steps 1): each pair gives a ratio, and
+    trainer / bare is their median, with the spread."""
+    r, trainer = tiny_report, tiny_report["trainer"]
+    assert trainer["block_steps"] == 1 and len(trainer["bare_block_s"]) == 3
+    assert trainer["trainer_block_s"] == pytest.approx(trainer["step_times_s"])
+    assert trainer["block_ratios"] == pytest.approx([b / t for b, t in zip(trainer["bare_block_s"],
+                                                                            trainer["trainer_block_s"])])
+    spread = r["overhead_ratio_spread"]
+    assert spread["pairs"] == 3 and spread["method"] == "interleaved blocks, one process"
+    ordered = sorted(trainer["block_ratios"])
+    assert (spread["min"], spread["median"], spread["max"]) == pytest.approx(tuple(ordered))
+    assert r["overhead_ratio"] == pytest.approx(ordered[1])
+    assert spread["min"] <= spread["p25"] <= spread["median"] <= spread["p75"] <= spread["max"]
+    check = r["checks"]["overhead_ratio"]
+    assert check["target"] == ">= 0.97"
+    assert check["decided"] == (spread["p25"] >= 0.97 or spread["p75"] < 0.97)
+    # A bare block runs between trainer steps, so it is not inside any trainer step's time.
+    assert all(t > 0 for t in trainer["step_times_s"]) and all(b > 0 for b in trainer["bare_block_s"])
+
+    undecided = {**r, "checks": {**r["checks"], "overhead_ratio": {**check, "decided": False}}}
+    assert "not decided" in format_report(undecided)
+    assert "adjacent pairs of 1-step blocks" in format_report(r)
+
+
 def test_table_names_every_figure(tiny_report):
     table = format_report(tiny_report)
     for text in ("img/s", "TFLOP/s", "trainer (1 worker x 2 thread(s))", "bare loop", "fp32 NCHW",
@@ -81,6 +106,7 @@ def test_table_names_every_figure(tiny_report):
     (["--steps", "0"], "--steps"),
     (["--warmup", "0"], "--warmup"),
     (["--repeat", "0"], "--repeat"),
+    (["--steps", "3", "--block-steps", "4"], "--block-steps 4"),
     (["--no-such-flag"], "--no-such-flag"),
     (["--precision", "fp64"], "--precision"),
     (["--compare-nproc", "1"], "--compare-nproc"),

@@ -229,7 +229,13 @@ def test_bench_sr_reports_both_backends_on_the_same_images(tmp_path, capsys):
     assert torch.get_num_threads() == threads_before
     assert report["images"] == [f"{tmp_path / 'a.png'} 30x20", f"{tmp_path / 'b.png'} 21x13"]
     assert report["threads"] == 1 and report["scale"] == 3
-    for backend in ("pytorch", "onnxruntime"):
+    # sr's default: ONNX Runtime on the verified export its cache made (timed), found again on the second call
+    assert report["default_backend"] == "onnxruntime (cached verified export)"
+    assert report["first_call_export_s"] > report["cached_call_s"] > 0
+    assert report["default_vs_fastest_fp32"] == pytest.approx(
+        max(report["results"][n]["images_per_s"] for n in ("pytorch", "onnxruntime", "pytorch_eager"))
+        / report["results"]["default"]["images_per_s"])
+    for backend in ("default", "pytorch", "onnxruntime"):
         result = report["results"][backend]
         assert len(result["pass_seconds"]) == 2
         assert result["images_per_s"] == pytest.approx(2 / min(result["pass_seconds"]))

@@ -22,7 +22,8 @@ ORDER = ["edsr_dist", "errors", "locations", "config", "parallel", "state", "tra
 OPTIONAL = ("horovod", "torch_npu", "onnx", "onnxruntime", "safetensors", "torch.utils.tensorboard", "fsspec",
             "mlflow", "wandb")
 # torch itself is optional for `sr` (ONNX Runtime serves without it): its PyTorch backend imports these when chosen.
-TORCH_SIDE_OF = {"edsr_dist.inference.command": ("edsr_dist.inference.torch_runtime", "edsr_dist.model.precision")}
+TORCH_SIDE_OF = {"edsr_dist.inference.command": ("edsr_dist.inference.torch_runtime", "edsr_dist.model.precision",
+                                                 "edsr_dist.inference.onnx_cache")}
 
 
 def module_name(path: Path) -> str:

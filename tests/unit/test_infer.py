@@ -7,6 +7,7 @@ from torch import nn
 from edsr_dist.cli import main as cli_main
 from edsr_dist.config import Config
 from edsr_dist.data.images import to_uint8
+from edsr_dist.inference.command import write_rgb_png
 from edsr_dist.inference.torch_runtime import (
     forward_tiled,
     frozen_cpu_network,
@@ -186,3 +187,13 @@ def test_frozen_cpu_network_matches_the_eager_model_at_any_size():
     fast = super_resolve(_model(2), img, "cpu", tile=0, compiled=frozen)
     assert np.abs(eager.astype(int) - fast.astype(int)).max() <= 1  # float rounding in uint8
     assert frozen_cpu_network(_model(2), "bf16") is None  # autocast runs the eager model
+
+
+def test_rgb_png_written_band_by_band_decodes_to_the_same_pixels(tmp_path):
+    rng = np.random.default_rng(5)
+    for shape in ((1, 1, 3), (3, 2, 3), (600, 37, 3)):  # 600 rows: more than one band
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        write_rgb_png(img, tmp_path / "a.png")
+        with Image.open(tmp_path / "a.png") as decoded:
+            assert decoded.mode == "RGB" and decoded.size == (shape[1], shape[0])
+            np.testing.assert_array_equal(np.asarray(decoded), img)
