@@ -38,6 +38,12 @@ def setting(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def _need(ok: bool, msg: str) -> None:
+    """Config.check's one check: `msg` (the problem and its fix) as a UserError when `ok` is false."""
+    if not ok:
+        raise UserError(msg)
+
+
 @dataclass
 class Config:
     # Model (EDSR, Lim et al. 2017). Defaults: the old script's 32 blocks x 256 filters at x2.
@@ -123,74 +129,100 @@ class Config:
     track_checkpoint: bool = setting(False, "also send the best checkpoint to the trackers at the end (large)")
 
     def check(self) -> "Config":
-        """Each setting within its range; returns self."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UserError(msg)
+        """Each setting within its range; returns self. The groups run in this order, so the first problem
+        reported for a bad configuration stays the same."""
+        self._check_finite()
+        self._check_model_and_batch()
+        self._check_optimizer()
+        self._check_epochs_and_saving()
+        self._check_lr_schedule_and_update()
+        self._check_start_and_runtime()
+        self._check_names()
+        return self
 
-        for name, kind in _field_types().items():  # inf passes every "> 0" below and reaches torch as it is
+    def _check_finite(self) -> None:
+        """No float setting is inf or nan: inf passes every "> 0" below and would reach torch as it is."""
+        for name, kind in _field_types().items():
             value = getattr(self, name)
-            need(kind is not float or math.isfinite(value),
-                 f"{name} must be a finite number, got {value}; pass --{name.replace('_', '-')} with a number")
-        need(self.scale in (2, 3, 4), f"scale must be 2, 3 or 4, got {self.scale}; pass --scale 2|3|4")
-        need(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
-        need(self.num_filters >= 1, f"num_filters must be >= 1, got {self.num_filters}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.accumulate >= 1, f"accumulate must be >= 1 (1 = no accumulation), got {self.accumulate}")
+            _need(kind is not float or math.isfinite(value),
+                  f"{name} must be a finite number, got {value}; pass --{name.replace('_', '-')} with a number")
+
+    def _check_model_and_batch(self) -> None:
+        """The network's shape and the batch: scale, blocks, filters, batch, accumulation, patch."""
+        _need(self.scale in (2, 3, 4), f"scale must be 2, 3 or 4, got {self.scale}; pass --scale 2|3|4")
+        _need(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
+        _need(self.num_filters >= 1, f"num_filters must be >= 1, got {self.num_filters}")
+        _need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _need(self.accumulate >= 1, f"accumulate must be >= 1 (1 = no accumulation), got {self.accumulate}")
         check_batch_splits(self.batch_size, 1, self.accumulate)
-        need(self.patch_size >= 4, f"patch_size must be >= 4, got {self.patch_size}")
-        need(self.lr > 0, f"lr must be positive, got {self.lr}; pass for example --lr 1e-4")
+        _need(self.patch_size >= 4, f"patch_size must be >= 4, got {self.patch_size}")
+
+    def _check_optimizer(self) -> None:
+        """Adam's settings and the step decay of the learning rate."""
+        _need(self.lr > 0, f"lr must be positive, got {self.lr}; pass for example --lr 1e-4")
         # torch.optim.Adam's own checks (torch/optim/adam.py, Adam.__init__), as one line instead of its traceback.
-        need(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}; the paper uses --beta1 0.9")
-        need(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}; the paper uses --beta2 0.999")
-        need(self.epsilon >= 0, f"epsilon must be >= 0, got {self.epsilon}; the paper uses --epsilon 1e-8")
-        need(self.decay_rate > 0 and self.decay_rate <= 1, f"decay_rate must be in (0, 1], got {self.decay_rate}")
-        need(self.decay_step >= 1, f"decay_step must be >= 1, got {self.decay_step}")
-        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
-        need(self.save_every >= 1, f"save_every must be >= 1 epoch, got {self.save_every}")
-        need(self.validate_every >= 1, f"validate_every must be >= 1 epoch, got {self.validate_every}")
-        need(self.save_every_minutes >= 0, f"save_every_minutes must be >= 0 (0 = off), got {self.save_every_minutes}")
-        need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
-        need(not self.val_benchmark or is_url(self.val_benchmark) or Path(self.val_benchmark).is_dir(),
-             f"val_benchmark {self.val_benchmark} is not a folder; pass one benchmark set's folder "
-             "(such as benchmark/Set5) or leave it empty to validate on the store")
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
-        need(0 <= self.min_lr < self.lr, f"min_lr must be >= 0 and below lr ({self.lr}), got {self.min_lr}")
-        need(self.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0 (0 = off), got {self.grad_clip_norm}")
-        need(0 <= self.ema_decay < 1,
-             f"ema_decay must be in [0, 1) (0 = off; BasicSR uses 0.999), got {self.ema_decay}")
+        _need(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}; the paper uses --beta1 0.9")
+        _need(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}; the paper uses --beta2 0.999")
+        _need(self.epsilon >= 0, f"epsilon must be >= 0, got {self.epsilon}; the paper uses --epsilon 1e-8")
+        _need(self.decay_rate > 0 and self.decay_rate <= 1, f"decay_rate must be in (0, 1], got {self.decay_rate}")
+        _need(self.decay_step >= 1, f"decay_step must be >= 1, got {self.decay_step}")
+
+    def _check_epochs_and_saving(self) -> None:
+        """How long the run is, and how often it saves and validates (and on what)."""
+        _need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
+        _need(self.save_every >= 1, f"save_every must be >= 1 epoch, got {self.save_every}")
+        _need(self.validate_every >= 1, f"validate_every must be >= 1 epoch, got {self.validate_every}")
+        _need(self.save_every_minutes >= 0, f"save_every_minutes must be >= 0 (0 = off), got {self.save_every_minutes}")
+        _need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        _need(not self.val_benchmark or is_url(self.val_benchmark) or Path(self.val_benchmark).is_dir(),
+              f"val_benchmark {self.val_benchmark} is not a folder; pass one benchmark set's folder "
+              "(such as benchmark/Set5) or leave it empty to validate on the store")
+
+    def _check_lr_schedule_and_update(self) -> None:
+        """The learning-rate schedule (warmup, cosine floor, milestones) and how each update is shaped
+        (gradient clipping, EMA)."""
+        _need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        _need(0 <= self.min_lr < self.lr, f"min_lr must be >= 0 and below lr ({self.lr}), got {self.min_lr}")
+        _need(self.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0 (0 = off), got {self.grad_clip_norm}")
+        _need(0 <= self.ema_decay < 1,
+              f"ema_decay must be in [0, 1) (0 = off; BasicSR uses 0.999), got {self.ema_decay}")
         try:
             milestones = [float(m) for m in self.milestones.replace(" ", "").split(",") if m]
         except ValueError:
             milestones = [-1.0]
-        need(all(m >= 1 and m.is_integer() for m in milestones),
-             f"milestones must be whole step numbers separated by commas, e.g. 200000,400000; got {self.milestones!r}")
-        need(self.lr_schedule != "multistep" or milestones,
-             "lr_schedule multistep needs --milestones, e.g. --milestones 200000,400000")
-        need(not (self.init_from and self.resume and self.resume != "auto"),
-             f"--init-from starts a new run and --resume {self.resume} continues one; pass only one of them")
-        need(not self.init_from or is_url(self.init_from) or Path(self.init_from).is_file(),
-             f"init_from {self.init_from} is not a file; pass a .ckpt, .pt, .pth or .safetensors file with the "
-             "weights to start from")
-        need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
-        need(self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
-        need(self.log_every >= 1, f"log_every must be >= 1 step, got {self.log_every}")
-        need(self.num_threads >= 0, f"num_threads must be >= 0 (0 = OMP_NUM_THREADS or all cores), got "
-             f"{self.num_threads}")
-        need(self.save_every_steps >= 0, f"save_every_steps must be >= 0 (0 = off), got {self.save_every_steps}")
-        need(self.max_val_images >= 0, f"max_val_images must be >= 0 (0 = all), got {self.max_val_images}")
-        need(self.val_tile >= 0, f"val_tile must be >= 0 (0 = whole image), got {self.val_tile}")
+        _need(all(m >= 1 and m.is_integer() for m in milestones),
+              f"milestones must be whole step numbers separated by commas, e.g. 200000,400000; got {self.milestones!r}")
+        _need(self.lr_schedule != "multistep" or milestones,
+              "lr_schedule multistep needs --milestones, e.g. --milestones 200000,400000")
+
+    def _check_start_and_runtime(self) -> None:
+        """Where the run starts from, and its timeouts, limits, logging, threads and validation sizes."""
+        _need(not (self.init_from and self.resume and self.resume != "auto"),
+              f"--init-from starts a new run and --resume {self.resume} continues one; pass only one of them")
+        _need(not self.init_from or is_url(self.init_from) or Path(self.init_from).is_file(),
+              f"init_from {self.init_from} is not a file; pass a .ckpt, .pt, .pth or .safetensors file with the "
+              "weights to start from")
+        _need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
+        _need(self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
+        _need(self.log_every >= 1, f"log_every must be >= 1 step, got {self.log_every}")
+        _need(self.num_threads >= 0, f"num_threads must be >= 0 (0 = OMP_NUM_THREADS or all cores), got "
+              f"{self.num_threads}")
+        _need(self.save_every_steps >= 0, f"save_every_steps must be >= 0 (0 = off), got {self.save_every_steps}")
+        _need(self.max_val_images >= 0, f"max_val_images must be >= 0 (0 = all), got {self.max_val_images}")
+        _need(self.val_tile >= 0, f"val_tile must be >= 0 (0 = whole image), got {self.val_tile}")
+
+    def _check_names(self) -> None:
+        """Settings chosen from a list of names: trackers, precision, device, engine, schedules, protocol."""
         check_trackers(tracker_names(self.tracker), "--tracker")
-        need(bool(self.tracker_project.strip()), "tracker_project must not be empty; pass --tracker-project NAME")
+        _need(bool(self.tracker_project.strip()), "tracker_project must not be empty; pass --tracker-project NAME")
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("engine", ENGINES),
                               ("grad_comm", GRAD_COMMS),
                               ("lr_schedule", LR_SCHEDULES),
                               ("val_protocol", ("", *PROTOCOL_NAMES))):
             value = getattr(self, name)
-            need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        return self
+            _need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -215,57 +215,26 @@ def write_store(
     groups = {0: "hr"}
     groups.update({s: lr_name(s) for s in scales})
     bytes_per_tile = sum(3 * length * length for length in side.values())
-
-    def valid_bytes(img: SourceImage) -> int:
-        height, width = covered_size(img.size, multiple)
-        return 3 * height * width + sum(3 * (height // s) * (width // s) for s in scales)
-
-    total_bytes = num_tiles * bytes_per_tile + sum(valid_bytes(img) for _, img in valid)
+    total_bytes = num_tiles * bytes_per_tile + sum(_valid_bytes(img, multiple, scales) for _, img in valid)
     total_images = len(train) + len(valid)
 
-    folder = os.path.dirname(os.path.abspath(out))
-    free = shutil.disk_usage(folder).free
-    if free < total_bytes + STORE_SPACE_MARGIN:
-        # HDF5 that hits a full disk mid-write leaves its objects in a state whose release crashes the process.
-        raise DiskFull(f"writing store {out} failed (it needs about {(total_bytes + STORE_SPACE_MARGIN) / 2**20:.1f} "
-                       f"MiB, {folder} has {free / 2**20:.1f} MiB free); check free space and permissions of its "
-                       "folder, or pass --out elsewhere; nothing was written")
+    _check_free_space(out, total_bytes)
     started = time.monotonic()
     try:
         with atomic_path(out) as tmp:
             with h5py.File(tmp, "w") as f:
                 _write_attributes(f, scales, tile_size, degradation, source, records)
-                text = h5py.string_dtype("utf-8")
-                train_group = f.create_group("train")
-                train_group.create_dataset("names", data=np.asarray([img.name for _, img, _, _ in train],
-                                                                    dtype=object), dtype=text)
-                train_group.create_dataset("image_size", data=np.asarray(
-                    [covered_size(img.size, multiple) for _, img, _, _ in train], dtype=np.int32).reshape(-1, 2))
-                train_group.create_dataset("source_index", data=np.asarray([n for n, _, _, _ in train], np.int32))
+                train_group = _create_train_group(f, train, multiple)
                 bar = tqdm(total=total_bytes, desc="build-store", unit="B", unit_scale=True, unit_divisor=1024,
                            disable=not progress)
                 done_images = _write_train(train_group, train, groups, side, num_tiles, resize_method, bar,
                                            total_images, bytes_per_tile)
-                valid_group = f.create_group("valid")
-                valid_group.create_dataset("names", data=np.asarray([img.name for _, img in valid], dtype=object),
-                                           dtype=text)
-                valid_group.create_dataset("source_index", data=np.asarray([n for n, _ in valid], np.int32))
+                valid_group = _create_valid_group(f, valid)
                 _write_valid(valid_group, valid, groups, multiple, resize_method, bar, done_images, total_images,
-                             valid_bytes)
+                             scales)
                 bar.close()
-    except BaseException as exc:
-        if isinstance(exc, OSError):
-            # h5py objects of a file whose writes failed crash the process when freed (a segmentation fault, seen
-            # with h5py 3 on a full tmpfs): keep them (the exception's frames hold them) until the process ends,
-            # and have it end without freeing them. The temporary file is already removed (atomic_path).
-            _NEVER_FREED.append(exc)
-            reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
-            kind = DiskFull if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else UserError
-            failure = kind(f"writing store {out} failed ({reason}); check free space and permissions of its "
-                           "folder; nothing was written")
-            failure.end_process_at_once = True
-            raise failure from None
-        raise
+    except OSError as exc:
+        raise _write_failure(out, exc) from None
     return {
         "out": out,
         "degradation": degradation,
@@ -277,6 +246,58 @@ def write_store(
         "bytes": os.path.getsize(out),
         "seconds": time.monotonic() - started,
     }
+
+
+def _valid_bytes(img: SourceImage, multiple: int, scales: list[int]) -> int:
+    """Bytes a validation image takes in the store: the HR crop and its LR versions (for the progress bar and the
+    free-space check)."""
+    height, width = covered_size(img.size, multiple)
+    return 3 * height * width + sum(3 * (height // s) * (width // s) for s in scales)
+
+
+def _check_free_space(out: str, total_bytes: int) -> None:
+    """Refuse before writing when the store cannot fit: HDF5 that hits a full disk mid-write leaves its objects in a
+    state whose release crashes the process."""
+    folder = os.path.dirname(os.path.abspath(out))
+    free = shutil.disk_usage(folder).free
+    if free < total_bytes + STORE_SPACE_MARGIN:
+        raise DiskFull(f"writing store {out} failed (it needs about {(total_bytes + STORE_SPACE_MARGIN) / 2**20:.1f} "
+                       f"MiB, {folder} has {free / 2**20:.1f} MiB free); check free space and permissions of its "
+                       "folder, or pass --out elsewhere; nothing was written")
+
+
+def _create_train_group(f, train: list, multiple: int):
+    """The `train` group with its per-image index (names, covered sizes, source folders); tiles come after."""
+    train_group = f.create_group("train")
+    train_group.create_dataset("names", data=np.asarray([img.name for _, img, _, _ in train], dtype=object),
+                               dtype=h5py.string_dtype("utf-8"))
+    train_group.create_dataset("image_size", data=np.asarray(
+        [covered_size(img.size, multiple) for _, img, _, _ in train], dtype=np.int32).reshape(-1, 2))
+    train_group.create_dataset("source_index", data=np.asarray([n for n, _, _, _ in train], np.int32))
+    return train_group
+
+
+def _create_valid_group(f, valid: list):
+    """The `valid` group with its per-image index (names, source folders); the images come after."""
+    valid_group = f.create_group("valid")
+    valid_group.create_dataset("names", data=np.asarray([img.name for _, img in valid], dtype=object),
+                               dtype=h5py.string_dtype("utf-8"))
+    valid_group.create_dataset("source_index", data=np.asarray([n for n, _ in valid], np.int32))
+    return valid_group
+
+
+def _write_failure(out: str, exc: OSError) -> UserError:
+    """The one-line error for a store write that failed (DiskFull for a full disk or quota), marked to end the
+    process at once. h5py objects of a file whose writes failed crash the process when freed (a segmentation fault,
+    seen with h5py 3 on a full tmpfs): keep them (the exception's frames hold them) until the process ends, and have
+    it end without freeing them. The temporary file is already removed (atomic_path)."""
+    _NEVER_FREED.append(exc)
+    reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+    kind = DiskFull if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else UserError
+    failure = kind(f"writing store {out} failed ({reason}); check free space and permissions of its "
+                   "folder; nothing was written")
+    failure.end_process_at_once = True
+    return failure
 
 
 def _write_attributes(f, scales: list[int], tile_size: int, degradation: str, source: str, records: list) -> None:
@@ -367,7 +388,7 @@ def _write_train(train_group, train, groups: dict[int, str], side: dict[int, int
 
 
 def _write_valid(valid_group, valid, groups: dict[int, str], multiple: int, resize_method, bar, done_images: int,
-                 total_images: int, valid_bytes) -> None:
+                 total_images: int, scales: list[int]) -> None:
     """The validation images, whole (cropped to a multiple of every scale), with their CRCs."""
     valid_crc = {key: np.zeros(len(valid), dtype=np.uint32) for key in groups}
     for name in groups.values():
@@ -389,7 +410,7 @@ def _write_valid(valid_group, valid, groups: dict[int, str], multiple: int, resi
             valid_crc[key][index] = crc32_of(image)
         done_images += 1
         bar.set_postfix_str(f"{done_images}/{total_images} images", refresh=False)
-        bar.update(valid_bytes(img))
+        bar.update(_valid_bytes(img, multiple, scales))
     for key, name in groups.items():
         valid_group.create_dataset(f"{name}_crc32", data=valid_crc[key])
 

@@ -114,6 +114,34 @@ def _open_h5(path: str) -> Any:
 def _read_layout(f: Any, path: str, scales: list[int] | None) -> dict[str, Any]:
     """Check attributes and datasets (for `scales`, or every scale when None); return the metadata."""
     attrs = f.attrs
+    store_scales, tile_size = _check_attributes(attrs, path)
+    wanted = store_scales if scales is None else scales
+    for scale in wanted:
+        if scale not in store_scales:
+            have = ", ".join(f"x{s}" for s in store_scales)
+            raise UserError(
+                f"patch store {path} holds scales {have}, not x{scale}; choose one of those scales "
+                f"or build a store with --scales including {scale}"
+            )
+    num_tiles, num_images, image_size, image_index = _check_train(f, path, tile_size, wanted)
+    valid_names = _check_valid(f, path, wanted)
+    return {
+        "scales": store_scales,
+        "tile_size": tile_size,
+        "num_train_tiles": num_tiles,
+        "num_train_images": num_images,
+        "train_image_size": image_size,
+        "train_image_index": np.asarray(image_index, dtype=np.int64),
+        "valid_names": valid_names,
+        "degradation": _decode(attrs.get("degradation", "")),
+        "source": _decode(attrs.get("source", "")),
+        "sources": _sources(attrs, path),
+    }
+
+
+def _check_attributes(attrs: Any, path: str) -> tuple[list[int], int]:
+    """The store's format version, scales, tile size and checksum kind, each present and one this reader knows:
+    (scales, tile size)."""
     if "format_version" not in attrs:
         raise UserError(f"patch store {path} has no format_version attribute (not an edsr-dist store); {REBUILD_HINT}")
     version = int(attrs["format_version"])
@@ -131,43 +159,44 @@ def _read_layout(f: Any, path: str, scales: list[int] | None) -> dict[str, Any]:
         raise UserError(
             f"patch store {path} uses checksum {_decode(attrs['checksum'])!r}, expected {CHECKSUM!r}; {REBUILD_HINT}"
         )
-    wanted = store_scales if scales is None else scales
-    for scale in wanted:
-        if scale not in store_scales:
-            have = ", ".join(f"x{s}" for s in store_scales)
-            raise UserError(
-                f"patch store {path} holds scales {have}, not x{scale}; choose one of those scales "
-                f"or build a store with --scales including {scale}"
-            )
+    return store_scales, tile_size
 
-    def need(name: str) -> Any:
-        obj = f.get(name)
-        if obj is None:
-            raise UserError(f"patch store {path} is missing dataset /{name}; {REBUILD_HINT}")
-        return obj
 
-    def need_shape(name: str, shape: tuple[int, ...]) -> Any:
-        ds = need(name)
-        if tuple(ds.shape) != shape:
-            raise UserError(
-                f"patch store {path}: /{name} has shape {tuple(ds.shape)}, expected {shape}; {REBUILD_HINT}"
-            )
-        return ds
+def _dataset(f: Any, path: str, name: str) -> Any:
+    """Dataset or group `name` of the store, which must be there."""
+    obj = f.get(name)
+    if obj is None:
+        raise UserError(f"patch store {path} is missing dataset /{name}; {REBUILD_HINT}")
+    return obj
 
-    hr = need("train/hr")
+
+def _dataset_of_shape(f: Any, path: str, name: str, shape: tuple[int, ...]) -> Any:
+    """Dataset `name` of the store, which must be there with exactly that shape."""
+    ds = _dataset(f, path, name)
+    if tuple(ds.shape) != shape:
+        raise UserError(
+            f"patch store {path}: /{name} has shape {tuple(ds.shape)}, expected {shape}; {REBUILD_HINT}"
+        )
+    return ds
+
+
+def _check_train(f: Any, path: str, tile_size: int, wanted: list[int]) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """The training tiles: every dataset there with matching shapes, and the tiles stored in the order of each
+    image's grid. Returns (tiles, images, covered image sizes, image of each tile)."""
+    hr = _dataset(f, path, "train/hr")
     if len(hr.shape) != 4 or tuple(hr.shape[1:]) != (tile_size, tile_size, 3) or hr.dtype != np.uint8:
         raise UserError(
             f"patch store {path}: /train/hr is {hr.dtype}{tuple(hr.shape)}, expected uint8 (N, {tile_size}, "
             f"{tile_size}, 3); {REBUILD_HINT}"
         )
     num_tiles = int(hr.shape[0])
-    need_shape("train/hr_crc32", (num_tiles,))
-    image_index = need_shape("train/image_index", (num_tiles,))[()]
-    train_names = need("train/names")
+    _dataset_of_shape(f, path, "train/hr_crc32", (num_tiles,))
+    image_index = _dataset_of_shape(f, path, "train/image_index", (num_tiles,))[()]
+    train_names = _dataset(f, path, "train/names")
     num_images = int(train_names.shape[0])
-    image_size = np.asarray(need_shape("train/image_size", (num_images, 2))[()], dtype=np.int64)
-    need_shape("train/source_index", (num_images,))
-    need_shape("train/tile_origin", (num_tiles, 2))
+    image_size = np.asarray(_dataset_of_shape(f, path, "train/image_size", (num_images, 2))[()], dtype=np.int64)
+    _dataset_of_shape(f, path, "train/source_index", (num_images,))
+    _dataset_of_shape(f, path, "train/tile_origin", (num_tiles, 2))
     # The reader finds an image's tiles by counting its grid: the stored order must be exactly that.
     counts = [rows * cols for rows, cols in (tile_grid(int(h), int(w), tile_size) for h, w in image_size)]
     if sum(counts) != num_tiles or not np.array_equal(np.repeat(np.arange(num_images), counts), image_index):
@@ -175,31 +204,27 @@ def _read_layout(f: Any, path: str, scales: list[int] | None) -> dict[str, Any]:
                         f"/train/image_size; {REBUILD_HINT}")
     for scale in wanted:
         lr_tile = tile_size // scale
-        need_shape(f"train/{lr_name(scale)}", (num_tiles, lr_tile, lr_tile, 3))
-        need_shape(f"train/{lr_name(scale)}_crc32", (num_tiles,))
-    valid_names = [_decode(n) for n in need("valid/names")[()]]
+        _dataset_of_shape(f, path, f"train/{lr_name(scale)}", (num_tiles, lr_tile, lr_tile, 3))
+        _dataset_of_shape(f, path, f"train/{lr_name(scale)}_crc32", (num_tiles,))
+    return num_tiles, num_images, image_size, image_index
+
+
+def _check_valid(f: Any, path: str, wanted: list[int]) -> list[str]:
+    """The validation images: indexes of the right length, and each image's low-resolution versions the size
+    its scale makes of the high-resolution one. Returns the images' names."""
+    valid_names = [_decode(n) for n in _dataset(f, path, "valid/names")[()]]
     num_valid = len(valid_names)
-    need_shape("valid/hr_crc32", (num_valid,))
-    need_shape("valid/source_index", (num_valid,))
+    _dataset_of_shape(f, path, "valid/hr_crc32", (num_valid,))
+    _dataset_of_shape(f, path, "valid/source_index", (num_valid,))
     for scale in wanted:
-        need_shape(f"valid/{lr_name(scale)}_crc32", (num_valid,))
+        _dataset_of_shape(f, path, f"valid/{lr_name(scale)}_crc32", (num_valid,))
     for index in range(num_valid):
-        hr_img = need(f"valid/hr/{valid_key(index)}")
+        hr_img = _dataset(f, path, f"valid/hr/{valid_key(index)}")
         height, width = hr_img.shape[:2]
         for scale in wanted:
-            need_shape(f"valid/{lr_name(scale)}/{valid_key(index)}", (height // scale, width // scale, 3))
-    return {
-        "scales": store_scales,
-        "tile_size": tile_size,
-        "num_train_tiles": num_tiles,
-        "num_train_images": num_images,
-        "train_image_size": image_size,
-        "train_image_index": np.asarray(image_index, dtype=np.int64),
-        "valid_names": valid_names,
-        "degradation": _decode(attrs.get("degradation", "")),
-        "source": _decode(attrs.get("source", "")),
-        "sources": _sources(attrs, path),
-    }
+            _dataset_of_shape(f, path, f"valid/{lr_name(scale)}/{valid_key(index)}",
+                              (height // scale, width // scale, 3))
+    return valid_names
 
 
 def _sources(attrs: Any, path: str) -> list[dict[str, Any]]:

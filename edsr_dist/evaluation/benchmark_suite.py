@@ -203,21 +203,7 @@ def log_to_trackers(args, results: list[dict], table: str, protocol: str) -> Non
 
 def run(args) -> int:
     """`edsr-dist eval --benchmarks ...` with the arguments parsed by evaluate.py."""
-    protocol = get_protocol(args.protocol)
-    names = [n.strip() for n in args.sets.split(",") if n.strip()] if args.sets else None
-    sets = find_sets(args.benchmarks, names)
-    models = [load_model(text, args.res_scale, args.raw_weights) for text in args.checkpoints]
-    if args.scale is not None:
-        wrong = [m for m in models if m.scale != args.scale]
-        if wrong:
-            raise UserError(f"{wrong[0].path} is a x{wrong[0].scale} model but --scale is {args.scale}; "
-                            "drop --scale to score each model at its own scale")
-    for loaded in models:
-        for benchmark in sets:
-            benchmark.check(loaded.scale)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UserError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist; create it or "
-                        "pass another path")
+    protocol, sets, models = _checked_inputs(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     world = discover_world()
@@ -255,20 +241,48 @@ def run(args) -> int:
     if args.tracker:
         log_to_trackers(args, results, table, protocol.name)
     if args.json:
-        report = {"protocol": {**protocol.describe(),
-                               "lr_source": "per result: files where the set has an LR folder for the scale, else "
-                                            "MATLAB-style bicubic of the HR image cropped to a multiple of the scale",
-                               "modcrop": "HR cropped bottom/right to a multiple of the scale before LR is made "
-                                          "or compared",
-                               "grayscale": "replicated to 3 channels; alpha dropped",
-                               "bicubic": "MATLAB-style bicubic upscaling of the LR input",
-                               "self_ensemble": bool(args.self_ensemble), "precision": precision,
-                               "device": str(device), "ranks": world.size, "tile": args.tile,
-                               "images_per_set": {b.name: len(b.hr_files) for b in sets}},
-                  "results": results, "seconds": round(seconds, 3)}
-        try:
-            atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
-        except OSError as exc:
-            raise UserError(f"cannot write --json {args.json} ({exc.strerror}); pass a writable path") from None
-        print(f"wrote {args.json}")
+        _write_json(args, protocol, precision, device, world.size, sets, results, seconds)
     return 0
+
+
+def _checked_inputs(args) -> tuple[Protocol, list[BenchmarkSet], list[LoadedModel]]:
+    """The protocol, the benchmark sets and the loaded models, after every check that can fail on the user's
+    input (scales that do not match, a set without the scale, a --json folder that is not there), so a mistake
+    fails before any scoring: (protocol, sets, models)."""
+    protocol = get_protocol(args.protocol)
+    names = [n.strip() for n in args.sets.split(",") if n.strip()] if args.sets else None
+    sets = find_sets(args.benchmarks, names)
+    models = [load_model(text, args.res_scale, args.raw_weights) for text in args.checkpoints]
+    if args.scale is not None:
+        wrong = [m for m in models if m.scale != args.scale]
+        if wrong:
+            raise UserError(f"{wrong[0].path} is a x{wrong[0].scale} model but --scale is {args.scale}; "
+                            "drop --scale to score each model at its own scale")
+    for loaded in models:
+        for benchmark in sets:
+            benchmark.check(loaded.scale)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist; create it or "
+                        "pass another path")
+    return protocol, sets, models
+
+
+def _write_json(args, protocol: Protocol, precision: str, device: torch.device, ranks: int, sets: list[BenchmarkSet],
+                results: list[dict], seconds: float) -> None:
+    """--json: the results with the protocol they were scored under, spelled out, written atomically."""
+    report = {"protocol": {**protocol.describe(),
+                           "lr_source": "per result: files where the set has an LR folder for the scale, else "
+                                        "MATLAB-style bicubic of the HR image cropped to a multiple of the scale",
+                           "modcrop": "HR cropped bottom/right to a multiple of the scale before LR is made "
+                                      "or compared",
+                           "grayscale": "replicated to 3 channels; alpha dropped",
+                           "bicubic": "MATLAB-style bicubic upscaling of the LR input",
+                           "self_ensemble": bool(args.self_ensemble), "precision": precision,
+                           "device": str(device), "ranks": ranks, "tile": args.tile,
+                           "images_per_set": {b.name: len(b.hr_files) for b in sets}},
+              "results": results, "seconds": round(seconds, 3)}
+    try:
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write --json {args.json} ({exc.strerror}); pass a writable path") from None
+    print(f"wrote {args.json}")

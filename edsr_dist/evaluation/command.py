@@ -300,17 +300,7 @@ def _parse_args(argv: list[str]):
 
 def _evaluate_on_data(args) -> int:
     """`eval --data`: every candidate on a store's validation images or a folder of HR images, a table, CSV, JSON."""
-    if len(args.checkpoints) != 1:
-        raise UserError("--data takes one --checkpoints value; use --benchmarks to score several models")
-    args.checkpoints = local_input(args.checkpoints[0], WEIGHTS, args.cache_dir, args.endpoint_url)
-    # A store object (.h5) is fetched whole and CRC-checked; any other URL is a prefix of HR images.
-    data = Path(local_input(args.data, STORE if args.data.endswith(".h5") else FOLDER, args.cache_dir,
-                            args.endpoint_url, verify_store=verify_store))
-    if not data.exists():
-        raise UserError(f"--data {data} does not exist; pass a patch store (.h5) or a folder of HR PNG images")
-    if data.is_dir():
-        list_hr_images(data, say_notes=True)  # fail before loading any model
-
+    data = _local_data(args)
     candidates = collect_candidates(args.checkpoints)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -360,6 +350,22 @@ def _evaluate_on_data(args) -> int:
         raise UserError(f"no readable checkpoint in {args.checkpoints}; every file was damaged (see the warnings)")
     _report(args, data, device, chosen, results, csv_path, json_path)
     return 0
+
+
+def _local_data(args) -> Path:
+    """The local copy of --data (fetched when a URL), checked before any model loads; --checkpoints, one value
+    here, becomes its local path too (args.checkpoints is set to it)."""
+    if len(args.checkpoints) != 1:
+        raise UserError("--data takes one --checkpoints value; use --benchmarks to score several models")
+    args.checkpoints = local_input(args.checkpoints[0], WEIGHTS, args.cache_dir, args.endpoint_url)
+    # A store object (.h5) is fetched whole and CRC-checked; any other URL is a prefix of HR images.
+    data = Path(local_input(args.data, STORE if args.data.endswith(".h5") else FOLDER, args.cache_dir,
+                            args.endpoint_url, verify_store=verify_store))
+    if not data.exists():
+        raise UserError(f"--data {data} does not exist; pass a patch store (.h5) or a folder of HR PNG images")
+    if data.is_dir():
+        list_hr_images(data, say_notes=True)  # fail before loading any model
+    return data
 
 
 def _report(args, data: Path, device, chosen: str, results: list[dict], csv_path: Path, json_path: Path) -> None:

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from edsr_dist.config import check_batch_splits, parse_train_args
+from edsr_dist.config import Config, check_batch_splits, parse_train_args
 from edsr_dist.errors import UserError
 from edsr_dist.launcher.pod_env import PodJob, read_pod_env, workers_per_pod
 from edsr_dist.locations import staging_folder
@@ -133,118 +133,168 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
     """Workers for this machine: rank, device, cores, environment, command and log file of each. `dropped`:
     devices a restart leaves out (the ranks are numbered again over the others); `restart`: 0 for the first
     start, then the restart's number (the workers see it as EDSR_DIST_RESTART)."""
+    table_path = _table_path(args)
+    pod = read_pod_env(os.environ)
+    if pod is not None:
+        _check_pod_flags(pod, args)
+    cfg = None if args.exec else parse_train_args(rest)
+    if table_path is not None:
+        seat = _seat_from_table(table_path, args, pod, dropped)
+    elif pod is not None:
+        seat = _seat_from_pod(pod, args, cfg, dropped)
+    else:
+        seat = _seat_from_nproc(args, dropped)
+    master_port = _master_port(args, pod, seat.fixed_port)
+    if cfg is not None:
+        # Bad train arguments fail once, before any worker starts.
+        check_batch_splits(cfg.batch_size, seat.world_size, cfg.accumulate)
+    # A bucket --out is staged locally: logs go to the staging folder (uploaded with the run at its end).
+    default_out = os.path.join("runs", "launch") if cfg is None else str(staging_folder(cfg.out, cfg.cache_dir))
+    log_dir = args.log_dir or os.path.join(default_out, "logs")
+    v1_table = None
+    if seat.table is not None and dropped:
+        # The table of the devices still in the job, numbered again; what HCCL reads on this restart.
+        v1_table = seat.table
+        seat.table_env["RANK_TABLE_FILE"] = os.path.abspath(os.path.join(log_dir, f"rank_table_{seat.world_size}p.json"))
+    elif seat.table is not None and seat.table.format != "1.0":
+        # HCCL matches group_list ranks by pod identity, which torch_npu's numeric identity never meets: export a
+        # version 1.0 copy (same ranks, HCCL's order), written when the workers start.
+        v1_table = seat.table
+        seat.table_env["RANK_TABLE_FILE"] = os.path.abspath(os.path.join(log_dir, V1_TABLE_NAME))
+    job_id = job_id or os.environ.get("JOB_ID") or str(int(time.time()))
+    workers = _worker_specs(seat, args, worker_argv(args, rest), master_port, job_id, restart, log_dir)
+    local = len(workers)
+    ranks = [w.rank for w in workers]
+    rank_text = f"rank {ranks[0]}" if local == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    summary = (f"{local} worker{'s' if local != 1 else ''} on {seat.where}: {rank_text} of {seat.world_size}, "
+               f"devices {','.join(str(w.device_id) for w in workers)}; master {seat.master_addr}:{master_port}; "
+               f"logs in {log_dir}")
+    return Plan(workers, summary, seat.unset, v1_table, seat.world_size, seat.servers,
+                "" if cfg is None else default_out, 0 if cfg is None else cfg.batch_size, seat.master_addr,
+                master_port, seat.server_index, pod, 1 if cfg is None else cfg.accumulate)
+
+
+@dataclass
+class _Seat:
+    """Where this machine's workers sit in the job, read from a rank table, a pod's variables or --nproc: the one
+    part of a plan that differs between the three."""
+    placements: list[tuple[int, int]]  # (global rank, device) of each local worker, in local-rank order
+    world_size: int
+    master_addr: str
+    fixed_port: int | None  # a port every server must use (multi-server tables), else None
+    where: str  # this machine, as the summary line names it
+    table_env: dict[str, str]  # variables every worker gets from the rank table
+    unset: list[str]
+    table: RankTable | None = None  # the rank table in use (numbered again when devices are dropped)
+    servers: int = 1
+    server_index: int = 0
+
+
+def _table_path(args: argparse.Namespace) -> str | None:
+    """The rank table to read: --rank-table, else RANK_TABLE_FILE unless --nproc asks for local workers."""
     table_path = args.rank_table
     if table_path is None and args.nproc is None and os.environ.get("RANK_TABLE_FILE"):
         table_path = os.environ["RANK_TABLE_FILE"]
     if table_path is None and (args.server_id is not None or args.server_index is not None):
         raise UserError("--server-id/--server-index choose an entry of a rank table; pass --rank-table FILE too")
+    return table_path
 
-    pod = read_pod_env(os.environ)
-    if pod is not None:
-        _check_pod_flags(pod, args)
-    cfg = None if args.exec else parse_train_args(rest)
-    unset: list[str] = []
-    if table_path is not None:
-        table = wait_for_rank_table(table_path, args.wait_table)
-        if pod is not None and args.server_id is None and args.server_index is None:
-            index = _pod_server(table, pod)
-        else:
-            index = select_server(table, args.server_id, args.server_index)
-        server = table.servers[index]
-        devices = sorted(server.devices, key=lambda d: d.rank_id)
-        if pod is not None and pod.per_pod is not None and len(devices) != pod.per_pod:
-            raise UserError(f"{table.path} gives server {index} {len(devices)} device(s) but the pod has "
-                            f"{pod.per_pod} ({pod.variables}); mount the job's own rank table")
-        if dropped:
-            if len(table.servers) > 1:
-                raise UserError(f"--min-nproc cannot leave devices out of the multi-server table {table.path}; "
-                                "drop --min-nproc (restarts still happen) or give the job a smaller table")
-            devices = [Device(d.device_id, d.device_ip, rank)
-                       for rank, d in enumerate(d for d in devices if d.device_id not in dropped)]
-            table = RankTable(path=table.path, servers=[Server(server.server_id, devices)],
-                              real_path=table.real_path)
-        placements = [(d.rank_id, d.device_id) for d in devices]
-        world_size = table.rank_size
-        master_addr = args.master_addr or (pod.master_addr if pod else table.servers[0].server_id)
-        fixed_port = MULTI_SERVER_PORT if len(table.servers) > 1 else None
-        where = f"server {index} ({server.server_id}) of {table.path}"
-        table_env = ascend_env.hccl_env(server.server_id, multi_server=len(table.servers) > 1)
-        table_env["RANK_TABLE_FILE"] = table.real_path
-        if table.is_symlink:
-            print(f"{PROG}: note: {table.path} is a symlink; workers get RANK_TABLE_FILE={table.real_path} "
-                  "(torch_npu refuses symlinks)", file=sys.stderr)
-    elif pod is not None:
-        per_pod, source = workers_per_pod(pod, args.nproc, os.environ, cfg.device if cfg is not None else "auto")
-        # Global rank = pod index x workers per pod + local index: the pods' ranges tile 0..world-1 in pod order.
-        placements = [(pod.pod_index * per_pod + i, d) for i, d in enumerate(d for d in range(per_pod)
-                                                                            if d not in dropped)]
-        world_size = pod.pods * per_pod if not dropped else len(placements)  # dropping: one pod only
-        master_addr = args.master_addr or pod.master_addr
-        fixed_port = None
-        chips = f", chips {','.join(map(str, pod.cards))} (ASCEND_VISIBLE_DEVICES)" if pod.cards else ""
-        where = (f"pod {pod.pod_index} of {pod.pods} ({pod.operator}: {pod.variables}; {per_pod} per pod from "
-                 f"{source}{chips})")
-        table_env = {}
-        unset.append("RANK_TABLE_FILE")
+
+def _seat_from_table(table_path: str, args: argparse.Namespace, pod: PodJob | None, dropped: frozenset[int]) -> _Seat:
+    """This server's entry of a rank table (chosen by flag, or by the pod's index inside a Kubernetes job)."""
+    table = wait_for_rank_table(table_path, args.wait_table)
+    if pod is not None and args.server_id is None and args.server_index is None:
+        index = _pod_server(table, pod)
     else:
-        nproc = args.nproc or 1
-        placements = list(enumerate(d for d in range(nproc) if d not in dropped))
-        world_size = len(placements)
-        master_addr = args.master_addr or "127.0.0.1"
-        fixed_port = None
-        where = "this machine"
-        table_env = {}
-        unset.append("RANK_TABLE_FILE")  # a stale table would make torch_npu build the wrong communicator
+        index = select_server(table, args.server_id, args.server_index)
+    server = table.servers[index]
+    devices = sorted(server.devices, key=lambda d: d.rank_id)
+    if pod is not None and pod.per_pod is not None and len(devices) != pod.per_pod:
+        raise UserError(f"{table.path} gives server {index} {len(devices)} device(s) but the pod has "
+                        f"{pod.per_pod} ({pod.variables}); mount the job's own rank table")
+    if dropped:
+        if len(table.servers) > 1:
+            raise UserError(f"--min-nproc cannot leave devices out of the multi-server table {table.path}; "
+                            "drop --min-nproc (restarts still happen) or give the job a smaller table")
+        devices = [Device(d.device_id, d.device_ip, rank)
+                   for rank, d in enumerate(d for d in devices if d.device_id not in dropped)]
+        table = RankTable(path=table.path, servers=[Server(server.server_id, devices)],
+                          real_path=table.real_path)
+    table_env = ascend_env.hccl_env(server.server_id, multi_server=len(table.servers) > 1)
+    table_env["RANK_TABLE_FILE"] = table.real_path
+    if table.is_symlink:
+        print(f"{PROG}: note: {table.path} is a symlink; workers get RANK_TABLE_FILE={table.real_path} "
+              "(torch_npu refuses symlinks)", file=sys.stderr)
+    return _Seat(placements=[(d.rank_id, d.device_id) for d in devices], world_size=table.rank_size,
+                 master_addr=args.master_addr or (pod.master_addr if pod else table.servers[0].server_id),
+                 fixed_port=MULTI_SERVER_PORT if len(table.servers) > 1 else None,
+                 where=f"server {index} ({server.server_id}) of {table.path}", table_env=table_env, unset=[],
+                 table=table, servers=len(table.servers), server_index=index)
 
+
+def _seat_from_pod(pod: PodJob, args: argparse.Namespace, cfg: Config | None, dropped: frozenset[int]) -> _Seat:
+    """This pod's workers in a Kubernetes job without a rank table (its operator's variables)."""
+    per_pod, source = workers_per_pod(pod, args.nproc, os.environ, cfg.device if cfg is not None else "auto")
+    # Global rank = pod index x workers per pod + local index: the pods' ranges tile 0..world-1 in pod order.
+    placements = [(pod.pod_index * per_pod + i, d) for i, d in enumerate(d for d in range(per_pod)
+                                                                        if d not in dropped)]
+    chips = f", chips {','.join(map(str, pod.cards))} (ASCEND_VISIBLE_DEVICES)" if pod.cards else ""
+    return _Seat(placements=placements,
+                 world_size=pod.pods * per_pod if not dropped else len(placements),  # dropping: one pod only
+                 master_addr=args.master_addr or pod.master_addr, fixed_port=None,
+                 where=(f"pod {pod.pod_index} of {pod.pods} ({pod.operator}: {pod.variables}; {per_pod} per pod "
+                        f"from {source}{chips})"),
+                 table_env={}, unset=["RANK_TABLE_FILE"], servers=pod.pods, server_index=pod.pod_index)
+
+
+def _seat_from_nproc(args: argparse.Namespace, dropped: frozenset[int]) -> _Seat:
+    """--nproc workers on this machine alone."""
+    placements = list(enumerate(d for d in range(args.nproc or 1) if d not in dropped))
+    return _Seat(placements=placements, world_size=len(placements),
+                 master_addr=args.master_addr or "127.0.0.1", fixed_port=None, where="this machine", table_env={},
+                 unset=["RANK_TABLE_FILE"])  # a stale table would make torch_npu build the wrong communicator
+
+
+def _master_port(args: argparse.Namespace, pod: PodJob | None, fixed_port: int | None) -> int:
+    """--master-port, else the pod's MASTER_PORT, else this environment's, else the multi-server port, else a free
+    one; several pods cannot pick a free one each, so they must be told."""
     pod_port = pod.master_port if pod is not None else None
     if pod is not None and pod.pods > 1 and not (args.master_port or pod_port or fixed_port):
         raise UserError(f"{pod.variables} describe pod {pod.pod_index} of {pod.pods} but MASTER_PORT is not set; "
                         "every pod must meet on the same port: set it (the operator normally does) or pass "
                         "--master-port")
-    master_port = args.master_port or pod_port or port_from_env() or fixed_port or free_port()
-    if cfg is not None:
-        # Bad train arguments fail once, before any worker starts.
-        check_batch_splits(cfg.batch_size, world_size, cfg.accumulate)
-    # A bucket --out is staged locally: logs go to the staging folder (uploaded with the run at its end).
-    default_out = os.path.join("runs", "launch") if cfg is None else str(staging_folder(cfg.out, cfg.cache_dir))
-    log_dir = args.log_dir or os.path.join(default_out, "logs")
-    v1_table = None
-    if table_path is not None and dropped:
-        # The table of the devices still in the job, numbered again; what HCCL reads on this restart.
-        v1_table = table
-        table_env["RANK_TABLE_FILE"] = os.path.abspath(os.path.join(log_dir, f"rank_table_{world_size}p.json"))
-    elif table_path is not None and table.format != "1.0":
-        # HCCL matches group_list ranks by pod identity, which torch_npu's numeric identity never meets: export a
-        # version 1.0 copy (same ranks, HCCL's order), written when the workers start.
-        v1_table = table
-        table_env["RANK_TABLE_FILE"] = os.path.abspath(os.path.join(log_dir, V1_TABLE_NAME))
-    job_id = job_id or os.environ.get("JOB_ID") or str(int(time.time()))
-    argv = worker_argv(args, rest)
+    return args.master_port or pod_port or port_from_env() or fixed_port or free_port()
 
-    local = len(placements)
+
+def _worker_specs(seat: _Seat, args: argparse.Namespace, argv: list[str], master_port: int, job_id: str,
+                  restart: int, log_dir: str) -> list[WorkerSpec]:
+    """One WorkerSpec per placement: its cores (or none, where binding is off or torch_npu binds) and the
+    environment that tells it its place in the job."""
+    with_table = seat.table is not None
+    local = len(seat.placements)
     shares: list[list[int] | None]
-    if args.no_bind or not hasattr(os, "sched_setaffinity") or (table_path is not None and torch_npu_binds()):
+    if args.no_bind or not hasattr(os, "sched_setaffinity") or (with_table and torch_npu_binds()):
         shares = [None] * local
         inherited = os.environ.get("OMP_NUM_THREADS")
         threads = inherited or str(max(1, len(allowed_cores()) // local))
     else:
-        shares = list(card_core_shares(allowed_cores(), [device for _, device in placements])
-                      if table_path is not None else core_shares(allowed_cores(), local))
+        shares = list(card_core_shares(allowed_cores(), [device for _, device in seat.placements])
+                      if with_table else core_shares(allowed_cores(), local))
         threads = ""
     workers = []
-    for local_rank, ((rank, device), cores) in enumerate(zip(placements, shares)):
-        env = dict(table_env)
+    for local_rank, ((rank, device), cores) in enumerate(zip(seat.placements, shares)):
+        env = dict(seat.table_env)
         # DEVICE_ID is the card's own number (as in the table); ASCEND_DEVICE_ID the logical index set_device takes
         # (--nproc places workers on logical devices 0..N-1: their cards are the visible ones in that order).
-        logical = ascend_env.logical_device(device) if table_path is not None else device
-        physical = device if table_path is not None else _card_of(logical)
+        logical = ascend_env.logical_device(device) if with_table else device
+        physical = device if with_table else _card_of(logical)
         env.update({
-            "RANK_ID": str(rank), "RANK_SIZE": str(world_size),
+            "RANK_ID": str(rank), "RANK_SIZE": str(seat.world_size),
             "DEVICE_ID": str(physical), "ASCEND_DEVICE_ID": str(logical),
             "JOB_ID": job_id,
-            "RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "RANK": str(rank), "WORLD_SIZE": str(seat.world_size),
             "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local),
-            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+            "MASTER_ADDR": seat.master_addr, "MASTER_PORT": str(master_port),
             "EDSR_DIST_LAUNCHER": "1", "EDSR_DIST_RESTART": str(restart),
             "OMP_NUM_THREADS": str(len(cores)) if cores is not None else threads,
             # Workers write into pipes; unbuffered output keeps logs and the console live.
@@ -252,15 +302,7 @@ def build_plan(args: argparse.Namespace, rest: list[str], dropped: frozenset[int
         })
         workers.append(WorkerSpec(rank, local_rank, device, cores, env, argv,
                                   os.path.join(log_dir, f"rank_{rank}.log")))
-    ranks = [w.rank for w in workers]
-    rank_text = f"rank {ranks[0]}" if local == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-    summary = (f"{local} worker{'s' if local != 1 else ''} on {where}: {rank_text} of {world_size}, devices "
-               f"{','.join(str(w.device_id) for w in workers)}; master {master_addr}:{master_port}; logs in {log_dir}")
-    servers = len(table.servers) if table_path is not None else pod.pods if pod is not None else 1
-    return Plan(workers, summary, unset, v1_table, world_size, servers,
-                "" if cfg is None else default_out, 0 if cfg is None else cfg.batch_size, master_addr, master_port,
-                index if table_path is not None else pod.pod_index if pod is not None else 0, pod,
-                1 if cfg is None else cfg.accumulate)
+    return workers
 
 
 def _check_pod_flags(pod: PodJob, args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ from edsr_dist.config import check_batch_splits, describe_split, parse_train_arg
 from edsr_dist.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
 from edsr_dist.launcher.job_store import JobStore
 from edsr_dist.launcher.plan import POLL_S, PROG, Plan, build_plan
-from edsr_dist.launcher.workers import StopRequest, run_attempt, signal_name
+from edsr_dist.launcher.workers import Outcome, StopRequest, run_attempt, signal_name
 from edsr_dist.state.checkpoint_files import newest_checkpoint_quick
 from edsr_dist.state.claim import claim_out
 from edsr_dist.state.owner import OWNER_ENV, Ownership
@@ -127,17 +127,7 @@ def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: st
             if final or target > args.max_restarts:
                 break
             restarts = target
-            note = ""
-            if (args.min_nproc is not None and outcome.blamed_device is not None
-                    and outcome.blamed_device == last_blamed):
-                before = dropped
-                dropped = _drop_device(plan, outcome.blamed_device, args.min_nproc, dropped)
-                if dropped != before:
-                    left = plan.world_size - 1
-                    note = (f"; device {outcome.blamed_device} failed twice in a row: continuing without it on "
-                            f"{left} worker{'s' if left != 1 else ''}")
-                    if plan.batch_size:
-                        note += f" (global batch {plan.batch_size}, {describe_split(plan.batch_size, left)})"
+            dropped, note = _drop_repeat_offender(plan, args, outcome, last_blamed, dropped)
             last_blamed = outcome.blamed_device
             delay = restart_delay(args.restart_delay, restarts)
             train_args = rest if args.exec else _restart_train_args(rest, plan.out)
@@ -151,6 +141,30 @@ def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: st
                       file=sys.stderr, flush=True)
                 return 128 + stop.signum
             plan = _as_owner(build_plan(args, train_args, dropped, job_id, restarts), owner)
+    return _report_end(args, plan, outcome, restarts, ended_elsewhere, stopped=stop.signum is not None)
+
+
+def _drop_repeat_offender(plan: Plan, args: argparse.Namespace, outcome: Outcome, last_blamed: int | None,
+                          dropped: frozenset[int]) -> tuple[frozenset[int], str]:
+    """With --min-nproc, a device blamed for two failures in a row is left out of the next attempt: the devices
+    left out from now on, and the note the restart line gets ("" when nothing more is dropped)."""
+    if args.min_nproc is None or outcome.blamed_device is None or outcome.blamed_device != last_blamed:
+        return dropped, ""
+    before = dropped
+    dropped = _drop_device(plan, outcome.blamed_device, args.min_nproc, dropped)
+    if dropped == before:
+        return dropped, ""
+    left = plan.world_size - 1
+    note = (f"; device {outcome.blamed_device} failed twice in a row: continuing without it on "
+            f"{left} worker{'s' if left != 1 else ''}")
+    if plan.batch_size:
+        note += f" (global batch {plan.batch_size}, {describe_split(plan.batch_size, left)})"
+    return dropped, note
+
+
+def _report_end(args: argparse.Namespace, plan: Plan, outcome: Outcome, restarts: int, ended_elsewhere: bool,
+                stopped: bool) -> int:
+    """The launcher's last line (why the job ended, and after how many restarts) and its exit code."""
     after = f"{restarts} restart{'s' if restarts != 1 else ''}"
     if outcome.code == 0:
         if restarts:
@@ -161,7 +175,7 @@ def _supervise(args: argparse.Namespace, rest: list[str], plan: Plan, job_id: st
         line = f"stopped {len(plan.workers)} worker(s); the job ended on {line}"
     elif outcome.retriable and args.max_restarts:
         line += f"; gave up after {after} (--max-restarts {args.max_restarts})"
-    elif args.max_restarts and stop.signum is None:
+    elif args.max_restarts and not stopped:
         line += f"; not restarted: {_why_not_retried(outcome.code)}" + (f" (after {after})" if restarts else "")
     elif restarts:
         line += f" (after {after})"

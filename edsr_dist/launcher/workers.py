@@ -276,24 +276,7 @@ def _outcome(failed: _Worker, silent: list[_Worker], stopped: set[int]) -> Outco
 def run_attempt(plan: Plan, grace: float, stop: "StopRequest", peers: "JobStore | None" = None) -> Outcome:
     """Start the plan's workers and wait; the first failure (or, with `peers`, a restart decided on another server)
     stops the rest."""
-    log_dir = os.path.dirname(plan.workers[0].log_path) or "."
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the log folder {log_dir} ({exc.strerror}); pass a writable --log-dir") from None
-    if plan.v1_table is not None:
-        write_v1(plan.v1_table, plan.workers[0].env["RANK_TABLE_FILE"])
-    print(f"{PROG}: {plan.summary}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    workers: list[_Worker] = []
-    try:
-        for i, spec in enumerate(plan.workers):
-            if stop.signum is not None:
-                break
-            workers.append(_start(spec, plan.unset, _console() if i == 0 else None))
-    except BaseException:
-        _stop_all(workers, grace)
-        raise
+    workers = _start_workers(plan, grace, stop)
     failed: _Worker | None = None
     silent: list[_Worker] = []
     stopped: set[int] = set()
@@ -322,18 +305,47 @@ def run_attempt(plan: Plan, grace: float, stop: "StopRequest", peers: "JobStore 
         # Every rank stops at the same step; report the lowest one (rank 0 names its checkpoint).
         failed = min((w for w in workers if w.proc.returncode == EXIT_INTERRUPTED), key=lambda w: w.spec.rank)
     if failed is None and stop.signum is not None:
-        name = signal_name(stop.signum)
-        line = f"received {name}; stopped {len(workers)} worker{'s' if len(workers) != 1 else ''}; interrupted"
-        first = min(workers, key=lambda w: w.spec.rank) if workers else None
-        if killed:
-            line += (f"; rank{'s' if len(killed) > 1 else ''} {', '.join(str(w.spec.rank) for w in killed)} "
-                     f"did not stop within --grace {grace:g} s and {'were' if len(killed) > 1 else 'was'} "
-                     "killed (raise --grace if rank 0 needs longer to write its checkpoint)")
-        elif first is not None and first.spec.rank == 0 and first.proc.returncode == EXIT_INTERRUPTED:
-            line += "; rank 0 saved a checkpoint at a step boundary: continue with --resume auto"
-        return Outcome(128 + stop.signum, line)
+        return _interrupted(stop.signum, workers, killed, grace)
     if failed is not None:
         return _outcome(failed, silent, stopped)
     if news:
         return Outcome(EXIT_COLLECTIVE_FAILED, news, retriable=True, from_peer=True)
     return Outcome(0)
+
+
+def _start_workers(plan: Plan, grace: float, stop: "StopRequest") -> list[_Worker]:
+    """Make the log folder (and the version 1.0 rank table), print the plan's line, then start the workers in rank
+    order; a signal stops the starting, and a failure to start one stops those already running."""
+    log_dir = os.path.dirname(plan.workers[0].log_path) or "."
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the log folder {log_dir} ({exc.strerror}); pass a writable --log-dir") from None
+    if plan.v1_table is not None:
+        write_v1(plan.v1_table, plan.workers[0].env["RANK_TABLE_FILE"])
+    print(f"{PROG}: {plan.summary}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    workers: list[_Worker] = []
+    try:
+        for i, spec in enumerate(plan.workers):
+            if stop.signum is not None:
+                break
+            workers.append(_start(spec, plan.unset, _console() if i == 0 else None))
+    except BaseException:
+        _stop_all(workers, grace)
+        raise
+    return workers
+
+
+def _interrupted(signum: int, workers: list[_Worker], killed: list[_Worker], grace: float) -> Outcome:
+    """The launcher was signalled: say how the workers stopped, and whether rank 0 left a checkpoint to resume."""
+    name = signal_name(signum)
+    line = f"received {name}; stopped {len(workers)} worker{'s' if len(workers) != 1 else ''}; interrupted"
+    first = min(workers, key=lambda w: w.spec.rank) if workers else None
+    if killed:
+        line += (f"; rank{'s' if len(killed) > 1 else ''} {', '.join(str(w.spec.rank) for w in killed)} "
+                 f"did not stop within --grace {grace:g} s and {'were' if len(killed) > 1 else 'was'} "
+                 "killed (raise --grace if rank 0 needs longer to write its checkpoint)")
+    elif first is not None and first.spec.rank == 0 and first.proc.returncode == EXIT_INTERRUPTED:
+        line += "; rank 0 saved a checkpoint at a step boundary: continue with --resume auto"
+    return Outcome(128 + signum, line)

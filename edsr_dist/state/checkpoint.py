@@ -134,39 +134,44 @@ def save_checkpoint(out_dir: str | Path, state: dict, step: int, keep_last: int,
             # Fail before writing anything rather than fill the disk the other ranks' logs also need.
             raise OSError(errno.ENOSPC, f"needs {len(payload) / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
         atomic_write_bytes(path, header, payload)
-
-        index = _read_index(folder)
-        entries = [e for e in index["checkpoints"] if e.get("file") != name and (folder / e.get("file", "")).is_file()]
-        psnr_value = float(psnr) if psnr is not None and psnr == psnr else None  # nan counts as "not measured"
-        entries.append({"file": name, "step": int(step), "psnr": psnr_value})
-        best = max((e for e in entries if e.get("psnr") is not None), key=lambda e: e["psnr"], default=None)
-
-        # Oldest first: files this index does not know (copied in, older versions) by step, then write order.
-        known = {e["file"] for e in entries}
-        unknown = sorted((p for p in folder.iterdir() if _STEP_FILE.match(p.name) and p.name not in known),
-                         key=_step_of)
-        order = [p.name for p in unknown] + [e["file"] for e in entries]
-        keep = set(order[-keep_last:]) | {name}
-        if best is not None:
-            keep.add(best["file"])
-
-        index = {"format": 1, "checkpoints": [e for e in entries if e["file"] in keep],
-                 "best": best["file"] if best else None}
-        atomic_write_bytes(folder / INDEX, json.dumps(index, indent=1).encode() + b"\n")
-        if best is not None:
-            atomic_write_bytes(folder / BEST, best["file"].encode() + b"\n")
-        atomic_write_bytes(folder / LATEST, name.encode() + b"\n")
+        pruned = _record_in_index(folder, name, step, psnr, keep_last)
     except OSError as exc:
         raise _write_failure(folder, exc) from None
 
     # Pruning comes last: when anything above fails, nothing has been deleted yet.
-    for old in order:
-        if old not in keep:
-            try:
-                (folder / old).unlink()
-            except OSError:
-                pass
+    for old in pruned:
+        try:
+            (folder / old).unlink()
+        except OSError:
+            pass
     return path
+
+
+def _record_in_index(folder: Path, name: str, step: int, psnr: float | None, keep_last: int) -> list[str]:
+    """Add the step file `name` to the index and point latest (and best, by PSNR) at the right files; returns the
+    step files to prune, oldest first (all but the `keep_last` newest, the new one and the best), deleting none."""
+    index = _read_index(folder)
+    entries = [e for e in index["checkpoints"] if e.get("file") != name and (folder / e.get("file", "")).is_file()]
+    psnr_value = float(psnr) if psnr is not None and psnr == psnr else None  # nan counts as "not measured"
+    entries.append({"file": name, "step": int(step), "psnr": psnr_value})
+    best = max((e for e in entries if e.get("psnr") is not None), key=lambda e: e["psnr"], default=None)
+
+    # Oldest first: files this index does not know (copied in, older versions) by step, then write order.
+    known = {e["file"] for e in entries}
+    unknown = sorted((p for p in folder.iterdir() if _STEP_FILE.match(p.name) and p.name not in known),
+                     key=_step_of)
+    order = [p.name for p in unknown] + [e["file"] for e in entries]
+    keep = set(order[-keep_last:]) | {name}
+    if best is not None:
+        keep.add(best["file"])
+
+    index = {"format": 1, "checkpoints": [e for e in entries if e["file"] in keep],
+             "best": best["file"] if best else None}
+    atomic_write_bytes(folder / INDEX, json.dumps(index, indent=1).encode() + b"\n")
+    if best is not None:
+        atomic_write_bytes(folder / BEST, best["file"].encode() + b"\n")
+    atomic_write_bytes(folder / LATEST, name.encode() + b"\n")
+    return [old for old in order if old not in keep]
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
