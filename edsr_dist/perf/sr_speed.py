@@ -93,47 +93,68 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory(prefix="edsr-bench-sr-") as folder:
-            path = Path(folder) / "model.onnx"
-            export_onnx(model, path, verification_image(None)[0])
-            session = OnnxModel(path, device="cpu", threads=threads)
-            # What `sr` runs by default, through its own choice and cache (a scratch cache: the first call's export
-            # and check are part of the figure).
-            weights = args.checkpoint or str(Path(folder) / "weights.pt")
-            if not args.checkpoint:
-                torch.save(model.state_dict(), weights)
-            default_backend = fastest_backend(weights, "cpu", "fp32")
-            default_cost = {}
-            if default_backend == "cached-onnx":
-                first = cached_onnx(weights, str(Path(folder) / "cache"))
-                start = time.perf_counter()
-                cached_onnx(weights, str(Path(folder) / "cache"))
-                default_cost = {"first_call_export_s": first.exported_seconds,
-                                "cached_call_s": time.perf_counter() - start}
-                default_session = OnnxModel(first.path, device="cpu", threads=threads)
-            frozen_model = copy.deepcopy(model)  # frozen_cpu_network turns its model channels_last
-            frozen = frozen_cpu_network(frozen_model, "fp32")
-            bf16_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-            runners = {
-                "default": (lambda img: super_resolve_onnx(default_session, img, tile=args.tile,
-                                                           ensemble=args.self_ensemble))
-                if default_backend == "cached-onnx" else
-                (lambda img: super_resolve(frozen_model, img, "cpu", tile=args.tile, ensemble=args.self_ensemble,
-                                           compiled=frozen)),
-                # `sr --backend pytorch`: fp32 through the frozen oneDNN graph on the CPU.
-                "pytorch": lambda img: super_resolve(frozen_model, img, "cpu", tile=args.tile,
-                                                     ensemble=args.self_ensemble, compiled=frozen),
-                "onnxruntime": lambda img: super_resolve_onnx(session, img, tile=args.tile,
-                                                              ensemble=args.self_ensemble),
-                # For comparison: the eager fp32 model (sr's path before the frozen graph), and bf16 autocast
-                # (`sr --precision bf16`; needs native bf16 to be fast).
-                "pytorch_eager": lambda img: super_resolve(model, img, "cpu", tile=args.tile,
-                                                           ensemble=args.self_ensemble),
-                "pytorch_bf16": lambda img: super_resolve(bf16_model, img, "cpu", tile=args.tile,
-                                                          ensemble=args.self_ensemble, precision="bf16"),
-            }
+            default_backend, default_cost, runners = _runners(args, model, Path(folder), threads)
             passes = measure(runners, images, args.repeat)
     finally:
         torch.set_num_threads(threads_before)  # the command can run inside another process (tests)
+    report = _report(args, model, model_name, images, threads, passes, load_before[0], default_backend, default_cost)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    _print_table(report, report["results"], model_name, len(images), threads, args.repeat, load_before[0])
+    return 0
+
+
+def _sr_default(args, model: torch.nn.Module, folder: Path, threads: int) -> tuple[str, dict, OnnxModel | None]:
+    """The backend `sr` picks when --backend is left out, what its cache costs, and its session if it is ONNX."""
+    # What `sr` runs by default, through its own choice and cache (a scratch cache: the first call's export
+    # and check are part of the figure).
+    weights = args.checkpoint or str(folder / "weights.pt")
+    if not args.checkpoint:
+        torch.save(model.state_dict(), weights)
+    default_backend = fastest_backend(weights, "cpu", "fp32")
+    if default_backend != "cached-onnx":
+        return default_backend, {}, None
+    first = cached_onnx(weights, str(folder / "cache"))
+    start = time.perf_counter()
+    cached_onnx(weights, str(folder / "cache"))
+    default_cost = {"first_call_export_s": first.exported_seconds, "cached_call_s": time.perf_counter() - start}
+    return default_backend, default_cost, OnnxModel(first.path, device="cpu", threads=threads)
+
+
+def _runners(args, model: torch.nn.Module, folder: Path, threads: int) -> tuple[str, dict, dict]:
+    """Every backend compared, as a call that super-resolves one image the way `sr` would with it."""
+    path = folder / "model.onnx"
+    export_onnx(model, path, verification_image(None)[0])
+    session = OnnxModel(path, device="cpu", threads=threads)
+    default_backend, default_cost, default_session = _sr_default(args, model, folder, threads)
+    frozen_model = copy.deepcopy(model)  # frozen_cpu_network turns its model channels_last
+    frozen = frozen_cpu_network(frozen_model, "fp32")
+    bf16_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    runners = {
+        "default": (lambda img: super_resolve_onnx(default_session, img, tile=args.tile,
+                                                   ensemble=args.self_ensemble))
+        if default_backend == "cached-onnx" else
+        (lambda img: super_resolve(frozen_model, img, "cpu", tile=args.tile, ensemble=args.self_ensemble,
+                                   compiled=frozen)),
+        # `sr --backend pytorch`: fp32 through the frozen oneDNN graph on the CPU.
+        "pytorch": lambda img: super_resolve(frozen_model, img, "cpu", tile=args.tile,
+                                             ensemble=args.self_ensemble, compiled=frozen),
+        "onnxruntime": lambda img: super_resolve_onnx(session, img, tile=args.tile,
+                                                      ensemble=args.self_ensemble),
+        # For comparison: the eager fp32 model (sr's path before the frozen graph), and bf16 autocast
+        # (`sr --precision bf16`; needs native bf16 to be fast).
+        "pytorch_eager": lambda img: super_resolve(model, img, "cpu", tile=args.tile,
+                                                   ensemble=args.self_ensemble),
+        "pytorch_bf16": lambda img: super_resolve(bf16_model, img, "cpu", tile=args.tile,
+                                                  ensemble=args.self_ensemble, precision="bf16"),
+    }
+    return default_backend, default_cost, runners
+
+
+def _report(args, model: torch.nn.Module, model_name: str, images: list[tuple[str, np.ndarray]], threads: int,
+            passes: dict, load_before: float, default_backend: str, default_cost: dict) -> dict:
+    """Each backend's best pass as images/s and megapixels/s, with the ratios the targets are set on."""
     scale = int(model.scale)
     lr_megapixels = sum(img.shape[0] * img.shape[1] for _, img in images) / 1e6
     sr_megapixels = lr_megapixels * scale * scale
@@ -142,11 +163,11 @@ def main(argv: list[str]) -> int:
         best = min(seconds)
         results[name] = {"images_per_s": len(images) / best, "sr_megapixels_per_s": sr_megapixels / best,
                          "lr_megapixels_per_s": lr_megapixels / best, "pass_seconds": seconds}
-    report = {
+    return {
         "model": model_name, "scale": scale, "images": [f"{n} {i.shape[1]}x{i.shape[0]}" for n, i in images],
         "tile": args.tile, "self_ensemble": args.self_ensemble, "threads": threads, "repeat": args.repeat,
         "torch": torch.__version__, "onnxruntime": onnxruntime_module().__version__,
-        "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0], "results": results,
+        "load_average_before": load_before, "load_average_after": os.getloadavg()[0], "results": results,
         "onnxruntime_speedup": results["onnxruntime"]["images_per_s"] / results["pytorch"]["images_per_s"],
         "default_backend": "onnxruntime (cached verified export)" if default_backend == "cached-onnx" else "pytorch",
         **default_cost,
@@ -154,11 +175,6 @@ def main(argv: list[str]) -> int:
         "default_vs_fastest_fp32": max(results[n]["images_per_s"] for n in ("pytorch", "onnxruntime", "pytorch_eager"))
         / results["default"]["images_per_s"],
     }
-    if args.json:
-        print(json.dumps(report, indent=1))
-        return 0
-    _print_table(report, results, model_name, len(images), threads, args.repeat, load_before[0])
-    return 0
 
 
 def _print_table(report: dict, results: dict, model_name: str, images: int, threads: int, repeat: int,

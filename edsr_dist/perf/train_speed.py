@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -172,75 +173,104 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
     load_before = os.getloadavg()
     scratch = tempfile.mkdtemp(prefix="edsr-bench-")
     try:
-        cfg = dataclasses.replace(cfg, out=os.path.join(scratch, "out"), data=cfg.data or ensure_sample_store())
-        device, precision = resolve_device_and_precision(cfg.device, cfg.precision)
-        # Children and the bare loops use the resolved choices, so every figure describes the same thing.
-        cfg = dataclasses.replace(cfg, precision=precision, device=device.type)
-        total_threads = set_threads(cfg)
-        cfg = dataclasses.replace(cfg, num_threads=total_threads)
-        torch.backends.cudnn.benchmark = device.type == "cuda"  # as the trainer does, so the bare loop matches it
-
+        cfg, device, precision, total_threads = _resolved_config(cfg, scratch)
         store = measure_store(cfg.data, cfg, args.store_seconds)  # also checks the store and the patch size first
-
-        runs_started = itertools.count()
-
-        def trainer_with(workers: int, phase_syncs: bool = True, accumulate: int | None = None,
-                         interleave: bool = False) -> dict:
-            # Every trainer run gets a folder of its own: a run folder holds one run.
-            run_cfg = dataclasses.replace(cfg, out=os.path.join(scratch, f"run_{next(runs_started)}"),
-                                          accumulate=accumulate or cfg.accumulate)
-            if workers > 1:
-                return measure_workers(run_cfg, workers, max(1, total_threads // workers), args.warmup, args.steps)
-            if not interleave:
-                return measure_trainer(run_cfg, args.warmup, args.steps, world=World(), phase_syncs=phase_syncs)
-            bare = BareLoop(cfg, device, precision, cfg.channels_last)
-            try:
-                bare.run(args.warmup)
-                return measure_trainer(run_cfg, args.warmup, args.steps, world=World(), phase_syncs=phase_syncs,
-                                       bare=bare, block=args.block_steps)
-            finally:
-                bare.close()
-
-        accelerator = device.type != "cpu"  # where a sync costs something (see StepClock)
-        plan = {"bare": lambda: measure_bare(cfg, device, precision, cfg.channels_last, args.warmup, args.steps),
-                "trainer": lambda: trainer_with(args.nproc, phase_syncs=not accelerator, interleave=True)}
-        if accelerator and args.nproc == 1:
-            plan["trainer_phases"] = lambda: trainer_with(1, phase_syncs=True)
-        if args.compare_fp32:
-            plan["fp32_nchw"] = lambda: measure_bare(cfg, device, "fp32", False, args.warmup, args.steps)
-        if args.compare_nproc:
-            for workers in sorted({1, args.compare_nproc} - {args.nproc}):
-                plan[f"workers_{workers}"] = lambda workers=workers: trainer_with(workers)
-        if args.compare_accumulate:
-            plan["accumulate"] = lambda: trainer_with(args.nproc, accumulate=args.compare_accumulate)
-        # Round robin, so that a burst of load from elsewhere hits one repeat of each rather than all of one;
-        # the least disturbed repeat (highest images/s) of each measurement is reported.
-        runs: dict[str, list[dict]] = {name: [] for name in plan}
-        for _ in range(args.repeat):
-            for name, measure in plan.items():
-                set_threads(cfg)
-                runs[name].append(measure())
-        best = {name: max(results, key=lambda m: m["images_per_s"]) for name, results in runs.items()}
-        bare, trainer, fp32 = best["bare"], best["trainer"], best.get("fp32_nchw")
-        scaling = None
-        if args.compare_nproc:
-            n = args.compare_nproc
-            one = trainer if args.nproc == 1 else best["workers_1"]
-            many = trainer if args.nproc == n else best[f"workers_{n}"]
-            scaling = {"one_worker": _summary(one, cfg), "n_workers": _summary(many, cfg), "nproc": n,
-                       "efficiency": many["images_per_s"] / one["images_per_s"]}
-        accumulation = None
-        if args.compare_accumulate:
-            other = best["accumulate"]
-            accumulation = {"base": _summary(trainer, cfg), "other": _summary(other, cfg),
-                            "ratio": other["images_per_s"] / trainer["images_per_s"]}
+        plan = _measurement_plan(args, cfg, device, precision, total_threads, scratch)
+        runs = _run_round_robin(plan, args.repeat, cfg)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    report = _assemble_report(args, cfg, device, precision, total_threads, store, runs)
+    report["machine"] = machine_info(device)
+    report["machine"]["load_average_before"] = load_before[0]
+    report["machine"]["load_average_after"] = os.getloadavg()[0]
+    return report
 
-    flops = train_flops_per_image(cfg)
-    phased = best.get("trainer_phases", trainer)  # the breakdown: phases timed with device syncs
-    step_total = sum(phased["phases_s"][key] for key in PHASES)
-    fractions = {key: phased["phases_s"][key] / step_total for key in PHASES}
+
+def _resolved_config(cfg: Config, scratch: str) -> tuple[Config, torch.device, str, int]:
+    """Resolve device, precision, threads and data once, so the trainer runs, workers and bare loops all match."""
+    cfg = dataclasses.replace(cfg, out=os.path.join(scratch, "out"), data=cfg.data or ensure_sample_store())
+    device, precision = resolve_device_and_precision(cfg.device, cfg.precision)
+    # Children and the bare loops use the resolved choices, so every figure describes the same thing.
+    cfg = dataclasses.replace(cfg, precision=precision, device=device.type)
+    total_threads = set_threads(cfg)
+    cfg = dataclasses.replace(cfg, num_threads=total_threads)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as the trainer does, so the bare loop matches it
+    return cfg, device, precision, total_threads
+
+
+def _measurement_plan(args: argparse.Namespace, cfg: Config, device: torch.device, precision: str,
+                      total_threads: int, scratch: str) -> dict[str, Callable[[], dict]]:
+    """Name every measurement the flags ask for, each a call that measures once (repeats run them again)."""
+    runs_started = itertools.count()
+
+    def trainer_with(workers: int, phase_syncs: bool = True, accumulate: int | None = None,
+                     interleave: bool = False) -> dict:
+        # Every trainer run gets a folder of its own: a run folder holds one run.
+        run_cfg = dataclasses.replace(cfg, out=os.path.join(scratch, f"run_{next(runs_started)}"),
+                                      accumulate=accumulate or cfg.accumulate)
+        if workers > 1:
+            return measure_workers(run_cfg, workers, max(1, total_threads // workers), args.warmup, args.steps)
+        if not interleave:
+            return measure_trainer(run_cfg, args.warmup, args.steps, world=World(), phase_syncs=phase_syncs)
+        bare = BareLoop(cfg, device, precision, cfg.channels_last)
+        try:
+            bare.run(args.warmup)
+            return measure_trainer(run_cfg, args.warmup, args.steps, world=World(), phase_syncs=phase_syncs,
+                                   bare=bare, block=args.block_steps)
+        finally:
+            bare.close()
+
+    accelerator = device.type != "cpu"  # where a sync costs something (see StepClock)
+    plan = {"bare": lambda: measure_bare(cfg, device, precision, cfg.channels_last, args.warmup, args.steps),
+            "trainer": lambda: trainer_with(args.nproc, phase_syncs=not accelerator, interleave=True)}
+    if accelerator and args.nproc == 1:
+        plan["trainer_phases"] = lambda: trainer_with(1, phase_syncs=True)
+    if args.compare_fp32:
+        plan["fp32_nchw"] = lambda: measure_bare(cfg, device, "fp32", False, args.warmup, args.steps)
+    if args.compare_nproc:
+        for workers in sorted({1, args.compare_nproc} - {args.nproc}):
+            plan[f"workers_{workers}"] = lambda workers=workers: trainer_with(workers)
+    if args.compare_accumulate:
+        plan["accumulate"] = lambda: trainer_with(args.nproc, accumulate=args.compare_accumulate)
+    return plan
+
+
+def _run_round_robin(plan: dict[str, Callable[[], dict]], repeat: int, cfg: Config) -> dict[str, list[dict]]:
+    """Run each measurement `repeat` times, interleaved, so load from elsewhere spreads over all of them."""
+    # Round robin, so that a burst of load from elsewhere hits one repeat of each rather than all of one;
+    # the least disturbed repeat (highest images/s) of each measurement is reported.
+    runs: dict[str, list[dict]] = {name: [] for name in plan}
+    for _ in range(repeat):
+        for name, measure in plan.items():
+            set_threads(cfg)
+            runs[name].append(measure())
+    return runs
+
+
+def _scaling(args: argparse.Namespace, cfg: Config, best: dict[str, dict]) -> dict | None:
+    """--compare-nproc: 1 worker against N, whichever of them the main trainer measurement already is."""
+    if not args.compare_nproc:
+        return None
+    n = args.compare_nproc
+    trainer = best["trainer"]
+    one = trainer if args.nproc == 1 else best["workers_1"]
+    many = trainer if args.nproc == n else best[f"workers_{n}"]
+    return {"one_worker": _summary(one, cfg), "n_workers": _summary(many, cfg), "nproc": n,
+            "efficiency": many["images_per_s"] / one["images_per_s"]}
+
+
+def _accumulation(args: argparse.Namespace, cfg: Config, best: dict[str, dict]) -> dict | None:
+    """--compare-accumulate: the other micro-batch count against the main trainer measurement."""
+    if not args.compare_accumulate:
+        return None
+    trainer, other = best["trainer"], best["accumulate"]
+    return {"base": _summary(trainer, cfg), "other": _summary(other, cfg),
+            "ratio": other["images_per_s"] / trainer["images_per_s"]}
+
+
+def _overhead(args: argparse.Namespace, runs: dict[str, list[dict]], trainer: dict,
+              bare: dict) -> tuple[float, dict]:
+    """trainer / bare loop, from the interleaved block pairs where there are any, with their spread."""
     ratios = sorted(r for m in runs["trainer"] for r in m.get("block_ratios", []))  # every repeat's pairs
     if ratios:
         overhead = median_of(ratios)
@@ -250,6 +280,46 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
     else:  # N workers: the trainer runs in the launcher's processes, the bare loop here, one after the other
         overhead = trainer["images_per_s"] / bare["images_per_s"]
         spread = {"pairs": 0, "method": "separate measurements"}
+    return overhead, spread
+
+
+def _checks(report: dict, overhead: float, spread: dict) -> dict:
+    """Each target's verdict; the overhead is decided only when its block pairs' spread allows it."""
+    checks = {key: _check(report.get(key), key) for key in TARGETS}
+    if spread["pairs"]:
+        # Met or missed only when the middle half of the pairs agrees; else the noise is larger than the gap.
+        target = TARGETS["overhead_ratio"][1]
+        checks["overhead_ratio"]["decided"] = spread["p25"] >= target or spread["p75"] < target
+        checks["overhead_ratio"]["met"] = spread["p25"] >= target if checks["overhead_ratio"]["decided"] else overhead >= target
+    return {key: value for key, value in checks.items() if value is not None}
+
+
+def _settings(args: argparse.Namespace, cfg: Config, device: torch.device, precision: str, total_threads: int,
+              trainer: dict, bare: dict) -> dict:
+    """What was measured, as resolved, so that a report says how to reproduce it."""
+    return {
+        "preset": args.preset, "scale": cfg.scale, "num_blocks": cfg.num_blocks, "num_filters": cfg.num_filters,
+        "batch_size": cfg.batch_size, "patch_size": cfg.patch_size, "precision": precision,
+        "channels_last": cfg.channels_last, "device": str(device), "nproc": args.nproc, "threads": total_threads,
+        "threads_per_worker": trainer["threads"], "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat,
+        "compare_nproc": args.compare_nproc, "optimizer": trainer.get("optimizer", bare.get("optimizer")),
+        "data": cfg.data, "log_every": cfg.log_every, "accumulate": cfg.accumulate,
+        "compare_accumulate": args.compare_accumulate, "split": describe_split(cfg.batch_size, args.nproc),
+    }
+
+
+def _assemble_report(args: argparse.Namespace, cfg: Config, device: torch.device, precision: str,
+                     total_threads: int, store: dict, runs: dict[str, list[dict]]) -> dict:
+    """The report's figures from every run's measurements (all but the machine, which the caller adds)."""
+    best = {name: max(results, key=lambda m: m["images_per_s"]) for name, results in runs.items()}
+    bare, trainer, fp32 = best["bare"], best["trainer"], best.get("fp32_nchw")
+    scaling = _scaling(args, cfg, best)
+    accumulation = _accumulation(args, cfg, best)
+    flops = train_flops_per_image(cfg)
+    phased = best.get("trainer_phases", trainer)  # the breakdown: phases timed with device syncs
+    step_total = sum(phased["phases_s"][key] for key in PHASES)
+    fractions = {key: phased["phases_s"][key] / step_total for key in PHASES}
+    overhead, spread = _overhead(args, runs, trainer, bare)
     report = {
         "images_per_s": trainer["images_per_s"],
         "tflops": trainer["images_per_s"] * flops / 1e12,
@@ -281,25 +351,8 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> dict:
         report["scaling"] = scaling
     if accumulation is not None:
         report["accumulation"] = accumulation
-    checks = {key: _check(report.get(key), key) for key in TARGETS}
-    if spread["pairs"]:
-        # Met or missed only when the middle half of the pairs agrees; else the noise is larger than the gap.
-        target = TARGETS["overhead_ratio"][1]
-        checks["overhead_ratio"]["decided"] = spread["p25"] >= target or spread["p75"] < target
-        checks["overhead_ratio"]["met"] = spread["p25"] >= target if checks["overhead_ratio"]["decided"] else overhead >= target
-    report["checks"] = {key: value for key, value in checks.items() if value is not None}
-    report["settings"] = {
-        "preset": args.preset, "scale": cfg.scale, "num_blocks": cfg.num_blocks, "num_filters": cfg.num_filters,
-        "batch_size": cfg.batch_size, "patch_size": cfg.patch_size, "precision": precision,
-        "channels_last": cfg.channels_last, "device": str(device), "nproc": args.nproc, "threads": total_threads,
-        "threads_per_worker": trainer["threads"], "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat,
-        "compare_nproc": args.compare_nproc, "optimizer": trainer.get("optimizer", bare.get("optimizer")),
-        "data": cfg.data, "log_every": cfg.log_every, "accumulate": cfg.accumulate,
-        "compare_accumulate": args.compare_accumulate, "split": describe_split(cfg.batch_size, args.nproc),
-    }
-    report["machine"] = machine_info(device)
-    report["machine"]["load_average_before"] = load_before[0]
-    report["machine"]["load_average_after"] = os.getloadavg()[0]
+    report["checks"] = _checks(report, overhead, spread)
+    report["settings"] = _settings(args, cfg, device, precision, total_threads, trainer, bare)
     return report
 
 
@@ -321,10 +374,20 @@ def _summary(measurement: dict, cfg: Config) -> dict:
 
 
 def format_report(r: dict) -> str:
+    fmt = _memory_format_name(r["settings"])
+    return "\n".join(_header_lines(r, fmt) + _throughput_lines(r) + _breakdown_lines(r) + _check_lines(r, fmt))
+
+
+def _memory_format_name(settings: dict) -> str:
+    """The activations' memory format as the table names it (the header and the precision check both say it)."""
+    return "channels_last" if settings["channels_last"] else "NCHW"
+
+
+def _header_lines(r: dict, fmt: str) -> list[str]:
+    """What was measured, on what, and how: the lines above the tables."""
     s, m = r["settings"], r["machine"]
-    fmt = "channels_last" if s["channels_last"] else "NCHW"
     repeats = f", best of {s['repeat']} repeats" if s["repeat"] > 1 else ""
-    lines = [
+    return [
         f"{PROG}: EDSR x{s['scale']} {s['num_blocks']}x{s['num_filters']} ({s['preset']}), global batch "
         f"{s['batch_size']}, {s['patch_size']}x{s['patch_size']} LR patches, {s['precision']}, {fmt}, {s['device']}, "
         f"{s.get('optimizer')} (trainer and bare loop)",
@@ -333,31 +396,45 @@ def format_report(r: dict) -> str:
         f"load average {m['load_average_before']:.2f} before, {m['load_average_after']:.2f} after",
         f"{s['warmup']} warm-up + {s['steps']} timed steps, median step time{repeats}; "
         f"training FLOPs/image {r['train_flops_per_image'] / 1e9:.2f} G (forward x3)",
-        "",
-        f"{'throughput':<40}{'img/s':>10}{'TFLOP/s':>10}{'step ms':>10}",
     ]
 
-    def row(label: str, images_per_s: float) -> str:
-        tflops = images_per_s * r["train_flops_per_image"] / 1e12
-        return f"  {label:<38}{images_per_s:>10.2f}{tflops:>10.3f}{s['batch_size'] / images_per_s * 1e3:>10.1f}"
 
-    def split(world_size: int, text: str) -> str:
-        return f", {text}" if world_size > 1 and "each" not in text else ""
+def _throughput_row(r: dict, label: str, images_per_s: float) -> str:
+    """One row of the throughput table: images/s, the TFLOP/s they mean, and the step time."""
+    tflops = images_per_s * r["train_flops_per_image"] / 1e12
+    return f"  {label:<38}{images_per_s:>10.2f}{tflops:>10.3f}{r['settings']['batch_size'] / images_per_s * 1e3:>10.1f}"
 
+
+def _split_note(world_size: int, text: str) -> str:
+    """The batch split of several workers, where it is uneven (an even one adds nothing to the label)."""
+    return f", {text}" if world_size > 1 and "each" not in text else ""
+
+
+def _throughput_lines(r: dict) -> list[str]:
+    """The throughput table: the trainer, the bare loop and every comparison asked for, then the store."""
+    s = r["settings"]
+    lines = ["", f"{'throughput':<40}{'img/s':>10}{'TFLOP/s':>10}{'step ms':>10}"]
     workers = f"{s['nproc']} worker{'s' if s['nproc'] > 1 else ''} x {s['threads_per_worker']} thread(s)"
     micro = f", accumulate {s['accumulate']}" if s["accumulate"] > 1 else ""
-    lines.append(row(f"trainer ({workers}{split(s['nproc'], s['split'])}{micro})", r["images_per_s"]))
-    lines.append(row(f"bare loop (1 process x {s['threads']} thread(s))", r["bare_images_per_s"]))
+    lines.append(_throughput_row(r, f"trainer ({workers}{_split_note(s['nproc'], s['split'])}{micro})",
+                                 r["images_per_s"]))
+    lines.append(_throughput_row(r, f"bare loop (1 process x {s['threads']} thread(s))", r["bare_images_per_s"]))
     if "fp32_nchw_images_per_s" in r:
-        lines.append(row("bare loop, fp32 NCHW", r["fp32_nchw_images_per_s"]))
+        lines.append(_throughput_row(r, "bare loop, fp32 NCHW", r["fp32_nchw_images_per_s"]))
     if "scaling" in r:
         for part in (r["scaling"]["one_worker"], r["scaling"]["n_workers"]):
-            lines.append(row(f"trainer, {part['world_size']} worker(s) x {part['threads']} thread(s)"
-                             f"{split(part['world_size'], part['split'])}", part["images_per_s"]))
+            lines.append(_throughput_row(r, f"trainer, {part['world_size']} worker(s) x {part['threads']} thread(s)"
+                                            f"{_split_note(part['world_size'], part['split'])}", part["images_per_s"]))
     if "accumulation" in r:
         other = r["accumulation"]["other"]
-        lines.append(row(f"trainer, accumulate {other['accumulate']}", other["images_per_s"]))
+        lines.append(_throughput_row(r, f"trainer, accumulate {other['accumulate']}", other["images_per_s"]))
     lines.append(f"  {'store, 1 reader (patches/s)':<38}{r['store_patches_per_s']:>10.0f}")
+    return lines
+
+
+def _breakdown_lines(r: dict) -> list[str]:
+    """The step breakdown table (beside the other worker count's with --compare-nproc) and its notes."""
+    s = r["settings"]
     # With --compare-nproc, the breakdown of the other trainer measurement sits beside the main one's.
     other = None
     if "scaling" in r:
@@ -366,7 +443,7 @@ def format_report(r: dict) -> str:
     header = f"{'trainer step breakdown (mean per step)':<40}{'ms':>10}{'share':>10}"
     if other is not None:
         header += f"{str(other['world_size']) + ' worker(s) ms':>18}"
-    lines += ["", header]
+    lines = ["", header]
     for key in PHASES:
         line = f"  {PHASE_LABELS[key]:<38}{r['breakdown_ms'][key]:>10.2f}{r['breakdown_fraction'][key]:>10.1%}"
         if other is not None:
@@ -379,16 +456,28 @@ def format_report(r: dict) -> str:
                      + (f"{other_in_flight:>18.2f}" if other is not None else ""))
     if r["skipped_steps"]:
         lines.append(f"  note: {r['skipped_steps']} timed step(s) skipped by fp16 loss scaling (no optimizer step)")
-    if "accumulation" in r and s["nproc"] > 1:
-        a = r["accumulation"]
+    return lines + _accumulation_notes(r)
+
+
+def _accumulation_notes(r: dict) -> list[str]:
+    """--compare-accumulate: the all-reduces that no_sync saves (several workers) and the throughput ratio."""
+    if "accumulation" not in r:
+        return []
+    a = r["accumulation"]
+    lines = []
+    if r["settings"]["nproc"] > 1:
         lines.append(f"  gradient buckets all-reduced per step: {a['base']['allreduce_buckets_per_step']:g} with "
                      f"accumulate {a['base']['accumulate']}, {a['other']['allreduce_buckets_per_step']:g} with "
                      f"accumulate {a['other']['accumulate']} (micro-steps run under no_sync)")
-    if "accumulation" in r:
-        a = r["accumulation"]
-        lines.append(f"  accumulate {a['other']['accumulate']} / accumulate {a['base']['accumulate']}: "
-                     f"{a['ratio']:.3f} of the throughput")
-    lines += ["", f"{'checks':<40}{'value':>10}{'target':>10}"]
+    lines.append(f"  accumulate {a['other']['accumulate']} / accumulate {a['base']['accumulate']}: "
+                 f"{a['ratio']:.3f} of the throughput")
+    return lines
+
+
+def _check_lines(r: dict, fmt: str) -> list[str]:
+    """The targets table: each check's value, target and verdict, then how the overhead ratio was measured."""
+    s = r["settings"]
+    lines = ["", f"{'checks':<40}{'value':>10}{'target':>10}"]
     names = {"overhead_ratio": "trainer / bare loop", "precision_speedup": f"{s['precision']} {fmt} / fp32 NCHW",
              "scaling_efficiency": "N workers / 1 worker", "data_wait_fraction": "data wait share of step"}
     for key, check in r["checks"].items():
@@ -401,7 +490,7 @@ def format_report(r: dict) -> str:
         lines.append(f"  (trainer / bare loop: median of {spread['pairs']} adjacent pairs of {spread['block_steps']}-step "
                      f"blocks; middle half {spread['p25']:.3f}-{spread['p75']:.3f}, all {spread['min']:.3f}-"
                      f"{spread['max']:.3f})")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str]) -> int:
