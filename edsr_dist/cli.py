@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import threading
+from importlib.metadata import entry_points
 
 from edsr_dist import __version__
 from edsr_dist.errors import Terminated, UserError, did_you_mean
@@ -31,6 +32,9 @@ COMMANDS = {
 # Commands usable without torch: rank-table and world only read text files and the environment; sr checks for torch
 # itself, since `sr --backend onnxruntime` serves an exported model without it.
 WITHOUT_TORCH = {"rank-table", "world", "sr"}
+# launch needs torch in its workers, not in its own process (a single-server launch starts them about a second
+# sooner): it imports torch only to check that it imports, where a device extension can break that import.
+TORCH_IN_WORKERS = {"launch"}
 
 
 def usage() -> str:
@@ -58,6 +62,13 @@ def torch_import_problem() -> str | None:
                 f"{detail}; for NPU work source CANN's set_env.sh (/usr/local/Ascend/ascend-toolkit/set_env.sh), "
                 "for CPU work set TORCH_DEVICE_BACKEND_AUTOLOAD=0")
     return None
+
+
+def autoloads_device_extension() -> bool:
+    """Whether `import torch` loads a device extension, the one way it fails in one line (torch/__init__.py
+    `_import_device_backends`: every `torch.backends` entry point, unless `_is_device_backend_autoload_enabled`
+    finds TORCH_DEVICE_BACKEND_AUTOLOAD other than "1")."""
+    return os.getenv("TORCH_DEVICE_BACKEND_AUTOLOAD", "1") == "1" and bool(entry_points(group="torch.backends"))
 
 
 def _terminate(signum, frame) -> None:
@@ -110,7 +121,7 @@ def _run(argv: list[str]) -> int:
         print("edsr-dist: error: PyTorch is not installed; on CPU run `pip install -r requirements-cpu.txt`, "
               "on GPUs/NPUs install the torch build for your hardware first", file=sys.stderr)
         return 2
-    if name not in WITHOUT_TORCH:
+    if name not in WITHOUT_TORCH and (name not in TORCH_IN_WORKERS or autoloads_device_extension()):
         problem = torch_import_problem()
         if problem:
             print(f"edsr-dist {name}: error: {problem}", file=sys.stderr)

@@ -39,7 +39,8 @@ from edsr_dist.parallel.factory import make_engine, resolve_engine_name
 from edsr_dist.parallel.npu import memory_format
 from edsr_dist.parallel.world import discover_world
 from edsr_dist.state.atomic import atomic_write_text
-from edsr_dist.state.checkpoint import CHECKPOINT_DIR, find_checkpoint, follow_pointer, is_checkpoint_file
+from edsr_dist.state.checkpoint import find_checkpoint
+from edsr_dist.state.checkpoint_files import CHECKPOINT_DIR, follow_pointer, is_checkpoint_file
 from edsr_dist.state.run_folder import TRACKER_FILE
 from edsr_dist.tracking.channel import RunIds, open_channels
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from edsr_dist.errors import UserError
 from edsr_dist.inference.torch_runtime import load_inference_model
 from edsr_dist.inference.weights import checkpoint_model
-from edsr_dist.state.checkpoint import _step_of, follow_pointer, is_checkpoint_file, list_checkpoints, load_checkpoint
+from edsr_dist.state.checkpoint import load_checkpoint
+from edsr_dist.state.checkpoint_files import _step_of, follow_pointer, is_checkpoint_file, list_checkpoints
 
 
 @dataclass

@@ -47,7 +47,7 @@ from edsr_dist.inference.torch_runtime import super_resolve
 from edsr_dist.model.precision import resolve_device_and_precision, resolve_precision
 from edsr_dist.parallel.npu import memory_format
 from edsr_dist.state.atomic import atomic_write_text
-from edsr_dist.state.checkpoint import CHECKPOINT_DIR
+from edsr_dist.state.checkpoint_files import CHECKPOINT_DIR
 from edsr_dist.state.inputs import FOLDER, STORE, WEIGHTS, local_input
 
 # One evaluation image: its name, LR input and HR ground truth, uint8 HWC RGB.

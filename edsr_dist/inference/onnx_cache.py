@@ -23,7 +23,8 @@ from edsr_dist.inference.onnx_export import export_onnx, verification_image
 from edsr_dist.inference.torch_runtime import load_inference_model
 from edsr_dist.locations import cache_root
 from edsr_dist.state.atomic import atomic_path
-from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file
+from edsr_dist.state.checkpoint import find_checkpoint
+from edsr_dist.state.checkpoint_files import follow_pointer, is_checkpoint_file
 from edsr_dist.state.remote import server_lock
 
 RECORD_FORMAT = 1

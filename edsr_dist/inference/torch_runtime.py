@@ -20,7 +20,7 @@ from edsr_dist.inference.tiling import ArrayOps, check_rgb_uint8
 from edsr_dist.inference.weights import checkpoint_model, model_from_weights
 from edsr_dist.model.edsr import bare_model
 from edsr_dist.model.precision import autocast
-from edsr_dist.state.checkpoint import follow_pointer, is_checkpoint_file
+from edsr_dist.state.checkpoint_files import follow_pointer, is_checkpoint_file
 
 
 def receptive_field_radius(model: nn.Module) -> int:

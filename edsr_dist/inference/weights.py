@@ -23,7 +23,8 @@ from edsr_dist.config import config_from_dict
 from edsr_dist.errors import DiskFull, UserError
 from edsr_dist.model.edsr import DIV2K_RGB_MEAN, EDSR, RGB_RANGE, bare_model, build_model
 from edsr_dist.state.atomic import atomic_write_bytes, make_parent_folder
-from edsr_dist.state.checkpoint import find_checkpoint, follow_pointer, is_checkpoint_file, load_checkpoint
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint
+from edsr_dist.state.checkpoint_files import follow_pointer, is_checkpoint_file
 from edsr_dist.state.safe_load import load_tensors
 
 _WRAPPER_KEYS = ("params_ema", "params", "model", "state_dict")  # in order of preference

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-from torch.distributed import TCPStore
-
 from edsr_dist.errors import UserError
 from edsr_dist.launcher.plan import POLL_S
 
@@ -27,6 +25,10 @@ class JobStore:
     CLOSE_WAIT_S = 10.0  # the first launcher keeps the store up this long for the others to finish reading it
 
     def __init__(self, addr: str, port: int, first: bool, server_index: int, servers: int):
+        # Imported here: only a multi-server launch with restarts opens a store; a single-server launcher runs
+        # without importing torch (about a second of its start-up).
+        from torch.distributed import TCPStore
+
         try:
             self.store = TCPStore(addr, port, is_master=first, wait_for_workers=False,
                                   timeout=timedelta(seconds=JOB_STORE_TIMEOUT_S))

@@ -17,8 +17,6 @@ import glob
 import re
 from dataclasses import dataclass
 
-import torch
-
 from edsr_dist.errors import UserError
 from edsr_dist.parallel import ascend_env
 
@@ -202,8 +200,13 @@ def pod_devices(env: dict, device: str) -> tuple[int, str]:
         nodes = [p for p in glob.glob("/dev/davinci[0-9]*") if re.fullmatch(r"/dev/davinci[0-9]+", p)]
         if nodes:
             return len(nodes), "/dev/davinci*"
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.cuda.device_count(), "torch.cuda.device_count()"
+    if device in ("auto", "cuda"):
+        # Imported here: only counting a pod's GPUs needs torch (CUDA's own rules for CUDA_VISIBLE_DEVICES and the
+        # driver); every other launch starts its workers without importing it (about a second of start-up).
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count(), "torch.cuda.device_count()"
     return 1, "no GPU or NPU in the pod"
 
 

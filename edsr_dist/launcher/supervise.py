@@ -14,8 +14,8 @@ from edsr_dist.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
 from edsr_dist.launcher.job_store import JobStore
 from edsr_dist.launcher.plan import POLL_S, PROG, Plan, build_plan
 from edsr_dist.launcher.workers import Outcome, StopRequest, run_attempt, signal_name
-from edsr_dist.state.checkpoint import newest_checkpoint_quick
-from edsr_dist.state.mirror import claim_out
+from edsr_dist.state.checkpoint_files import newest_checkpoint_quick
+from edsr_dist.state.claim import claim_out
 from edsr_dist.state.owner import OWNER_ENV, Ownership
 
 DEFAULT_RESTART_DELAY_S = 1.0

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable
 
 from edsr_dist.locations import is_url
-from edsr_dist.state.checkpoint import is_checkpoint_file, verify_checkpoint
+from edsr_dist.state.checkpoint import verify_checkpoint
+from edsr_dist.state.checkpoint_files import is_checkpoint_file
 from edsr_dist.state.remote import fetch_file, fetch_folder
 
 STORE, WEIGHTS, FOLDER = "store", "weights", "folder"

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from edsr_dist.errors import UserError
-from edsr_dist.state.checkpoint import CHECKPOINT_DIR, list_checkpoints
+from edsr_dist.state.checkpoint_files import CHECKPOINT_DIR, list_checkpoints
 from edsr_dist.state.owner import (
     OWNER_ENV,
     LocalLock,

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from edsr_dist.errors import CommandParser, UserError
-from edsr_dist.state.checkpoint import newest_checkpoint_quick
+from edsr_dist.state.checkpoint_files import newest_checkpoint_quick
 from edsr_dist.state.owner import LocalLock, describe, owner_gone, read_owner, stale_after
 from edsr_dist.state.run_folder import previous_run
 

@@ -15,9 +15,11 @@ from edsr_dist.inference.weights import load_matching
 from edsr_dist.locations import is_url
 from edsr_dist.model.ema import WeightEMA
 from edsr_dist.parallel.engine import Engine
-from edsr_dist.state.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from edsr_dist.state.checkpoint_files import list_checkpoints
+from edsr_dist.state.claim import claim_out
 from edsr_dist.state.inputs import WEIGHTS, local_input
-from edsr_dist.state.mirror import RunMirror, claim_out, pull_run
+from edsr_dist.state.mirror import RunMirror, pull_run
 from edsr_dist.state.run_folder import check_nothing_to_resume, check_output_folder
 from edsr_dist.train.agreement import StepAgreement
 from edsr_dist.train.reporting import drop_metrics_after, module_groups

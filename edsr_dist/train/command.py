@@ -17,7 +17,8 @@ from edsr_dist.errors import (
     UserError,
 )
 from edsr_dist.parallel.engine import describe_collective_failure
-from edsr_dist.state.checkpoint import find_checkpoint, newest_checkpoint_quick
+from edsr_dist.state.checkpoint import find_checkpoint
+from edsr_dist.state.checkpoint_files import newest_checkpoint_quick
 from edsr_dist.train.agreement import MAX_BAD_STEPS, TrainingDiverged
 from edsr_dist.train.trainer import Interrupted, Trainer
 

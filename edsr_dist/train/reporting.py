@@ -21,7 +21,7 @@ from edsr_dist.evaluation.metrics import psnr_y
 from edsr_dist.model.schedules import PAPER_BATCH, base_lr
 from edsr_dist.parallel.world import World
 from edsr_dist.state.atomic import atomic_write_text
-from edsr_dist.state.checkpoint import BEST, CHECKPOINT_DIR, follow_pointer
+from edsr_dist.state.checkpoint_files import BEST, CHECKPOINT_DIR, follow_pointer
 from edsr_dist.state.run_folder import TRACKER_FILE
 from edsr_dist.tracking.channel import CLOSE_WAIT_S, RunIds, TrackerChannel, metrics_of, open_channels, run_name
 

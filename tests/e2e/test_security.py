@@ -15,13 +15,8 @@ from PIL import Image
 
 from edsr_dist.errors import UserError
 from edsr_dist.inference.weights import checkpoint_model
-from edsr_dist.state.checkpoint import (
-    find_checkpoint,
-    follow_pointer,
-    load_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from edsr_dist.state.checkpoint_files import follow_pointer
 
 # Written by commit 0a0567e's trainer (`git archive 0a0567e`, then in that tree: `edsr-dist build-store --sample
 # --out sample.h5` and `edsr-dist train --preset sample --data sample.h5 --out run --num-blocks 1 --num-filters 4

@@ -7,13 +7,8 @@ from edsr_dist.config import Config
 from edsr_dist.errors import UserError
 from edsr_dist.inference.weights import checkpoint_model
 from edsr_dist.model.edsr import build_model
-from edsr_dist.state.checkpoint import (
-    find_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    newest_checkpoint_quick,
-    save_checkpoint,
-)
+from edsr_dist.state.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from edsr_dist.state.checkpoint_files import list_checkpoints, newest_checkpoint_quick
 
 
 def _state(step, size=16):

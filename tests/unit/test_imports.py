@@ -24,6 +24,9 @@ OPTIONAL = ("horovod", "torch_npu", "onnx", "onnxruntime", "safetensors", "torch
 # torch itself is optional for `sr` (ONNX Runtime serves without it): its PyTorch backend imports these when chosen.
 TORCH_SIDE_OF = {"edsr_dist.inference.command": ("edsr_dist.inference.torch_runtime", "edsr_dist.model.precision",
                                                  "edsr_dist.inference.onnx_cache")}
+# torch is optional for the launcher's own process (a single-server launch starts its workers without it): imported
+# where a Kubernetes pod's GPUs are counted and where a multi-server job store is opened.
+LAUNCHER_TORCH = {"edsr_dist.launcher.pod_env": ("torch",), "edsr_dist.launcher.job_store": ("torch.distributed",)}
 
 
 def module_name(path: Path) -> str:
@@ -111,7 +114,7 @@ def test_imports_sit_at_the_top_of_each_file():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and node not in tree.body:
                 target = imported(node)[0]
-                if target in TORCH_SIDE_OF.get(name, ()):
+                if target in TORCH_SIDE_OF.get(name, ()) or target in LAUNCHER_TORCH.get(name, ()):
                     continue
                 if not any(target == opt or target.startswith(opt + ".") for opt in OPTIONAL):
                     nested.append(f"{name}:{node.lineno} {ast.unparse(node)}")

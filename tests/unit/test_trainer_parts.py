@@ -18,7 +18,8 @@ from edsr_dist.model.edsr import build_model
 from edsr_dist.model.ema import WeightEMA
 from edsr_dist.parallel.engine import Engine
 from edsr_dist.parallel.world import World
-from edsr_dist.state.checkpoint import list_checkpoints, load_checkpoint
+from edsr_dist.state.checkpoint import load_checkpoint
+from edsr_dist.state.checkpoint_files import list_checkpoints
 from edsr_dist.train.agreement import StepAgreement, TrainingDiverged
 from edsr_dist.train.checkpointer import CHECKPOINT_FORMAT, Checkpointer
 from edsr_dist.train.data import TrainingData
