@@ -126,8 +126,8 @@ def test_fewer_devices_continue_on_the_same_trajectory(tmp_path, sample_store, r
     job = Job([*HEAL, "--min-nproc", "1"], [*TRAIN, "--data", str(sample_store), "--out", str(out)], tmp_path)
     try:
         kill_mid_epoch(job, rank=1, at_step=5)
-        wait_for_training_again(job)
-        kill_mid_epoch(job, rank=1, at_step=9)
+        _, first_resume, _ = wait_for_training_again(job)
+        job.workers()[1].send_signal(signal.SIGKILL)  # at once: the restarted group may be near its end on a busy host
         banner = job.wait_for_line(r" 1 worker\(s\) via .*resumed from", timeout=TIMEOUT_S)
         code = job.wait(timeout=TIMEOUT_S)
     finally:
@@ -135,7 +135,7 @@ def test_fewer_devices_continue_on_the_same_trajectory(tmp_path, sample_store, r
     assert code == 0, job.stderr
     second = [line for line in job.stderr.splitlines() if "restart 2 of 2" in line]
     resumed = int(re.search(r"at step (\d+)$", banner).group(1))
-    assert_resumed_from_a_save_after_the_fault_step(resumed, resumed + 1, fault_step=9)
+    assert resumed % 4 == 0 and resumed >= first_resume, (first_resume, resumed)  # no older than the last restart's
     assert len(second) == 1 and second[0].endswith(
         f"from step {resumed} (" + str(out / "checkpoints" / f"step_{resumed:08d}.ckpt") + "); device 1 failed twice "
         "in a row: "
@@ -155,9 +155,9 @@ def test_four_devices_lose_one_and_continue_on_three_with_uneven_shares(tmp_path
               nproc=4)
     try:
         kill_mid_epoch(job, rank=3, at_step=5)
-        wait_for_training_again(job)
-        kill_mid_epoch(job, rank=3, at_step=9)
-        job.wait_for_line(r" 3 worker\(s\) via .*resumed from", timeout=TIMEOUT_S)
+        _, first_resume, _ = wait_for_training_again(job)
+        job.workers()[3].send_signal(signal.SIGKILL)  # at once: the restarted group may be near its end on a busy host
+        banner = job.wait_for_line(r" 3 worker\(s\) via .*resumed from", timeout=TIMEOUT_S)
         code = job.wait(timeout=TIMEOUT_S)
     finally:
         job.kill_leftovers()
@@ -165,6 +165,8 @@ def test_four_devices_lose_one_and_continue_on_three_with_uneven_shares(tmp_path
     second = [line for line in job.stderr.splitlines() if "restart 2 of 2" in line]
     assert len(second) == 1 and second[0].endswith(
         "device 3 failed twice in a row: continuing without it on 3 workers (global batch 4, 2/1/1)"), job.stderr
+    second_resume = int(re.search(r"at step (\d+)$", banner).group(1))
+    assert second_resume % 4 == 0 and second_resume >= first_resume, (first_resume, second_resume)
     assert max_relative_difference(final_weights(reference_out), final_weights(out)) < 5e-5
     job.assert_nothing_left()
 
