@@ -156,6 +156,8 @@ class TrainSampler:
 
     def micro_batches(self, lr: np.ndarray, hr: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """A share from `batch` cut into its consecutive micro-batches (views, no copy)."""
+        if len(self.micro_sizes) == 1:  # no accumulation: the batch itself, as the prefetcher handed it out
+            return [(lr, hr)]
         bounds = [0, *itertools.accumulate(self.micro_sizes)]
         return [(lr[a:b], hr[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 

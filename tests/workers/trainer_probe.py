@@ -77,7 +77,7 @@ class OverflowProbe(StepTimer):
             return
         trainer = self.trainer
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
-        if self.mode == "overflow" and trainer.world.rank == 1 and trainer.step + 1 == INJECT_AT_STEP:
+        if self.mode in ("overflow", "clip") and trainer.world.rank == 1 and trainer.step + 1 == INJECT_AT_STEP:
             grads[0][(0,) * grads[0].dim()] = float("inf")
         self.local_flags.append(float(not all(torch.isfinite(g).all() for g in grads)))
 
