@@ -108,8 +108,12 @@ class Relay:
                 continue
             with self.lock:
                 self.connections += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._forward_requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _forward_requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Client to server; a relay that rewrites requests overrides this."""
+        self._pump(client, upstream)
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket) -> None:

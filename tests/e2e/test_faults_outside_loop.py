@@ -354,23 +354,7 @@ class ConditionStrippingRelay(Relay):
 
     DROPPED = (b"if-none-match:", b"if-match:")
 
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.connections += [client, upstream]
-            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-
-    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _forward_requests(self, client: socket.socket, upstream: socket.socket) -> None:
         reader = client.makefile("rb")
         try:
             while True:
