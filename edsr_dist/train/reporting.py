@@ -54,6 +54,15 @@ class LossMeter:
         """Steps counted so far, read on the host (a device sync): at log and epoch boundaries only."""
         return int(self.count)
 
+    def mean_over_ranks(self, engine, local_batch: int, global_batch: int) -> float:
+        """The mean loss over all ranks' counted steps (one all-reduce). Each rank's steps count by its share of
+        the batch (weight 1 for an even split): with uneven shares the mean is still over the samples, as one
+        worker reports it."""
+        weight = engine.gradient_weight(local_batch, global_batch)
+        both = torch.stack([self.sum.detach().float(), self.count.float()]) * weight
+        both = engine.all_reduce_sum(both).cpu()
+        return both[0].item() / max(both[1].item(), 1.0)
+
 
 class MetricsLog:
     """metrics.jsonl, TensorBoard and the experiment trackers of cfg.tracker (tracking/channel.py), on rank 0 only;

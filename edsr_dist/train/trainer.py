@@ -2,26 +2,24 @@
 
 The Trainer holds what a step needs (world, engine, model, optimizer, loss scaler, EMA, counters) and is composed
 of parts, each with its own state and cadence: TrainingData (store, sampler, prefetch), Checkpointer (run folder,
-mirror, resume, --init-from, saves), Validator, StepAgreement (the flags every rank agrees on after a step) and
-Progress (log lines and records). Reading order: `__init__` -> `fit` (`_train_epoch`: `train_step` per batch;
-`_end_epoch`) -> the `Result:` line. `state_dict`/`load_state_dict` are what checkpoints hold.
+mirror, resume, --init-from, saves), Validator, MicroSteps (forward and backward of the rank's share), StepAgreement
+(the flags every rank agrees on after a step) and Progress (log lines and records). Reading order: `__init__` ->
+`fit` (`_train_epoch`: `train_step` per batch; `_end_epoch`) -> the `Result:` line. `state_dict`/`load_state_dict` are what checkpoints hold.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from edsr_dist.config import Config, check_batch_splits
 from edsr_dist.locations import staging_folder
 from edsr_dist.model.edsr import build_model
 from edsr_dist.model.ema import WeightEMA
 from edsr_dist.model.optim import clear_gradients, fit_state_to, make_optimizer, skips_on_device
-from edsr_dist.model.precision import LossScaler, autocast
+from edsr_dist.model.precision import LossScaler
 from edsr_dist.model.schedules import learning_rate
 from edsr_dist.parallel import npu
 from edsr_dist.parallel.factory import make_engine, resolve_engine_name
@@ -31,6 +29,7 @@ from edsr_dist.train.agreement import MAX_BAD_STEPS, StepAgreement
 from edsr_dist.train.checkpointer import Checkpointer
 from edsr_dist.train.data import TrainingData, open_store
 from edsr_dist.train.device import compile_network, place_worker
+from edsr_dist.train.micro_steps import MicroSteps
 from edsr_dist.train.progress import Progress
 from edsr_dist.train.reporting import LossMeter, banner, recipe_warnings, result_line
 from edsr_dist.train.step_timer import StepTimer
@@ -83,6 +82,8 @@ class Trainer:
                                    self.engine, self.out)
         self.agreement = StepAgreement(MAX_BAD_STEPS[self.precision])
         self.progress = Progress(cfg, self.out, self.is_main, self.total_steps)
+        self.micro_steps = MicroSteps(self.engine, self.scaler, self.data, self.timer, self.device, self.precision,
+                                      cfg.batch_size)
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -144,7 +145,7 @@ class Trainer:
             group["lr"] = learning_rate(self.cfg, self.step, self.schedule_steps)
         if self._saturation_mode:  # once per optimizer step: an overflow in any micro-step stays flagged
             npu.clear_overflow_flag()
-        loss = self._forward_backward(self.data.sampler.micro_batches(lr_batch, hr_batch))
+        loss = self.micro_steps.run(self.train_model, self.data.sampler.micro_batches(lr_batch, hr_batch))
         with timer.phase("finish_gradients"):
             self.engine.finish_gradients(self.optimizer)
         bad, grad_norm = self._non_finite(loss)
@@ -167,29 +168,6 @@ class Trainer:
         skipped = found_inf > 0
         timer.end_step(skipped)
         return loss.detach(), skipped
-
-    def _forward_backward(self, micro_batches: list) -> torch.Tensor:
-        """Forward and backward of this rank's share, one micro-batch at a time (--accumulate); gradients add up
-        in .grad and are all-reduced on the last micro-step only. Each micro-batch's mean loss is weighted by its
-        share of the global batch (Engine.gradient_weight), so the averaged gradient is the full-batch mean
-        whatever the split over ranks and micro-steps. Returns the share's mean loss (detached)."""
-        share = self.data.sampler.local_batch_size
-        total = None
-        for index, (lr_batch, hr_batch) in enumerate(micro_batches):
-            samples = len(lr_batch)
-            last = index == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else self.engine.accumulating(self.train_model):
-                with self.timer.phase("to_device"):
-                    lr_t, hr_t = self.data.to_device(lr_batch), self.data.to_device(hr_batch)
-                with autocast(self.device, self.precision):
-                    sr = self.train_model(lr_t)
-                loss = F.l1_loss(sr.float(), hr_t)
-                weight = self.engine.gradient_weight(samples, self.cfg.batch_size)
-                # An even split without accumulation has weight 1: the loss is left as it was.
-                self.scaler.scale_loss(loss if weight == 1 else loss * weight).backward()
-            part = loss.detach() if samples == share else loss.detach() * (samples / share)
-            total = part if total is None else total + part
-        return total
 
     def _non_finite(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's "the step is not finite" flag (a 0-d device tensor), and the gradient norm when clipping."""
@@ -277,7 +255,7 @@ class Trainer:
         epoch_done = self.step_in_epoch >= self.steps_per_epoch
         last = self.step >= self.total_steps or (epoch_done and self.epoch + 1 >= self.cfg.epochs)
         number = self.epoch + 1
-        mean_loss = self._mean_over_ranks(epoch_loss)
+        mean_loss = epoch_loss.mean_over_ranks(self.engine, self.data.sampler.local_batch_size, self.cfg.batch_size)
         if epoch_done:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         validated = self.validator.should_validate(number, last)
@@ -286,14 +264,6 @@ class Trainer:
         if self.checkpointer.should_save_epoch(number, last):
             self.checkpointer.save(self.step, self.state_dict, psnr=report.get("psnr_y"))
         return report
-
-    def _mean_over_ranks(self, meter: LossMeter) -> float:
-        # Each rank's steps count by its share of the batch (weight 1 for an even split): with uneven shares the
-        # epoch's loss is still the mean over its samples, as one worker reports it.
-        weight = self.engine.gradient_weight(self.data.sampler.local_batch_size, self.cfg.batch_size)
-        both = torch.stack([meter.sum.detach().float(), meter.count.float()]) * weight
-        both = self.engine.all_reduce_sum(both).cpu()
-        return both[0].item() / max(both[1].item(), 1.0)
 
     def _report_finished(self) -> dict:
         """Resuming a run that already reached its last step: say so and repeat its Result line."""

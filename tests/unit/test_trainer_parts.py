@@ -1,5 +1,5 @@
 """The Trainer's parts, each alone in a world of one (the base Engine: its collectives are the identity):
-the step agreement, the checkpointer, the validator, the training data and the progress log."""
+the step agreement, the checkpointer, the validator, the training data, the micro-steps and the progress log."""
 
 import json
 import os
@@ -16,6 +16,7 @@ from edsr_dist.data.store import PatchStore
 from edsr_dist.errors import UserError
 from edsr_dist.model.edsr import build_model
 from edsr_dist.model.ema import WeightEMA
+from edsr_dist.model.precision import LossScaler
 from edsr_dist.parallel.engine import Engine
 from edsr_dist.parallel.world import World
 from edsr_dist.state.checkpoint import load_checkpoint
@@ -23,6 +24,7 @@ from edsr_dist.state.checkpoint_files import list_checkpoints
 from edsr_dist.train.agreement import StepAgreement, TrainingDiverged
 from edsr_dist.train.checkpointer import CHECKPOINT_FORMAT, Checkpointer
 from edsr_dist.train.data import TrainingData
+from edsr_dist.train.micro_steps import MicroSteps
 from edsr_dist.train.progress import Progress
 from edsr_dist.train.reporting import LossMeter
 from edsr_dist.train.step_timer import StepTimer
@@ -240,6 +242,30 @@ def test_training_data_batches_an_epoch_from_any_step_and_moves_them_to_the_devi
         assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(hr).float())
     finally:
         data.close()
+
+
+# ---- MicroSteps ------------------------------------------------------------------------------------------------
+
+def test_micro_steps_of_a_share_add_up_to_the_gradient_and_loss_of_the_whole_share(sample_store, tmp_path):
+    grads, losses = {}, {}
+    for accumulate in (1, 2, 4):
+        cfg = config(sample_store, tmp_path / "run", "--batch-size", "4", "--accumulate", str(accumulate))
+        data = TrainingData(PatchStore(str(sample_store), cfg.scale), cfg, World(), CPU, torch.contiguous_format)
+        try:
+            torch.manual_seed(0)
+            model = build_model(cfg)
+            steps = MicroSteps(Engine(World(), CPU), LossScaler(enabled=False), data, StepTimer(), CPU, "fp32",
+                               cfg.batch_size)
+            micro_batches = data.sampler.micro_batches(*data.sampler.batch(0, 0))
+            assert len(micro_batches) == accumulate
+            losses[accumulate] = steps.run(model, micro_batches)
+            grads[accumulate] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        finally:
+            data.close()
+    for accumulate in (2, 4):
+        assert torch.allclose(losses[accumulate], losses[1], rtol=1e-5)
+        assert torch.allclose(grads[accumulate], grads[1], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(grads[1], torch.zeros_like(grads[1]))
 
 
 def test_progress_logs_on_its_cadence_and_records_each_line(tmp_path, capsys):
