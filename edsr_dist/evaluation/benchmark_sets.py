@@ -19,7 +19,6 @@ LR is (H // s, W // s), which is checked for every given LR file.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -158,14 +157,6 @@ def find_sets(root: str | Path, names: list[str] | None = None) -> list[Benchmar
     if missing:
         raise UserError(f"--sets {','.join(missing)} not found under {root}; it has {', '.join(s.name for s in found)}")
     return [by_name[n.lower()] for n in names]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- scoring ------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from edsr_dist.errors import UserError
 from edsr_dist.evaluation.benchmark_sets import (
     SCORE_KEYS,
     BenchmarkSet,
-    file_sha256,
     find_sets,
     protocol_scores,
     score_shards,
@@ -40,7 +39,7 @@ from edsr_dist.parallel.npu import memory_format
 from edsr_dist.parallel.world import discover_world
 from edsr_dist.state.atomic import atomic_write_text
 from edsr_dist.state.checkpoint import find_checkpoint
-from edsr_dist.state.checkpoint_files import CHECKPOINT_DIR, follow_pointer, is_checkpoint_file
+from edsr_dist.state.checkpoint_files import CHECKPOINT_DIR, file_sha256, follow_pointer, is_checkpoint_file
 from edsr_dist.state.run_folder import TRACKER_FILE
 from edsr_dist.tracking.channel import RunIds, open_channels
 

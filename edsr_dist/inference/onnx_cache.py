@@ -12,7 +12,6 @@ the second waits, then finds the entry made.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from edsr_dist.inference.torch_runtime import load_inference_model
 from edsr_dist.locations import cache_root
 from edsr_dist.state.atomic import atomic_path
 from edsr_dist.state.checkpoint import find_checkpoint
-from edsr_dist.state.checkpoint_files import follow_pointer, is_checkpoint_file
+from edsr_dist.state.checkpoint_files import file_sha256, follow_pointer, is_checkpoint_file
 from edsr_dist.state.remote import server_lock
 
 RECORD_FORMAT = 1
@@ -54,14 +53,6 @@ def weights_file(checkpoint: str | Path) -> Path:
             raise UserError(f"no valid checkpoint in {path}; pass a .ckpt file or a run folder that has checkpoints/")
         return found
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def entry_paths(source_sha256: str, raw: bool, res_scale: float | None, cache_dir: str = "") -> tuple[Path, Path]:

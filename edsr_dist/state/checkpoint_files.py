@@ -6,6 +6,7 @@ docstring describes the file layout).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -100,3 +101,12 @@ def newest_checkpoint_quick(path_or_dir: str | Path) -> tuple[Path, int] | None:
         if _complete_on_disk(candidate):
             return candidate, _step_of(candidate)
     return None
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (a checkpoint, an exported model), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,9 +16,10 @@ from PIL import Image
 from edsr_dist.cli import main as cli_main
 from edsr_dist.config import Config
 from edsr_dist.evaluation.command import main as eval_main
-from edsr_dist.inference.onnx_cache import cached_onnx, file_sha256
+from edsr_dist.inference.onnx_cache import cached_onnx
 from edsr_dist.model.edsr import build_model
 from edsr_dist.state.checkpoint import save_checkpoint
+from edsr_dist.state.checkpoint_files import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 
