@@ -2,15 +2,15 @@
 import subprocess
 import sys
 
+from helpers import run_cli
+
 
 def test_cli_bad_flag_exits_2_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "edsr_dist", "train", "--epochs", "zero"],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = run_cli(["train", "--epochs", "zero"], cwd=tmp_path, timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "epochs expects int" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "edsr_dist", "frobnicate"], capture_output=True, text=True,
-                            timeout=60, cwd=tmp_path)
+    result = run_cli(["frobnicate"], cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "unknown command" in result.stderr
 
 
