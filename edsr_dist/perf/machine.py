@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -29,6 +30,22 @@ def train_flops_per_image(cfg: Config) -> int:
 
 def median_of(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def median_interval(ordered: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of a sorted sample: (x_k, x_(n+1-k)) for the largest
+    k whose two binomial tails, P(Bin(n, 1/2) < k) each, leave at least `confidence` (the sign test's interval; no
+    assumption about the spread of the values). With too few values for that, (min, max)."""
+    n = len(ordered)
+    if not n:
+        return float("nan"), float("nan")
+    def tail(k: int) -> float:  # P(Bin(n, 1/2) <= k)
+        return sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+
+    k = 1  # the interval (x_k, x_(n+1-k)) covers the median with probability 1 - 2 * tail(k - 1)
+    while k + 1 <= (n + 1) // 2 and 1 - 2 * tail(k) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k]
 
 
 def peak_memory(device) -> int | None:
