@@ -22,6 +22,15 @@ from edsr_dist.data.sample_store import build_sample_store
 E2E = Path(__file__).resolve().parent / "e2e"
 
 
+def pytest_configure(config):
+    # One thread per process: the README's command runs 4 xdist workers on 2 cores, each starting more processes, and
+    # an OpenMP thread descheduled at a barrier holds up its sibling (the demo alone: 86 CPU-seconds with two threads
+    # on a quiet machine, 257 beside the suite). Subprocesses inherit it; a test that needs more threads passes them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if E2E in item.path.parents:

@@ -25,7 +25,7 @@ BUDGET_MIB = 96
 def _run(budget_mib, warm_up, argv):
     # The PyTorch backend: its allocations are the tiling's own. (ONNX Runtime's arena grows in its own steps; its
     # peaks are measured in BENCHMARKS.md "sr memory".)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(WORKER), str(budget_mib), str(warm_up), *argv, "--backend", "pytorch"],
                           env=env, capture_output=True, text=True, timeout=300)
 
