@@ -123,7 +123,8 @@ def upscale(network: Network, img: np.ndarray, scale: int, num_filters: int, pad
     height, width = img.shape[:2]
     output_bytes = height * scale * width * scale * 3
     if tile is None:
-        tile = auto_tile(img.shape, scale, num_filters, pad, free_bytes() - (output_bytes if on_host else 0), ensemble)
+        tile = auto_tile(img.shape, scale, num_filters, pad, free_bytes() - (output_bytes if on_host else 0), ensemble,
+                         on_host)
     failed = False
     try:
         out = np.empty((height * scale, width * scale, 3), dtype=np.uint8)
@@ -164,7 +165,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 # memory"); these give 52 and 160.
 MAPS_PER_FILTER = 4
 UPSAMPLER_MAPS_PER_FILTER = 2.25
-# What `--tile` left out lets one window take at most: with the process's own ~0.3 GB (torch, the model) the peak
+# What `--tile` left out lets one window on the host take at most: with the process's own ~0.3 GB (torch, the model) the peak
 # then stays within the uint8 output + 1 GB (the target BENCHMARKS.md "sr memory" measures; ONNX Runtime's windows
 # take up to 1.3x this estimate), at the price of recomputing the pad around tiles of images larger than this
 # (`--tile 0` runs them whole).
@@ -197,12 +198,16 @@ def largest_tile(shape, scale: int, num_filters: int, pad: int, budget: int, ens
     return -(-side // -(-side // largest))  # ceil(side / the fewest tiles of at most `largest`)
 
 
-def auto_tile(shape, scale: int, num_filters: int, pad: int, free_bytes: int, ensemble: bool = False) -> int:
-    """The tile `--tile` left out means: the whole image if its window fits AUTO_WINDOW_BYTES (or a window of
-    AUTO_MIN_TILE_PADS pads) and half of `free_bytes` (the other half for the estimate's error and for what other
-    processes take meanwhile), else the largest tile that does."""
-    window = (AUTO_MIN_TILE_PADS + 2) * pad
-    budget = min(max(AUTO_WINDOW_BYTES, window_bytes(window, window, scale, num_filters, ensemble)), free_bytes // 2)
+def auto_tile(shape, scale: int, num_filters: int, pad: int, free_bytes: int, ensemble: bool = False,
+              on_host: bool = True) -> int:
+    """The tile `--tile` left out means: the whole image if its window fits half of `free_bytes` (the other half
+    for the estimate's error and for what other processes take meanwhile) and, on the host, AUTO_WINDOW_BYTES (or a
+    window of AUTO_MIN_TILE_PADS pads), else the largest tile that does. A device's windows are bounded by its own
+    memory only: the host's peak target does not apply to them, and whole images are the fastest pass."""
+    budget = free_bytes // 2
+    if on_host:
+        window = (AUTO_MIN_TILE_PADS + 2) * pad
+        budget = min(max(AUTO_WINDOW_BYTES, window_bytes(window, window, scale, num_filters, ensemble)), budget)
     tile = largest_tile(shape, scale, num_filters, pad, budget, ensemble)
     return tile if tile == 0 else max(tile, SMALLEST_TILE)
 

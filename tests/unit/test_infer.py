@@ -100,6 +100,21 @@ def _manual_ensemble(model, lr):
     return torch.from_numpy(np.mean(outs, axis=0))
 
 
+def test_auto_tile_bounds_host_windows_by_the_peak_target_and_device_windows_by_the_device():
+    """A DIV2K validation image (LR 678x1020) through the baseline x2 model (64 filters, pad 36): on the host, with
+    plenty free, it is tiled to keep the peak within the output + 1 GB; on a device with the memory for it, whole."""
+    from edsr_dist.inference.tiling import GIB, auto_tile, window_bytes
+
+    shape = (678, 1020, 3)
+    whole = window_bytes(678, 1020, 2, 64)
+    assert whole < 4 * GIB
+    assert auto_tile(shape, 2, 64, 36, free_bytes=24 * GIB, on_host=True) > 0
+    assert auto_tile(shape, 2, 64, 36, free_bytes=80 * GIB, on_host=False) == 0
+    on_small_device = auto_tile(shape, 2, 64, 36, free_bytes=whole, on_host=False)  # half of it for the window
+    assert 0 < on_small_device < 1020
+    assert window_bytes(on_small_device + 72, on_small_device + 72, 2, 64) <= whole // 2
+
+
 def test_self_ensemble():
     lr = torch.rand(1, 3, 5, 8) * 255  # not square: rotations change the shape
     up = NearestUp()
