@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,10 +27,24 @@ from edsr_dist.state.owner import OwnerRecord
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(span: int = 1) -> int:
+    """A port p with p .. p + span - 1 free now. span 2 for a multi-server launch with --max-restarts: its
+    launchers meet on the master port + 1, and a port there held by another test's process (a TCPStore of its own)
+    would leave the second launcher waiting on the wrong store."""
+    while True:
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port + span - 1 > 65535:
+                continue
+            with contextlib.ExitStack() as held:
+                try:
+                    for other in range(port + 1, port + span):
+                        sock = held.enter_context(socket.socket())
+                        sock.bind(("127.0.0.1", other))
+                except OSError:
+                    continue
+            return port
 
 
 def run_cli(args, cwd, env=None, timeout=240):

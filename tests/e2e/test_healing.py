@@ -179,7 +179,7 @@ def test_two_launchers_both_restart_after_a_worker_of_server_1_fails(tmp_path, s
     restart once, meet again, and end with the uninterrupted run's weights."""
     out = tmp_path / "run"
     table = write_table(tmp_path, v1([("127.0.0.1", [0]), ("127.0.0.2", [0])]))
-    port = str(free_port())
+    port = str(free_port(span=2))  # the launchers' job store listens on port + 1
     train = [*TRAIN, "--data", str(sample_store), "--out", str(out), "--dist-timeout", "5"]
     servers = [Job(["--rank-table", str(table), "--server-index", str(i), "--master-port", port, *HEAL], train,
                    tmp_path, nproc=None) for i in range(2)]
@@ -324,7 +324,7 @@ def test_a_user_error_on_one_server_ends_the_other_server_too(tmp_path):
     table = write_table(tmp_path, v1([("127.0.0.1", [0]), ("127.0.0.2", [0])]))
     (tmp_path / "worker.py").write_text("import os, sys, time\nif os.environ['RANK'] == '1': sys.exit(2)\n"
                                         "time.sleep(60)\n")
-    port = str(free_port())
+    port = str(free_port(span=2))  # the launchers' job store listens on port + 1
     servers = [Job(["--rank-table", str(table), "--server-index", str(i), "--master-port", port, "--log-dir",
                     str(tmp_path / "logs"), *HEAL, "--exec"], [sys.executable, str(tmp_path / "worker.py")], tmp_path,
                    nproc=None) for i in range(2)]
