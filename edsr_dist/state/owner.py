@@ -407,11 +407,14 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def claim(lock: OwnerLock, out: str, take_over: bool = False, heartbeat_s: float | None = None) -> Ownership:
+def claim(lock: OwnerLock, out: str, take_over: bool = False, heartbeat_s: float | None = None,
+          record: OwnerRecord | None = None) -> Ownership:
     """Become the owner of `out` or raise the one-line refusal; prints a note when a dead owner is taken over.
     The record is read before it is created, so a live owner is refused even where the store ignores the exclusive
-    create (an S3-compatible store without conditional writes). The heartbeat starts with `Ownership.start()`."""
-    me = OwnerRecord.mine(heartbeat_interval() if heartbeat_s is None else heartbeat_s)
+    create (an S3-compatible store without conditional writes). The heartbeat starts with `Ownership.start()`.
+    `record`: the record to write (made here when None); a caller that passes it can clean up with
+    `remove_if_mine` whatever happens between the write and its hold on the returned Ownership."""
+    me = record or OwnerRecord.mine(heartbeat_interval() if heartbeat_s is None else heartbeat_s)
     for _ in range(10):  # each round is one create or takeover raced by another job; a loss sends us round again
         found = lock.read()
         if found is None:
@@ -438,6 +441,18 @@ def claim(lock: OwnerLock, out: str, take_over: bool = False, heartbeat_s: float
             return Ownership(lock, me, version, note)
     raise UserError(f"--out {out}: the owner record {lock.where} keeps changing under us; another job is starting "
                     "there at the same moment; start again, or use another --out")
+
+
+def remove_if_mine(lock: OwnerLock, record: OwnerRecord) -> None:
+    """Remove the owner record if it is still `record` (its token). For a start that failed or was stopped anywhere
+    between writing the record and holding its Ownership: a signal handler raises at any call, including inside the
+    write's return or the Ownership's construction, where no Ownership exists to release. Never raises."""
+    try:
+        found = lock.read()
+        if found is not None and OwnerRecord.parse(found[0], found[2]).token == record.token:
+            lock.remove(found[1])
+    except Exception:  # noqa: BLE001 - a damaged record or an endpoint away: not ours to fix here
+        pass
 
 
 def check_launcher_owns(lock: OwnerLock, out: str, token: str) -> None:

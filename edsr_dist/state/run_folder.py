@@ -19,9 +19,12 @@ from edsr_dist.state.owner import (
     OWNER_ENV,
     LocalLock,
     OwnerLock,
+    OwnerRecord,
     Ownership,
     check_launcher_owns,
     claim,
+    heartbeat_interval,
+    remove_if_mine,
     stop_this_process,
 )
 
@@ -99,13 +102,15 @@ def hold_run_folder(out: str | Path, resume: str, overwrite: bool, take_over: bo
         check_launcher_owns(lock, shown or str(out), token)
         claim_run_folder(out, resume, overwrite)
         return None
-    owner = claim(lock, shown or str(out), take_over)
+    me = OwnerRecord.mine(heartbeat_interval())
     try:
+        owner = claim(lock, shown or str(out), take_over, record=me)
         aside = claim_run_folder(out, resume, overwrite)
         if aside is not None and lock is local:
             local.move_to(aside)
     except BaseException:
-        owner.release()
+        # Whether or not claim returned: SIGTERM (cli.Terminated) may land between the record's write and here.
+        remove_if_mine(lock, me)
         raise
     return owner.start(on_lost=stop_this_process)
 

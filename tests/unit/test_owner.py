@@ -185,6 +185,32 @@ def test_a_refused_run_leaves_the_folder_as_it_was(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]
 
 
+class StoppedWhileHolding(BaseException):
+    """What cli's SIGTERM handler raises (cli.Terminated), at whatever call the signal lands on."""
+
+
+def test_a_stop_between_writing_the_record_and_holding_it_leaves_no_record(tmp_path, monkeypatch):
+    """The record is written, then the signal lands inside the Ownership's construction (or the return to the
+    caller): no Ownership exists to release, and the record must still go (it blocked the folder for the takeover
+    bound before: the CI-style run's SIGTERM-during-start-up failure). A record of another job is left alone."""
+    built = owner_mod.Ownership
+
+    def stopped(lock, record, version, note=""):
+        assert read_owner(lock).token == record.token  # written and ours at the moment the stop lands
+        built(lock, record, version, note)
+        raise StoppedWhileHolding()
+
+    monkeypatch.setattr(owner_mod, "Ownership", stopped)
+    run = tmp_path / "a" / "run"
+    with pytest.raises(StoppedWhileHolding):
+        hold_run_folder(run, "", False, False)
+    assert not (run / ".owner.json").exists() and not (tmp_path / "a").exists()  # nor the folders it made
+    write_owner(tmp_path / "busy", owner_record(token="someone-else"))
+    with pytest.raises(UserError, match="in use by"):
+        hold_run_folder(tmp_path / "busy", "", False, False)
+    assert read_owner(LocalLock(tmp_path / "busy")).token == "someone-else"
+
+
 def test_the_record_says_who_and_when(tmp_path):
     held = claim(LocalLock(tmp_path), "x")
     record = json.loads((tmp_path / ".owner.json").read_text())
