@@ -158,11 +158,14 @@ def test_a_launchers_restart_is_the_owner(tmp_path, sample_store):
         record = read_owner(LocalLock(out))
         assert record.pid == job.proc.pid  # the launcher holds it, not its worker
         job.workers()[0].send_signal(signal.SIGKILL)
-        job.wait_for_line(r"resumed from .* at step 4$", timeout=TIMEOUT_S)
+        banner = job.wait_for_line(r"resumed from .* at step \d+$", timeout=TIMEOUT_S)
         code = job.wait(timeout=TIMEOUT_S)
     finally:
         job.kill_leftovers()
     assert code == 0, job.stderr
+    # The kill is sent once step 6 is logged; on a busy host the worker may train and save step 8 before it lands.
+    resumed = int(re.search(r"at step (\d+)$", banner).group(1))
+    assert resumed % 4 == 0 and resumed >= 4, banner
     assert "restart 1 of 1" in job.stderr and "in use by" not in job.stderr + "".join(job.stdout)
     assert job.last_stderr_line() == "edsr-dist launch: finished after 1 restart"
     assert not (out / ".owner.json").exists()
