@@ -18,6 +18,7 @@ The storage behind the record is the small `OwnerLock` interface: `LocalLock` he
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno
 import hashlib
@@ -325,6 +326,9 @@ class Ownership:
         self.on_lost = None  # called (from the heartbeat thread) once the folder is no longer surely ours
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="owner-heartbeat", daemon=True)
+        # A signal may unwind the caller before it stores this hold (between a return and an assignment): the
+        # record still goes when the process exits.
+        atexit.register(self.release)
 
     def start(self, on_lost=None) -> "Ownership":
         """Start the heartbeat (after the run-folder rule, which may move the folder with the record aside).
@@ -392,6 +396,7 @@ class Ownership:
         return self.unreachable or (f"the owner record now names {self.lost_to}" if self.lost_to else None)
 
     def release(self) -> None:
+        atexit.unregister(self.release)
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)

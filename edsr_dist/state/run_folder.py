@@ -103,16 +103,20 @@ def hold_run_folder(out: str | Path, resume: str, overwrite: bool, take_over: bo
         claim_run_folder(out, resume, overwrite)
         return None
     me = OwnerRecord.mine(heartbeat_interval())
+    owner = None
     try:
         owner = claim(lock, shown or str(out), take_over, record=me)
         aside = claim_run_folder(out, resume, overwrite)
         if aside is not None and lock is local:
             local.move_to(aside)
+        return owner.start(on_lost=stop_this_process)
     except BaseException:
-        # Whether or not claim returned: SIGTERM (cli.Terminated) may land between the record's write and here.
+        # Whether or not claim returned: SIGTERM (cli.Terminated) may land anywhere from the record's write on,
+        # including inside the heartbeat thread's start (the main thread waits there, where handlers run).
+        if owner is not None:
+            owner.release()
         remove_if_mine(lock, me)
         raise
-    return owner.start(on_lost=stop_this_process)
 
 
 def check_nothing_to_resume(out: str | Path) -> None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from helpers import owner_record, write_owner
+from helpers import REPO, owner_record, write_owner
 
 from edsr_dist.errors import UserError
 from edsr_dist.state import owner as owner_mod
@@ -209,6 +211,39 @@ def test_a_stop_between_writing_the_record_and_holding_it_leaves_no_record(tmp_p
     with pytest.raises(UserError, match="in use by"):
         hold_run_folder(tmp_path / "busy", "", False, False)
     assert read_owner(LocalLock(tmp_path / "busy")).token == "someone-else"
+
+
+def test_a_stop_while_the_heartbeat_starts_leaves_no_record_and_no_thread(tmp_path, monkeypatch):
+    """The main thread waits inside Thread.start for the heartbeat thread to run; a signal handler raises there (the
+    CI run's second SIGTERM-during-start-up failure). The thread that did start is stopped and the record goes."""
+    started = owner_mod.Ownership.start
+    holds = []
+
+    def stopped(self, on_lost=None):
+        holds.append(self)
+        started(self, on_lost)
+        raise StoppedWhileHolding()
+
+    monkeypatch.setattr(owner_mod.Ownership, "start", stopped)
+    with pytest.raises(StoppedWhileHolding):
+        hold_run_folder(tmp_path / "run", "", False, False)
+    assert not (tmp_path / "run" / ".owner.json").exists()
+    assert len(holds) == 1 and not holds[0]._thread.is_alive()
+
+
+def test_a_hold_its_caller_never_stored_is_released_when_the_process_exits(tmp_path):
+    """A signal may unwind the caller between hold_run_folder's return and the assignment of its result (a call
+    returns, the handler runs, the store never happens): nothing holds the Ownership, and the process's exit
+    removes the record anyway."""
+    run = tmp_path / "run"
+    code = ("import sys\n"
+            "from edsr_dist.state.run_folder import hold_run_folder\n"
+            f"hold_run_folder({str(run)!r}, '', False, False)\n"
+            f"assert (__import__('pathlib').Path({str(run)!r}) / '.owner.json').exists()\n"
+            "raise SystemExit(143)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert not (run / ".owner.json").exists()
 
 
 def test_the_record_says_who_and_when(tmp_path):
