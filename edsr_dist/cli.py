@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import importlib.util
@@ -83,6 +84,28 @@ def handle_signals_from_the_start() -> None:
         signal.signal(signal.SIGTERM, _terminate)
 
 
+@contextlib.contextmanager
+def signals_after_imports():
+    """Ctrl-C or SIGTERM while a command's modules import is acted on once they are imported (a second or two
+    later). Raised inside an extension module's import, KeyboardInterrupt can leave that module half made, and the
+    library then fails later with an unrelated traceback (seen: numpy's `no attribute '_multiarray_umath'`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received and received[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    if received:
+        raise Terminated(received[0])
+
+
 # A full disk or a file size limit, reached by a write the command did not expect to fail.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -121,15 +144,16 @@ def _run(argv: list[str]) -> int:
         print("edsr-dist: error: PyTorch is not installed; on CPU run `pip install -r requirements-cpu.txt`, "
               "on GPUs/NPUs install the torch build for your hardware first", file=sys.stderr)
         return 2
-    if name not in WITHOUT_TORCH and (name not in TORCH_IN_WORKERS or autoloads_device_extension()):
-        problem = torch_import_problem()
-        if problem:
-            print(f"edsr-dist {name}: error: {problem}", file=sys.stderr)
-            return 2
     module_name, func_name, _ = COMMANDS[name]
+    with signals_after_imports():
+        if name not in WITHOUT_TORCH and (name not in TORCH_IN_WORKERS or autoloads_device_extension()):
+            problem = torch_import_problem()
+            if problem:
+                print(f"edsr-dist {name}: error: {problem}", file=sys.stderr)
+                return 2
+        command = importlib.import_module(module_name)
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(rest) or 0)
+        return int(getattr(command, func_name)(rest) or 0)
     except UserError as exc:
         print(f"edsr-dist {name}: error: {exc}", file=sys.stderr)
         if exc.end_process_at_once:
