@@ -412,14 +412,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def claim(lock: OwnerLock, out: str, take_over: bool = False, heartbeat_s: float | None = None,
-          record: OwnerRecord | None = None) -> Ownership:
+def claim(lock: OwnerLock, out: str, take_over: bool = False, record: OwnerRecord | None = None) -> Ownership:
     """Become the owner of `out` or raise the one-line refusal; prints a note when a dead owner is taken over.
     The record is read before it is created, so a live owner is refused even where the store ignores the exclusive
     create (an S3-compatible store without conditional writes). The heartbeat starts with `Ownership.start()`.
     `record`: the record to write (made here when None); a caller that passes it can clean up with
     `remove_if_mine` whatever happens between the write and its hold on the returned Ownership."""
-    me = record or OwnerRecord.mine(heartbeat_interval() if heartbeat_s is None else heartbeat_s)
+    me = record or OwnerRecord.mine(heartbeat_interval())
     for _ in range(10):  # each round is one create or takeover raced by another job; a loss sends us round again
         found = lock.read()
         if found is None:

@@ -114,8 +114,9 @@ def hold_run_folder(out: str | Path, resume: str, overwrite: bool, take_over: bo
         # Whether or not claim returned: SIGTERM (cli.Terminated) may land anywhere from the record's write on,
         # including inside the heartbeat thread's start (the main thread waits there, where handlers run).
         if owner is not None:
-            owner.release()
-        remove_if_mine(lock, me)
+            owner.release()  # stops the heartbeat if it started, removes the record
+        else:
+            remove_if_mine(lock, me)
         raise
 
 

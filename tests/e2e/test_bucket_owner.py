@@ -37,7 +37,7 @@ def test_of_several_jobs_starting_at_once_one_gets_the_record(bucket):
             lock = lock_of(bucket, f"race{trial}")
             barrier.wait()
             try:
-                won.append(claim(lock, lock.where, heartbeat_s=30))
+                won.append(claim(lock, lock.where, record=OwnerRecord.mine(30)))
             except UserError as exc:
                 refused.append(str(exc))
 
@@ -54,7 +54,7 @@ def test_of_several_jobs_starting_at_once_one_gets_the_record(bucket):
 
 
 def test_heartbeat_uses_if_match_and_notices_a_takeover(bucket, capsys):
-    first = claim(lock_of(bucket), "s3://b/runs/x2", heartbeat_s=0.1).start()
+    first = claim(lock_of(bucket), "s3://b/runs/x2", record=OwnerRecord.mine(0.1)).start()
     etag = first.version
     deadline = time.monotonic() + 10
     while first.version == etag:
@@ -63,7 +63,7 @@ def test_heartbeat_uses_if_match_and_notices_a_takeover(bucket, capsys):
     assert read_owner(first.lock).heartbeat > first.record.started
     with pytest.raises(UserError, match=r"^--out s3://b/runs/x2 is in use by job .* last seen \d+ s ago\)"):
         claim(lock_of(bucket), "s3://b/runs/x2")
-    second = claim(lock_of(bucket), "s3://b/runs/x2", take_over=True, heartbeat_s=30)
+    second = claim(lock_of(bucket), "s3://b/runs/x2", take_over=True, record=OwnerRecord.mine(30))
     while first.lost_to is None:
         assert time.monotonic() < deadline + 10, "the old owner never noticed"
         time.sleep(0.05)
@@ -120,8 +120,8 @@ def test_a_store_that_ignores_the_condition_still_has_one_owner(bucket):
 
 
 def test_two_prefixes_of_one_bucket_are_two_folders(bucket):
-    a = claim(lock_of(bucket, "runs/a"), "a", heartbeat_s=30)
-    b = claim(lock_of(bucket, "runs/b"), "b", heartbeat_s=30)
+    a = claim(lock_of(bucket, "runs/a"), "a", record=OwnerRecord.mine(30))
+    b = claim(lock_of(bucket, "runs/b"), "b", record=OwnerRecord.mine(30))
     fs, name = bucket
     assert sorted(fs.find(name)) == [f"{name}/runs/a/.owner.json", f"{name}/runs/b/.owner.json"]
     a.release()

@@ -501,7 +501,7 @@ def test_on_a_store_ignoring_conditions_a_dead_owner_is_taken_over_with_the_line
         dead = dataclasses.replace(OwnerRecord.mine(30.0), host="node-b", machine="node-b|boot|pid:[1]",
                                    heartbeat=time.time() - 3600, job="J-dead")
         s3_server.filesystem().pipe_file(f"{bucket}/run/.owner.json", dead.to_bytes())
-        held = claim(lock, url, heartbeat_s=0.2).start()
+        held = claim(lock, url, record=OwnerRecord.mine(0.2)).start()
         err = capsys.readouterr().err
         assert f"edsr-dist: took over --out {url} from job J-dead on host node-b" in err
         assert "ignores conditional writes (If-None-Match and If-Match on PutObject)" in err

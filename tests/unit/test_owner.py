@@ -19,6 +19,7 @@ from edsr_dist.errors import UserError
 from edsr_dist.state import owner as owner_mod
 from edsr_dist.state.owner import (
     LocalLock,
+    OwnerRecord,
     check_launcher_owns,
     claim,
     describe,
@@ -67,10 +68,10 @@ def test_another_host_is_dead_only_once_its_heartbeat_is_stale():
 
 
 def test_take_over_forces_a_live_owner_and_the_old_heartbeat_notices(tmp_path, capsys):
-    first = claim(LocalLock(tmp_path / "run"), "run", heartbeat_s=0.05).start()
+    first = claim(LocalLock(tmp_path / "run"), "run", record=OwnerRecord.mine(0.05)).start()
     with pytest.raises(UserError, match="is in use by"):
         claim(LocalLock(tmp_path / "run"), "run")
-    second = claim(LocalLock(tmp_path / "run"), "run", take_over=True, heartbeat_s=0.05)
+    second = claim(LocalLock(tmp_path / "run"), "run", take_over=True, record=OwnerRecord.mine(0.05))
     assert capsys.readouterr().err.rstrip().endswith(": --take-over")
     deadline = time.monotonic() + 5
     while first.lost_to is None and time.monotonic() < deadline:
@@ -116,7 +117,7 @@ def test_take_gives_back_a_record_written_since_it_was_read(tmp_path):
 
 
 def test_the_heartbeat_refreshes_the_record(tmp_path):
-    held = claim(LocalLock(tmp_path / "run"), "run", heartbeat_s=0.05).start()
+    held = claim(LocalLock(tmp_path / "run"), "run", record=OwnerRecord.mine(0.05)).start()
     first = read_owner(held.lock).heartbeat
     time.sleep(0.3)
     record = read_owner(held.lock)
