@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from helpers import TINY, final_state, resume_args, run_cli, spawn_ranks
-from s3_server import MotoServer, require_moto_or_skip
-from tracker_servers import MlflowServer, require_or_skip
+from s3_server import MotoServer, require_moto
+from tracker_servers import MlflowServer, require_package
 
 from edsr_dist.data.sample_store import build_sample_store
 
@@ -111,7 +111,7 @@ def reference_2w(build_once, sample_store) -> dict:
 @pytest.fixture(scope="session")
 def s3_server():
     """moto_server on 127.0.0.1 (a real S3 endpoint); each test makes its own bucket."""
-    require_moto_or_skip(pytest)
+    require_moto(pytest)
     server = MotoServer()
     yield server
     server.stop()
@@ -121,7 +121,7 @@ def s3_server():
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite store, local artifacts), one per test process; each test makes
     its own experiment."""
-    require_or_skip(pytest, "mlflow")
+    require_package(pytest, "mlflow")
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, TINY, clean_env, run_cli
 from s3_server import Relay
-from tracker_servers import require_or_skip, wandb_offline_runs
+from tracker_servers import require_package, wandb_offline_runs
 
 from edsr_dist.data.skimage_benchmarks import write_benchmarks
 
@@ -182,7 +182,7 @@ def test_tracking_server_stopping_mid_run_costs_one_warning_and_training_finishe
 
 
 def test_wandb_offline_run_is_continued_by_resume_with_each_step_once(sample_store, tmp_path):
-    require_or_skip(pytest, "wandb")
+    require_package(pytest, "wandb")
     env = {"WANDB_MODE": "offline", **SECRETS}
     out = tmp_path / "run"
     args = [*TINY, "--data", str(sample_store), "--out", str(out), "--tracker", "wandb", "--tracker-project",
@@ -206,7 +206,7 @@ def test_wandb_offline_run_is_continued_by_resume_with_each_step_once(sample_sto
 
 def test_a_bucket_run_resumed_on_a_fresh_server_continues_its_tracker_run(s3_server, sample_store, tmp_path):
     """tracker.json travels with the run: uploaded with the checkpoints, pulled back by --resume auto."""
-    require_or_skip(pytest, "wandb")
+    require_package(pytest, "wandb")
     bucket = f"edsr-{uuid.uuid4().hex[:12]}"
     fs = s3_server.filesystem()
     fs.mkdir(bucket)
