@@ -2,8 +2,9 @@
 
 The record (`<out>/.owner.json`, or a lock object beside a bucket prefix) says who writes there: host, pid, job,
 start time, command and a heartbeat refreshed every `heartbeat_s` seconds by a thread. It is created exclusively
-(`O_CREAT | O_EXCL`, atomic on local file systems and on NFS v3 and later, where the server does the exclusive
-create; a bucket uses a conditional put, `If-None-Match: *`), so of two jobs starting at once exactly one gets it.
+(written whole under a draft name, then hard-linked to its own name: link(2) fails with EEXIST, atomically on local
+file systems and on NFS, where the server decides; a bucket uses a conditional put, `If-None-Match: *`), so of two
+jobs starting at once exactly one gets it.
 A second writer is refused in one line. The record of a dead owner is taken over: on the same machine as soon as its
 pid is gone (compared with the process's start time, so a reused pid does not count as alive), elsewhere once its
 heartbeat is older than `stale_after(heartbeat_s)`, or at once with `--take-over`.
@@ -184,32 +185,43 @@ class LocalLock:
         self._made: list[Path] = []  # folders the record's create made: removed with it when left empty
 
     def create(self, data: bytes) -> str | None:
+        # The record is written whole under a name of its own, then hard-linked to RECORD_NAME: the link is the
+        # exclusive create (EEXIST when a record exists; atomic on local file systems and NFS) and the record is
+        # never seen empty or cut short. A signal handler runs as soon as a system call returns, before Python
+        # stores its result: a start stopped right after the link still finds its own token in the record and
+        # removes it (remove_if_mine); stopped right after an O_EXCL open, it would leave an empty, foreign record.
         missing = []
         folder = self.folder
         while not folder.exists() and folder.parent != folder:
             missing.append(folder)
             folder = folder.parent
-        self.folder.mkdir(parents=True, exist_ok=True)
         self._made = self._made or missing
+        draft = self.path.with_name(f"{RECORD_NAME}.new-{uuid.uuid4().hex}")
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return None
-        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 if os.write(fd, data) != len(data):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            try:
+                os.link(draft, self.path)
+            except FileExistsError:
+                # An NFS client may retransmit a LINK the server already did and get EEXIST for its own record: the
+                # draft's link count says whether the link is ours (the lock-file recipe of open(2)'s O_EXCL notes).
+                if os.stat(draft).st_nlink != 2:
+                    return None
         except BaseException as exc:
-            # A record cut short (a full disk, a signal) would block the folder as "job unknown": none at all instead.
-            self.path.unlink(missing_ok=True)
-            self._remove_made_folders()
+            draft.unlink(missing_ok=True)
+            self._remove_made_folders()  # only empty ones: a record linked just before a signal keeps its folder
             if isinstance(exc, OSError):
                 raise UserError(f"cannot write the owner record {self.path} ({exc.strerror or exc}); free space "
                                 f"there or pass another --out; nothing was written") from None
             raise
+        finally:
+            draft.unlink(missing_ok=True)
         return _digest(data)
 
     def read(self) -> tuple[bytes, str, float] | None:
@@ -223,21 +235,25 @@ class LocalLock:
 
     def take(self, data: bytes, version: str) -> str | None:
         # Move the dead owner's record to a name of our own: of two takers only one rename finds it. If what we moved
-        # is no longer the record we judged (a live owner wrote it since), it goes back, unless a record exists again.
+        # is no longer the record we judged (a live owner wrote it since), it goes back, unless a record exists
+        # again; it goes back too when this is stopped before the judgement (a signal at the rename's return).
         moved = self.path.with_name(f"{RECORD_NAME}.taking-{uuid.uuid4().hex}")
+        judged_dead = False
         try:
-            os.rename(self.path, moved)
-        except FileNotFoundError:
-            return None
-        try:
-            if _digest(moved.read_bytes()) != version:
+            try:
+                os.rename(self.path, moved)
+            except FileNotFoundError:
+                return None
+            judged_dead = _digest(moved.read_bytes()) == version
+        finally:
+            if not judged_dead and moved.exists():
                 try:
                     os.link(moved, self.path)
                 except FileExistsError:
                     pass
-                return None
-        finally:
             moved.unlink(missing_ok=True)
+        if not judged_dead:
+            return None
         return self.create(data)
 
     def refresh(self, data: bytes, version: str) -> str | None:
@@ -257,6 +273,8 @@ class LocalLock:
         for folder in self._made:  # a run stopped before it wrote anything leaves no empty folder behind
             try:
                 folder.rmdir()
+            except FileNotFoundError:
+                continue  # stopped before the mkdir made it
             except OSError:
                 break
 

@@ -232,6 +232,58 @@ def test_a_stop_while_the_heartbeat_starts_leaves_no_record_and_no_thread(tmp_pa
     assert len(holds) == 1 and not holds[0]._thread.is_alive()
 
 
+# The system calls a claim makes (pathlib's exists and mkdir come through os.stat and os.mkdir).
+CLAIM_CALLS = ("open", "write", "fsync", "close", "link", "rename", "stat", "mkdir", "unlink")
+
+
+@pytest.mark.parametrize("dead_owner", [False, True], ids=["new folder", "taking over a dead owner"])
+def test_a_stop_at_any_system_call_of_the_claim_leaves_no_record_of_its_own(tmp_path, monkeypatch, dead_owner):
+    """CPython runs a signal handler as soon as a call returns, before the result is stored. Stopped there, at each
+    system call of the claim in turn, a start leaves no record of its own, no draft and no folder it made; a dead
+    owner's record it was taking over is back or gone. (The O_EXCL create this replaced left an empty record when
+    stopped at the open's return, which then blocked the folder: CI's third SIGTERM-during-start-up failure.)"""
+    real = {name: getattr(os, name) for name in CLAIM_CALLS}
+    test_thread = threading.get_ident()
+    for stop_at in range(1, 200):
+        calls = 0
+
+        def stopping(name):
+            def call(*args, **kwargs):
+                nonlocal calls
+                result = real[name](*args, **kwargs)
+                if threading.get_ident() == test_thread:
+                    calls += 1
+                    if calls == stop_at:
+                        raise StoppedWhileHolding(name)
+                return result
+            return call
+
+        base = tmp_path / f"try-{stop_at}"
+        run = base / "run"
+        if dead_owner:
+            write_owner(run, owner_record(token="dead", host="elsewhere", machine="elsewhere", heartbeat=0.0))
+        hold = None
+        with monkeypatch.context() as patched:
+            for name in CLAIM_CALLS:
+                patched.setattr(os, name, stopping(name))
+            try:
+                hold = hold_run_folder(run, "", False, False)
+            except StoppedWhileHolding:
+                pass
+        if hold is not None:  # no call left to stop at: the claim went through
+            assert read_owner(LocalLock(run)).token == hold.token
+            hold.release()
+            assert stop_at > 5  # the claim made system calls, and each was a stop point
+            return
+        left = read_owner(LocalLock(run))
+        assert left is None or left.token == "dead", f"stopped at call {stop_at}: {left}"
+        if dead_owner:
+            assert sorted(p.name for p in run.iterdir()) == ([".owner.json"] if left else []), stop_at
+        else:
+            assert not base.exists(), f"stopped at call {stop_at}: {list(base.rglob('*'))}"
+    raise AssertionError("the claim never went through")
+
+
 def test_a_hold_its_caller_never_stored_is_released_when_the_process_exits(tmp_path):
     """A signal may unwind the caller between hold_run_folder's return and the assignment of its result (a call
     returns, the handler runs, the store never happens): nothing holds the Ownership, and the process's exit
