@@ -175,6 +175,47 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# link(2): EPERM "the file system containing oldpath and newpath does not support the creation of hard links";
+# ENOTSUP/EOPNOTSUPP/ENOSYS from FUSE file systems that have none.
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def _write_new(path: Path, data: bytes) -> bool:
+    """Create `path` exclusively holding `data`, fsynced; False when it exists. A failed write removes it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _publish(draft: Path, path: Path) -> bool:
+    """Give `draft`'s content the name `path` unless `path` exists; True when it now does. A hard link (atomic, and
+    the content is whole from the first moment), or where the file system has no hard links, an exclusive copy
+    (which a signal at its open's return can leave empty)."""
+    try:
+        os.link(draft, path)
+        return True
+    except FileExistsError:
+        # An NFS client may retransmit a LINK the server already did and get EEXIST for its own link: the draft's
+        # link count says whether it is ours (the lock-file recipe in open(2)'s notes on O_EXCL).
+        return os.stat(draft).st_nlink == 2
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+    return _write_new(path, draft.read_bytes())
+
+
 class LocalLock:
     """`<folder>/.owner.json` on a local disk or a shared volume."""
 
@@ -185,11 +226,11 @@ class LocalLock:
         self._made: list[Path] = []  # folders the record's create made: removed with it when left empty
 
     def create(self, data: bytes) -> str | None:
-        # The record is written whole under a name of its own, then hard-linked to RECORD_NAME: the link is the
-        # exclusive create (EEXIST when a record exists; atomic on local file systems and NFS) and the record is
-        # never seen empty or cut short. A signal handler runs as soon as a system call returns, before Python
-        # stores its result: a start stopped right after the link still finds its own token in the record and
-        # removes it (remove_if_mine); stopped right after an O_EXCL open, it would leave an empty, foreign record.
+        # The record is written whole under a draft name, then published as RECORD_NAME by a hard link, which fails
+        # when a record exists (atomic on local file systems and NFS). A signal handler runs as soon as a system
+        # call returns, before Python stores the result: a start stopped right after the link still finds its own
+        # token in the record and removes it (remove_if_mine). An O_EXCL open of the record itself, stopped at the
+        # open's return, left an empty record that named nobody and blocked the folder.
         missing = []
         folder = self.folder
         while not folder.exists() and folder.parent != folder:
@@ -199,26 +240,15 @@ class LocalLock:
         draft = self.path.with_name(f"{RECORD_NAME}.new-{uuid.uuid4().hex}")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(draft, self.path)
-            except FileExistsError:
-                # An NFS client may retransmit a LINK the server already did and get EEXIST for its own record: the
-                # draft's link count says whether the link is ours (the lock-file recipe of open(2)'s O_EXCL notes).
-                if os.stat(draft).st_nlink != 2:
-                    return None
+            _write_new(draft, data)
+            if not _publish(draft, self.path):
+                return None
         except BaseException as exc:
             draft.unlink(missing_ok=True)
             self._remove_made_folders()  # only empty ones: a record linked just before a signal keeps its folder
             if isinstance(exc, OSError):
                 raise UserError(f"cannot write the owner record {self.path} ({exc.strerror or exc}); free space "
-                                f"there or pass another --out; nothing was written") from None
+                                "there, make it writable, or pass another --out; nothing was written") from None
             raise
         finally:
             draft.unlink(missing_ok=True)
@@ -247,10 +277,7 @@ class LocalLock:
             judged_dead = _digest(moved.read_bytes()) == version
         finally:
             if not judged_dead and moved.exists():
-                try:
-                    os.link(moved, self.path)
-                except FileExistsError:
-                    pass
+                _publish(moved, self.path)  # unless a record exists again
             moved.unlink(missing_ok=True)
         if not judged_dead:
             return None
@@ -282,11 +309,9 @@ class LocalLock:
         """--overwrite moved the folder (with this record) aside: bring the record back into the new, empty one."""
         aside = folder / RECORD_NAME
         self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(aside, self.path)
-        except FileExistsError:
+        if not _publish(aside, self.path):
             raise UserError(f"another job created {self.path} while --overwrite moved the previous run to "
-                            f"{folder}; check which job writes to {self.folder}") from None
+                            f"{folder}; check which job writes to {self.folder}")
         aside.unlink()
 
 

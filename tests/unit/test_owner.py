@@ -5,6 +5,7 @@ in tests/e2e/test_owner_processes.py.)"""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -114,6 +115,29 @@ def test_take_gives_back_a_record_written_since_it_was_read(tmp_path):
     lock.refresh(b"fresh heartbeat", stale)
     assert lock.take(b"mine", stale) is None
     assert (tmp_path / "run" / ".owner.json").read_bytes() == b"fresh heartbeat"
+
+
+def test_without_hard_links_the_record_is_still_exclusive_taken_over_and_kept_by_overwrite(tmp_path, monkeypatch):
+    """Some FUSE mounts have no hard links (link(2) fails with EPERM): the record is created with an exclusive open
+    instead, a second job is still refused, a dead owner is still taken over, and --overwrite keeps the record."""
+    def no_link(src, dst, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_link)
+    run = tmp_path / "run"
+    held = hold_run_folder(run, "", False, False)
+    assert read_owner(LocalLock(run)).token == held.token
+    with pytest.raises(UserError, match="in use by"):
+        hold_run_folder(run, "", False, False)
+    held.release()
+    assert not run.exists()
+    write_owner(run, owner_record(token="dead", host="elsewhere", machine="elsewhere", heartbeat=0.0))
+    (run / "metrics.jsonl").write_text("{}\n")
+    held = hold_run_folder(run, "", True, False)  # takes the dead owner's record over, moves the old run aside
+    assert read_owner(LocalLock(run)).token == held.token
+    assert sorted(p.name for p in run.iterdir()) == [".owner.json"]
+    assert sorted(p.name for p in (tmp_path / "run.old-1").iterdir()) == ["metrics.jsonl"]
+    held.release()
 
 
 def test_the_heartbeat_refreshes_the_record(tmp_path):
