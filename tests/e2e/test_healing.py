@@ -180,7 +180,10 @@ def test_two_launchers_both_restart_after_a_worker_of_server_1_fails(tmp_path, s
     out = tmp_path / "run"
     table = write_table(tmp_path, v1([("127.0.0.1", [0]), ("127.0.0.2", [0])]))
     port = str(free_port(span=2))  # the launchers' job store listens on port + 1
-    train = [*TRAIN, "--data", str(sample_store), "--out", str(out), "--dist-timeout", "5"]
+    # --dist-timeout also bounds the restarted ranks' meeting: server 1 restarts its worker about 2 s after server 0
+    # (its hung worker gets FAILURE_GRACE_S before SIGKILL) and then imports torch, slow on a loaded CI runner; 5 s
+    # was too short there once in about ten runs.
+    train = [*TRAIN, "--data", str(sample_store), "--out", str(out), "--dist-timeout", "12"]
     servers = [Job(["--rank-table", str(table), "--server-index", str(i), "--master-port", port, *HEAL], train,
                    tmp_path, nproc=None) for i in range(2)]
     try:
