@@ -239,19 +239,19 @@ class LocalLock:
         self._made = self._made or missing
         draft = self.path.with_name(f"{RECORD_NAME}.new-{uuid.uuid4().hex}")
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            _write_new(draft, data)
-            if not _publish(draft, self.path):
-                return None
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                _write_new(draft, data)
+                if not _publish(draft, self.path):
+                    return None
+            finally:
+                draft.unlink(missing_ok=True)
         except BaseException as exc:
-            draft.unlink(missing_ok=True)
             self._remove_made_folders()  # only empty ones: a record linked just before a signal keeps its folder
             if isinstance(exc, OSError):
                 raise UserError(f"cannot write the owner record {self.path} ({exc.strerror or exc}); free space "
                                 "there, make it writable, or pass another --out; nothing was written") from None
             raise
-        finally:
-            draft.unlink(missing_ok=True)
         return _digest(data)
 
     def read(self) -> tuple[bytes, str, float] | None:
